@@ -1,0 +1,31 @@
+"""Functional LoRA linear: picks the fused kernels or the reference path (fastpeft/backend.py)."""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .backend import use_triton
+
+
+def draw_dropout_seed(device: torch.device) -> torch.Tensor:
+    """A fresh 64-bit Philox seed from torch's generator on ``device``.
+
+    Drawn as a device tensor so that ``torch.manual_seed`` reproduces it, activation checkpointing
+    (which restores the RNG state) recomputes the same mask, and CUDA graphs replay fresh seeds.
+    """
+    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=device)
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0, training: bool = False):
+    """y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ; weight (N, K) (a Conv1D weight as its transpose view).
+
+    Dropout applies only in training mode with p > 0.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    seed = draw_dropout_seed(x.device) if (training and dropout_p > 0.0) else None
+    if use_triton(x):
+        from . import ops
+
+        return ops.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p if seed is not None else 0.0, seed)
+    return reference.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)

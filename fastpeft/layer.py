@@ -1,0 +1,231 @@
+"""LoRA layers: fastpeft's own ``LoraLinear`` and the forward it shares with PEFT's ``lora.Linear``.
+
+``LoraLinear`` keeps PEFT's attribute names and state-dict layout (``base_layer``, ``lora_A.<name>``,
+``lora_B.<name>``, ``scaling``, ``lora_dropout``, ``merged_adapters``), so one forward,
+:func:`lora_forward`, serves both a fastpeft-patched model and a PEFT model handed to
+``fastpeft.patch``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+
+from . import functional, reference
+
+
+def conv1d_class():
+    """transformers' GPT-2 style Conv1D (weight stored (in, out)), or None if unavailable."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    cls = conv1d_class()
+    return cls is not None and isinstance(module, cls)
+
+
+def base_weight(layer) -> torch.Tensor:
+    """The base weight as (out_features, in_features): a view, transposed for fan_in_fan_out."""
+    w = layer.base_layer.weight
+    return w.T if layer.fan_in_fan_out else w
+
+
+def lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Forward of a LoRA layer, fastpeft's or PEFT's: base + the active adapters, fused when possible."""
+    if kwargs.get("adapter_names") is not None:
+        raise NotImplementedError(
+            "mixed-adapter batches (adapter_names=...) are not supported by fastpeft's LoRA layers yet"
+        )
+    base = layer.base_layer
+    if layer.disable_adapters:
+        if layer.merged:
+            layer.unmerge()
+        return base(x, *args, **kwargs)
+    if layer.merged:
+        return base(x, *args, **kwargs)
+    active = [name for name in layer.active_adapters if name in layer.lora_A.keys()]
+    if not active:
+        return base(x, *args, **kwargs)
+    weight, bias = base_weight(layer), base.bias
+    y = None
+    for name in active:
+        if getattr(layer, "use_dora", {}).get(name, False):
+            raise NotImplementedError(f"DoRA (use_dora=True) is not supported by fastpeft (adapter {name!r})")
+        lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+        if lora_b.bias is not None:
+            raise NotImplementedError(f"lora_bias=True is not supported by fastpeft (adapter {name!r})")
+        drop = layer.lora_dropout[name]
+        p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+        if y is None:
+            y = functional.lora_linear(
+                x, weight, bias, lora_a.weight, lora_b.weight, layer.scaling[name], p, layer.training
+            )
+        else:  # further active adapters (rare): their LoRA branch alone (no base weight)
+            y = y + functional.lora_linear(
+                x, None, None, lora_a.weight, lora_b.weight, layer.scaling[name], p, layer.training
+            ).to(y.dtype)
+    return y
+
+
+class LoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` or transformers ``Conv1D`` plus trainable LoRA adapters.
+
+    y = base(x) + s·lora_B(lora_A(drop(x))) with lora_A (r × in), lora_B (out × r), s = alpha/r
+    (alpha/√r with rsLoRA). The base weight and bias stay where they were (``base_layer``).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str = "default",
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        use_rslora: bool = False,
+        init_lora_weights=True,
+        adapter_dtype: torch.dtype | None = torch.float32,
+    ):
+        super().__init__()
+        if isinstance(base_layer, nn.Linear):
+            in_features, out_features = base_layer.in_features, base_layer.out_features
+            if fan_in_fan_out:
+                warnings.warn("fan_in_fan_out=True but the target is an nn.Linear: setting fan_in_fan_out=False")
+                fan_in_fan_out = False
+        elif is_conv1d(base_layer):
+            in_features, out_features = base_layer.weight.shape
+            fan_in_fan_out = True
+        else:
+            raise TypeError(
+                f"fastpeft LoRA supports nn.Linear and transformers Conv1D layers, got {type(base_layer).__name__}"
+            )
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        self.fan_in_fan_out = fan_in_fan_out
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.merged_adapters: list[str] = []
+        self._active_adapter: list[str] = [adapter_name]
+        self._disable_adapters = False
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype)
+
+    # --- PEFT-compatible state -------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active_adapter[0]
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def set_adapter(self, adapter_names) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            if name not in self.lora_A:
+                raise KeyError(f"unknown adapter {name!r}; this layer has {sorted(self.lora_A.keys())}")
+        self._active_adapter = names
+
+    def update_layer(self, adapter_name, r, lora_alpha, lora_dropout=0.0, use_rslora=False,
+                     init_lora_weights=True, adapter_dtype=torch.float32) -> None:
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        if adapter_name in self.lora_A:
+            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = reference.lora_scaling(r, lora_alpha, use_rslora)
+        self.use_dora[adapter_name] = False
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        w = self.base_layer.weight
+        dtype = adapter_dtype if adapter_dtype is not None else w.dtype
+        if not dtype.is_floating_point:  # quantized base weights: adapters in the compute dtype
+            dtype = torch.float32
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights=True) -> None:
+        if init_lora_weights is False:
+            return  # nn.Linear's own init for both (B != 0): a non-identity adapter, as in PEFT
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
+            nn.init.normal_(a, std=1 / self.r[adapter_name])
+        else:
+            raise NotImplementedError(f"init_lora_weights={init_lora_weights!r} is not supported by fastpeft")
+        nn.init.zeros_(b)
+
+    # --- merge ------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        delta = reference.lora_delta_weight(a, b, self.scaling[adapter_name], self.fan_in_fan_out)
+        return delta.to(self.base_layer.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        for name in names:
+            if name not in self.lora_A:
+                continue
+            if name in self.merged_adapters:
+                warnings.warn(f"adapter {name!r} is already merged; merging it again does nothing")
+                continue
+            weight = self.base_layer.weight
+            delta = self.get_delta_weight(name).to(weight.device)
+            if safe_merge:
+                merged = weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                weight.data.copy_(merged)
+            else:
+                weight.data += delta
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("already unmerged; nothing to do")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self.base_layer.weight.data -= self.get_delta_weight(name).to(self.base_layer.weight.device)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return lora_forward(self, x, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fan_in_fan_out={self.fan_in_fan_out}"
