@@ -1,0 +1,190 @@
+"""Autograd for the fused LoRA linear: which kernels run, what is saved for backward.
+
+Forward  (x (..., K), W (N, K), A (R, K), B (N, R)):
+    xa = drop(x)·Aᵀ                       lora_shrink, fp32 (M, R), the mask regenerated from the seed
+    y  = x·Wᵀ + b + s·xa·Bᵀ               lora_linear: the expand + bias in the main matmul's epilogue
+Backward (dY (M, N)):
+    dyb = dY·B                            lora_shrink, fp32 (M, R)
+    dX  = dY·W + s·(dyb·A) ⊙ keep/(1-p)   lora_linear with the mask applied on output (m, k)
+    dA  = s·dybᵀ·drop(x)                  lora_weight_grad (mask regenerated again)
+    dB  = s·dYᵀ·xa                        lora_weight_grad
+Saved: x (a reference, no copy), xa (M × R fp32), the seed — no mask, no dropped copy of x.
+Gradients that are not needed (x, A or B not requiring grad) are skipped.
+
+The main matmul runs either in Triton (the epilogue fused) or as cuBLAS plus the epilogue as an
+accumulating pass over y; ``main_matmul`` picks by shape (FASTPEFT_GEMM=triton|cublas pins one).
+
+Eager calls go through ``LoraLinearFunction`` (least Python overhead); under ``torch.compile`` the
+same implementation is reached through the custom op ``fastpeft::lora_linear`` (with a fake
+implementation and registered autograd), so a patched model traces without graph breaks.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .kernels import lora as K
+
+# Below this many rows cuBLAS + an epilogue pass beats the fused Triton matmul (bench/bench_lora.py).
+CUBLAS_MIN_M = int(os.environ.get("FASTPEFT_CUBLAS_MIN_M", str(1 << 62)))
+
+
+def main_matmul(M: int, x: torch.Tensor) -> str:
+    """'triton' (fused epilogue) or 'cublas' (+ epilogue pass) for an M-row product."""
+    choice = os.environ.get("FASTPEFT_GEMM", "auto")
+    if choice in ("triton", "cublas"):
+        return choice if x.is_cuda else "triton"
+    if choice != "auto":
+        raise ValueError(f"FASTPEFT_GEMM must be auto, triton or cublas, got {choice!r}")
+    return "cublas" if (x.is_cuda and M >= CUBLAS_MIN_M) else "triton"
+
+
+def _dropout_args(dropout_p: float, seed):
+    if seed is None or dropout_p == 0.0:
+        return None, 0, 1.0
+    return seed, reference.dropout_threshold(dropout_p), reference.dropout_scale(dropout_p)
+
+
+def _check(x, weight, bias, lora_a, lora_b):
+    Kx = x.shape[-1]
+    R, Ka = lora_a.shape
+    N, Rb = lora_b.shape
+    if Ka != Kx or Rb != R:
+        raise ValueError(f"LoRA shapes do not fit: x (..., {Kx}), lora_A {tuple(lora_a.shape)} (want (r, {Kx})), "
+                         f"lora_B {tuple(lora_b.shape)} (want (out, r={R}))")
+    if weight is not None and tuple(weight.shape) != (N, Kx):
+        raise ValueError(f"base weight is {tuple(weight.shape)} but x has {Kx} features and lora_B {N} outputs")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
+    devices = {t.device for t in (x, weight, bias, lora_a, lora_b) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"LoRA tensors are on different devices: {sorted(map(str, devices))}")
+
+
+def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, seed):
+    """(y2 (M, N), xa (M, R) fp32) for a 2-D x."""
+    seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
+    xa = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale)
+    if weight is None:
+        return K.lora_linear(None, None, None, xa, lora_b, scaling, out_dtype=x2.dtype), xa
+    if main_matmul(x2.shape[0], x2) == "cublas":
+        y = F.linear(x2, weight.to(x2.dtype), None if bias is None else bias.to(x2.dtype))
+        return K.lora_linear(None, None, None, xa, lora_b, scaling, out=y, accumulate=True), xa
+    return K.lora_linear(x2, weight, bias, xa, lora_b, scaling), xa
+
+
+def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p: float, seed,
+                  need_dx: bool, need_da: bool, need_db: bool):
+    """(dx2, dA, dB), each None when not needed; dA/dB in the adapters' dtype."""
+    seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
+    dx = da = db = None
+    dyb = K.lora_shrink(dy2, lora_b.t()) if (need_dx or need_da) else None
+    if need_dx:
+        mask = dict(seed=seed, threshold=threshold, drop_scale=drop_scale)
+        if weight is None:
+            dx = K.lora_linear(None, None, None, dyb, lora_a.t(), scaling, out_dtype=x2.dtype, **mask)
+        elif main_matmul(dy2.shape[0], dy2) == "cublas":
+            dx = torch.mm(dy2, weight.to(dy2.dtype))
+            K.lora_linear(None, None, None, dyb, lora_a.t(), scaling, out=dx, accumulate=True, **mask)
+        else:
+            dx = K.lora_linear(dy2, weight.t(), None, dyb, lora_a.t(), scaling, out_dtype=x2.dtype, **mask)
+    if need_da:
+        da = K.lora_weight_grad(x2, dyb, scaling, transpose_out=True, seed=seed, threshold=threshold,
+                                drop_scale=drop_scale).to(lora_a.dtype)
+    if need_db:
+        db = K.lora_weight_grad(dy2, xa, scaling).to(lora_b.dtype)
+    return dx, da, db
+
+
+def _base_grads(dy2, x2, weight, bias, need_dw, need_dbias):
+    dw = (dy2.t().to(weight.dtype) @ x2.to(weight.dtype)) if need_dw else None
+    dbias = dy2.sum(0).to(bias.dtype) if need_dbias else None
+    return dw, dbias
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+        x2 = x.reshape(-1, x.shape[-1])
+        y2, xa = forward_impl(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+        ctx.save_for_backward(x, weight, bias, lora_a, lora_b, xa, seed)
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        return y2.reshape(*x.shape[:-1], y2.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, lora_a, lora_b, xa, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        x2 = x.reshape(-1, x.shape[-1])
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx, da, db = backward_impl(dy2, x2, weight, lora_a, lora_b, xa, ctx.scaling, ctx.dropout_p, seed,
+                                   need[0], need[3], need[4])
+        dw, dbias = _base_grads(dy2, x2, weight, bias, weight is not None and need[1], bias is not None and need[2])
+        if dx is not None:
+            dx = dx.reshape(x.shape)
+        return dx, dw, dbias, da, db, None, None, None
+
+
+# --- the same implementation as torch custom ops, for torch.compile -------------------------
+@torch.library.custom_op("fastpeft::lora_linear", mutates_args=())
+def _lora_linear_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                    lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout_p: float,
+                    seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    y2, xa = forward_impl(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    return y2.reshape(*x.shape[:-1], y2.shape[-1]), xa
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty(*x.shape[:-1], lora_b.shape[0]), x.new_empty(M, lora_a.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastpeft::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                             lora_a: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scaling: float,
+                             dropout_p: float, seed: Optional[torch.Tensor], need_dx: bool, need_da: bool,
+                             need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x2 = x.reshape(-1, x.shape[-1])
+    dx, da, db = backward_impl(dy.reshape(-1, dy.shape[-1]), x2, weight, lora_a, lora_b, xa, scaling, dropout_p,
+                               seed, need_dx, need_da, need_db)
+    return (dx.reshape(x.shape) if dx is not None else x.new_empty(0),
+            da if da is not None else lora_a.new_empty(0), db if db is not None else lora_b.new_empty(0))
+
+
+@_lora_linear_backward_op.register_fake
+def _(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, need_dx, need_da, need_db):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0),
+            torch.empty_like(lora_a) if need_da else lora_a.new_empty(0),
+            torch.empty_like(lora_b) if need_db else lora_b.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, bias, lora_a, lora_b, output[1], seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+
+
+def _backward(ctx, dy, _dxa):
+    x, weight, bias, lora_a, lora_b, xa, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, da, db = torch.ops.fastpeft.lora_linear_backward(dy, x, weight, lora_a, lora_b, xa, ctx.scaling,
+                                                         ctx.dropout_p, seed, need[0], need[3], need[4])
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    dw, dbias = _base_grads(dy2, x2, weight, bias, weight is not None and need[1], bias is not None and need[2])
+    return (dx if need[0] else None, dw, dbias, da if need[3] else None, db if need[4] else None, None, None, None)
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0, seed=None):
+    """Fused y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ (weight None: the LoRA branch alone); autograd-aware."""
+    _check(x, weight, bias, lora_a, lora_b)
+    if torch.compiler.is_compiling():
+        return torch.ops.fastpeft.lora_linear(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)[0]
+    return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)

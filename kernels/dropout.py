@@ -1,0 +1,55 @@
+"""Dropout keep mask regenerated from a Philox seed, never stored.
+
+The mask of element (m, k) of a 2-D activation comes from Philox-4x32-10 with key = the 64-bit seed
+and counter (k // 8, m, 0, 0): one call gives four 32-bit words = eight 16-bit lanes, one per column
+of the 8-column group. An element is kept when its lane is >= ``threshold`` = round(p · 65536), and
+kept values are scaled by 65536 / (65536 - threshold). Counters are (column group, row) pairs, so
+no 64-bit element offset is ever formed and a tile of any shape regenerates exactly its own bits.
+``fastpeft.reference.dropout_mask`` is the same function in PyTorch (the oracle for tests).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _lo_hi(w):
+    return tl.join(w & 0xFFFF, w >> 16)
+
+
+@triton.jit
+def dropout_keep(seed, rows, col0, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, threshold):
+    """Boolean keep mask [BLOCK_M, BLOCK_K] for rows ``rows`` and columns col0 .. col0 + BLOCK_K.
+
+    ``col0`` must be a multiple of 8 and BLOCK_K a multiple of 8. Eight columns cost one Philox call.
+    """
+    tl.static_assert(BLOCK_K % 8 == 0, "dropout tiles need BLOCK_K % 8 == 0")
+    G: tl.constexpr = BLOCK_K // 8
+    groups = (col0 // 8 + tl.arange(0, G)).to(tl.uint32)
+    c0 = tl.broadcast_to(groups[None, :], (BLOCK_M, G))
+    c1 = tl.broadcast_to(rows.to(tl.uint32)[:, None], (BLOCK_M, G))
+    zero = c0 * 0
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero, zero)
+    lanes = tl.join(tl.join(_lo_hi(w0), _lo_hi(w1)), tl.join(_lo_hi(w2), _lo_hi(w3)))
+    lanes = tl.reshape(lanes, (BLOCK_M, BLOCK_K))
+    return lanes.to(tl.int32) >= threshold
+
+
+@triton.jit
+def _dropout_mask_kernel(seed_ptr, out_ptr, M, K, stride_om, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = dropout_keep(tl.load(seed_ptr), rows, pid_k * BLOCK_K, BLOCK_M, BLOCK_K, threshold)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], keep.to(tl.int8), mask=mask)
+
+
+def dropout_mask(seed, M: int, K: int, threshold: int):
+    """Materialise the keep mask (M, K) as bool — for tests only; the LoRA kernels never store it."""
+    import torch
+
+    out = torch.empty((M, K), dtype=torch.int8, device=seed.device)
+    grid = (triton.cdiv(M, 16), triton.cdiv(K, 64))
+    _dropout_mask_kernel[grid](seed, out, M, K, out.stride(0), threshold, BLOCK_M=16, BLOCK_K=64)
+    return out.bool()

@@ -1,0 +1,336 @@
+"""Fused LoRA kernels: shrink, linear + LoRA epilogue, adapter-weight gradients.
+
+The LoRA linear y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ and its backward are built from three kernels:
+
+* ``lora_shrink``       out[M, R]  = drop(x)[M, K] · A[R, K]ᵀ                          (fp32 out)
+      forward: xa = drop(x)·Aᵀ (the dropout mask regenerated from the seed, never stored);
+      backward: dyb = dY·B (A := Bᵀ, no dropout).
+* ``lora_linear``       out[M, N]  = [out +] a[M, K] · w[N, K]ᵀ + b + (s·l[M, R] · r[N, R]ᵀ) [⊙ keep/(1-p)]
+      forward: a = x, w = W, l = xa, r = B — the expand, scaling and bias live in the epilogue of
+      the main matmul, so no M×N or M×K intermediate is written besides y;
+      backward: dX = dY·W + s·(dyb·A) ⊙ keep/(1-p): a = dY, w = Wᵀ, l = dyb, r = Aᵀ, the dropout
+      mask applied on the output coordinates (m, k) — the same bits the forward used on x;
+      without a base (``w`` None, ``accumulate``) it is the "cuBLAS + epilogue pass" add.
+* ``lora_weight_grad``  out[C, R]  = s · Σ_m big[m, C]ᵀ · small[m, R]   (big optionally dropped)
+      dA = s·dybᵀ·drop(x) (big = x, small = dyb, stored transposed), dB = s·dYᵀ·xa.
+
+All strides are passed, so transposed views (fan_in_fan_out / Conv1D weights, Wᵀ, Aᵀ, Bᵀ) and
+non-contiguous activations cost nothing. Accumulation is fp32; row offsets are int64 (M·K can
+pass 2³¹). Operands are cast to the activation dtype before ``tl.dot``, except that the LoRA
+products run in fp32 when the adapters are fp32 (PEFT's autocast_adapter_dtype) and everything
+runs in fp32 under the Triton interpreter when the data is bf16 (its bf16 ``tl.dot`` is wrong).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .dropout import dropout_keep
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _dot_fp32(*dtypes) -> bool:
+    """Run a tl.dot in fp32 when any operand is fp32, or bf16 under the interpreter."""
+    return any(d == torch.float32 for d in dtypes) or (_interpreting() and torch.bfloat16 in dtypes)
+
+
+def _block_r(R: int, cap: int = 256) -> int:
+    return max(16, min(cap, triton.next_power_of_2(R)))
+
+
+# ------------------------------------------------------------------------------------------
+# shrink: out[M, R] = drop(x)[M, K] · A[R, K]ᵀ
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, out_ptr, seed_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
+    threshold, drop_scale,
+    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        ks = k0 + rk
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=(rm[:, None] < M) & (ks[None, :] < K), other=0.0)
+        a = tl.load(a_ptr + rr[None, :] * stride_ar + ks[:, None] * stride_ak,
+                    mask=(rr[None, :] < R) & (ks[:, None] < K), other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(dropout_keep(seed, rm, k0, BLOCK_M, BLOCK_K, threshold), x, 0.0)
+        if DOT_FP32:
+            acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc)
+        else:
+            acc = tl.dot(x, a.to(x.dtype), acc)
+    if HAS_DROPOUT:
+        acc = acc * drop_scale
+    out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rr[None, :] * stride_or
+    omask = (rm[:, None] < M) & (rr[None, :] < R)
+    if SPLIT_K == 1:
+        tl.store(out, acc, mask=omask)
+    else:
+        tl.atomic_add(out, acc, mask=omask, sem="relaxed")
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = None, threshold: int = 0,
+                drop_scale: float = 1.0) -> torch.Tensor:
+    """drop(x) · aᵀ in fp32: x (M, K), a (R, K) (any strides) -> (M, R) fp32.
+
+    Dropout is applied when ``seed`` is given (threshold/scale from fastpeft.reference).
+    """
+    M, K = x.shape
+    R, Ka = a.shape
+    if Ka != K:
+        raise ValueError(f"lora_shrink: x is (M={M}, K={K}) but A is (R={R}, K={Ka})")
+    BLOCK_R = _block_r(R)
+    BLOCK_M = min(16 if M <= 16 else (32 if M <= 32 else 64), max(16, 8192 // BLOCK_R))
+    BLOCK_K = 128 if M <= 64 else 64
+    n_m = triton.cdiv(M, BLOCK_M)
+    # small M: split K across programs so the whole GPU reads x and A
+    split_k = 1 if M > 256 or _interpreting() else max(1, min(triton.cdiv(K, BLOCK_K), 128 // n_m))
+    out = (torch.zeros if split_k > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return out
+    has_dropout = seed is not None
+    _lora_shrink_kernel[(n_m, split_k)](
+        x, a, out, seed if has_dropout else out,
+        M, K, R,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+        threshold, drop_scale,
+        HAS_DROPOUT=has_dropout, DOT_FP32=_dot_fp32(x.dtype, a.dtype), SPLIT_K=split_k,
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+        num_warps=4, num_stages=3,
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# linear + LoRA epilogue: out[M, N] = [out +] a·wᵀ + bias + (s·l·rᵀ) [⊙ keep·scale]
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _lora_linear_kernel(
+    a_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr, seed_ptr,
+    M, N, K, R,
+    stride_am, stride_ak, stride_wn, stride_wk,
+    stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on,
+    scaling, threshold, drop_scale,
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, MASK_OUT: tl.constexpr,
+    DOT_FP32: tl.constexpr, LORA_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # grouped ordering: GROUP_M row-blocks share the same W column-blocks while they sit in L2
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if HAS_BASE:
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
+        w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + rk) < K
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if DOT_FP32:
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
+            else:
+                acc = tl.dot(a, w.to(a.dtype), acc)
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
+
+    # LoRA expand in the epilogue: (s·l)[BLOCK_M, R] · rᵀ[R, BLOCK_N], R in chunks of BLOCK_R
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        l = tl.load(l_ptr + rm[:, None].to(tl.int64) * stride_lm + rr[None, :] * stride_lr,
+                    mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
+        r = tl.load(r_ptr + rn[None, :].to(tl.int64) * stride_rn + rr[:, None] * stride_rr,
+                    mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
+        if LORA_FP32:
+            lora = tl.dot(l.to(tl.float32), r.to(tl.float32), lora)
+        else:
+            lora = tl.dot(l.to(r.dtype), r, lora)
+    lora = lora * scaling
+    if MASK_OUT:
+        keep = dropout_keep(tl.load(seed_ptr), rm, pid_n * BLOCK_N, BLOCK_M, BLOCK_N, threshold)
+        lora = tl.where(keep, lora * drop_scale, 0.0)
+    acc += lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
+    omask = m_ok[:, None] & n_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=omask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+# Tile configs by M bucket, measured on an H100 (bench/bench_lora.py --tune): data, not code.
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); FASTPEFT_LINEAR_CONFIG pins one.
+LINEAR_CONFIGS = {
+    16: (16, 64, 128, 8, 4, 4),
+    64: (64, 64, 128, 8, 4, 4),
+    256: (64, 128, 64, 8, 4, 4),
+    "large": (128, 256, 64, 8, 8, 3),
+}
+_INTERPRETER_CONFIG = (16, 32, 32, 4, 4, 1)
+
+
+def _linear_config(M: int) -> tuple:
+    pinned = os.environ.get("FASTPEFT_LINEAR_CONFIG")
+    if pinned:
+        return tuple(int(v) for v in pinned.split(","))
+    if _interpreting():
+        return _INTERPRETER_CONFIG
+    for bound in (16, 64, 256):
+        if M <= bound:
+            return LINEAR_CONFIGS[bound]
+    return LINEAR_CONFIGS["large"]
+
+
+def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | None, l: torch.Tensor,
+                r: torch.Tensor, scaling: float, out: torch.Tensor | None = None, accumulate: bool = False,
+                seed: torch.Tensor | None = None, threshold: int = 0, drop_scale: float = 1.0,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out = [out +] a·wᵀ + bias + s·(l·rᵀ) [⊙ keep·scale].
+
+    a (M, K), w (N, K) or None (no base matmul), bias (N,) or None, l (M, R), r (N, R); any strides.
+    With ``seed`` the LoRA term is masked by the dropout keep mask of output element (m, n).
+    """
+    M, R = l.shape
+    N, Rr = r.shape
+    if Rr != R:
+        raise ValueError(f"lora_linear: l is (M={M}, R={R}) but r is (N={N}, R={Rr})")
+    K = 0
+    if w is not None:
+        Ma, K = a.shape
+        Nw, Kw = w.shape
+        if Ma != M or Nw != N or Kw != K:
+            raise ValueError(f"lora_linear: a {tuple(a.shape)}, w {tuple(w.shape)}, l {tuple(l.shape)} and r "
+                             f"{tuple(r.shape)} do not fit a (M, K), w (N, K), l (M, R), r (N, R)")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"lora_linear: bias must be ({N},), got {tuple(bias.shape)}")
+    if out is None:
+        if accumulate:
+            raise ValueError("lora_linear: accumulate=True needs `out`")
+        dtype = out_dtype or (a.dtype if w is not None else l.dtype)
+        out = torch.empty((M, N), dtype=dtype, device=l.device)
+    if M == 0 or N == 0:
+        return out
+    BM, BN, BK, GM, warps, stages = _linear_config(M)
+    has_base = w is not None
+    base_dtypes = (a.dtype, w.dtype) if has_base else ()
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    _lora_linear_kernel[grid](
+        a if has_base else l, w if has_base else l, bias if bias is not None else l, l, r, out,
+        seed if seed is not None else l,
+        M, N, K, R,
+        a.stride(0) if has_base else 0, a.stride(1) if has_base else 0,
+        w.stride(0) if has_base else 0, w.stride(1) if has_base else 0,
+        l.stride(0), l.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1),
+        scaling, threshold, drop_scale,
+        HAS_BASE=has_base, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, MASK_OUT=seed is not None,
+        DOT_FP32=_dot_fp32(*base_dtypes), LORA_FP32=_dot_fp32(l.dtype, r.dtype),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=_block_r(R, 64), GROUP_M=GM,
+        num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# adapter gradients: out[C, R] = s · Σ_m drop(big)[m, C]ᵀ · small[m, R]
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _lora_weight_grad_kernel(
+    big_ptr, small_ptr, out_ptr, seed_ptr,
+    M, C, R,
+    stride_bm, stride_bc, stride_sm, stride_sr, stride_oc, stride_or,
+    scaling, threshold,
+    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm0 = tl.arange(0, BLOCK_M)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    for m0 in range(pid_s * BLOCK_M, M, BLOCK_M * SPLIT_M):
+        rm = m0 + rm0
+        m_ok = rm < M
+        big = tl.load(big_ptr + rm[:, None].to(tl.int64) * stride_bm + rc[None, :] * stride_bc,
+                      mask=m_ok[:, None] & (rc[None, :] < C), other=0.0)
+        small = tl.load(small_ptr + rm[:, None].to(tl.int64) * stride_sm + rr[None, :] * stride_sr,
+                        mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
+        if HAS_DROPOUT:
+            big = tl.where(dropout_keep(seed, rm, pid_c * BLOCK_C, BLOCK_M, BLOCK_C, threshold), big, 0.0)
+        if DOT_FP32:
+            acc = tl.dot(tl.trans(big.to(tl.float32)), small.to(tl.float32), acc)
+        else:
+            acc = tl.dot(tl.trans(big), small.to(big.dtype), acc)
+    acc = acc * scaling
+    out = out_ptr + rc[:, None] * stride_oc + rr[None, :] * stride_or
+    omask = (rc[:, None] < C) & (rr[None, :] < R)
+    if SPLIT_M == 1:
+        tl.store(out, acc, mask=omask)
+    else:
+        tl.atomic_add(out, acc, mask=omask, sem="relaxed")
+
+
+def lora_weight_grad(big: torch.Tensor, small: torch.Tensor, scaling: float, transpose_out: bool = False,
+                     seed: torch.Tensor | None = None, threshold: int = 0, drop_scale: float = 1.0) -> torch.Tensor:
+    """s · drop(big)ᵀ · small in fp32: big (M, C), small (M, R) -> (C, R), or (R, C) with transpose_out.
+
+    With ``seed`` big is dropped with the keep mask of element (m, c) and scaled by ``drop_scale``.
+    """
+    M, C = big.shape
+    Ms, R = small.shape
+    if Ms != M:
+        raise ValueError(f"lora_weight_grad: big is (M={M}, C={C}) but small is (M={Ms}, R={R})")
+    BLOCK_M, BLOCK_C = (16, 32) if _interpreting() else (64, 128)
+    n_c = triton.cdiv(C, BLOCK_C)
+    split_m = 1 if _interpreting() else max(1, min(triton.cdiv(M, BLOCK_M), 264 // n_c))
+    alloc = torch.zeros if split_m > 1 else torch.empty
+    out = alloc((R, C) if transpose_out else (C, R), dtype=torch.float32, device=big.device)
+    if M == 0:
+        return out.zero_()
+    stride_oc, stride_or = (out.stride(1), out.stride(0)) if transpose_out else (out.stride(0), out.stride(1))
+    has_dropout = seed is not None
+    BLOCK_R = _block_r(R, 64)
+    _lora_weight_grad_kernel[(n_c, split_m, triton.cdiv(R, BLOCK_R))](
+        big, small, out, seed if has_dropout else out,
+        M, C, R,
+        big.stride(0), big.stride(1), small.stride(0), small.stride(1), stride_oc, stride_or,
+        scaling * (drop_scale if has_dropout else 1.0), threshold,
+        HAS_DROPOUT=has_dropout, DOT_FP32=_dot_fp32(big.dtype, small.dtype), SPLIT_M=split_m,
+        BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R,
+        num_warps=4, num_stages=3,
+    )
+    return out
