@@ -11,8 +11,8 @@ Backward (dY (M, N)):
 Saved: x (a reference, no copy), xa (M × R fp32), the seed — no mask, no dropped copy of x.
 Gradients that are not needed (x, A or B not requiring grad) are skipped.
 
-The main matmul runs either in Triton (the epilogue fused) or as cuBLAS plus the epilogue as an
-accumulating pass over y; ``main_matmul`` picks by shape (FASTPEFT_GEMM=triton|cublas pins one).
+The main matmul runs either in Triton (the epilogue fused) or in cuBLAS, which adds x·Wᵀ onto a
+prefilled C = b + s·xa·Bᵀ in its own epilogue (beta = 1); ``main_matmul`` picks by shape (FASTPEFT_GEMM=triton|cublas pins one).
 
 Eager calls go through ``LoraLinearFunction`` (least Python overhead); under ``torch.compile`` the
 same implementation is reached through the custom op ``fastpeft::lora_linear`` (with a fake
@@ -72,8 +72,9 @@ def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
     if weight is None:
         return K.lora_linear(None, None, None, xa, lora_b, scaling, out_dtype=x2.dtype), xa
     if main_matmul(x2.shape[0], x2) == "cublas":
-        y = F.linear(x2, weight.to(x2.dtype), None if bias is None else bias.to(x2.dtype))
-        return K.lora_linear(None, None, None, xa, lora_b, scaling, out=y, accumulate=True), xa
+        # C = b + s·xa·Bᵀ first, then cuBLAS adds x·Wᵀ to it in its epilogue (beta = 1)
+        y = K.lora_linear(None, None, bias, xa, lora_b, scaling, out_dtype=x2.dtype)
+        return y.addmm_(x2, weight.t().to(x2.dtype)), xa
     return K.lora_linear(x2, weight, bias, xa, lora_b, scaling), xa
 
 
@@ -88,8 +89,8 @@ def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p
         if weight is None:
             dx = K.lora_linear(None, None, None, dyb, lora_a.t(), scaling, out_dtype=x2.dtype, **mask)
         elif main_matmul(dy2.shape[0], dy2) == "cublas":
-            dx = torch.mm(dy2, weight.to(dy2.dtype))
-            K.lora_linear(None, None, None, dyb, lora_a.t(), scaling, out=dx, accumulate=True, **mask)
+            dx = K.lora_linear(None, None, None, dyb, lora_a.t(), scaling, out_dtype=x2.dtype, **mask)
+            dx.addmm_(dy2, weight.to(dy2.dtype))
         else:
             dx = K.lora_linear(dy2, weight.t(), None, dyb, lora_a.t(), scaling, out_dtype=x2.dtype, **mask)
     if need_da:

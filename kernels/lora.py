@@ -40,6 +40,14 @@ def _dot_fp32(*dtypes) -> bool:
     return any(d == torch.float32 for d in dtypes) or (_interpreting() and torch.bfloat16 in dtypes)
 
 
+def _precision(activation_dtype: torch.dtype) -> str:
+    """fp32 dots: full fp32 for fp32 activations unless torch allows tf32 matmuls; tf32 otherwise
+    (fp32 adapters under a bf16/fp16 base: the result is rounded to half precision anyway)."""
+    if activation_dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
 def _block_r(R: int, cap: int = 256) -> int:
     return max(16, min(cap, triton.next_power_of_2(R)))
 
@@ -53,7 +61,7 @@ def _lora_shrink_kernel(
     M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
     threshold, drop_scale,
-    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -73,7 +81,7 @@ def _lora_shrink_kernel(
         if HAS_DROPOUT:
             x = tl.where(dropout_keep(seed, rm, k0, BLOCK_M, BLOCK_K, threshold), x, 0.0)
         if DOT_FP32:
-            acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc)
+            acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(x, a.to(x.dtype), acc)
     if HAS_DROPOUT:
@@ -99,7 +107,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = No
     BLOCK_R = _block_r(R)
     BLOCK_M = min(16 if M <= 16 else (32 if M <= 32 else 64), max(16, 8192 // BLOCK_R))
     BLOCK_K = 128 if M <= 64 else 64
-    n_m = triton.cdiv(M, BLOCK_M)
+    n_m = max(1, triton.cdiv(M, BLOCK_M))
     # small M: split K across programs so the whole GPU reads x and A
     split_k = 1 if M > 256 or _interpreting() else max(1, min(triton.cdiv(K, BLOCK_K), 128 // n_m))
     out = (torch.zeros if split_k > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
@@ -111,7 +119,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = No
         M, K, R,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         threshold, drop_scale,
-        HAS_DROPOUT=has_dropout, DOT_FP32=_dot_fp32(x.dtype, a.dtype), SPLIT_K=split_k,
+        HAS_DROPOUT=has_dropout, DOT_FP32=_dot_fp32(x.dtype, a.dtype), PRECISION=_precision(x.dtype), SPLIT_K=split_k,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
         num_warps=4, num_stages=3,
     )
@@ -129,7 +137,7 @@ def _lora_linear_kernel(
     stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on,
     scaling, threshold, drop_scale,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, MASK_OUT: tl.constexpr,
-    DOT_FP32: tl.constexpr, LORA_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -158,29 +166,33 @@ def _lora_linear_kernel(
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if DOT_FP32:
-                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
             else:
                 acc = tl.dot(a, w.to(a.dtype), acc)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_wk
 
-    # LoRA expand in the epilogue: (s·l)[BLOCK_M, R] · rᵀ[R, BLOCK_N], R in chunks of BLOCK_R
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # LoRA expand in the epilogue: (s·l)[BLOCK_M, R] · rᵀ[R, BLOCK_N], R in chunks of BLOCK_R. Without
+    # a mask it accumulates straight into acc (a second fp32 tile would spill the large configs).
+    if MASK_OUT:
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        lora = acc
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         l = tl.load(l_ptr + rm[:, None].to(tl.int64) * stride_lm + rr[None, :] * stride_lr,
-                    mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
+                    mask=m_ok[:, None] & (rr[None, :] < R), other=0.0) * scaling
         r = tl.load(r_ptr + rn[None, :].to(tl.int64) * stride_rn + rr[:, None] * stride_rr,
                     mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
         if LORA_FP32:
-            lora = tl.dot(l.to(tl.float32), r.to(tl.float32), lora)
+            lora = tl.dot(l.to(tl.float32), r.to(tl.float32), lora, input_precision=PRECISION)
         else:
             lora = tl.dot(l.to(r.dtype), r, lora)
-    lora = lora * scaling
     if MASK_OUT:
         keep = dropout_keep(tl.load(seed_ptr), rm, pid_n * BLOCK_N, BLOCK_M, BLOCK_N, threshold)
-        lora = tl.where(keep, lora * drop_scale, 0.0)
-    acc += lora
+        acc += tl.where(keep, lora * drop_scale, 0.0)
+    else:
+        acc = lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
@@ -196,7 +208,7 @@ LINEAR_CONFIGS = {
     16: (16, 64, 128, 8, 4, 4),
     64: (64, 64, 128, 8, 4, 4),
     256: (64, 128, 64, 8, 4, 4),
-    "large": (128, 256, 64, 8, 8, 3),
+    "large": (128, 128, 64, 8, 8, 4),
 }
 _INTERPRETER_CONFIG = (16, 32, 32, 4, 4, 1)
 
@@ -256,6 +268,7 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | No
         scaling, threshold, drop_scale,
         HAS_BASE=has_base, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, MASK_OUT=seed is not None,
         DOT_FP32=_dot_fp32(*base_dtypes), LORA_FP32=_dot_fp32(l.dtype, r.dtype),
+        PRECISION=_precision(a.dtype if has_base else out.dtype),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=_block_r(R, 64), GROUP_M=GM,
         num_warps=warps, num_stages=stages,
     )
@@ -271,7 +284,7 @@ def _lora_weight_grad_kernel(
     M, C, R,
     stride_bm, stride_bc, stride_sm, stride_sr, stride_oc, stride_or,
     scaling, threshold,
-    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT_M: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SPLIT_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -292,7 +305,7 @@ def _lora_weight_grad_kernel(
         if HAS_DROPOUT:
             big = tl.where(dropout_keep(seed, rm, pid_c * BLOCK_C, BLOCK_M, BLOCK_C, threshold), big, 0.0)
         if DOT_FP32:
-            acc = tl.dot(tl.trans(big.to(tl.float32)), small.to(tl.float32), acc)
+            acc = tl.dot(tl.trans(big.to(tl.float32)), small.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(tl.trans(big), small.to(big.dtype), acc)
     acc = acc * scaling
@@ -315,7 +328,7 @@ def lora_weight_grad(big: torch.Tensor, small: torch.Tensor, scaling: float, tra
     if Ms != M:
         raise ValueError(f"lora_weight_grad: big is (M={M}, C={C}) but small is (M={Ms}, R={R})")
     BLOCK_M, BLOCK_C = (16, 32) if _interpreting() else (64, 128)
-    n_c = triton.cdiv(C, BLOCK_C)
+    n_c = max(1, triton.cdiv(C, BLOCK_C))
     split_m = 1 if _interpreting() else max(1, min(triton.cdiv(M, BLOCK_M), 264 // n_c))
     alloc = torch.zeros if split_m > 1 else torch.empty
     out = alloc((R, C) if transpose_out else (C, R), dtype=torch.float32, device=big.device)
@@ -329,7 +342,8 @@ def lora_weight_grad(big: torch.Tensor, small: torch.Tensor, scaling: float, tra
         M, C, R,
         big.stride(0), big.stride(1), small.stride(0), small.stride(1), stride_oc, stride_or,
         scaling * (drop_scale if has_dropout else 1.0), threshold,
-        HAS_DROPOUT=has_dropout, DOT_FP32=_dot_fp32(big.dtype, small.dtype), SPLIT_M=split_m,
+        HAS_DROPOUT=has_dropout, DOT_FP32=_dot_fp32(big.dtype, small.dtype), PRECISION=_precision(big.dtype),
+        SPLIT_M=split_m,
         BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R,
         num_warps=4, num_stages=3,
     )
