@@ -1,0 +1,111 @@
+"""The one table of model-specific knowledge: default LoRA targets per ``config.model_type`` and the
+heads that ``"all-linear"`` leaves out. Everything here is data or follows PEFT's conventions:
+
+- ``DEFAULT_TARGET_MODULES`` is PEFT's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``
+  (``peft/utils/constants.py``, v0.21): a list (matched exactly or as a ``.``-suffix) or a regex string.
+- ``all_linear_exclusions`` is PEFT's ``_maybe_include_all_linear_layers``: the output embedding of a
+  generation model, else (for ``task_type="SEQ_CLS"``) the ``score`` / ``classifier`` head.
+- ``TASK_MODULES_TO_SAVE``: the heads PEFT's task models add to ``modules_to_save``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch.nn as nn
+
+DEFAULT_TARGET_MODULES: dict[str, Union[list[str], str]] = {
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+}
+
+# Heads PEFT's task-specific PeftModel classes add to modules_to_save (peft_model.py).
+TASK_MODULES_TO_SAVE: dict[str, list[str]] = {
+    "SEQ_CLS": ["classifier", "score"],
+    "TOKEN_CLS": ["classifier", "score"],
+    "QUESTION_ANS": ["qa_outputs"],
+}
+
+# Classification-head attribute names "all-linear" skips for SEQ_CLS (PEFT's SEQ_CLS_HEAD_NAMES).
+SEQ_CLS_HEAD_NAMES = ["score", "classifier"]
+
+# Layer classes that "all-linear" collects (PEFT: torch.nn.Linear and transformers' Conv1D).
+def linear_classes() -> tuple[type, ...]:
+    from .layer import conv1d_class
+
+    conv1d = conv1d_class()
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+def model_type(model: nn.Module) -> Optional[str]:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def default_target_modules(model: nn.Module) -> Union[set[str], str]:
+    """PEFT's default LoRA targets for this model's ``config.model_type``; ValueError when it has none."""
+    mtype = model_type(model)
+    targets = DEFAULT_TARGET_MODULES.get(mtype) if mtype is not None else None
+    if targets is None:
+        what = f"model_type {mtype!r}" if mtype is not None else f"{type(model).__name__} (no config.model_type)"
+        raise ValueError(
+            f"fastpeft has no default target modules for {what}: pass target_modules, e.g. "
+            f"LoraConfig(target_modules=['q_proj', 'v_proj']) or target_modules='all-linear'"
+        )
+    return targets if isinstance(targets, str) else set(targets)
+
+
+def all_linear_exclusions(model: nn.Module, task_type: Optional[str]) -> set[str]:
+    """Module names "all-linear" must not target: the output embedding, else the SEQ_CLS head."""
+    names: set[str] = set()
+    if not hasattr(model, "get_output_embeddings"):
+        return names
+    try:
+        output_emb = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        output_emb = None
+    if output_emb is not None:
+        names.update(name for name, module in model.named_modules() if module is output_emb)
+    elif task_type == "SEQ_CLS":
+        for head in SEQ_CLS_HEAD_NAMES:
+            cls_head = getattr(model, head, None)
+            if cls_head is not None:
+                names.update(name for name, module in model.named_modules() if module is cls_head)
+                break
+    return names

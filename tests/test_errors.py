@@ -1,0 +1,311 @@
+"""Every user-facing error of the foundation API, with its message: bad config values, unsupported
+options and module types, nothing matched, double patching, missing defaults, and every way an
+adapter folder can be wrong when loading (which must leave the model untouched)."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+import fastpeft
+from fastpeft import LoraConfig
+from fastpeft.layer import LoraLinear
+from tiny_models import make_inputs, make_model
+
+
+# --- config values ------------------------------------------------------------------------------
+@pytest.mark.parametrize("r", [0, -2])
+def test_r_must_be_positive(r):
+    with pytest.raises(ValueError, match=rf"`r` should be a positive integer value but the value passed is {r}"):
+        LoraConfig(r=r)
+
+
+def test_rank_pattern_must_be_positive():
+    with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\] should be a positive integer"):
+        LoraConfig(rank_pattern={"q_proj": 0})
+
+
+def test_bad_bias():
+    with pytest.raises(ValueError, match=r"bias must be one of 'none', 'all', 'lora_only', got 'some'"):
+        LoraConfig(bias="some")
+
+
+def test_bad_dropout():
+    with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\], got 1.5"):
+        LoraConfig(lora_dropout=1.5)
+
+
+def test_bad_task_type():
+    with pytest.raises(ValueError, match="task_type must be one of"):
+        LoraConfig(task_type="CLASSIFY")
+
+
+def test_use_dora_not_implemented():
+    with pytest.raises(NotImplementedError, match="use_dora"):
+        LoraConfig(use_dora=True)
+
+
+def test_lora_bias_not_implemented():
+    with pytest.raises(NotImplementedError, match="lora_bias"):
+        LoraConfig(lora_bias=True)
+
+
+def test_peft_config_with_dora_not_implemented_at_patch():
+    peft = pytest.importorskip("peft")
+    with pytest.raises(NotImplementedError, match="use_dora"):
+        fastpeft.patch(make_model("llama"), peft.LoraConfig(use_dora=True))
+
+
+def test_layers_to_transform_needs_list_targets():
+    with pytest.raises(ValueError, match="`layers_to_transform` cannot be used when `target_modules` is a str"):
+        LoraConfig(target_modules=".*q_proj", layers_to_transform=[0])
+    with pytest.raises(ValueError, match="`layers_to_transform` must also be specified"):
+        LoraConfig(target_modules=["q_proj"], layers_pattern="layers")
+
+
+def test_bad_lora_config_type():
+    with pytest.raises(TypeError, match="lora_config must be a fastpeft.LoraConfig"):
+        fastpeft.patch(make_model("llama"), "r=8")
+
+
+# --- patching -----------------------------------------------------------------------------------
+def test_phi3_without_targets():
+    with pytest.raises(ValueError, match=r"no default target modules for model_type 'phi3': pass target_modules"):
+        fastpeft.patch(make_model("phi3"), LoraConfig())
+
+
+def test_unknown_model_without_targets():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"no default target modules for Sequential \(no config.model_type\)"):
+        fastpeft.patch(model, LoraConfig())
+    model.config = type("Cfg", (), {"model_type": "my_new_arch"})()
+    with pytest.raises(ValueError, match="model_type 'my_new_arch'"):
+        fastpeft.patch(model, LoraConfig())
+
+
+def test_nothing_matched_lists_linear_layers():
+    model = make_model("llama")
+    with pytest.raises(ValueError, match=r"no module matched \(target_modules=\['qq_proj'\]\).*"
+                                         r"model\.layers\.\*\.self_attn\.q_proj.*lm_head"):
+        fastpeft.patch(model, LoraConfig(target_modules=["qq_proj"]))
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+
+
+def test_everything_excluded():
+    with pytest.raises(ValueError, match="every matching module was excluded"):
+        fastpeft.patch(make_model("llama"), LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))
+
+
+def test_layers_to_transform_out_of_range():
+    with pytest.raises(ValueError, match=r"no module matched .*layers_to_transform=\[7\]"):
+        fastpeft.patch(make_model("llama"), LoraConfig(target_modules=["q_proj"], layers_to_transform=[7]))
+
+
+def test_patch_twice_same_name():
+    model = fastpeft.patch(make_model("llama"), LoraConfig(r=4))
+    with pytest.raises(ValueError, match="adapter 'default' is already patched into this model"):
+        fastpeft.patch(model, LoraConfig(r=4))
+
+
+def test_two_adapters_with_bias():
+    model = fastpeft.patch(make_model("opt"), LoraConfig(r=4, bias="all"))
+    with pytest.raises(ValueError, match="supports only 1 adapter with bias"):
+        fastpeft.patch(model, LoraConfig(r=4, bias="lora_only"), adapter_name="second")
+
+
+@pytest.mark.parametrize("name", ["", "a.b", None])
+def test_bad_adapter_name(name):
+    with pytest.raises(ValueError, match="adapter_name must be a non-empty string"):
+        fastpeft.patch(make_model("llama"), LoraConfig(), adapter_name=name)
+
+
+class _WithOddLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.conv = nn.Conv2d(2, 2, 3)
+        self.norm = nn.LayerNorm(8)
+        self.proj = nn.Linear(8, 8)
+
+
+@pytest.mark.parametrize("target,exc,what", [
+    ("embed", NotImplementedError, r"'embed'.*torch\.nn\.modules\.sparse\.Embedding"),
+    ("conv", NotImplementedError, r"'conv'.*torch\.nn\.modules\.conv\.Conv2d"),
+    ("norm", TypeError, r"'norm'.*torch\.nn\.modules\.normalization\.LayerNorm"),
+])
+def test_unsupported_module_type(target, exc, what):
+    model = _WithOddLayers()
+    with pytest.raises(exc, match=what):
+        fastpeft.patch(model, LoraConfig(target_modules=[target, "proj"]))
+    assert isinstance(model.proj, nn.Linear) and not isinstance(model.proj, LoraLinear)  # nothing changed
+
+
+def test_quantized_linear_not_implemented():
+    class Params4bit(nn.Parameter):  # stands in for bitsandbytes' (only the class name is looked at)
+        pass
+
+    class Linear4bit(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    q = Linear4bit(4, 4)
+    q.weight = Params4bit(torch.zeros(4, 4))
+    model.append(q)
+    with pytest.raises(NotImplementedError, match=r"'1'.*quantized .*Linear4bit.*Params4bit"):
+        fastpeft.patch(model, LoraConfig(target_modules=["0", "1"]))
+
+
+def test_linear_subclass_with_own_forward():
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(ScaledLinear(4, 4))
+    with pytest.raises(NotImplementedError, match=r"ScaledLinear subclasses nn.Linear with its own forward"):
+        fastpeft.patch(model, LoraConfig(target_modules=["0"]))
+
+
+def test_unpatch_unpatched():
+    with pytest.raises(ValueError, match="not patched by fastpeft"):
+        fastpeft.unpatch(make_model("llama"))
+
+
+def test_merge_unpatched():
+    with pytest.raises(ValueError, match="no LoRA layers to merge"):
+        fastpeft.merge(make_model("llama"))
+
+
+def test_modules_to_save_shared_between_adapters():
+    model = fastpeft.patch(make_model("llama", head="seq_cls"), LoraConfig(r=4, modules_to_save=["score"]))
+    with pytest.raises(NotImplementedError, match=r"\['score'\] in modules_to_save, already trained by adapter 'default'"):
+        fastpeft.patch(model, LoraConfig(r=4, modules_to_save=["score"]), adapter_name="second")
+
+
+# --- loading ------------------------------------------------------------------------------------
+@pytest.fixture
+def saved_adapter(tmp_path):
+    base = make_model("llama")
+    model = fastpeft.patch(copy.deepcopy(base), LoraConfig(r=4, init_lora_weights=False))
+    fastpeft.save_adapter(model, tmp_path)
+    return base, tmp_path
+
+
+def _fresh_patched(base):
+    model = fastpeft.patch(copy.deepcopy(base), LoraConfig(r=4, init_lora_weights=False))
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_untouched(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def _edit_weights(directory, fn):
+    path = os.path.join(directory, "adapter_model.safetensors")
+    tensors = load_file(path)
+    fn(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_load_missing_key(saved_adapter):
+    base, d = saved_adapter
+    _edit_weights(d, lambda t: t.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"))
+    model, before = _fresh_patched(base)
+    with pytest.raises(KeyError, match=r"missing 1 tensor.*layers\.1\.self_attn\.v_proj\.lora_B\.weight"):
+        fastpeft.load_adapter(model, d)
+    _assert_untouched(model, before)
+    plain = copy.deepcopy(base)
+    with pytest.raises(KeyError, match="missing 1 tensor"):
+        fastpeft.load_adapter(plain, d)
+    assert not any(isinstance(m, LoraLinear) for m in plain.modules())  # not left half patched
+
+
+def test_load_unexpected_key(saved_adapter):
+    base, d = saved_adapter
+    _edit_weights(d, lambda t: t.__setitem__("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight",
+                                             torch.zeros(4, 32)))
+    model, before = _fresh_patched(base)
+    with pytest.raises(KeyError, match=r"1 tensor\(s\) the model does not have.*mlp\.up_proj\.lora_A\.weight"):
+        fastpeft.load_adapter(model, d)
+    _assert_untouched(model, before)
+
+
+def test_load_shape_mismatch(saved_adapter):
+    base, d = saved_adapter
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    _edit_weights(d, lambda t: t.__setitem__(key, torch.zeros(3, 32)))
+    model, before = _fresh_patched(base)
+    with pytest.raises(ValueError, match=rf"shape mismatch for {key.replace('.', '[.]')} .*file has \(3, 32\), "
+                                         rf"the model expects \(4, 32\)"):
+        fastpeft.load_adapter(model, d)
+    _assert_untouched(model, before)
+
+
+def test_load_rank_differs_from_patched_model(saved_adapter):
+    base, d = saved_adapter
+    model = fastpeft.patch(copy.deepcopy(base), LoraConfig(r=2))
+    with pytest.raises(ValueError, match=r"shape mismatch .*file has \(4, 32\), the model expects \(2, 32\)"):
+        fastpeft.load_adapter(model, d)
+
+
+def test_load_missing_config(saved_adapter):
+    base, d = saved_adapter
+    os.remove(os.path.join(d, "adapter_config.json"))
+    with pytest.raises(FileNotFoundError, match=r"no adapter_config\.json in "):
+        fastpeft.load_adapter(copy.deepcopy(base), d)
+
+
+def test_load_unreadable_config(saved_adapter):
+    base, d = saved_adapter
+    with open(os.path.join(d, "adapter_config.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match=r"cannot read the adapter config .*adapter_config\.json"):
+        fastpeft.load_adapter(copy.deepcopy(base), d)
+
+
+def test_load_config_without_peft_type(saved_adapter):
+    base, d = saved_adapter
+    with open(os.path.join(d, "adapter_config.json"), "w") as f:
+        json.dump({"r": 4}, f)
+    with pytest.raises(ValueError, match="has no 'peft_type' key"):
+        fastpeft.load_adapter(copy.deepcopy(base), d)
+
+
+def test_load_bin_only(saved_adapter):
+    base, d = saved_adapter
+    os.remove(os.path.join(d, "adapter_model.safetensors"))
+    open(os.path.join(d, "adapter_model.bin"), "wb").close()
+    with pytest.raises(ValueError, match=r"adapter_model\.bin is a pickle file: fastpeft only loads safetensors"):
+        fastpeft.load_adapter(copy.deepcopy(base), d)
+
+
+def test_load_no_weights(saved_adapter):
+    base, d = saved_adapter
+    os.remove(os.path.join(d, "adapter_model.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"adapter weights not found: .*adapter_model\.safetensors"):
+        fastpeft.load_adapter(copy.deepcopy(base), d)
+
+
+def test_load_corrupt_weights(saved_adapter):
+    base, d = saved_adapter
+    with open(os.path.join(d, "adapter_model.safetensors"), "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(ValueError, match=r"cannot read the adapter weights .*adapter_model\.safetensors"):
+        fastpeft.load_adapter(copy.deepcopy(base), d)
+
+
+def test_load_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter directory not found"):
+        fastpeft.load_adapter(make_model("llama"), tmp_path / "nope")
+
+
+def test_save_unknown_adapter(tmp_path):
+    model = fastpeft.patch(make_model("llama"), LoraConfig(r=4))
+    with pytest.raises(ValueError, match=r"no fastpeft adapter 'other'; it has \['default'\]"):
+        fastpeft.save_adapter(model, tmp_path, adapter_name="other")
