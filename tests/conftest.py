@@ -1,0 +1,27 @@
+"""Shared fixtures: where kernels run, and the one tolerance rule."""
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def kernel_device():
+    """'cuda' on a GPU machine, 'cpu' under TRITON_INTERPRET=1, else skip (kernels cannot run)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,187 @@
+"""Fused LoRA kernels against fastpeft.reference (fp64 oracle), on the GPU or under the interpreter.
+
+Every case draws fresh random data; shapes are odd (not multiples of any block size); inputs are
+strided, 3-D, transposed (fan_in_fan_out); every requires_grad combination; dropout with the same
+Philox mask as the reference, so forward and backward are compared exactly, not statistically.
+"""
+import pytest
+import torch
+
+from fastpeft import ops, reference
+from fastpeft.kernels import dropout as dropout_kernels
+from fastpeft.kernels import lora as lora_kernels
+from tolerance import assert_close
+
+CPU_SHAPES = [(1, 64, 48, 4), (37, 45, 29, 5), (70, 130, 100, 17), (0, 32, 16, 4)]
+GPU_SHAPES = CPU_SHAPES + [(16, 4096, 4096, 16), (300, 1000, 2000, 64), (2500, 1024, 520, 8), (777, 512, 1100, 256)]
+DTYPES = [  # (activation/base dtype, adapter dtype)
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+]
+
+
+def _name(dt):
+    return f"{str(dt[0])[6:]}-adapters_{str(dt[1])[6:]}"
+
+
+def _make(M, K, N, R, dtype, adapter_dtype, device, bias=True, layout="contiguous", fan_in_fan_out=False):
+    if layout == "strided":  # every other column of a wider tensor
+        x = torch.randn(M, 2 * K, device=device, dtype=dtype)[:, ::2]
+    elif layout == "3d":
+        x = torch.randn(M, 1, K, device=device, dtype=dtype)
+    elif layout == "transposed":
+        x = torch.randn(K, M, device=device, dtype=dtype).t()
+    else:
+        x = torch.randn(M, K, device=device, dtype=dtype)
+    w = torch.randn(K, N, device=device, dtype=dtype).t() if fan_in_fan_out else torch.randn(N, K, device=device, dtype=dtype)
+    w = w / K**0.5
+    b = torch.randn(N, device=device, dtype=dtype) if bias else None
+    a = torch.randn(R, K, device=device, dtype=adapter_dtype) / K**0.5
+    bb = torch.randn(N, R, device=device, dtype=adapter_dtype) / R**0.5
+    return x, w, b, a, bb
+
+
+def _grads(fn, x, w, b, a, bb, need, g):
+    """Forward + backward of fn with requires_grad per ``need`` = (x, A, B); returns (y, dx, dA, dB)."""
+    ins = [t.detach().clone().requires_grad_(n) for t, n in zip((x, a, bb), need)]
+    y = fn(ins[0], w, b, ins[1], ins[2])
+    wanted = [t for t, n in zip(ins, need) if n]
+    grads = iter(torch.autograd.grad(y, wanted, g) if wanted else [])
+    return [y] + [next(grads) if n else None for n in need]
+
+
+def _check_against_reference(x, w, b, a, bb, scaling, p, need, dtype):
+    seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=x.device) if p else None
+    g = torch.randn(*x.shape[:-1], w.shape[0], device=x.device, dtype=dtype)
+
+    def fused(x, w, b, a, bb):
+        return ops.lora_linear(x, w, b, a, bb, scaling, p, seed)
+
+    def ref(x, w, b, a, bb):
+        return reference.lora_linear(x, w, b, a, bb, scaling, p, seed)
+
+    def f64(t):
+        return None if t is None else t.double()
+
+    out = _grads(fused, x, w, b, a, bb, need, g)
+    same = _grads(ref, x, w, b, a, bb, need, g)
+    exact = _grads(ref, f64(x), f64(w), f64(b), f64(a), f64(bb), need, g.double())
+    if x.numel() == 0:
+        assert out[0].shape == exact[0].shape
+        return
+    for name, o, s, e in zip(("y", "dx", "dA", "dB"), out, same, exact):
+        if e is not None:
+            assert o.dtype == s.dtype, f"{name}: dtype {o.dtype}, PyTorch gives {s.dtype}"
+            assert_close(o, e, s, dtype, name)
+
+
+def _shapes(device):
+    return GPU_SHAPES if device == "cuda" else CPU_SHAPES
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=_name)
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+def test_lora_linear_matches_reference(kernel_device, dtypes, p):
+    dtype, adapter_dtype = dtypes
+    for M, K, N, R in _shapes(kernel_device):
+        x, w, b, a, bb = _make(M, K, N, R, dtype, adapter_dtype, kernel_device)
+        _check_against_reference(x, w, b, a, bb, 2.0, p, (True, True, True), dtype)
+
+
+@pytest.mark.parametrize("layout", ["strided", "3d", "transposed"])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["linear", "conv1d"])
+def test_layouts(kernel_device, layout, fan_in_fan_out):
+    dtype = torch.float16
+    x, w, b, a, bb = _make(45, 70, 33, 6, dtype, torch.float32, kernel_device, layout=layout,
+                           fan_in_fan_out=fan_in_fan_out)
+    _check_against_reference(x, w, b, a, bb, 0.5, 0.2, (True, True, True), dtype)
+
+
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, True), (True, True, False),
+                                  (False, False, True), (False, False, False)],
+                         ids=lambda n: "grad_" + "".join("xAB"[i] for i, v in enumerate(n) if v) or "none")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_requires_grad_combinations(kernel_device, need, bias):
+    dtype = torch.float32
+    x, w, b, a, bb = _make(29, 40, 24, 3, dtype, dtype, kernel_device, bias=bias)
+    _check_against_reference(x, w, b, a, bb, 4.0, 0.3, need, dtype)
+
+
+def test_base_weight_and_bias_grads(kernel_device):
+    """A trainable base (not LoRA's usual case) still gets correct dW and db."""
+    x, w, b, a, bb = _make(21, 30, 18, 4, torch.float32, torch.float32, kernel_device)
+    outs = []
+    for fn in (ops.lora_linear, reference.lora_linear):
+        ws, bs = w.clone().requires_grad_(), b.clone().requires_grad_()
+        y = fn(x, ws, bs, a, bb, 1.5, 0.0, None)
+        outs.append(torch.autograd.grad(y.square().sum(), (ws, bs)))
+    for o, r in zip(*outs):
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_branch_without_base(kernel_device):
+    x, w, b, a, bb = _make(33, 40, 24, 5, torch.float32, torch.float32, kernel_device)
+    y = ops.lora_linear(x, None, None, a, bb, 2.0, 0.0, None)
+    torch.testing.assert_close(y, reference.lora_linear(x, None, None, a, bb, 2.0), rtol=1e-4, atol=1e-5)
+
+
+# --- dropout -------------------------------------------------------------------------------
+def test_dropout_mask_matches_reference_bit_for_bit(kernel_device):
+    for M, K, p in [(5, 37, 0.3), (40, 130, 0.05), (3, 8, 0.9)]:
+        seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=kernel_device)
+        got = dropout_kernels.dropout_mask(seed, M, K, reference.dropout_threshold(p))
+        assert torch.equal(got.cpu(), reference.dropout_mask(seed.cpu(), M, K, p))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_kept_fraction(kernel_device, p):
+    M, K = (1024, 1000) if kernel_device == "cuda" else (64, 200)
+    seed = torch.tensor([7], dtype=torch.int64, device=kernel_device)
+    keep = dropout_kernels.dropout_mask(seed, M, K, reference.dropout_threshold(p)).float().mean().item()
+    sigma = (p * (1 - p) / (M * K)) ** 0.5
+    assert abs(keep - (1 - p)) < 6 * sigma + 1e-4, f"kept {keep:.5f}, expected {1 - p}"
+
+
+def test_dropout_reproducible_from_seed(kernel_device):
+    x, w, b, a, bb = _make(20, 48, 16, 4, torch.float32, torch.float32, kernel_device)
+    s1 = torch.tensor([123], dtype=torch.int64, device=kernel_device)
+    s2 = torch.tensor([124], dtype=torch.int64, device=kernel_device)
+    y1 = ops.lora_linear(x, w, b, a, bb, 1.0, 0.5, s1)
+    assert torch.equal(y1, ops.lora_linear(x, w, b, a, bb, 1.0, 0.5, s1.clone()))
+    assert not torch.equal(y1, ops.lora_linear(x, w, b, a, bb, 1.0, 0.5, s2))
+    assert not torch.equal(y1, ops.lora_linear(x, w, b, a, bb, 1.0, 0.0, None))
+
+
+# --- launcher errors -----------------------------------------------------------------------
+def test_shape_errors_name_the_problem(kernel_device):
+    x, w, b, a, bb = _make(4, 16, 8, 2, torch.float32, torch.float32, kernel_device)
+    with pytest.raises(ValueError, match="lora_A"):
+        ops.lora_linear(x, w, b, a[:, :8], bb, 1.0)
+    with pytest.raises(ValueError, match="base weight"):
+        ops.lora_linear(x, w[:, :8], b, a, bb, 1.0)
+    with pytest.raises(ValueError, match="bias"):
+        ops.lora_linear(x, w, b[:3], a, bb, 1.0)
+    with pytest.raises(ValueError, match="lora_shrink"):
+        lora_kernels.lora_shrink(x, a[:, :3])
+
+
+def test_custom_op_opcheck(kernel_device):
+    """The torch.library registration (fake implementation, autograd) is consistent."""
+    x, w, b, a, bb = _make(9, 16, 8, 2, torch.float32, torch.float32, kernel_device)
+    args = (x.requires_grad_(), w, b, a.requires_grad_(), bb.requires_grad_(), 2.0, 0.0, None)
+    torch.library.opcheck(torch.ops.fastpeft.lora_linear.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+def test_main_matmul_paths(gpu, gemm, p, monkeypatch):
+    """Both main-matmul paths (fused Triton epilogue; cuBLAS onto a prefilled C) match the reference."""
+    monkeypatch.setenv("FASTPEFT_GEMM", gemm)
+    for M, K, N, R in [(1, 4096, 4096, 16), (300, 1000, 2000, 64), (4100, 1024, 520, 8)]:
+        for dtype, adapter_dtype in [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)]:
+            x, w, b, a, bb = _make(M, K, N, R, dtype, adapter_dtype, gpu, fan_in_fan_out=M == 300)
+            _check_against_reference(x, w, b, a, bb, 2.0, p, (True, True, True), dtype)
