@@ -29,18 +29,22 @@ import torch.nn.functional as F
 from . import reference
 from .kernels import lora as K
 
-# Below this many rows cuBLAS + an epilogue pass beats the fused Triton matmul (bench/bench_lora.py).
-CUBLAS_MIN_M = int(os.environ.get("FASTPEFT_CUBLAS_MIN_M", str(1 << 62)))
+# From this many rows up cuBLAS onto a prefilled C beats the fused Triton matmul: measured on an
+# H100 (bench/NOTES.md), Triton's best tile reached 69% of cuBLAS at M = 16384 and tied at M = 256.
+CUBLAS_MIN_M = 256
 
 
-def main_matmul(M: int, x: torch.Tensor) -> str:
-    """'triton' (fused epilogue) or 'cublas' (+ epilogue pass) for an M-row product."""
+def main_matmul(M: int) -> str:
+    """'triton' (fused epilogue) or 'cublas' (onto a prefilled C) for an M-row product.
+
+    FASTPEFT_GEMM=triton|cublas pins one (the cuBLAS path also runs on CPU, via torch's addmm).
+    """
     choice = os.environ.get("FASTPEFT_GEMM", "auto")
-    if choice in ("triton", "cublas"):
-        return choice if x.is_cuda else "triton"
-    if choice != "auto":
+    if choice == "auto":
+        return "cublas" if M >= CUBLAS_MIN_M else "triton"
+    if choice not in ("triton", "cublas"):
         raise ValueError(f"FASTPEFT_GEMM must be auto, triton or cublas, got {choice!r}")
-    return "cublas" if (x.is_cuda and M >= CUBLAS_MIN_M) else "triton"
+    return choice
 
 
 def _dropout_args(dropout_p: float, seed):
@@ -71,7 +75,7 @@ def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
     xa = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale)
     if weight is None:
         return K.lora_linear(None, None, None, xa, lora_b, scaling, out_dtype=x2.dtype), xa
-    if main_matmul(x2.shape[0], x2) == "cublas":
+    if main_matmul(x2.shape[0]) == "cublas":
         # C = b + s·xa·Bᵀ first, then cuBLAS adds x·Wᵀ to it in its epilogue (beta = 1)
         y = K.lora_linear(None, None, bias, xa, lora_b, scaling, out_dtype=x2.dtype)
         return y.addmm_(x2, weight.t().to(x2.dtype)), xa
@@ -88,7 +92,7 @@ def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p
         mask = dict(seed=seed, threshold=threshold, drop_scale=drop_scale)
         if weight is None:
             dx = K.lora_linear(None, None, None, dyb, lora_a.t(), scaling, out_dtype=x2.dtype, **mask)
-        elif main_matmul(dy2.shape[0], dy2) == "cublas":
+        elif main_matmul(dy2.shape[0]) == "cublas":
             dx = K.lora_linear(None, None, None, dyb, lora_a.t(), scaling, out_dtype=x2.dtype, **mask)
             dx.addmm_(dy2, weight.to(dy2.dtype))
         else:

@@ -56,7 +56,7 @@ def forward_backward(model, inputs, seed: int = 5):
     model.zero_grad(set_to_none=True)
     out = logits(model, inputs)
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out.shape, generator=g)
+    w = torch.randn(out.shape, generator=g).to(out.device)
     (out.float() * w).sum().backward()
     grads = {"embedding": emb.grad.detach().clone()}
     for name, p in model.named_parameters():

@@ -6,6 +6,7 @@ Philox mask as the reference, so forward and backward are compared exactly, not 
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastpeft import ops, reference
 from fastpeft.kernels import dropout as dropout_kernels
@@ -178,10 +179,56 @@ def test_custom_op_opcheck(kernel_device):
 
 @pytest.mark.parametrize("gemm", ["triton", "cublas"])
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
-def test_main_matmul_paths(gpu, gemm, p, monkeypatch):
+def test_main_matmul_paths(kernel_device, gemm, p, monkeypatch):
     """Both main-matmul paths (fused Triton epilogue; cuBLAS onto a prefilled C) match the reference."""
     monkeypatch.setenv("FASTPEFT_GEMM", gemm)
-    for M, K, N, R in [(1, 4096, 4096, 16), (300, 1000, 2000, 64), (4100, 1024, 520, 8)]:
+    shapes = [(1, 4096, 4096, 16), (300, 1000, 2000, 64), (4100, 1024, 520, 8)] if kernel_device == "cuda" else \
+        [(1, 40, 24, 3), (37, 45, 29, 5)]
+    for M, K, N, R in shapes:
         for dtype, adapter_dtype in [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)]:
-            x, w, b, a, bb = _make(M, K, N, R, dtype, adapter_dtype, gpu, fan_in_fan_out=M == 300)
+            x, w, b, a, bb = _make(M, K, N, R, dtype, adapter_dtype, kernel_device, fan_in_fan_out=M == 37)
             _check_against_reference(x, w, b, a, bb, 2.0, p, (True, True, True), dtype)
+
+
+def test_autocast(kernel_device):
+    """Under torch.autocast the fused op computes in the autocast dtype, like F.linear does."""
+    dtype = torch.bfloat16 if kernel_device == "cpu" else torch.float16
+    x, w, b, a, bb = _make(19, 40, 24, 4, torch.float32, torch.float32, kernel_device)
+    from fastpeft import functional
+
+    with torch.autocast(kernel_device, dtype=dtype):
+        y = functional.lora_linear(x, w, b, a, bb, 2.0)
+        y_ref = F.linear(x, w, b)
+    assert y.dtype == y_ref.dtype == dtype
+    exact = reference.lora_linear(x.double(), w.double(), b.double(), a.double(), bb.double(), 2.0)
+    same = reference.lora_linear(x.to(dtype), w.to(dtype), b.to(dtype), a, bb, 2.0)
+    assert_close(y, exact, same, dtype, "autocast y")
+
+
+def test_no_grad_saves_nothing(kernel_device):
+    x, w, b, a, bb = _make(7, 16, 8, 2, torch.float32, torch.float32, kernel_device)
+    a.requires_grad_()
+    with torch.no_grad():
+        y = ops.lora_linear(x, w, b, a, bb, 1.0, 0.0, None)
+    assert y.grad_fn is None and not y.requires_grad
+
+
+def test_torch_compile_traces_without_graph_breaks(kernel_device):
+    """fullgraph=True fails on any graph break: the custom op and its fake implementation trace."""
+    from fastpeft import functional
+
+    x, w, b, a, bb = _make(13, 32, 16, 4, torch.float32, torch.float32, kernel_device)
+    a.requires_grad_()
+    bb.requires_grad_()
+
+    def step(x, a, bb):
+        return functional.lora_linear(x, w, b, a, bb, 2.0, 0.0).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if kernel_device == "cuda" else "aot_eager")
+    loss = compiled(x, a, bb)
+    ga, gb = torch.autograd.grad(loss, (a, bb))
+    ra, rb = torch.autograd.grad(step(x, a, bb), (a, bb))
+    torch.testing.assert_close(loss, step(x, a, bb))
+    torch.testing.assert_close(ga, ra)
+    torch.testing.assert_close(gb, rb)
