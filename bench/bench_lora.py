@@ -18,6 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
+from common import graph_time_ms, register, time_ms  # noqa: E402
+
+GRAPH_MAX_M = 256  # up to here eager timings measure the host; the graph columns measure the GPU
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]  # (K, N)
 MS = [1, 16, 256, 4096, 16384]
@@ -31,12 +34,6 @@ def _grid():
     for (K, N), M, r, p in itertools.product(SHAPES, MS, RANKS, DROPOUTS):
         if FULL or r == 16 or (K, N) == (4096, 4096):
             yield K, N, M, r, p
-
-
-def _time_ms(fn, warmup_ms=25, rep_ms=100):
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
 def make_layers(K, N, r, p, dtype=torch.bfloat16, device="cuda"):
@@ -87,10 +84,14 @@ def measure(K, N, M, r, p, dtype=torch.bfloat16):
     impls = {"linear": base, "fastpeft": fast}
     if peft_layer is not None:
         impls["peft"] = peft_layer
+    modes = ("fwd", "fwdbwd") + (("fwd_graph", "fwdbwd_graph") if M <= GRAPH_MAX_M else ())
     for name, layer in impls.items():
-        row[f"{name}_fwd_ms"] = _time_ms(fwd(layer))
-        row[f"{name}_fwdbwd_ms"] = _time_ms(fwd_bwd(layer))
-    for mode in ("fwd", "fwdbwd"):
+        row[f"{name}_fwd_ms"] = time_ms(fwd(layer))
+        row[f"{name}_fwdbwd_ms"] = time_ms(fwd_bwd(layer))
+        if M <= GRAPH_MAX_M:
+            row[f"{name}_fwd_graph_ms"] = graph_time_ms(fwd(layer))
+            row[f"{name}_fwdbwd_graph_ms"] = graph_time_ms(fwd_bwd(layer))
+    for mode in modes:
         row[f"fastpeft/linear_{mode}"] = row[f"fastpeft_{mode}_ms"] / row[f"linear_{mode}_ms"]
         if "peft" in impls:
             row[f"peft/fastpeft_{mode}"] = row[f"peft_{mode}_ms"] / row[f"fastpeft_{mode}_ms"]
@@ -99,7 +100,8 @@ def measure(K, N, M, r, p, dtype=torch.bfloat16):
 
 COLUMNS = ["K", "N", "M", "r", "dropout", "linear_fwd_ms", "fastpeft_fwd_ms", "peft_fwd_ms", "fastpeft/linear_fwd",
            "peft/fastpeft_fwd", "linear_fwdbwd_ms", "fastpeft_fwdbwd_ms", "peft_fwdbwd_ms", "fastpeft/linear_fwdbwd",
-           "peft/fastpeft_fwdbwd"]
+           "peft/fastpeft_fwdbwd", "fastpeft/linear_fwd_graph", "peft/fastpeft_fwd_graph", "fastpeft/linear_fwdbwd_graph",
+           "peft/fastpeft_fwdbwd_graph"]
 
 
 def format_rows(rows):
@@ -115,10 +117,9 @@ def format_rows(rows):
 def test_lora_linear(K, N, M, r, p, bench_record, benchmark):
     row = measure(K, N, M, r, p)
     bench_record("lora_linear", row)
-    benchmark.extra_info.update(row)
     base, fast, _ = make_layers(K, N, r, p)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    benchmark.pedantic(lambda: (fast(x), torch.cuda.synchronize()), rounds=5, iterations=3, warmup_rounds=1)
+    register(benchmark, lambda: fast(x), **row)
 
 
 def compare_gemm(K, N, M, r, p):
@@ -128,12 +129,12 @@ def compare_gemm(K, N, M, r, p):
     g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
     params = [x] + [t for t in fast.parameters() if t.requires_grad]
     out = {"M": M, "K": K, "N": N, "r": r, "p": p,
-           "linear_fwd": _time_ms(lambda: base(x)),
-           "linear_fwdbwd": _time_ms(lambda: torch.autograd.grad(base(x), [x], g))}
+           "linear_fwd": time_ms(lambda: base(x)),
+           "linear_fwdbwd": time_ms(lambda: torch.autograd.grad(base(x), [x], g))}
     for gemm in ("triton", "cublas"):
         os.environ["FASTPEFT_GEMM"] = gemm
-        out[f"{gemm}_fwd"] = _time_ms(lambda: fast(x))
-        out[f"{gemm}_fwdbwd"] = _time_ms(lambda: torch.autograd.grad(fast(x), params, g))
+        out[f"{gemm}_fwd"] = time_ms(lambda: fast(x))
+        out[f"{gemm}_fwdbwd"] = time_ms(lambda: torch.autograd.grad(fast(x), params, g))
     os.environ.pop("FASTPEFT_GEMM")
     return out
 
@@ -147,12 +148,12 @@ def tune_linear(K, N, M, configs):
     a = torch.randn(16, K, device="cuda", dtype=torch.float32)
     b = torch.randn(N, 16, device="cuda", dtype=torch.float32)
     xa = kl.lora_shrink(x, a)
-    floor = _time_ms(lambda: F.linear(x, w))
+    floor = time_ms(lambda: F.linear(x, w))
     res = []
     for cfg in configs:
         os.environ["FASTPEFT_LINEAR_CONFIG"] = ",".join(map(str, cfg))
         try:
-            t = _time_ms(lambda: kl.lora_linear(x, w, None, xa, b, 2.0))
+            t = time_ms(lambda: kl.lora_linear(x, w, None, xa, b, 2.0))
         except Exception as e:  # out of shared memory etc.
             t = float("nan")
             print("config", cfg, "failed:", type(e).__name__, str(e)[:100])
@@ -186,7 +187,7 @@ def overhead(M=1, K=4096, N=4096, r=16):
         torch.cuda.current_stream().wait_stream(s)
         with torch.no_grad(), torch.cuda.graph(graph):
             fn()
-        print(f"{name}: eager {host:.4f} ms/call, graph replay {_time_ms(graph.replay):.4f} ms", flush=True)
+        print(f"{name}: eager {host:.4f} ms/call, graph replay {time_ms(graph.replay):.4f} ms", flush=True)
 
 
 if __name__ == "__main__":

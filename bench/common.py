@@ -30,6 +30,23 @@ def time_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def graph_time_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median milliseconds of ``fn`` captured once in a CUDA graph and replayed: the GPU time alone,
+    without the host's launch overhead (what a serving loop under CUDA graphs pays)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay, warmup_ms, rep_ms)
+
+
 def synchronized(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` followed by a CUDA synchronize, so wall-clock timers (pytest-benchmark) see the GPU work."""
     import torch

@@ -21,9 +21,10 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: floa
 
     Dropout applies only in training mode with p > 0.
     """
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    seed = draw_dropout_seed(x.device) if (training and dropout_p > 0.0) else None
+    device = x.device
+    if torch.is_autocast_enabled(device.type):
+        x = x.to(torch.get_autocast_dtype(device.type))
+    seed = draw_dropout_seed(device) if (training and dropout_p > 0.0) else None
     if use_triton(x):
         from . import ops
 

@@ -49,26 +49,26 @@ def lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return base(x, *args, **kwargs)
     if layer.merged:
         return base(x, *args, **kwargs)
-    active = [name for name in layer.active_adapters if name in layer.lora_A.keys()]
+    loras_a, loras_b = layer.lora_A, layer.lora_B  # ModuleDict lookups are slow: once per call
+    active = [name for name in layer.active_adapters if name in loras_a]
     if not active:
         return base(x, *args, **kwargs)
     weight, bias = base_weight(layer), base.bias
+    dora, dropouts, training = getattr(layer, "use_dora", {}), layer.lora_dropout, layer.training
     y = None
     for name in active:
-        if getattr(layer, "use_dora", {}).get(name, False):
+        if dora.get(name, False):
             raise NotImplementedError(f"DoRA (use_dora=True) is not supported by fastpeft (adapter {name!r})")
-        lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+        lora_a, lora_b = loras_a[name], loras_b[name]
         if lora_b.bias is not None:
             raise NotImplementedError(f"lora_bias=True is not supported by fastpeft (adapter {name!r})")
-        drop = layer.lora_dropout[name]
+        drop = dropouts[name]
         p = drop.p if isinstance(drop, nn.Dropout) else 0.0
         if y is None:
-            y = functional.lora_linear(
-                x, weight, bias, lora_a.weight, lora_b.weight, layer.scaling[name], p, layer.training
-            )
+            y = functional.lora_linear(x, weight, bias, lora_a.weight, lora_b.weight, layer.scaling[name], p, training)
         else:  # further active adapters (rare): their LoRA branch alone (no base weight)
             y = y + functional.lora_linear(
-                x, None, None, lora_a.weight, lora_b.weight, layer.scaling[name], p, layer.training
+                x, None, None, lora_a.weight, lora_b.weight, layer.scaling[name], p, training
             ).to(y.dtype)
     return y
 

@@ -64,9 +64,10 @@ def _check(x, weight, bias, lora_a, lora_b):
         raise ValueError(f"base weight is {tuple(weight.shape)} but x has {Kx} features and lora_B {N} outputs")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
-    devices = {t.device for t in (x, weight, bias, lora_a, lora_b) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"LoRA tensors are on different devices: {sorted(map(str, devices))}")
+    device = x.device
+    if any(t is not None and t.device != device for t in (weight, bias, lora_a, lora_b)):
+        devices = {str(t.device) for t in (x, weight, bias, lora_a, lora_b) if t is not None}
+        raise ValueError(f"LoRA tensors are on different devices: {sorted(devices)}")
 
 
 def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, seed):
