@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: install, GPU tests, the whole benchmark table.
-#   bash scripts/gpu.sh            tests + benches
-#   GPU_TESTS=0 bash scripts/gpu.sh    benches only;  GPU_BENCH=0: tests only
+# One call on the GPU machine: install, GPU tests, the CUDA demo, the whole benchmark table.
+#   bash scripts/gpu.sh                 tests + demo + benches
+#   GPU_TESTS=0 bash scripts/gpu.sh     benches only;  GPU_BENCH=0: tests + demo only
+# The device tool stops a command after 10 minutes: with the full grid, make two calls
+# (GPU_BENCH=0, then GPU_TESTS=0).
 #   BENCH_ARGS="-k 4096x4096" ...  extra pytest args for bench/;  TEST_ARGS likewise for tests/
 # Results (logs, JSON) go to $OUT (the device tool's folder) or ./bench-results.
 set -uo pipefail
@@ -20,6 +22,8 @@ status=0
 if [ "${GPU_TESTS:-1}" = 1 ]; then
   python3 -m pytest tests -q -x -p no:cacheprovider ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log"
   status=${PIPESTATUS[0]}
+  python3 -m fastpeft demo --device cuda --output-dir /tmp/fastpeft-demo-adapter 2>&1 | tee "$OUT/demo.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if [ "${GPU_BENCH:-1}" = 1 ]; then
   python3 -m pytest bench -q -s -p no:cacheprovider --benchmark-disable-gc ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"

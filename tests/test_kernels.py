@@ -232,3 +232,26 @@ def test_torch_compile_traces_without_graph_breaks(kernel_device):
     torch.testing.assert_close(loss, step(x, a, bb))
     torch.testing.assert_close(ga, ra)
     torch.testing.assert_close(gb, rb)
+
+
+def test_int64_offsets_past_2_pow_31(gpu):
+    """M·K > 2³¹ elements: row offsets must be 64-bit in every kernel (forward, dX, dA with dropout)."""
+    K, N, R = 4096, 64, 4
+    M = (1 << 31) // K + 17
+    x = torch.randn(M, K, device=gpu, dtype=torch.bfloat16)
+    w = torch.randn(N, K, device=gpu, dtype=torch.bfloat16) / K**0.5
+    a = (torch.randn(R, K, device=gpu) / K**0.5).requires_grad_()
+    bb = torch.randn(N, R, device=gpu).requires_grad_()
+    seed = torch.tensor([5], dtype=torch.int64, device=gpu)
+    xg = x.requires_grad_()
+    y = ops.lora_linear(xg, w, None, a, bb, 2.0, 0.1, seed)
+    g = torch.randn_like(y)
+    dx, = torch.autograd.grad(y, (xg,), g)
+    tail = slice(M - 40, M)  # the rows past 2³¹ / K, checked against the reference on those rows
+    x_tail = x[tail].detach().double()
+    mask = reference.dropout_lanes(seed, torch.arange(M - 40, M, device=gpu), torch.arange(K // 8, device=gpu))
+    keep = (mask >= reference.dropout_threshold(0.1)).double() * reference.dropout_scale(0.1)
+    y_ref = x_tail @ w.double().t() + 2.0 * ((x_tail * keep) @ a.double().t()) @ bb.double().t()
+    dx_ref = g[tail].double() @ w.double() + 2.0 * ((g[tail].double() @ bb.double()) @ a.double()) * keep
+    assert (y[tail].double() - y_ref).norm() / y_ref.norm() < 2e-2
+    assert (dx[tail].double() - dx_ref).norm() / dx_ref.norm() < 2e-2
