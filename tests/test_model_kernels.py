@@ -95,3 +95,18 @@ def test_cuda_graph_capture_replays_fused_layer(gpu):
     graph2.replay()
     eager = layer(x)
     torch.testing.assert_close(static_out["y"], eager)
+
+
+def test_patched_model_compiles_without_graph_breaks(kernels_on):
+    """torch.compile(fullgraph=True) of a whole patched model in training mode, dropout included."""
+    model = fastpeft.patch(make_model("llama").to(kernels_on),
+                           fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
+    model.train()
+    inputs = {k: v.to(kernels_on) for k, v in make_inputs("llama").items()}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="inductor" if kernels_on == "cuda" else "aot_eager")
+    loss = compiled(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
