@@ -5,12 +5,12 @@ The LoRA linear y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ and its backward are bui
 * ``lora_shrink``       out[M, R]  = drop(x)[M, K] · A[R, K]ᵀ                          (fp32 out)
       forward: xa = drop(x)·Aᵀ (the dropout mask regenerated from the seed, never stored);
       backward: dyb = dY·B (A := Bᵀ, no dropout).
-* ``lora_linear``       out[M, N]  = [out +] a[M, K] · w[N, K]ᵀ + b + (s·l[M, R] · r[N, R]ᵀ) [⊙ keep/(1-p)]
+* ``lora_linear``       out[M, N]  = a[M, K] · w[N, K]ᵀ + b + (s·l[M, R] · r[N, R]ᵀ) [⊙ keep/(1-p)]
       forward: a = x, w = W, l = xa, r = B — the expand, scaling and bias live in the epilogue of
       the main matmul, so no M×N or M×K intermediate is written besides y;
       backward: dX = dY·W + s·(dyb·A) ⊙ keep/(1-p): a = dY, w = Wᵀ, l = dyb, r = Aᵀ, the dropout
       mask applied on the output coordinates (m, k) — the same bits the forward used on x;
-      without a base (``w`` None, ``accumulate``) it is the "cuBLAS + epilogue pass" add.
+      without a base (``w`` None) it writes C = b + s·l·rᵀ, onto which cuBLAS adds a·wᵀ (beta = 1).
 * ``lora_weight_grad``  out[C, R]  = s · Σ_m big[m, C]ᵀ · small[m, R]   (big optionally dropped)
       dA = s·dybᵀ·drop(x) (big = x, small = dyb, stored transposed), dB = s·dYᵀ·xa.
 
@@ -127,7 +127,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = No
 
 
 # ------------------------------------------------------------------------------------------
-# linear + LoRA epilogue: out[M, N] = [out +] a·wᵀ + bias + (s·l·rᵀ) [⊙ keep·scale]
+# linear + LoRA epilogue: out[M, N] = a·wᵀ + bias + (s·l·rᵀ) [⊙ keep·scale]
 # ------------------------------------------------------------------------------------------
 @triton.jit
 def _lora_linear_kernel(
@@ -136,7 +136,7 @@ def _lora_linear_kernel(
     stride_am, stride_ak, stride_wn, stride_wk,
     stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on,
     scaling, threshold, drop_scale,
-    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, MASK_OUT: tl.constexpr,
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_OUT: tl.constexpr,
     DOT_FP32: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -197,8 +197,6 @@ def _lora_linear_kernel(
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
     omask = m_ok[:, None] & n_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=omask, other=0.0).to(tl.float32)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
@@ -228,10 +226,10 @@ def _linear_config(M: int) -> tuple:
 
 
 def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | None, l: torch.Tensor,
-                r: torch.Tensor, scaling: float, out: torch.Tensor | None = None, accumulate: bool = False,
+                r: torch.Tensor, scaling: float,
                 seed: torch.Tensor | None = None, threshold: int = 0, drop_scale: float = 1.0,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """out = [out +] a·wᵀ + bias + s·(l·rᵀ) [⊙ keep·scale].
+    """out = a·wᵀ + bias + s·(l·rᵀ) [⊙ keep·scale].
 
     a (M, K), w (N, K) or None (no base matmul), bias (N,) or None, l (M, R), r (N, R); any strides.
     With ``seed`` the LoRA term is masked by the dropout keep mask of output element (m, n).
@@ -249,11 +247,8 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | No
                              f"{tuple(r.shape)} do not fit a (M, K), w (N, K), l (M, R), r (N, R)")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"lora_linear: bias must be ({N},), got {tuple(bias.shape)}")
-    if out is None:
-        if accumulate:
-            raise ValueError("lora_linear: accumulate=True needs `out`")
-        dtype = out_dtype or (a.dtype if w is not None else l.dtype)
-        out = torch.empty((M, N), dtype=dtype, device=l.device)
+    dtype = out_dtype or (a.dtype if w is not None else l.dtype)
+    out = torch.empty((M, N), dtype=dtype, device=l.device)
     if M == 0 or N == 0:
         return out
     BM, BN, BK, GM, warps, stages = _linear_config(M)
@@ -268,7 +263,7 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | No
         w.stride(0) if has_base else 0, w.stride(1) if has_base else 0,
         l.stride(0), l.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1),
         scaling, threshold, drop_scale,
-        HAS_BASE=has_base, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, MASK_OUT=seed is not None,
+        HAS_BASE=has_base, HAS_BIAS=bias is not None, MASK_OUT=seed is not None,
         DOT_FP32=_dot_fp32(*base_dtypes), LORA_FP32=_dot_fp32(l.dtype, r.dtype),
         PRECISION=_precision(a.dtype if has_base else out.dtype),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=_block_r(R, 64), GROUP_M=GM,
