@@ -24,7 +24,6 @@ import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import reference
 from .kernels import lora as K
@@ -74,13 +73,13 @@ def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
     """(y2 (M, N), xa (M, R) fp32) for a 2-D x."""
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
     xa = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale)
-    if weight is None:
-        return K.lora_linear(None, None, None, xa, lora_b, scaling, out_dtype=x2.dtype), xa
-    if main_matmul(x2.shape[0]) == "cublas":
-        # C = b + s·xa·Bᵀ first, then cuBLAS adds x·Wᵀ to it in its epilogue (beta = 1)
-        y = K.lora_linear(None, None, bias, xa, lora_b, scaling, out_dtype=x2.dtype)
-        return y.addmm_(x2, weight.t().to(x2.dtype)), xa
-    return K.lora_linear(x2, weight, bias, xa, lora_b, scaling), xa
+    if weight is not None and main_matmul(x2.shape[0]) == "triton":
+        return K.lora_linear(x2, weight, bias, xa, lora_b, scaling), xa
+    # C = b + s·xa·Bᵀ; then (with a base) cuBLAS adds x·Wᵀ onto it in its epilogue (beta = 1)
+    y = K.lora_linear(None, None, bias, xa, lora_b, scaling, out_dtype=x2.dtype)
+    if weight is not None:
+        y.addmm_(x2, weight.t().to(x2.dtype))
+    return y, xa
 
 
 def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p: float, seed,
@@ -91,13 +90,12 @@ def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p
     dyb = K.lora_shrink(dy2, lora_b.t()) if (need_dx or need_da) else None
     if need_dx:
         mask = dict(seed=seed, threshold=threshold, drop_scale=drop_scale)
-        if weight is None:
-            dx = K.lora_linear(None, None, None, dyb, lora_a.t(), scaling, out_dtype=x2.dtype, **mask)
-        elif main_matmul(dy2.shape[0]) == "cublas":
-            dx = K.lora_linear(None, None, None, dyb, lora_a.t(), scaling, out_dtype=x2.dtype, **mask)
-            dx.addmm_(dy2, weight.to(dy2.dtype))
-        else:
+        if weight is not None and main_matmul(dy2.shape[0]) == "triton":
             dx = K.lora_linear(dy2, weight.t(), None, dyb, lora_a.t(), scaling, out_dtype=x2.dtype, **mask)
+        else:
+            dx = K.lora_linear(None, None, None, dyb, lora_a.t(), scaling, out_dtype=x2.dtype, **mask)
+            if weight is not None:
+                dx.addmm_(dy2, weight.to(dy2.dtype))
     if need_da:
         da = K.lora_weight_grad(x2, dyb, scaling, transpose_out=True, seed=seed, threshold=threshold,
                                 drop_scale=drop_scale).to(lora_a.dtype)
@@ -106,33 +104,47 @@ def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p
     return dx, da, db
 
 
-def _base_grads(dy2, x2, weight, bias, need_dw, need_dbias):
-    dw = (dy2.t().to(weight.dtype) @ x2.to(weight.dtype)) if need_dw else None
-    dbias = dy2.sum(0).to(bias.dtype) if need_dbias else None
-    return dw, dbias
+def _forward_nd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+    """forward_impl on x of any rank: (y (..., N), xa (M, R))."""
+    y2, xa = forward_impl(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    return y2.reshape(*x.shape[:-1], y2.shape[-1]), xa
+
+
+def _lora_grads_nd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, need_dx, need_da, need_db):
+    """backward_impl on x, dy of any rank: (dx (x's shape) or None, dA or None, dB or None)."""
+    dx, da, db = backward_impl(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_a, lora_b,
+                               xa, scaling, dropout_p, seed, need_dx, need_da, need_db)
+    return (None if dx is None else dx.reshape(x.shape)), da, db
+
+
+def _save(ctx, x, weight, bias, lora_a, lora_b, xa, seed, scaling, dropout_p):
+    ctx.save_for_backward(x, weight, bias, lora_a, lora_b, xa, seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+
+
+def _grads(ctx, dy, lora_grads):
+    """All input gradients from what ``_save`` kept; ``lora_grads`` computes dx, dA, dB (eager or custom op)."""
+    x, weight, bias, lora_a, lora_b, xa, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, da, db = lora_grads(dy, x, weight, lora_a, lora_b, xa, ctx.scaling, ctx.dropout_p, seed,
+                            need[0], need[3], need[4])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    dw = (dy2.t().to(weight.dtype) @ x2.to(weight.dtype)) if weight is not None and need[1] else None
+    dbias = dy2.sum(0).to(bias.dtype) if bias is not None and need[2] else None
+    return (dx if need[0] else None, dw, dbias, da if need[3] else None, db if need[4] else None, None, None, None)
 
 
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
-        x2 = x.reshape(-1, x.shape[-1])
-        y2, xa = forward_impl(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
-        ctx.save_for_backward(x, weight, bias, lora_a, lora_b, xa, seed)
-        ctx.scaling, ctx.dropout_p = scaling, dropout_p
-        return y2.reshape(*x.shape[:-1], y2.shape[-1])
+        y, xa = _forward_nd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+        _save(ctx, x, weight, bias, lora_a, lora_b, xa, seed, scaling, dropout_p)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, lora_a, lora_b, xa, seed = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        x2 = x.reshape(-1, x.shape[-1])
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx, da, db = backward_impl(dy2, x2, weight, lora_a, lora_b, xa, ctx.scaling, ctx.dropout_p, seed,
-                                   need[0], need[3], need[4])
-        dw, dbias = _base_grads(dy2, x2, weight, bias, weight is not None and need[1], bias is not None and need[2])
-        if dx is not None:
-            dx = dx.reshape(x.shape)
-        return dx, dw, dbias, da, db, None, None, None
+        return _grads(ctx, dy, _lora_grads_nd)
 
 
 # --- the same implementation as torch custom ops, for torch.compile -------------------------
@@ -140,8 +152,7 @@ class LoraLinearFunction(torch.autograd.Function):
 def _lora_linear_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                     lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout_p: float,
                     seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    y2, xa = forward_impl(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
-    return y2.reshape(*x.shape[:-1], y2.shape[-1]), xa
+    return _forward_nd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
 
 
 @_lora_linear_op.register_fake
@@ -155,34 +166,24 @@ def _lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional
                              lora_a: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scaling: float,
                              dropout_p: float, seed: Optional[torch.Tensor], need_dx: bool, need_da: bool,
                              need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x2 = x.reshape(-1, x.shape[-1])
-    dx, da, db = backward_impl(dy.reshape(-1, dy.shape[-1]), x2, weight, lora_a, lora_b, xa, scaling, dropout_p,
-                               seed, need_dx, need_da, need_db)
-    return (dx.reshape(x.shape) if dx is not None else x.new_empty(0),
-            da if da is not None else lora_a.new_empty(0), db if db is not None else lora_b.new_empty(0))
+    grads = _lora_grads_nd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, need_dx, need_da, need_db)
+    # a custom op returns tensors: the gradients not asked for come back empty
+    return tuple(t.new_empty(0) if g is None else g for g, t in zip(grads, (x, lora_a, lora_b)))
 
 
 @_lora_linear_backward_op.register_fake
 def _(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, need_dx, need_da, need_db):
-    return (torch.empty_like(x) if need_dx else x.new_empty(0),
-            torch.empty_like(lora_a) if need_da else lora_a.new_empty(0),
-            torch.empty_like(lora_b) if need_db else lora_b.new_empty(0))
+    return tuple(torch.empty_like(t) if need else t.new_empty(0)
+                 for need, t in zip((need_dx, need_da, need_db), (x, lora_a, lora_b)))
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed = inputs
-    ctx.save_for_backward(x, weight, bias, lora_a, lora_b, output[1], seed)
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    _save(ctx, x, weight, bias, lora_a, lora_b, output[1], seed, scaling, dropout_p)
 
 
 def _backward(ctx, dy, _dxa):
-    x, weight, bias, lora_a, lora_b, xa, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dx, da, db = torch.ops.fastpeft.lora_linear_backward(dy, x, weight, lora_a, lora_b, xa, ctx.scaling,
-                                                         ctx.dropout_p, seed, need[0], need[3], need[4])
-    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-    dw, dbias = _base_grads(dy2, x2, weight, bias, weight is not None and need[1], bias is not None and need[2])
-    return (dx if need[0] else None, dw, dbias, da if need[3] else None, db if need[4] else None, None, None, None)
+    return _grads(ctx, dy, torch.ops.fastpeft.lora_linear_backward)
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
