@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import graph_time_ms, register, time_ms  # noqa: E402
+from common import format_table, graph_time_ms, register, time_ms  # noqa: E402
 
 GRAPH_MAX_M = 256  # up to here eager timings measure the host; the graph columns measure the GPU
 
@@ -64,7 +64,7 @@ def make_layers(K, N, r, p, dtype=torch.bfloat16, device="cuda"):
 
 
 def measure(K, N, M, r, p, dtype=torch.bfloat16):
-    """Row of timings (ms): floor / fastpeft / PEFT, forward and forward+backward."""
+    """(row, fastpeft layer, x): timings (ms) of floor / fastpeft / PEFT, forward and forward+backward."""
     base, fast, peft_layer = make_layers(K, N, r, p, dtype)
     x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
     g = torch.randn(M, N, device="cuda", dtype=dtype)
@@ -95,30 +95,13 @@ def measure(K, N, M, r, p, dtype=torch.bfloat16):
         row[f"fastpeft/linear_{mode}"] = row[f"fastpeft_{mode}_ms"] / row[f"linear_{mode}_ms"]
         if "peft" in impls:
             row[f"peft/fastpeft_{mode}"] = row[f"peft_{mode}_ms"] / row[f"fastpeft_{mode}_ms"]
-    return row
-
-
-COLUMNS = ["K", "N", "M", "r", "dropout", "linear_fwd_ms", "fastpeft_fwd_ms", "peft_fwd_ms", "fastpeft/linear_fwd",
-           "peft/fastpeft_fwd", "linear_fwdbwd_ms", "fastpeft_fwdbwd_ms", "peft_fwdbwd_ms", "fastpeft/linear_fwdbwd",
-           "peft/fastpeft_fwdbwd", "fastpeft/linear_fwd_graph", "peft/fastpeft_fwd_graph", "fastpeft/linear_fwdbwd_graph",
-           "peft/fastpeft_fwdbwd_graph"]
-
-
-def format_rows(rows):
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) and c.endswith("_ms") else
-                 f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return row, fast, x
 
 
 @pytest.mark.parametrize("K,N,M,r,p", list(_grid()), ids=lambda v: str(v))
 def test_lora_linear(K, N, M, r, p, bench_record, benchmark):
-    row = measure(K, N, M, r, p)
+    row, fast, x = measure(K, N, M, r, p)
     bench_record("lora_linear", row)
-    base, fast, _ = make_layers(K, N, r, p)
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     register(benchmark, lambda: fast(x), **row)
 
 
@@ -213,7 +196,7 @@ if __name__ == "__main__":
         rows = []
         grid = ([(4096, 4096, m, 16, p) for m in MS for p in DROPOUTS] if quick else list(_grid()))
         for K, N, M, r, p in grid:
-            rows.append(measure(K, N, M, r, p))
-            print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
+            rows.append(measure(K, N, M, r, p)[0])
+            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
         print(torch.cuda.get_device_name())
-        print(format_rows(rows))
+        print(format_table(rows))
