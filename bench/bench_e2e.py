@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 
 import pytest
 import torch
@@ -143,15 +144,17 @@ def test_train_step(setup, dropout, gpu_name, bench_record, benchmark):
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
+    host_start = time.perf_counter()
     for _ in range(STEPS):
         loss = step()
+    host_ms = (time.perf_counter() - host_start) * 1e3 / STEPS  # ≈ step_ms when the host is the limit
     end.record()
     torch.cuda.synchronize()
     step_ms = start.elapsed_time(end) / STEPS
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     assert torch.isfinite(loss).item(), f"{setup}: non-finite loss {loss.item()}"
     tokens = SIZE["batch"] * SIZE["seq"]
-    row = {"setup": setup, "dropout": dropout, "step_ms": step_ms, "tokens_per_s": tokens / (step_ms / 1e3),
+    row = {"setup": setup, "dropout": dropout, "step_ms": step_ms, "host_ms": host_ms, "tokens_per_s": tokens / (step_ms / 1e3),
            "peak_gib": peak_gib, "trainable": trainable}
     bench_record(TABLE, row)
     # pytest-benchmark's record of the same step (a few more synchronized steps, not the table's numbers).

@@ -70,8 +70,14 @@ def gpu_name() -> str:
 
 @pytest.fixture
 def bench_record():
-    """``bench_record(table, row)``: add a row (a dict) to a results table printed at the end."""
-    return common.RESULTS.add
+    """``bench_record(table, row)``: add a row (a dict) to a results table printed at the end; each
+    row is also printed at once (with -s), so a run that is cut off still shows what it measured."""
+    def record(table: str, row: dict) -> None:
+        common.RESULTS.add(table, row)
+        print(f"\n[{table}] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in row.items()), flush=True)
+
+    return record
 
 
 def _meta() -> dict:

@@ -6,8 +6,8 @@ Forward  (x (..., K), W (N, K), A (R, K), B (N, R)):
 Backward (dY (M, N)):
     dyb = dY·B                            lora_shrink, fp32 (M, R)
     dX  = dY·W + s·(dyb·A) ⊙ keep/(1-p)   lora_linear with the mask applied on output (m, k)
-    dA  = s·dybᵀ·drop(x)                  lora_weight_grad (mask regenerated again)
-    dB  = s·dYᵀ·xa                        lora_weight_grad
+    dA  = s·dybᵀ·drop(x)                  lora_adapter_grads (mask regenerated again),
+    dB  = s·dYᵀ·xa                        the same launch
 Saved: x (a reference, no copy), xa (M × R fp32), the seed — no mask, no dropped copy of x.
 Gradients that are not needed (x, A or B not requiring grad) are skipped.
 
@@ -96,11 +96,12 @@ def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p
             dx = K.lora_linear(None, None, None, dyb, lora_a.t(), scaling, out_dtype=x2.dtype, **mask)
             if weight is not None:
                 dx.addmm_(dy2, weight.to(dy2.dtype))
-    if need_da:
-        da = K.lora_weight_grad(x2, dyb, scaling, transpose_out=True, seed=seed, threshold=threshold,
-                                drop_scale=drop_scale).to(lora_a.dtype)
-    if need_db:
-        db = K.lora_weight_grad(dy2, xa, scaling).to(lora_b.dtype)
+    if need_da or need_db:
+        da, db = K.lora_adapter_grads(x2 if need_da else None, dyb if need_da else None,
+                                      dy2 if need_db else None, xa if need_db else None, scaling,
+                                      seed, threshold, drop_scale)
+        da = None if da is None else da.to(lora_a.dtype)
+        db = None if db is None else db.to(lora_b.dtype)
     return dx, da, db
 
 

@@ -11,8 +11,8 @@ The LoRA linear y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ and its backward are bui
       backward: dX = dY·W + s·(dyb·A) ⊙ keep/(1-p): a = dY, w = Wᵀ, l = dyb, r = Aᵀ, the dropout
       mask applied on the output coordinates (m, k) — the same bits the forward used on x;
       without a base (``w`` None) it writes C = b + s·l·rᵀ, onto which cuBLAS adds a·wᵀ (beta = 1).
-* ``lora_weight_grad``  out[C, R]  = s · Σ_m big[m, C]ᵀ · small[m, R]   (big optionally dropped)
-      dA = s·dybᵀ·drop(x) (big = x, small = dyb, stored transposed), dB = s·dYᵀ·xa.
+* ``lora_adapter_grads`` dA[R, K] = s·dybᵀ·drop(x) and dB[N, R] = s·dYᵀ·xa in one launch
+      (each out[C, R] = s · Σ_m big[m, C]ᵀ · small[m, R]; the mask regenerated on x).
 
 All strides are passed, so transposed views (fan_in_fan_out / Conv1D weights, Wᵀ, Aᵀ, Bᵀ) and
 non-contiguous activations cost nothing. Accumulation is fp32; row offsets are int64 (M·K can
@@ -31,21 +31,23 @@ import triton.language as tl
 from .dropout import dropout_keep
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Read once, as triton.jit itself does when it decorates the kernels below.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _dot_fp32(*dtypes) -> bool:
     """Run a tl.dot in fp32 when any operand is fp32, or bf16 under the interpreter."""
-    return any(d == torch.float32 for d in dtypes) or (_interpreting() and torch.bfloat16 in dtypes)
+    return any(d == torch.float32 for d in dtypes) or (_INTERPRETING and torch.bfloat16 in dtypes)
 
 
-def _precision(activation_dtype: torch.dtype) -> str:
-    """fp32 dots: full fp32 for fp32 activations unless torch allows tf32 matmuls; tf32 otherwise
-    (fp32 adapters under a bf16/fp16 base: the result is rounded to half precision anyway)."""
-    if activation_dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+def _precision() -> str:
+    """Precision of the fp32 dots (fp32 adapters or activations): what torch uses for an fp32 matmul.
+
+    Plain tf32 when torch allows tf32 matmuls; otherwise tf32x3 (three tf32 tensor-core products,
+    fp32-accurate: measured on an H100 1.6e-7 relative error against 4.0e-4 for tf32 and 3e-7 for
+    the non-tensor-core "ieee"), so fp32 adapters get the gradients PEFT's fp32 matmuls give.
+    """
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 def _block_r(R: int, cap: int = 256) -> int:
@@ -109,7 +111,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = No
     BLOCK_K = 128 if M <= 64 else 64
     n_m = max(1, triton.cdiv(M, BLOCK_M))
     # small M: split K across programs so the whole GPU reads x and A
-    split_k = 1 if M > 256 or _interpreting() else max(1, min(triton.cdiv(K, BLOCK_K), 128 // n_m))
+    split_k = 1 if M > 256 or _INTERPRETING else max(1, min(triton.cdiv(K, BLOCK_K), 128 // n_m))
     out = (torch.zeros if split_k > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
     if M == 0:
         return out
@@ -119,7 +121,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = No
         M, K, R,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         threshold, drop_scale,
-        HAS_DROPOUT=has_dropout, DOT_FP32=_dot_fp32(x.dtype, a.dtype), PRECISION=_precision(x.dtype), SPLIT_K=split_k,
+        HAS_DROPOUT=has_dropout, DOT_FP32=_dot_fp32(x.dtype, a.dtype), PRECISION=_precision(), SPLIT_K=split_k,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
         num_warps=4, num_stages=3,
     )
@@ -178,7 +180,7 @@ def _lora_linear_kernel(
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         lora = acc
-    for r0 in range(0, R, BLOCK_R):
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: fp32 chunks would overflow smem
         rr = r0 + tl.arange(0, BLOCK_R)
         l = tl.load(l_ptr + rm[:, None].to(tl.int64) * stride_lm + rr[None, :] * stride_lr,
                     mask=m_ok[:, None] & (rr[None, :] < R), other=0.0) * scaling
@@ -217,7 +219,7 @@ def _linear_config(M: int) -> tuple:
     pinned = os.environ.get("FASTPEFT_LINEAR_CONFIG")
     if pinned:
         return tuple(int(v) for v in pinned.split(","))
-    if _interpreting():
+    if _INTERPRETING:
         return _INTERPRETER_CONFIG
     for bound in (16, 64, 256):
         if M <= bound:
@@ -253,6 +255,10 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | No
         return out
     BM, BN, BK, GM, warps, stages = _linear_config(M)
     has_base = w is not None
+    if has_base:  # fp32 operands take twice the shared memory per stage: drop stages to fit (H100: 227 KiB)
+        size = max(a.element_size(), w.element_size())
+        while stages > 1 and stages * (BM + BN) * BK * size > 200 * 1024:
+            stages -= 1
     base_dtypes = (a.dtype, w.dtype) if has_base else ()
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
     _lora_linear_kernel[grid](
@@ -265,7 +271,7 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | No
         scaling, threshold, drop_scale,
         HAS_BASE=has_base, HAS_BIAS=bias is not None, MASK_OUT=seed is not None,
         DOT_FP32=_dot_fp32(*base_dtypes), LORA_FP32=_dot_fp32(l.dtype, r.dtype),
-        PRECISION=_precision(a.dtype if has_base else out.dtype),
+        PRECISION=_precision(),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=_block_r(R, 64), GROUP_M=GM,
         num_warps=warps, num_stages=stages,
     )
@@ -273,19 +279,31 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | No
 
 
 # ------------------------------------------------------------------------------------------
-# adapter gradients: out[C, R] = s · Σ_m drop(big)[m, C]ᵀ · small[m, R]
+# adapter gradients, both in one launch:
+#   problem 0: dA[R, K] = s·drop_scale · Σ_m (dyb[m, R])ᵀ ⊗ drop(x)[m, K]   (stored transposed)
+#   problem 1: dB[N, R] = s · Σ_m dY[m, N]ᵀ · xa[m, R]
+# Each is out[C, R] = scale · Σ_m big[m, C]ᵀ · small[m, R]; programs 0 .. n_c0-1 take problem 0.
 # ------------------------------------------------------------------------------------------
 @triton.jit
 def _lora_weight_grad_kernel(
-    big_ptr, small_ptr, out_ptr, seed_ptr,
-    M, C, R,
-    stride_bm, stride_bc, stride_sm, stride_sr, stride_oc, stride_or,
-    scaling, threshold,
+    big0_ptr, small0_ptr, out0_ptr, big1_ptr, small1_ptr, out1_ptr, seed_ptr,
+    M, C0, C1, R, N_C0,
+    s_b0m, s_b0c, s_s0m, s_s0r, s_o0c, s_o0r,
+    s_b1m, s_b1c, s_s1m, s_s1r, s_o1c, s_o1r,
+    scale0, scale1, threshold,
     HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SPLIT_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
+    first = pid_c < N_C0  # problem 0 (dropout applies to it alone)
+    if first:
+        big_ptr, small_ptr, out_ptr, C, scale = big0_ptr, small0_ptr, out0_ptr, C0, scale0
+        s_bm, s_bc, s_sm, s_sr, s_oc, s_or = s_b0m, s_b0c, s_s0m, s_s0r, s_o0c, s_o0r
+    else:
+        pid_c -= N_C0
+        big_ptr, small_ptr, out_ptr, C, scale = big1_ptr, small1_ptr, out1_ptr, C1, scale1
+        s_bm, s_bc, s_sm, s_sr, s_oc, s_or = s_b1m, s_b1c, s_s1m, s_s1r, s_o1c, s_o1r
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm0 = tl.arange(0, BLOCK_M)
@@ -295,18 +313,19 @@ def _lora_weight_grad_kernel(
     for m0 in range(pid_s * BLOCK_M, M, BLOCK_M * SPLIT_M):
         rm = m0 + rm0
         m_ok = rm < M
-        big = tl.load(big_ptr + rm[:, None].to(tl.int64) * stride_bm + rc[None, :] * stride_bc,
+        big = tl.load(big_ptr + rm[:, None].to(tl.int64) * s_bm + rc[None, :] * s_bc,
                       mask=m_ok[:, None] & (rc[None, :] < C), other=0.0)
-        small = tl.load(small_ptr + rm[:, None].to(tl.int64) * stride_sm + rr[None, :] * stride_sr,
+        small = tl.load(small_ptr + rm[:, None].to(tl.int64) * s_sm + rr[None, :] * s_sr,
                         mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
         if HAS_DROPOUT:
-            big = tl.where(dropout_keep(seed, rm, pid_c * BLOCK_C, BLOCK_M, BLOCK_C, threshold), big, 0.0)
+            keep = dropout_keep(seed, rm, pid_c * BLOCK_C, BLOCK_M, BLOCK_C, threshold)
+            big = tl.where(keep | (tl.program_id(0) >= N_C0), big, 0.0)
         if DOT_FP32:
             acc = tl.dot(tl.trans(big.to(tl.float32)), small.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(tl.trans(big), small.to(big.dtype), acc)
-    acc = acc * scaling
-    out = out_ptr + rc[:, None] * stride_oc + rr[None, :] * stride_or
+    acc = acc * scale
+    out = out_ptr + rc[:, None] * s_oc + rr[None, :] * s_or
     omask = (rc[:, None] < C) & (rr[None, :] < R)
     if SPLIT_M == 1:
         tl.store(out, acc, mask=omask)
@@ -314,34 +333,59 @@ def _lora_weight_grad_kernel(
         tl.atomic_add(out, acc, mask=omask, sem="relaxed")
 
 
-def lora_weight_grad(big: torch.Tensor, small: torch.Tensor, scaling: float, transpose_out: bool = False,
-                     seed: torch.Tensor | None = None, threshold: int = 0, drop_scale: float = 1.0) -> torch.Tensor:
-    """s · drop(big)ᵀ · small in fp32: big (M, C), small (M, R) -> (C, R), or (R, C) with transpose_out.
+def lora_adapter_grads(x: torch.Tensor | None, dyb: torch.Tensor | None, dy: torch.Tensor | None,
+                       xa: torch.Tensor | None, scaling: float, seed: torch.Tensor | None = None,
+                       threshold: int = 0, drop_scale: float = 1.0):
+    """(dA, dB) in fp32 from one launch: dA = s·dybᵀ·drop(x) (R, K), dB = s·dYᵀ·xa (N, R).
 
-    With ``seed`` big is dropped with the keep mask of element (m, c) and scaled by ``drop_scale``.
+    x (M, K), dyb (M, R), dy (M, N), xa (M, R), any strides; pass x/dyb None to skip dA, dy/xa None
+    to skip dB. The dropout mask (``seed``) is the forward's, regenerated on x's coordinates.
     """
-    M, C = big.shape
-    Ms, R = small.shape
-    if Ms != M:
-        raise ValueError(f"lora_weight_grad: big is (M={M}, C={C}) but small is (M={Ms}, R={R})")
-    BLOCK_M, BLOCK_C = (16, 32) if _interpreting() else (64, 128)
-    n_c = max(1, triton.cdiv(C, BLOCK_C))
-    split_m = 1 if _interpreting() else max(1, min(triton.cdiv(M, BLOCK_M), 264 // n_c))
-    alloc = torch.zeros if split_m > 1 else torch.empty
-    out = alloc((R, C) if transpose_out else (C, R), dtype=torch.float32, device=big.device)
-    if M == 0:
-        return out.zero_()
-    stride_oc, stride_or = (out.stride(1), out.stride(0)) if transpose_out else (out.stride(0), out.stride(1))
-    has_dropout = seed is not None
+    problems = [p for p in ((x, dyb, True), (dy, xa, False)) if p[0] is not None]
+    if not problems:
+        return None, None
+    M = problems[0][0].shape[0]
+    R = problems[0][1].shape[1]
+    for big, small, _ in problems:
+        if big.shape[0] != M or small.shape != (M, R):
+            raise ValueError(f"lora_adapter_grads: {tuple(big.shape)} and {tuple(small.shape)} do not fit "
+                             f"(M={M}, C) and (M={M}, R={R})")
+    if len(problems) == 2 and x.dtype != dy.dtype:  # one launch needs one activation dtype
+        return (lora_adapter_grads(x, dyb, None, None, scaling, seed, threshold, drop_scale)[0],
+                lora_adapter_grads(None, None, dy, xa, scaling)[1])
+    BLOCK_M, BLOCK_C = (16, 32) if _INTERPRETING else (64, 128)
+    n_cs = [triton.cdiv(big.shape[1], BLOCK_C) for big, _, _ in problems]
+    n_c = sum(n_cs)
+    split_m = 1 if _INTERPRETING else max(1, min(triton.cdiv(M, BLOCK_M), 264 // max(1, n_c)))
+    # zeroed when programs add partial sums; separate tensors (gradients must not share storage)
+    alloc = torch.zeros if split_m > 1 or M == 0 else torch.empty
+    outs = [alloc((R, big.shape[1]) if is_a else (big.shape[1], R), dtype=torch.float32, device=big.device)
+            for big, _, is_a in problems]
+    if M == 0 or n_c == 0:
+        return _assign(problems, outs)
+    args = []
+    for (big, small, is_a), out in zip(problems, outs):
+        s_oc, s_or = (out.stride(1), out.stride(0)) if is_a else (out.stride(0), out.stride(1))
+        args.append((big, small, out, big.stride(0), big.stride(1), small.stride(0), small.stride(1), s_oc, s_or,
+                     scaling * (drop_scale if is_a and seed is not None else 1.0)))
+    if len(args) == 1:
+        args.append(args[0])
+    (b0, s0, o0, *st0, sc0), (b1, s1, o1, *st1, sc1) = args
+    has_dropout = seed is not None and problems[0][2]
     BLOCK_R = _block_r(R, 64)
+    C0 = problems[0][0].shape[1]
+    C1 = problems[-1][0].shape[1]
     _lora_weight_grad_kernel[(n_c, split_m, triton.cdiv(R, BLOCK_R))](
-        big, small, out, seed if has_dropout else out,
-        M, C, R,
-        big.stride(0), big.stride(1), small.stride(0), small.stride(1), stride_oc, stride_or,
-        scaling * (drop_scale if has_dropout else 1.0), threshold,
-        HAS_DROPOUT=has_dropout, DOT_FP32=_dot_fp32(big.dtype, small.dtype), PRECISION=_precision(big.dtype),
-        SPLIT_M=split_m,
-        BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R,
+        b0, s0, o0, b1, s1, o1, seed if has_dropout else o0,
+        M, C0, C1, R, n_cs[0],
+        *st0, *st1, sc0, sc1, threshold,
+        HAS_DROPOUT=has_dropout, DOT_FP32=_dot_fp32(b0.dtype, s0.dtype, b1.dtype, s1.dtype), PRECISION=_precision(),
+        SPLIT_M=split_m, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R,
         num_warps=4, num_stages=3,
     )
-    return out
+    return _assign(problems, outs)
+
+
+def _assign(problems, outs):
+    res = {is_a: out for (_, _, is_a), out in zip(problems, outs)}
+    return res.get(True), res.get(False)

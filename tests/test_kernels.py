@@ -255,3 +255,28 @@ def test_int64_offsets_past_2_pow_31(gpu):
     dx_ref = g[tail].double() @ w.double() + 2.0 * ((g[tail].double() @ bb.double()) @ a.double()) * keep
     assert (y[tail].double() - y_ref).norm() / y_ref.norm() < 2e-2
     assert (dx[tail].double() - dx_ref).norm() / dx_ref.norm() < 2e-2
+
+
+@pytest.mark.parametrize("which", ["both", "dA", "dB", "mixed_dtypes"])
+def test_adapter_grads_one_launch(kernel_device, which):
+    """dA and dB from one launch (or one of them), against plain matmuls, dropout included."""
+    M, K, N, R = 37, 45, 29, 5
+    x = torch.randn(M, K, device=kernel_device, dtype=torch.float16)
+    dy = torch.randn(M, N, device=kernel_device, dtype=torch.float32 if which == "mixed_dtypes" else torch.float16)
+    dyb = torch.randn(M, R, device=kernel_device)
+    xa = torch.randn(M, R, device=kernel_device)
+    seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=kernel_device)
+    p = 0.25
+    t, scale = reference.dropout_threshold(p), reference.dropout_scale(p)
+    da, db = lora_kernels.lora_adapter_grads(x if which != "dB" else None, dyb if which != "dB" else None,
+                                             dy if which != "dA" else None, xa if which != "dA" else None,
+                                             1.5, seed, t, scale)
+    keep = reference.dropout_mask(seed, M, K, p, x.device).to(torch.float32)
+    if which != "dB":
+        torch.testing.assert_close(da, 1.5 * scale * dyb.t() @ (x.float() * keep), rtol=1e-3, atol=1e-3)
+    else:
+        assert da is None
+    if which != "dA":
+        torch.testing.assert_close(db, 1.5 * dy.float().t() @ xa, rtol=1e-3, atol=1e-3)
+    else:
+        assert db is None
