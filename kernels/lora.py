@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .dropout import dropout_keep
+from .launch import launch
 
 
 # Read once, as triton.jit itself does when it decorates the kernels below.
@@ -116,12 +117,12 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = No
     if M == 0:
         return out
     has_dropout = seed is not None
-    _lora_shrink_kernel[(n_m, split_k)](
+    launch(_lora_shrink_kernel, (n_m, split_k), (
         x, a, out, seed if has_dropout else out,
         M, K, R,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         threshold, drop_scale,
-        HAS_DROPOUT=has_dropout, DOT_FP32=_dot_fp32(x.dtype, a.dtype), PRECISION=_precision(), SPLIT_K=split_k,
+    ), HAS_DROPOUT=has_dropout, DOT_FP32=_dot_fp32(x.dtype, a.dtype), PRECISION=_precision(), SPLIT_K=split_k,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
         num_warps=4, num_stages=3,
     )
@@ -261,7 +262,7 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | No
             stages -= 1
     base_dtypes = (a.dtype, w.dtype) if has_base else ()
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-    _lora_linear_kernel[grid](
+    launch(_lora_linear_kernel, grid, (
         a if has_base else l, w if has_base else l, bias if bias is not None else l, l, r, out,
         seed if seed is not None else l,
         M, N, K, R,
@@ -269,7 +270,7 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | No
         w.stride(0) if has_base else 0, w.stride(1) if has_base else 0,
         l.stride(0), l.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1),
         scaling, threshold, drop_scale,
-        HAS_BASE=has_base, HAS_BIAS=bias is not None, MASK_OUT=seed is not None,
+    ), HAS_BASE=has_base, HAS_BIAS=bias is not None, MASK_OUT=seed is not None,
         DOT_FP32=_dot_fp32(*base_dtypes), LORA_FP32=_dot_fp32(l.dtype, r.dtype),
         PRECISION=_precision(),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=_block_r(R, 64), GROUP_M=GM,
@@ -375,11 +376,11 @@ def lora_adapter_grads(x: torch.Tensor | None, dyb: torch.Tensor | None, dy: tor
     BLOCK_R = _block_r(R, 64)
     C0 = problems[0][0].shape[1]
     C1 = problems[-1][0].shape[1]
-    _lora_weight_grad_kernel[(n_c, split_m, triton.cdiv(R, BLOCK_R))](
+    launch(_lora_weight_grad_kernel, (n_c, split_m, triton.cdiv(R, BLOCK_R)), (
         b0, s0, o0, b1, s1, o1, seed if has_dropout else o0,
         M, C0, C1, R, n_cs[0],
         *st0, *st1, sc0, sc1, threshold,
-        HAS_DROPOUT=has_dropout, DOT_FP32=_dot_fp32(b0.dtype, s0.dtype, b1.dtype, s1.dtype), PRECISION=_precision(),
+    ), HAS_DROPOUT=has_dropout, DOT_FP32=_dot_fp32(b0.dtype, s0.dtype, b1.dtype, s1.dtype), PRECISION=_precision(),
         SPLIT_M=split_m, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R,
         num_warps=4, num_stages=3,
     )

@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from bench_lora import make_layers  # noqa: E402
 
+from fastpeft.kernels import launch as kernel_launch  # noqa: E402
 from fastpeft.kernels import lora as kl  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def main():
     seed = torch.randint(0, 2**62, (1,), device="cuda")
     xd = x.detach()
     xa = kl.lora_shrink(xd, a)
-    print(f"M={M}: per-call wall time, us")
+    print(f"M={M}: per-call wall time, us (direct launch on / through Triton's run)")
     for name, fn in [
         ("torch.empty", lambda: torch.empty(M, N, device="cuda", dtype=torch.bfloat16)),
         ("torch.zeros", lambda: torch.zeros(M, r, device="cuda")),
@@ -54,7 +55,10 @@ def main():
         ("lora_linear C only", lambda: kl.lora_linear(None, None, None, xa, b, 2.0, out_dtype=torch.bfloat16)),
         ("lora_adapter_grads", lambda: kl.lora_adapter_grads(xd, xa, g.detach(), xa, 2.0)),
     ]:
-        print(f"  {name:24s} {per_call_us(fn):8.1f}")
+        kernel_launch.ENABLED = False
+        slow = per_call_us(fn)
+        kernel_launch.ENABLED = True
+        print(f"  {name:24s} {per_call_us(fn):8.1f} / {slow:8.1f}")
     for p in (0.0, 0.05):
         base, fast, peft_layer = make_layers(K, N, r, p)
         params = {n: [x] + [t for t in l.parameters() if t.requires_grad] for n, l in
@@ -63,6 +67,11 @@ def main():
             f = per_call_us(lambda: layer(x))
             fb = per_call_us(lambda: torch.autograd.grad(layer(x), params[name], g))
             print(f"  p={p} {name:10s} fwd {f:8.1f}  fwd+bwd {fb:8.1f}")
+        kernel_launch.ENABLED = False
+        f = per_call_us(lambda: fast(x))
+        fb = per_call_us(lambda: torch.autograd.grad(fast(x), params["fastpeft"], g))
+        kernel_launch.ENABLED = True
+        print(f"  p={p} fastpeft through Triton's run: fwd {f:8.1f}  fwd+bwd {fb:8.1f}")
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(200):
@@ -70,7 +79,7 @@ def main():
         torch.cuda.synchronize()
         pr.disable()
         print(f"--- cProfile fastpeft fwd+bwd x200, p={p}")
-        pstats.Stats(pr).sort_stats("tottime").print_stats(22)
+        pstats.Stats(pr).sort_stats("tottime").print_stats(12)
 
 
 if __name__ == "__main__":
