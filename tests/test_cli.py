@@ -40,7 +40,21 @@ def test_demo_runs_and_passes(tmp_path):
     _assert_adapter_dir(out)
 
 
+def _interpreter_broken() -> bool:
+    """triton 3.6's interpreter turns scalar kernel arguments into 1-element arrays and calls int()
+    on them in range(); NumPy >= 2.3 refuses that (seen on the GPU machine: triton 3.6, NumPy 2.4)."""
+    import numpy
+    import triton
+
+    try:
+        int(numpy.array([1]))
+        return False
+    except TypeError:
+        return tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)
+
+
 @pytest.mark.interpreter
+@pytest.mark.skipif(_interpreter_broken(), reason="this triton's interpreter cannot run with this NumPy")
 def test_demo_kernels_under_interpreter_match_reference(tmp_path):
     """FASTPEFT_BACKEND=triton + TRITON_INTERPRET=1: the fused kernels train the model on CPU, and
     the demo compares their loss curve with the reference path's (dropout on: same Philox masks)."""
