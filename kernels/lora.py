@@ -51,8 +51,13 @@ def _precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division in plain Python (triton.cdiv is a jit function: slow to call from the host)."""
+    return -(-a // b)
+
+
 def _block_r(R: int, cap: int = 256) -> int:
-    return max(16, min(cap, triton.next_power_of_2(R)))
+    return max(16, min(cap, 1 << max(0, R - 1).bit_length()))
 
 
 # ------------------------------------------------------------------------------------------
@@ -110,9 +115,9 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = No
     BLOCK_R = _block_r(R)
     BLOCK_M = min(16 if M <= 16 else (32 if M <= 32 else 64), max(16, 8192 // BLOCK_R))
     BLOCK_K = 128 if M <= 64 else 64
-    n_m = max(1, triton.cdiv(M, BLOCK_M))
+    n_m = max(1, _cdiv(M, BLOCK_M))
     # small M: split K across programs so the whole GPU reads x and A
-    split_k = 1 if M > 256 or _INTERPRETING else max(1, min(triton.cdiv(K, BLOCK_K), 128 // n_m))
+    split_k = 1 if M > 256 or _INTERPRETING else max(1, min(_cdiv(K, BLOCK_K), 128 // n_m))
     out = (torch.zeros if split_k > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
     if M == 0:
         return out
@@ -248,7 +253,7 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | No
         if Ma != M or Nw != N or Kw != K:
             raise ValueError(f"lora_linear: a {tuple(a.shape)}, w {tuple(w.shape)}, l {tuple(l.shape)} and r "
                              f"{tuple(r.shape)} do not fit a (M, K), w (N, K), l (M, R), r (N, R)")
-    if bias is not None and bias.shape != (N,):
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         raise ValueError(f"lora_linear: bias must be ({N},), got {tuple(bias.shape)}")
     dtype = out_dtype or (a.dtype if w is not None else l.dtype)
     out = torch.empty((M, N), dtype=dtype, device=l.device)
@@ -261,7 +266,7 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | No
         while stages > 1 and stages * (BM + BN) * BK * size > 200 * 1024:
             stages -= 1
     base_dtypes = (a.dtype, w.dtype) if has_base else ()
-    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    grid = (_cdiv(M, BM) * _cdiv(N, BN),)
     launch(_lora_linear_kernel, grid, (
         a if has_base else l, w if has_base else l, bias if bias is not None else l, l, r, out,
         seed if seed is not None else l,
@@ -348,16 +353,16 @@ def lora_adapter_grads(x: torch.Tensor | None, dyb: torch.Tensor | None, dy: tor
     M = problems[0][0].shape[0]
     R = problems[0][1].shape[1]
     for big, small, _ in problems:
-        if big.shape[0] != M or small.shape != (M, R):
+        if big.shape[0] != M or small.shape[0] != M or small.shape[1] != R:
             raise ValueError(f"lora_adapter_grads: {tuple(big.shape)} and {tuple(small.shape)} do not fit "
                              f"(M={M}, C) and (M={M}, R={R})")
     if len(problems) == 2 and x.dtype != dy.dtype:  # one launch needs one activation dtype
         return (lora_adapter_grads(x, dyb, None, None, scaling, seed, threshold, drop_scale)[0],
                 lora_adapter_grads(None, None, dy, xa, scaling)[1])
     BLOCK_M, BLOCK_C = (16, 32) if _INTERPRETING else (64, 128)
-    n_cs = [triton.cdiv(big.shape[1], BLOCK_C) for big, _, _ in problems]
+    n_cs = [_cdiv(big.shape[1], BLOCK_C) for big, _, _ in problems]
     n_c = sum(n_cs)
-    split_m = 1 if _INTERPRETING else max(1, min(triton.cdiv(M, BLOCK_M), 264 // max(1, n_c)))
+    split_m = 1 if _INTERPRETING else max(1, min(_cdiv(M, BLOCK_M), 264 // max(1, n_c)))
     # zeroed when programs add partial sums; separate tensors (gradients must not share storage)
     alloc = torch.zeros if split_m > 1 or M == 0 else torch.empty
     outs = [alloc((R, big.shape[1]) if is_a else (big.shape[1], R), dtype=torch.float32, device=big.device)
@@ -376,7 +381,7 @@ def lora_adapter_grads(x: torch.Tensor | None, dyb: torch.Tensor | None, dy: tor
     BLOCK_R = _block_r(R, 64)
     C0 = problems[0][0].shape[1]
     C1 = problems[-1][0].shape[1]
-    launch(_lora_weight_grad_kernel, (n_c, split_m, triton.cdiv(R, BLOCK_R)), (
+    launch(_lora_weight_grad_kernel, (n_c, split_m, _cdiv(R, BLOCK_R)), (
         b0, s0, o0, b1, s1, o1, seed if has_dropout else o0,
         M, C0, C1, R, n_cs[0],
         *st0, *st1, sc0, sc1, threshold,
