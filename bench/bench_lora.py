@@ -106,7 +106,9 @@ def test_lora_linear(K, N, M, r, p, bench_record, benchmark):
 
 
 def compare_gemm(K, N, M, r, p):
-    """Development: the fused Triton main matmul against cuBLAS + epilogue pass, same layer."""
+    """Development: the main-matmul routes on the same layer: the Triton matmul with the LoRA
+    epilogue ("triton"), cuBLAS onto a prefilled C ("cublas"), and for M <= 64 the Triton matmul that
+    also does the shrink in its K loop ("fused")."""
     base, fast, _ = make_layers(K, N, r, p)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
@@ -114,11 +116,18 @@ def compare_gemm(K, N, M, r, p):
     out = {"M": M, "K": K, "N": N, "r": r, "p": p,
            "linear_fwd": time_ms(lambda: base(x)),
            "linear_fwdbwd": time_ms(lambda: torch.autograd.grad(base(x), [x], g))}
-    for gemm in ("triton", "cublas"):
+    variants = [("triton", "triton", "0"), ("cublas", "cublas", "0")]
+    if M <= 64:  # the shrink inside the Triton matmul's K loop (one launch forward)
+        variants.append(("fused", "triton", str(M)))
+    for name, gemm, fused_max_m in variants:
         os.environ["FASTPEFT_GEMM"] = gemm
-        out[f"{gemm}_fwd"] = time_ms(lambda: fast(x))
-        out[f"{gemm}_fwdbwd"] = time_ms(lambda: torch.autograd.grad(fast(x), params, g))
+        os.environ["FASTPEFT_FUSED_SHRINK_MAX_M"] = fused_max_m
+        out[f"{name}_fwd"] = time_ms(lambda: fast(x))
+        out[f"{name}_fwdbwd"] = time_ms(lambda: torch.autograd.grad(fast(x), params, g))
+        if M <= GRAPH_MAX_M:
+            out[f"{name}_fwd_graph"] = graph_time_ms(lambda: fast(x))
     os.environ.pop("FASTPEFT_GEMM")
+    os.environ.pop("FASTPEFT_FUSED_SHRINK_MAX_M")
     return out
 
 

@@ -13,6 +13,8 @@ Gradients that are not needed (x, A or B not requiring grad) are skipped.
 
 The main matmul runs either in Triton (the epilogue fused) or in cuBLAS, which adds x·Wᵀ onto a
 prefilled C = b + s·xa·Bᵀ in its own epilogue (beta = 1); ``main_matmul`` picks by shape (FASTPEFT_GEMM=triton|cublas pins one).
+On the Triton route the shrink can also run inside the matmul's K loop (``fused_shrink``: one launch
+for the whole forward, x read once; off by default until it has been timed on the GPU).
 
 Eager calls go through ``LoraLinearFunction`` (least Python overhead); under ``torch.compile`` the
 same implementation is reached through the custom op ``fastpeft::lora_linear`` (with a fake
@@ -69,12 +71,25 @@ def _check(x, weight, bias, lora_a, lora_b):
         raise ValueError(f"LoRA tensors are on different devices: {sorted(devices)}")
 
 
+def fused_shrink(M: int, R: int) -> bool:
+    """Whether the Triton main matmul also computes xa = drop(x)·Aᵀ in its K loop (one launch, x
+    read once) instead of a separate shrink kernel. Off until measured on the GPU:
+    FASTPEFT_FUSED_SHRINK_MAX_M=64 turns it on for M <= 64 (ranks up to 64)."""
+    return R <= 64 and M <= int(os.environ.get("FASTPEFT_FUSED_SHRINK_MAX_M", "0"))
+
+
 def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, seed):
     """(y2 (M, N), xa (M, R) fp32) for a 2-D x."""
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
-    xa = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale)
-    if weight is not None and main_matmul(x2.shape[0]) == "triton":
+    M, R = x2.shape[0], lora_a.shape[0]
+    if weight is not None and main_matmul(M) == "triton":
+        if fused_shrink(M, R):
+            xa = torch.empty((M, R), dtype=torch.float32, device=x2.device)
+            return K.lora_linear(x2, weight, bias, xa, lora_b, scaling, seed, threshold, drop_scale,
+                                 shrink_a=lora_a), xa
+        xa = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale)
         return K.lora_linear(x2, weight, bias, xa, lora_b, scaling), xa
+    xa = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale)
     # C = b + s·xa·Bᵀ; then (with a base) cuBLAS adds x·Wᵀ onto it in its epilogue (beta = 1)
     y = K.lora_linear(None, None, bias, xa, lora_b, scaling, out_dtype=x2.dtype)
     if weight is not None:

@@ -64,6 +64,21 @@ def _block_r(R: int, cap: int = 256) -> int:
 # shrink: out[M, R] = drop(x)[M, K] · A[R, K]ᵀ
 # ------------------------------------------------------------------------------------------
 @triton.jit
+def _shrink_step(acc, x, a, seed, rows, k0, threshold, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K step of the shrink: acc[BLOCK_M, R] + drop(x)[BLOCK_M, BLOCK_K] · a[BLOCK_K, R], the
+    mask of x's columns k0 .. k0 + BLOCK_K regenerated from the seed (the shrink kernel and the
+    K loop of the linear kernel share it)."""
+    if HAS_DROPOUT:
+        x = tl.where(dropout_keep(seed, rows, k0, BLOCK_M, BLOCK_K, threshold), x, 0.0)
+    if DOT_FP32:
+        acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(x, a.to(x.dtype), acc)
+    return acc
+
+
+@triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, out_ptr, seed_ptr,
     M, K, R,
@@ -78,20 +93,14 @@ def _lora_shrink_kernel(
     rr = tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         ks = k0 + rk
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=(rm[:, None] < M) & (ks[None, :] < K), other=0.0)
         a = tl.load(a_ptr + rr[None, :] * stride_ar + ks[:, None] * stride_ak,
                     mask=(rr[None, :] < R) & (ks[:, None] < K), other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, rm, k0, BLOCK_M, BLOCK_K, threshold), x, 0.0)
-        if DOT_FP32:
-            acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(x, a.to(x.dtype), acc)
+        acc = _shrink_step(acc, x, a, seed, rm, k0, threshold, HAS_DROPOUT, DOT_FP32, PRECISION, BLOCK_M, BLOCK_K)
     if HAS_DROPOUT:
         acc = acc * drop_scale
     out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rr[None, :] * stride_or
@@ -139,12 +148,13 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = No
 # ------------------------------------------------------------------------------------------
 @triton.jit
 def _lora_linear_kernel(
-    a_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr, seed_ptr,
+    a_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr, seed_ptr, sa_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_wn, stride_wk,
-    stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on,
+    stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on, stride_sar, stride_sak,
     scaling, threshold, drop_scale,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_OUT: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr, IN_DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -164,11 +174,17 @@ def _lora_linear_kernel(
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # FUSE_SHRINK: xa = drop(a)·saᵀ accumulated in the same K loop (a is read once), kept in
+    # registers for the epilogue and written to l_ptr by the pid_n == 0 programs (R <= BLOCK_R)
+    rs = tl.arange(0, BLOCK_R)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    seed = tl.load(seed_ptr) if IN_DROPOUT else 0
 
     if HAS_BASE:
         rk = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
         w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk
+        sa_ptrs = sa_ptr + rs[None, :] * stride_sar + rk[:, None] * stride_sak
         for k0 in range(0, K, BLOCK_K):
             k_ok = (k0 + rk) < K
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -177,8 +193,19 @@ def _lora_linear_kernel(
                 acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
             else:
                 acc = tl.dot(a, w.to(a.dtype), acc)
+            if FUSE_SHRINK:
+                sa = tl.load(sa_ptrs, mask=k_ok[:, None] & (rs[None, :] < R), other=0.0)
+                xa = _shrink_step(xa, a, sa, seed, rm, k0, threshold, IN_DROPOUT, LORA_FP32, PRECISION,
+                                  BLOCK_M, BLOCK_K)
+                sa_ptrs += BLOCK_K * stride_sak
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_wk
+        if FUSE_SHRINK:
+            if IN_DROPOUT:
+                xa = xa * drop_scale
+            if pid_n == 0:
+                tl.store(l_ptr + rm[:, None].to(tl.int64) * stride_lm + rs[None, :] * stride_lr, xa,
+                         mask=m_ok[:, None] & (rs[None, :] < R))
 
     # LoRA expand in the epilogue: (s·l)[BLOCK_M, R] · rᵀ[R, BLOCK_N], R in chunks of BLOCK_R. Without
     # a mask it accumulates straight into acc (a second fp32 tile would spill the large configs).
@@ -186,16 +213,24 @@ def _lora_linear_kernel(
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         lora = acc
-    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: fp32 chunks would overflow smem
-        rr = r0 + tl.arange(0, BLOCK_R)
-        l = tl.load(l_ptr + rm[:, None].to(tl.int64) * stride_lm + rr[None, :] * stride_lr,
-                    mask=m_ok[:, None] & (rr[None, :] < R), other=0.0) * scaling
-        r = tl.load(r_ptr + rn[None, :].to(tl.int64) * stride_rn + rr[:, None] * stride_rr,
-                    mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
+    if FUSE_SHRINK:
+        r = tl.load(r_ptr + rn[None, :].to(tl.int64) * stride_rn + rs[:, None] * stride_rr,
+                    mask=n_ok[None, :] & (rs[:, None] < R), other=0.0)
         if LORA_FP32:
-            lora = tl.dot(l.to(tl.float32), r.to(tl.float32), lora, input_precision=PRECISION)
+            lora = tl.dot(xa * scaling, r.to(tl.float32), lora, input_precision=PRECISION)
         else:
-            lora = tl.dot(l.to(r.dtype), r, lora)
+            lora = tl.dot((xa * scaling).to(r.dtype), r, lora)
+    else:
+        for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: fp32 chunks would overflow smem
+            rr = r0 + tl.arange(0, BLOCK_R)
+            l = tl.load(l_ptr + rm[:, None].to(tl.int64) * stride_lm + rr[None, :] * stride_lr,
+                        mask=m_ok[:, None] & (rr[None, :] < R), other=0.0) * scaling
+            r = tl.load(r_ptr + rn[None, :].to(tl.int64) * stride_rn + rr[:, None] * stride_rr,
+                        mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
+            if LORA_FP32:
+                lora = tl.dot(l.to(tl.float32), r.to(tl.float32), lora, input_precision=PRECISION)
+            else:
+                lora = tl.dot(l.to(r.dtype), r, lora)
     if MASK_OUT:
         keep = dropout_keep(tl.load(seed_ptr), rm, pid_n * BLOCK_N, BLOCK_M, BLOCK_N, threshold)
         acc += tl.where(keep, lora * drop_scale, 0.0)
@@ -236,11 +271,13 @@ def _linear_config(M: int) -> tuple:
 def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | None, l: torch.Tensor,
                 r: torch.Tensor, scaling: float,
                 seed: torch.Tensor | None = None, threshold: int = 0, drop_scale: float = 1.0,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, shrink_a: torch.Tensor | None = None) -> torch.Tensor:
     """out = a·wᵀ + bias + s·(l·rᵀ) [⊙ keep·scale].
 
     a (M, K), w (N, K) or None (no base matmul), bias (N,) or None, l (M, R), r (N, R); any strides.
     With ``seed`` the LoRA term is masked by the dropout keep mask of output element (m, n).
+    With ``shrink_a`` (R, K), R <= 64, the kernel computes l = drop(a)·shrink_aᵀ itself in its main
+    loop (a read once) and writes it into ``l`` (fp32); ``seed`` then drops a, as the shrink does.
     """
     M, R = l.shape
     N, Rr = r.shape
@@ -253,6 +290,10 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | No
         if Ma != M or Nw != N or Kw != K:
             raise ValueError(f"lora_linear: a {tuple(a.shape)}, w {tuple(w.shape)}, l {tuple(l.shape)} and r "
                              f"{tuple(r.shape)} do not fit a (M, K), w (N, K), l (M, R), r (N, R)")
+    fuse = shrink_a is not None
+    if fuse and (w is None or tuple(shrink_a.shape) != (R, K) or R > 64 or l.dtype != torch.float32):
+        raise ValueError(f"lora_linear: the fused shrink needs a base, shrink_a ({R}, {K}) with R <= 64 and an "
+                         f"fp32 l; got shrink_a {tuple(shrink_a.shape)}, l {l.dtype}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         raise ValueError(f"lora_linear: bias must be ({N},), got {tuple(bias.shape)}")
     dtype = out_dtype or (a.dtype if w is not None else l.dtype)
@@ -260,25 +301,31 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | No
     if M == 0 or N == 0:
         return out
     BM, BN, BK, GM, warps, stages = _linear_config(M)
+    BLOCK_R = _block_r(R, 64)
     has_base = w is not None
     if has_base:  # fp32 operands take twice the shared memory per stage: drop stages to fit (H100: 227 KiB)
-        size = max(a.element_size(), w.element_size())
-        while stages > 1 and stages * (BM + BN) * BK * size > 200 * 1024:
+        stage_bytes = (BM + BN) * BK * max(a.element_size(), w.element_size())
+        stage_bytes += BK * BLOCK_R * shrink_a.element_size() if fuse else 0
+        while stages > 1 and stages * stage_bytes > 200 * 1024:
             stages -= 1
     base_dtypes = (a.dtype, w.dtype) if has_base else ()
+    lora_dtypes = (l.dtype, r.dtype) + ((a.dtype, shrink_a.dtype) if fuse else ())
+    sa = shrink_a if fuse else l
     grid = (_cdiv(M, BM) * _cdiv(N, BN),)
     launch(_lora_linear_kernel, grid, (
         a if has_base else l, w if has_base else l, bias if bias is not None else l, l, r, out,
-        seed if seed is not None else l,
+        seed if seed is not None else l, sa,
         M, N, K, R,
         a.stride(0) if has_base else 0, a.stride(1) if has_base else 0,
         w.stride(0) if has_base else 0, w.stride(1) if has_base else 0,
         l.stride(0), l.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1),
+        sa.stride(0), sa.stride(1),
         scaling, threshold, drop_scale,
-    ), HAS_BASE=has_base, HAS_BIAS=bias is not None, MASK_OUT=seed is not None,
-        DOT_FP32=_dot_fp32(*base_dtypes), LORA_FP32=_dot_fp32(l.dtype, r.dtype),
+    ), HAS_BASE=has_base, HAS_BIAS=bias is not None, MASK_OUT=seed is not None and not fuse,
+        FUSE_SHRINK=fuse, IN_DROPOUT=seed is not None and fuse,
+        DOT_FP32=_dot_fp32(*base_dtypes), LORA_FP32=_dot_fp32(*lora_dtypes),
         PRECISION=_precision(),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=_block_r(R, 64), GROUP_M=GM,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BLOCK_R, GROUP_M=GM,
         num_warps=warps, num_stages=stages,
     )
     return out

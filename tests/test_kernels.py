@@ -177,6 +177,23 @@ def test_custom_op_opcheck(kernel_device):
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+@pytest.mark.parametrize("dtypes", DTYPES, ids=_name)
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+def test_fused_shrink_matches_reference(kernel_device, dtypes, p, monkeypatch):
+    """The shrink inside the main matmul's K loop (FASTPEFT_FUSED_SHRINK_MAX_M): same y, same saved
+    xa (so dB), same dropout mask; R > 64 falls back to the separate shrink."""
+    monkeypatch.setenv("FASTPEFT_GEMM", "triton")
+    monkeypatch.setenv("FASTPEFT_FUSED_SHRINK_MAX_M", "100000")
+    dtype, adapter_dtype = dtypes
+    shapes = [(1, 64, 48, 4), (37, 45, 29, 5), (20, 70, 33, 64), (9, 40, 24, 65)]
+    if kernel_device == "cuda":
+        shapes += [(16, 4096, 4096, 16), (64, 1000, 2000, 64), (250, 1024, 520, 8)]
+    for M, K, N, R in shapes:
+        x, w, b, a, bb = _make(M, K, N, R, dtype, adapter_dtype, kernel_device, layout="strided",
+                               fan_in_fan_out=M == 37)
+        _check_against_reference(x, w, b, a, bb, 2.0, p, (True, True, True), dtype)
+
+
 @pytest.mark.parametrize("gemm", ["triton", "cublas"])
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
 def test_main_matmul_paths(kernel_device, gemm, p, monkeypatch):
