@@ -156,35 +156,7 @@ def tune_linear(K, N, M, configs):
     return res
 
 
-def overhead(M=1, K=4096, N=4096, r=16):
-    """Development: host time per call (eager loop) against GPU time (CUDA-graph replay)."""
-    import time
-
-    base, fast, _ = make_layers(K, N, r, 0.0)
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    for name, fn in (("F.linear", lambda: base(x)), ("fastpeft fwd", lambda: fast(x))):
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(200):
-            fn()
-        torch.cuda.synchronize()
-        host = (time.perf_counter() - t) / 200 * 1e3
-        graph = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        with torch.no_grad(), torch.cuda.graph(graph):
-            fn()
-        print(f"{name}: eager {host:.4f} ms/call, graph replay {time_ms(graph.replay):.4f} ms", flush=True)
-
-
 if __name__ == "__main__":
-    if "--overhead" in sys.argv:
-        overhead()
     if "--compare" in sys.argv:
         for M in MS:
             for p in DROPOUTS:

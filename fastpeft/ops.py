@@ -82,14 +82,14 @@ def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
     """(y2 (M, N), xa (M, R) fp32) for a 2-D x."""
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
     M, R = x2.shape[0], lora_a.shape[0]
-    if weight is not None and main_matmul(M) == "triton":
-        if fused_shrink(M, R):
-            xa = torch.empty((M, R), dtype=torch.float32, device=x2.device)
-            return K.lora_linear(x2, weight, bias, xa, lora_b, scaling, seed, threshold, drop_scale,
-                                 shrink_a=lora_a), xa
-        xa = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale)
-        return K.lora_linear(x2, weight, bias, xa, lora_b, scaling), xa
+    triton_route = weight is not None and main_matmul(M) == "triton"
+    if triton_route and fused_shrink(M, R):
+        xa = torch.empty((M, R), dtype=torch.float32, device=x2.device)
+        return K.lora_linear(x2, weight, bias, xa, lora_b, scaling, seed, threshold, drop_scale,
+                             shrink_a=lora_a), xa
     xa = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale)
+    if triton_route:
+        return K.lora_linear(x2, weight, bias, xa, lora_b, scaling), xa
     # C = b + s·xa·Bᵀ; then (with a base) cuBLAS adds x·Wᵀ onto it in its epilogue (beta = 1)
     y = K.lora_linear(None, None, bias, xa, lora_b, scaling, out_dtype=x2.dtype)
     if weight is not None:

@@ -19,8 +19,9 @@ import os
 
 import torch
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-ENABLED = os.environ.get("FASTPEFT_FAST_LAUNCH", "1") != "0" and not _INTERPRETING
+# Read once, as triton.jit itself does when it decorates a kernel (the kernel modules use it too).
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ENABLED = os.environ.get("FASTPEFT_FAST_LAUNCH", "1") != "0" and not INTERPRETING
 
 _compiled: dict = {}  # (kernel, key) -> (compiled kernel, constexpr values after the positional args)
 

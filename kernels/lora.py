@@ -29,11 +29,8 @@ import triton
 import triton.language as tl
 
 from .dropout import dropout_keep
+from .launch import INTERPRETING as _INTERPRETING
 from .launch import launch
-
-
-# Read once, as triton.jit itself does when it decorates the kernels below.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _dot_fp32(*dtypes) -> bool:
@@ -154,7 +151,7 @@ def _lora_linear_kernel(
     stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on, stride_sar, stride_sak,
     scaling, threshold, drop_scale,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_OUT: tl.constexpr,
-    FUSE_SHRINK: tl.constexpr, IN_DROPOUT: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr, IN_DROPOUT: tl.constexpr, SHRINK_FP32: tl.constexpr,
     DOT_FP32: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -195,7 +192,7 @@ def _lora_linear_kernel(
                 acc = tl.dot(a, w.to(a.dtype), acc)
             if FUSE_SHRINK:
                 sa = tl.load(sa_ptrs, mask=k_ok[:, None] & (rs[None, :] < R), other=0.0)
-                xa = _shrink_step(xa, a, sa, seed, rm, k0, threshold, IN_DROPOUT, LORA_FP32, PRECISION,
+                xa = _shrink_step(xa, a, sa, seed, rm, k0, threshold, IN_DROPOUT, SHRINK_FP32, PRECISION,
                                   BLOCK_M, BLOCK_K)
                 sa_ptrs += BLOCK_K * stride_sak
             a_ptrs += BLOCK_K * stride_ak
@@ -213,24 +210,19 @@ def _lora_linear_kernel(
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         lora = acc
-    if FUSE_SHRINK:
-        r = tl.load(r_ptr + rn[None, :].to(tl.int64) * stride_rn + rs[:, None] * stride_rr,
-                    mask=n_ok[None, :] & (rs[:, None] < R), other=0.0)
-        if LORA_FP32:
-            lora = tl.dot(xa * scaling, r.to(tl.float32), lora, input_precision=PRECISION)
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: fp32 chunks would overflow smem
+        rr = r0 + tl.arange(0, BLOCK_R)
+        if FUSE_SHRINK:  # one chunk (R <= BLOCK_R), already in registers
+            l = xa * scaling
         else:
-            lora = tl.dot((xa * scaling).to(r.dtype), r, lora)
-    else:
-        for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: fp32 chunks would overflow smem
-            rr = r0 + tl.arange(0, BLOCK_R)
             l = tl.load(l_ptr + rm[:, None].to(tl.int64) * stride_lm + rr[None, :] * stride_lr,
                         mask=m_ok[:, None] & (rr[None, :] < R), other=0.0) * scaling
-            r = tl.load(r_ptr + rn[None, :].to(tl.int64) * stride_rn + rr[:, None] * stride_rr,
-                        mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
-            if LORA_FP32:
-                lora = tl.dot(l.to(tl.float32), r.to(tl.float32), lora, input_precision=PRECISION)
-            else:
-                lora = tl.dot(l.to(r.dtype), r, lora)
+        r = tl.load(r_ptr + rn[None, :].to(tl.int64) * stride_rn + rr[:, None] * stride_rr,
+                    mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
+        if LORA_FP32:
+            lora = tl.dot(l.to(tl.float32), r.to(tl.float32), lora, input_precision=PRECISION)
+        else:
+            lora = tl.dot(l.to(r.dtype), r, lora)
     if MASK_OUT:
         keep = dropout_keep(tl.load(seed_ptr), rm, pid_n * BLOCK_N, BLOCK_M, BLOCK_N, threshold)
         acc += tl.where(keep, lora * drop_scale, 0.0)
@@ -309,7 +301,6 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | No
         while stages > 1 and stages * stage_bytes > 200 * 1024:
             stages -= 1
     base_dtypes = (a.dtype, w.dtype) if has_base else ()
-    lora_dtypes = (l.dtype, r.dtype) + ((a.dtype, shrink_a.dtype) if fuse else ())
     sa = shrink_a if fuse else l
     grid = (_cdiv(M, BM) * _cdiv(N, BN),)
     launch(_lora_linear_kernel, grid, (
@@ -321,7 +312,8 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | No
         scaling, threshold, drop_scale,
     ), HAS_BASE=has_base, HAS_BIAS=bias is not None, MASK_OUT=seed is not None and not fuse,
         FUSE_SHRINK=fuse, IN_DROPOUT=seed is not None and fuse,
-        DOT_FP32=_dot_fp32(*base_dtypes), LORA_FP32=_dot_fp32(*lora_dtypes),
+        SHRINK_FP32=fuse and _dot_fp32(a.dtype, shrink_a.dtype),
+        DOT_FP32=_dot_fp32(*base_dtypes), LORA_FP32=_dot_fp32(l.dtype, r.dtype),
         PRECISION=_precision(),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BLOCK_R, GROUP_M=GM,
         num_warps=warps, num_stages=stages,

@@ -167,6 +167,15 @@ def test_shape_errors_name_the_problem(kernel_device):
         ops.lora_linear(x, w, b[:3], a, bb, 1.0)
     with pytest.raises(ValueError, match="lora_shrink"):
         lora_kernels.lora_shrink(x, a[:, :3])
+    xa = torch.empty(4, 2, device=kernel_device)
+    with pytest.raises(ValueError, match="fused shrink"):  # shrink_a not (R, K)
+        lora_kernels.lora_linear(x, w, b, xa, bb, 1.0, shrink_a=a[:, :8])
+    with pytest.raises(ValueError, match="fused shrink"):  # xa must be fp32
+        lora_kernels.lora_linear(x, w, b, xa.half(), bb, 1.0, shrink_a=a)
+    with pytest.raises(ValueError, match="fused shrink"):  # no base matmul to fuse into
+        lora_kernels.lora_linear(None, None, b, xa, bb, 1.0, shrink_a=a)
+    with pytest.raises(ValueError, match="lora_adapter_grads"):
+        lora_kernels.lora_adapter_grads(x, xa[:3], None, None, 1.0)
 
 
 def test_custom_op_opcheck(kernel_device):
