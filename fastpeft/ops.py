@@ -1,20 +1,18 @@
 """Autograd for the fused LoRA linear: which kernels run, what is saved for backward.
 
-Forward  (x (..., K), W (N, K), A (R, K), B (N, R)):
-    xa = drop(x)·Aᵀ                       lora_shrink, fp32 (M, R), the mask regenerated from the seed
-    y  = x·Wᵀ + b + s·xa·Bᵀ               lora_linear: the expand + bias in the main matmul's epilogue
-Backward (dY (M, N)):
-    dyb = dY·B                            lora_shrink, fp32 (M, R)
-    dX  = dY·W + s·(dyb·A) ⊙ keep/(1-p)   lora_linear with the mask applied on output (m, k)
-    dA  = s·dybᵀ·drop(x)                  lora_adapter_grads (mask regenerated again),
-    dB  = s·dYᵀ·xa                        the same launch
-Saved: x (a reference, no copy), xa (M × R fp32), the seed — no mask, no dropped copy of x.
-Gradients that are not needed (x, A or B not requiring grad) are skipped.
-
-The main matmul runs either in Triton (the epilogue fused) or in cuBLAS, which adds x·Wᵀ onto a
-prefilled C = b + s·xa·Bᵀ in its own epilogue (beta = 1); ``main_matmul`` picks by shape (FASTPEFT_GEMM=triton|cublas pins one).
-On the Triton route the shrink can also run inside the matmul's K loop (``fused_shrink``: one launch
-for the whole forward, x read once; off by default until it has been timed on the GPU).
+Forward  (x (..., K), W (N, K), A (R, K), B (N, R)), one of two routes by M (``main_matmul``):
+    triton: y = x·Wᵀ + b + s·xa·Bᵀ with xa = drop(x)·Aᵀ computed in the same K loop: one launch
+            (``lora_linear`` with ``shrink_a``; R > 64 or M above ``fused_shrink``'s bound: a
+            separate ``lora_shrink`` first)
+    cublas: C = b + s·xa·Bᵀ and xa from one pass over x (``lora_shrink_expand``), then cuBLAS adds
+            x·Wᵀ onto C in its epilogue (beta = 1): two launches
+Backward (dY (M, N)), the same two routes:
+    dX  = dY·W + s·(dyb·A) ⊙ keep/(1-p) with dyb = dY·B   triton: lora_shrink + lora_linear;
+                                                         cublas: lora_shrink_expand + addmm
+    dA  = s·dybᵀ·drop(x), dB = s·dYᵀ·xa                  lora_adapter_grads: one launch
+Saved: x (a reference, no copy), xa (M × R fp32), the seed — no mask, no dropped copy of x; the mask
+is regenerated from the seed in every kernel that needs it. Gradients that are not needed (x, A or
+B not requiring grad) are skipped.
 
 Eager calls go through ``LoraLinearFunction`` (least Python overhead); under ``torch.compile`` the
 same implementation is reached through the custom op ``fastpeft::lora_linear`` (with a fake
@@ -71,27 +69,30 @@ def _check(x, weight, bias, lora_a, lora_b):
         raise ValueError(f"LoRA tensors are on different devices: {sorted(devices)}")
 
 
+# Up to this many rows the Triton route's forward computes xa inside the main matmul's K loop (one
+# launch instead of three); every output-column program recomputes xa, which costs GPU time as M grows.
+FUSED_SHRINK_MAX_M = 64
+
+
 def fused_shrink(M: int, R: int) -> bool:
-    """Whether the Triton main matmul also computes xa = drop(x)·Aᵀ in its K loop (one launch, x
-    read once) instead of a separate shrink kernel. Off until measured on the GPU:
-    FASTPEFT_FUSED_SHRINK_MAX_M=64 turns it on for M <= 64 (ranks up to 64)."""
-    return R <= 64 and M <= int(os.environ.get("FASTPEFT_FUSED_SHRINK_MAX_M", "0"))
+    """Whether the forward's Triton main matmul also computes xa = drop(x)·Aᵀ in its K loop instead of
+    a separate shrink kernel (R <= 64; FASTPEFT_FUSED_SHRINK_MAX_M moves the M bound)."""
+    return R <= 64 and M <= int(os.environ.get("FASTPEFT_FUSED_SHRINK_MAX_M", FUSED_SHRINK_MAX_M))
 
 
 def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, seed):
-    """(y2 (M, N), xa (M, R) fp32) for a 2-D x."""
+    """(y2 (M, N), xa (M, R) fp32) for a 2-D x; weight None computes the LoRA branch alone."""
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
     M, R = x2.shape[0], lora_a.shape[0]
-    triton_route = weight is not None and main_matmul(M) == "triton"
-    if triton_route and fused_shrink(M, R):
-        xa = torch.empty((M, R), dtype=torch.float32, device=x2.device)
-        return K.lora_linear(x2, weight, bias, xa, lora_b, scaling, seed, threshold, drop_scale,
-                             shrink_a=lora_a), xa
-    xa = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale)
-    if triton_route:
+    if weight is not None and main_matmul(M) == "triton":
+        if fused_shrink(M, R):
+            xa = torch.empty((M, R), dtype=torch.float32, device=x2.device)
+            return K.lora_linear(x2, weight, bias, xa, lora_b, scaling, seed, threshold, drop_scale,
+                                 shrink_a=lora_a), xa
+        xa = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale)
         return K.lora_linear(x2, weight, bias, xa, lora_b, scaling), xa
-    # C = b + s·xa·Bᵀ; then (with a base) cuBLAS adds x·Wᵀ onto it in its epilogue (beta = 1)
-    y = K.lora_linear(None, None, bias, xa, lora_b, scaling, out_dtype=x2.dtype)
+    # C = b + s·drop(x)Aᵀ·Bᵀ in one pass; then (with a base) cuBLAS adds x·Wᵀ onto it (beta = 1)
+    y, xa = K.lora_shrink_expand(x2, lora_a, lora_b, bias, scaling, seed, threshold, drop_scale)
     if weight is not None:
         y.addmm_(x2, weight.t().to(x2.dtype))
     return y, xa
@@ -101,16 +102,21 @@ def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p
                   need_dx: bool, need_da: bool, need_db: bool):
     """(dx2, dA, dB), each None when not needed; dA/dB in the adapters' dtype."""
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
-    dx = da = db = None
-    dyb = K.lora_shrink(dy2, lora_b.t()) if (need_dx or need_da) else None
+    M, R = dy2.shape[0], lora_a.shape[0]
+    dx = dyb = da = db = None
     if need_dx:
-        mask = dict(seed=seed, threshold=threshold, drop_scale=drop_scale)
-        if weight is not None and main_matmul(dy2.shape[0]) == "triton":
+        mask = dict(seed=seed, threshold=threshold, drop_scale=drop_scale, mask_output=True)
+        if weight is not None and main_matmul(M) == "triton":
+            # not the K-loop shrink here: with its dot in bf16/fp16 and Bᵀ as the operand it gave wrong
+            # dX on the H100 (triton 3.6) while passing under the interpreter (bench/NOTES.md, run 4)
+            dyb = K.lora_shrink(dy2, lora_b.t())
             dx = K.lora_linear(dy2, weight.t(), None, dyb, lora_a.t(), scaling, out_dtype=x2.dtype, **mask)
         else:
-            dx = K.lora_linear(None, None, None, dyb, lora_a.t(), scaling, out_dtype=x2.dtype, **mask)
+            dx, dyb = K.lora_shrink_expand(dy2, lora_b.t(), lora_a.t(), None, scaling, out_dtype=x2.dtype, **mask)
             if weight is not None:
                 dx.addmm_(dy2, weight.to(dy2.dtype))
+    elif need_da:
+        dyb = K.lora_shrink(dy2, lora_b.t())
     if need_da or need_db:
         da, db = K.lora_adapter_grads(x2 if need_da else None, dyb if need_da else None,
                                       dy2 if need_db else None, xa if need_db else None, scaling,

@@ -1,20 +1,26 @@
 """Kernel launches with less host work than ``kernel[grid](...)``.
 
 Triton's ``JITFunction.run`` re-derives, on every call, each argument's specialization, the cache
-key and the launch options. On the H100 machine's host that costs 40-90 µs a launch (a cuBLAS
-matmul call: 20 µs), and a LoRA layer's forward + backward launches 5-6 kernels, so at decode
-sizes and in a whole training step the host, not the GPU, sets the pace (bench/NOTES.md).
+key and the launch options, and its C launcher asks the driver about every tensor pointer
+(``cuPointerGetAttribute``). On the H100 machine's host a launcher call cost 65-107 µs that way
+(a cuBLAS ``F.linear``: 25 µs), and a LoRA layer launches several kernels, so at decode sizes and
+in a whole training step the host, not the GPU, set the pace (bench/NOTES.md).
 
-``launch(kernel, grid, args, **meta)`` does the same launch. The first call for a given key goes
-through Triton (which compiles and caches as usual) and keeps the ``CompiledKernel`` it returns;
-later calls with the same key hand the arguments straight to that compiled kernel's launcher. The
-key holds everything Triton specializes a kernel on: each tensor's dtype and 16-byte alignment,
-each integer's ==1 / divisible-by-16 / 32-or-64-bit class, the constexprs and launch options, and
-the device. ``FASTPEFT_FAST_LAUNCH=0`` (read at import) sends every launch through Triton; under
-the Triton interpreter every launch goes through Triton.
+``launch(kernel, grid, tensors, scalars, **meta)`` is ``kernel[grid](*tensors, *scalars, **meta)``
+for a kernel whose parameters are its pointers, then its scalars, then its constexprs. The first
+call for a key goes through Triton (which compiles and caches as usual) and keeps the
+``CompiledKernel`` it returns; later calls with the same key hand raw pointers straight to that
+kernel's C launcher. The key holds what Triton specializes on, or more: the tensors' dtypes,
+which pointers are 16-byte aligned, the scalars' values and types themselves (so a new M, say, takes
+Triton's path once; the table is cleared when it grows past ``MAX_KEYS``), the constexprs and launch
+options, and the device. ``FASTPEFT_FAST_LAUNCH=0`` (read at import) sends every launch through
+Triton, as does the Triton interpreter. Launch hooks (profilers) set after a key's first launch are
+not called on the direct path.
 """
 from __future__ import annotations
 
+import functools
+import operator
 import os
 
 import torch
@@ -22,35 +28,83 @@ import torch
 # Read once, as triton.jit itself does when it decorates a kernel (the kernel modules use it too).
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ENABLED = os.environ.get("FASTPEFT_FAST_LAUNCH", "1") != "0" and not INTERPRETING
+MAX_KEYS = 4096
 
-_compiled: dict = {}  # (kernel, key) -> (compiled kernel, constexpr values after the positional args)
-
-
-def _arg_key(v):
-    if isinstance(v, torch.Tensor):
-        return v.dtype, v.data_ptr() % 16 == 0
-    if isinstance(v, bool):
-        return "b", v
-    if isinstance(v, int):
-        return "i", v == 1, v % 16 == 0, (-(2**31) <= v < 2**31) + (v < 2**63)
-    if isinstance(v, float):
-        return "f"
-    return type(v), v
+_compiled: dict = {}  # key -> callable(grid3, stream, args)
+_data_ptr = torch.Tensor.data_ptr
+_dtype = operator.attrgetter("dtype")
+# torch's own C calls for the current device and its current stream (what Triton asks too); absent
+# from CPU builds of torch, where the direct path is never taken
+_current_device = getattr(torch._C, "_cuda_getDevice", None)
+_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
-def launch(kernel, grid: tuple, args: tuple, **meta) -> None:
-    """``kernel[grid](*args, **meta)``: ``args`` are the kernel's leading parameters in order;
-    ``meta`` holds the rest (constexprs by name) and the launch options (num_warps, num_stages)."""
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division in plain Python (triton.cdiv is a jit function: slow to call from the host)."""
+    return -(-a // b)
+
+
+def _hooks_set(knobs) -> bool:
+    """Whether a launch hook is installed (triton 3.6 keeps them in HookChains, never None)."""
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+
+
+def _raw_launcher(compiled, tail: tuple):
+    """A call of the compiled kernel's C launcher (triton 3.6's argument layout), or None when the
+    kernel needs what only Triton's own path provides (scratch memory, launch hooks)."""
+    run = getattr(compiled, "run", None)
+    c_launch = getattr(run, "launch", None)
+    try:
+        import triton
+        from triton import knobs
+
+        hooks = _hooks_set(knobs)
+        version_ok = triton.__version__.split(".")[:2] == ["3", "6"]
+    except Exception:  # pragma: no cover - another triton layout: use its runner
+        return None
+    if (c_launch is None or not version_ok or hooks or run.global_scratch_size or run.profile_scratch_size
+            or not hasattr(compiled, "packed_metadata")):
+        return None
+    head = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None, compiled.packed_metadata,
+            None, None, None)
+
+    def call(grid3, stream, args):
+        c_launch(*grid3, stream, *head, *args, *tail)
+
+    return call
+
+
+def _runner(compiled, tail: tuple):
+    def call(grid3, stream, args):
+        compiled[grid3](*args, *tail, stream=stream)
+
+    return call
+
+
+def launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, **meta) -> None:
+    """``kernel[grid](*tensors, *scalars, **meta)``: ``tensors`` are the kernel's leading pointer
+    parameters, ``scalars`` the ints and floats after them; ``meta`` holds the rest (constexprs by
+    name) and the launch options (num_warps, num_stages)."""
     if not ENABLED:
-        kernel[grid](*args, **meta)
+        kernel[grid](*tensors, *scalars, **meta)
         return
-    key = (kernel, tuple(_arg_key(a) for a in args), tuple(meta.items()), torch.cuda.current_device())
-    hit = _compiled.get(key)
-    if hit is None:
-        compiled = kernel[grid](*args, **meta)
+    ptrs = tuple(map(_data_ptr, tensors))
+    device = _current_device()
+    aligned = functools.reduce(operator.or_, ptrs, 0) & 15 == 0
+    if not aligned:  # rare (odd views): which pointers are aligned is part of the specialization
+        aligned = tuple(p & 15 == 0 for p in ptrs)
+    key = (kernel, tuple(map(_dtype, tensors)), aligned, scalars, tuple(map(type, scalars)), tuple(meta.items()),
+           device)
+    call = _compiled.get(key)
+    if call is None:
+        compiled = kernel[grid](*tensors, *scalars, **meta)
         if compiled is not None and hasattr(compiled, "function"):
-            tail = tuple(meta[name] for name in kernel.arg_names[len(args):])
-            _compiled[key] = (compiled, tail)
+            n_args = len(tensors) + len(scalars)
+            tail = tuple(meta[name] for name in kernel.arg_names[n_args:])
+            if len(_compiled) >= MAX_KEYS:
+                _compiled.clear()
+            _compiled[key] = _raw_launcher(compiled, tail) or _runner(compiled, tail)
         return
-    compiled, tail = hit
-    compiled[grid + (1,) * (3 - len(grid))](*args, *tail)
+    grid3 = grid + (1,) * (3 - len(grid))
+    call(grid3, _current_stream(device), ptrs + scalars)

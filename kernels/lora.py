@@ -1,16 +1,18 @@
-"""Fused LoRA kernels: shrink, linear + LoRA epilogue, adapter-weight gradients.
+"""Fused LoRA kernels: shrink, shrink + expand, linear + LoRA epilogue, adapter-weight gradients.
 
-The LoRA linear y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ and its backward are built from three kernels:
+The LoRA linear y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ and its backward are built from four kernels:
 
-* ``lora_shrink``       out[M, R]  = drop(x)[M, K] · A[R, K]ᵀ                          (fp32 out)
-      forward: xa = drop(x)·Aᵀ (the dropout mask regenerated from the seed, never stored);
-      backward: dyb = dY·B (A := Bᵀ, no dropout).
-* ``lora_linear``       out[M, N]  = a[M, K] · w[N, K]ᵀ + b + (s·l[M, R] · r[N, R]ᵀ) [⊙ keep/(1-p)]
-      forward: a = x, w = W, l = xa, r = B — the expand, scaling and bias live in the epilogue of
-      the main matmul, so no M×N or M×K intermediate is written besides y;
-      backward: dX = dY·W + s·(dyb·A) ⊙ keep/(1-p): a = dY, w = Wᵀ, l = dyb, r = Aᵀ, the dropout
-      mask applied on the output coordinates (m, k) — the same bits the forward used on x;
-      without a base (``w`` None) it writes C = b + s·l·rᵀ, onto which cuBLAS adds a·wᵀ (beta = 1).
+* ``lora_shrink``        small[M, R] = drop(a)[M, K] · p[R, K]ᵀ                          (fp32 out)
+      split over K at small M; used where the two fused forms below do not apply (R > 64 on the
+      Triton route).
+* ``lora_shrink_expand`` small = drop(a)·pᵀ (fp32, written) and out[M, N] = b + s·(small · qᵀ) [⊙ keep]
+      in one pass over a block of rows: the cuBLAS route's C, onto which cuBLAS adds a·wᵀ (beta = 1).
+      forward: a = x, p = A, q = B, dropout on x;  backward: a = dY, p = Bᵀ, q = Aᵀ, the dropout mask
+      on the output (m, k) — the same bits the forward used on x; (small = dyb = dY·B).
+* ``lora_linear``        out[M, N] = a[M, K] · w[N, K]ᵀ + b + s·(l[M, R] · r[N, R]ᵀ) [⊙ keep]
+      the expand, scaling and bias in the epilogue of a Triton matmul, so no M×N or M×K intermediate
+      is written besides y; with ``shrink_a`` it also computes l = drop(a)·shrink_aᵀ in its K loop
+      (a read once, one launch for the whole forward, or for dX = dY·W + s·(dY·B·A) ⊙ keep).
 * ``lora_adapter_grads`` dA[R, K] = s·dybᵀ·drop(x) and dB[N, R] = s·dYᵀ·xa in one launch
       (each out[C, R] = s · Σ_m big[m, C]ᵀ · small[m, R]; the mask regenerated on x).
 
@@ -19,6 +21,8 @@ non-contiguous activations cost nothing. Accumulation is fp32; row offsets are i
 pass 2³¹). Operands are cast to the activation dtype before ``tl.dot``, except that the LoRA
 products run in fp32 when the adapters are fp32 (PEFT's autocast_adapter_dtype) and everything
 runs in fp32 under the Triton interpreter when the data is bf16 (its bf16 ``tl.dot`` is wrong).
+Grids are sized from the GPU's multiprocessor count, so that small problems still fill the GPU
+without a zero-filled buffer for split reductions where possible (a zero-fill is one more launch).
 """
 from __future__ import annotations
 
@@ -30,12 +34,35 @@ import triton.language as tl
 
 from .dropout import dropout_keep
 from .launch import INTERPRETING as _INTERPRETING
+from .launch import cdiv as _cdiv
 from .launch import launch
 
 
-def _dot_fp32(*dtypes) -> bool:
-    """Run a tl.dot in fp32 when any operand is fp32, or bf16 under the interpreter."""
-    return any(d == torch.float32 for d in dtypes) or (_INTERPRETING and torch.bfloat16 in dtypes)
+# How a tl.dot runs (a constexpr of every kernel, one per product), picked on the host:
+NATIVE, FP32, SPLIT, BF16 = 0, 1, 2, 3
+
+
+def _dot_mode(a_dtype, b_dtype) -> int:
+    """The mode of a product whose left operand ``a`` is an activation (exact in its dtype) and whose
+    right operand may be fp32 (fp32 adapters, the fp32 xa / dyb):
+
+    NATIVE  both in a's dtype (the half types, equal);   FP32  both in fp32 (``_precision()``);
+    SPLIT   a bf16, b fp32 split into two bf16 parts (b = hi + lo, 16 mantissa bits, relative
+            error ~1e-5) — two bf16 tensor-core products instead of tf32x3's three tf32 ones.
+    Under the interpreter bf16 always runs as FP32 (its bf16 tl.dot is wrong)."""
+    if _INTERPRETING and torch.bfloat16 in (a_dtype, b_dtype):
+        return FP32
+    if a_dtype == b_dtype and a_dtype != torch.float32:
+        return NATIVE
+    if a_dtype == torch.bfloat16 and b_dtype == torch.float32:
+        return SPLIT
+    return FP32
+
+
+def _expand_mode(out_dtype) -> int:
+    """The LoRA expand (s·xa)·Bᵀ whose result is added into a bf16 output: BF16 (its rounding is the
+    output's own); any other output: FP32."""
+    return BF16 if out_dtype == torch.bfloat16 and not _INTERPRETING else FP32
 
 
 def _precision() -> str:
@@ -48,31 +75,54 @@ def _precision() -> str:
     return "tf32" if torch._C._get_cublas_allow_tf32() else "tf32x3"  # = torch.backends.cuda.matmul.allow_tf32
 
 
-def _cdiv(a: int, b: int) -> int:
-    """Ceiling division in plain Python (triton.cdiv is a jit function: slow to call from the host)."""
-    return -(-a // b)
-
-
 def _block_r(R: int, cap: int = 256) -> int:
     return max(16, min(cap, 1 << max(0, R - 1).bit_length()))
+
+
+_SM_COUNT: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    """Multiprocessors of ``device`` (cached); a small fixed number under the interpreter, so that the
+    tests there take the same grid-splitting branches the GPU takes."""
+    if _INTERPRETING or device.type != "cuda":
+        return 16
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNT.get(index)
+    if n is None:
+        n = _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return n
+
+
+@triton.jit
+def _dot(a, b, acc, MODE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a·b in fp32, the operands as ``MODE`` says (see _dot_mode)."""
+    if MODE == 1:  # FP32
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    elif MODE == 2:  # SPLIT: a exact in bf16; b = hi + lo, each bf16
+        a16 = a.to(tl.bfloat16)
+        hi = b.to(tl.bfloat16)
+        acc = tl.dot(a16, hi, acc)
+        acc = tl.dot(a16, (b - hi.to(tl.float32)).to(tl.bfloat16), acc)
+    elif MODE == 3:  # BF16
+        acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    else:  # NATIVE
+        acc = tl.dot(a, b.to(a.dtype), acc)
+    return acc
 
 
 # ------------------------------------------------------------------------------------------
 # shrink: out[M, R] = drop(x)[M, K] · A[R, K]ᵀ
 # ------------------------------------------------------------------------------------------
 @triton.jit
-def _shrink_step(acc, x, a, seed, rows, k0, threshold, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+def _shrink_step(acc, x, a, seed, rows, k0, threshold, HAS_DROPOUT: tl.constexpr, MODE: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """One K step of the shrink: acc[BLOCK_M, R] + drop(x)[BLOCK_M, BLOCK_K] · a[BLOCK_K, R], the
-    mask of x's columns k0 .. k0 + BLOCK_K regenerated from the seed (the shrink kernel and the
-    K loop of the linear kernel share it)."""
+    mask of x's columns k0 .. k0 + BLOCK_K regenerated from the seed (every kernel with a shrink
+    shares it)."""
     if HAS_DROPOUT:
         x = tl.where(dropout_keep(seed, rows, k0, BLOCK_M, BLOCK_K, threshold), x, 0.0)
-    if DOT_FP32:
-        acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision=PRECISION)
-    else:
-        acc = tl.dot(x, a.to(x.dtype), acc)
-    return acc
+    return _dot(x, a, acc, MODE, PRECISION)
 
 
 @triton.jit
@@ -81,7 +131,7 @@ def _lora_shrink_kernel(
     M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
     threshold, drop_scale,
-    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -97,7 +147,7 @@ def _lora_shrink_kernel(
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=(rm[:, None] < M) & (ks[None, :] < K), other=0.0)
         a = tl.load(a_ptr + rr[None, :] * stride_ar + ks[:, None] * stride_ak,
                     mask=(rr[None, :] < R) & (ks[:, None] < K), other=0.0)
-        acc = _shrink_step(acc, x, a, seed, rm, k0, threshold, HAS_DROPOUT, DOT_FP32, PRECISION, BLOCK_M, BLOCK_K)
+        acc = _shrink_step(acc, x, a, seed, rm, k0, threshold, HAS_DROPOUT, MODE, PRECISION, BLOCK_M, BLOCK_K)
     if HAS_DROPOUT:
         acc = acc * drop_scale
     out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rr[None, :] * stride_or
@@ -128,16 +178,120 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = No
     if M == 0:
         return out
     has_dropout = seed is not None
-    launch(_lora_shrink_kernel, (n_m, split_k), (
-        x, a, out, seed if has_dropout else out,
-        M, K, R,
-        *x.stride(), *a.stride(), *out.stride(),
-        threshold, drop_scale,
-    ), HAS_DROPOUT=has_dropout, DOT_FP32=_dot_fp32(x.dtype, a.dtype), PRECISION=_precision(), SPLIT_K=split_k,
+    launch(_lora_shrink_kernel, (n_m, split_k), (x, a, out, seed if has_dropout else out), (
+        M, K, R, *x.stride(), *a.stride(), *out.stride(), threshold, drop_scale,
+    ), HAS_DROPOUT=has_dropout, MODE=_dot_mode(x.dtype, a.dtype), PRECISION=_precision(), SPLIT_K=split_k,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
         num_warps=4, num_stages=3,
     )
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# shrink + expand over a block of rows: small = drop(a)·pᵀ, out = b + s·small·qᵀ [⊙ keep]
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _lora_shrink_expand_kernel(
+    a_ptr, p_ptr, q_ptr, bias_ptr, small_ptr, out_ptr, seed_ptr,
+    M, K, N, R, n_split,
+    stride_am, stride_ak, stride_pr, stride_pk, stride_qn, stride_qr, stride_sm, stride_sr, stride_om, stride_on,
+    scaling, threshold, drop_scale,
+    IN_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SHRINK_MODE: tl.constexpr, EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # program (pid_m, pid_s): the shrink of rows pid_m over all of K (kept in registers), then the
+    # expand onto every n_split-th BLOCK_N column block of out; programs pid_s > 0 recompute the
+    # shrink (from L2) rather than wait for it, so small M still fills the GPU
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    rk = tl.arange(0, BLOCK_K)
+    seed = tl.load(seed_ptr) if IN_DROPOUT or OUT_DROPOUT else 0
+    a_rows = a_ptr + rm[:, None].to(tl.int64) * stride_am
+    small = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + rk
+        a = tl.load(a_rows + ks[None, :] * stride_ak, mask=m_ok[:, None] & (ks[None, :] < K), other=0.0)
+        p = tl.load(p_ptr + rr[None, :] * stride_pr + ks[:, None] * stride_pk,
+                    mask=r_ok[None, :] & (ks[:, None] < K), other=0.0)
+        small = _shrink_step(small, a, p, seed, rm, k0, threshold, IN_DROPOUT, SHRINK_MODE, PRECISION,
+                             BLOCK_M, BLOCK_K)
+    if IN_DROPOUT:
+        small = small * drop_scale
+    if pid_s == 0:
+        tl.store(small_ptr + rm[:, None].to(tl.int64) * stride_sm + rr[None, :] * stride_sr, small,
+                 mask=m_ok[:, None] & r_ok[None, :])
+    l = small * scaling
+    rn0 = tl.arange(0, BLOCK_N)
+    out_rows = out_ptr + rm[:, None].to(tl.int64) * stride_om
+    for n0 in range(pid_s * BLOCK_N, N, BLOCK_N * n_split):
+        rn = n0 + rn0
+        n_ok = rn < N
+        q = tl.load(q_ptr + rn[None, :].to(tl.int64) * stride_qn + rr[:, None] * stride_qr,
+                    mask=n_ok[None, :] & r_ok[:, None], other=0.0)
+        c = _dot(l, q, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), EXPAND_MODE, PRECISION)
+        if OUT_DROPOUT:
+            c = tl.where(dropout_keep(seed, rm, n0, BLOCK_M, BLOCK_N, threshold), c * drop_scale, 0.0)
+        if HAS_BIAS:
+            c += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_rows + rn[None, :] * stride_on, c.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _shrink_expand_grid(M: int, N: int, BLOCK_R: int, sms: int):
+    """(BLOCK_M, BLOCK_K, BLOCK_N, n_split): the tallest row blocks that still give about every
+    multiprocessor one (H100, M = 16384: 64 rows 130 µs, 32 rows 187, 16 rows 295); below that, the
+    columns are split across programs that each redo their rows' shrink from L2. BLOCK_M·BLOCK_R
+    fp32 stays in registers."""
+    if _INTERPRETING:
+        BLOCK_M, BLOCK_K, BLOCK_N = 16, 32, 32
+    else:
+        BLOCK_M = next((bm for bm in (64, 32) if 4 * _cdiv(M, bm) >= 3 * sms), 16)
+        BLOCK_M = max(16, min(BLOCK_M, 4096 // BLOCK_R))
+        BLOCK_K = 64 if BLOCK_R <= 64 else 32
+        BLOCK_N = max(16, min(128, 4096 // BLOCK_R))
+    n_split = max(1, min(_cdiv(N, BLOCK_N), _cdiv(sms, _cdiv(M, BLOCK_M))))
+    return BLOCK_M, BLOCK_K, BLOCK_N, n_split
+
+
+def lora_shrink_expand(a: torch.Tensor, p: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None, scaling: float,
+                       seed: torch.Tensor | None = None, threshold: int = 0, drop_scale: float = 1.0,
+                       mask_output: bool = False, out_dtype: torch.dtype | None = None):
+    """(out, small): small = drop(a)·pᵀ (M, R) fp32 and out = bias + s·small·qᵀ [⊙ keep] (M, N).
+
+    a (M, K), p (R, K), q (N, R), bias (N,) or None; any strides. With ``seed`` the dropout mask is
+    applied to ``a`` inside the shrink, or with ``mask_output`` to out's elements (m, n) instead.
+    """
+    M, K = a.shape
+    R, Kp = p.shape
+    N, Rq = q.shape
+    if Kp != K or Rq != R:
+        raise ValueError(f"lora_shrink_expand: a {tuple(a.shape)}, p {tuple(p.shape)} and q {tuple(q.shape)} do not "
+                         f"fit a (M, K), p (R, K), q (N, R)")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"lora_shrink_expand: bias must be ({N},), got {tuple(bias.shape)}")
+    small = torch.empty((M, R), dtype=torch.float32, device=a.device)
+    out = torch.empty((M, N), dtype=out_dtype or a.dtype, device=a.device)
+    if M == 0:
+        return out, small
+    BLOCK_R = _block_r(R, 1 << 30)
+    BLOCK_M, BLOCK_K, BLOCK_N, n_split = _shrink_expand_grid(M, N, BLOCK_R, _num_sms(a.device))
+    n_m = _cdiv(M, BLOCK_M)
+    launch(_lora_shrink_expand_kernel, (n_m, n_split), (
+        a, p, q, bias if bias is not None else q, small, out, seed if seed is not None else small,
+    ), (
+        M, K, N, R, n_split, *a.stride(), *p.stride(), *q.stride(), *small.stride(), *out.stride(),
+        float(scaling), threshold, float(drop_scale),
+    ), IN_DROPOUT=seed is not None and not mask_output, OUT_DROPOUT=seed is not None and mask_output,
+        HAS_BIAS=bias is not None, SHRINK_MODE=_dot_mode(a.dtype, p.dtype), EXPAND_MODE=_expand_mode(out.dtype),
+        PRECISION=_precision(),
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+        num_warps=4, num_stages=3,
+    )
+    return out, small
 
 
 # ------------------------------------------------------------------------------------------
@@ -150,9 +304,9 @@ def _lora_linear_kernel(
     stride_am, stride_ak, stride_wn, stride_wk,
     stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on, stride_sar, stride_sak,
     scaling, threshold, drop_scale,
-    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_OUT: tl.constexpr,
-    FUSE_SHRINK: tl.constexpr, IN_DROPOUT: tl.constexpr, SHRINK_FP32: tl.constexpr,
-    DOT_FP32: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, OUT_DROPOUT: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr, IN_DROPOUT: tl.constexpr, SHRINK_MODE: tl.constexpr,
+    MODE: tl.constexpr, EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -171,42 +325,38 @@ def _lora_linear_kernel(
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # FUSE_SHRINK: xa = drop(a)·saᵀ accumulated in the same K loop (a is read once), kept in
+    # FUSE_SHRINK: l = drop(a)·saᵀ accumulated in the same K loop (a is read once), kept in
     # registers for the epilogue and written to l_ptr by the pid_n == 0 programs (R <= BLOCK_R)
     rs = tl.arange(0, BLOCK_R)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    seed = tl.load(seed_ptr) if IN_DROPOUT else 0
+    seed = tl.load(seed_ptr) if IN_DROPOUT or OUT_DROPOUT else 0
 
-    if HAS_BASE:
-        rk = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
-        w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk
-        sa_ptrs = sa_ptr + rs[None, :] * stride_sar + rk[:, None] * stride_sak
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + rk) < K
-            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if DOT_FP32:
-                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
-            else:
-                acc = tl.dot(a, w.to(a.dtype), acc)
-            if FUSE_SHRINK:
-                sa = tl.load(sa_ptrs, mask=k_ok[:, None] & (rs[None, :] < R), other=0.0)
-                xa = _shrink_step(xa, a, sa, seed, rm, k0, threshold, IN_DROPOUT, SHRINK_FP32, PRECISION,
-                                  BLOCK_M, BLOCK_K)
-                sa_ptrs += BLOCK_K * stride_sak
-            a_ptrs += BLOCK_K * stride_ak
-            w_ptrs += BLOCK_K * stride_wk
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk
+    sa_ptrs = sa_ptr + rs[None, :] * stride_sar + rk[:, None] * stride_sak
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(a, w, acc, MODE, PRECISION)
         if FUSE_SHRINK:
-            if IN_DROPOUT:
-                xa = xa * drop_scale
-            if pid_n == 0:
-                tl.store(l_ptr + rm[:, None].to(tl.int64) * stride_lm + rs[None, :] * stride_lr, xa,
-                         mask=m_ok[:, None] & (rs[None, :] < R))
+            sa = tl.load(sa_ptrs, mask=k_ok[:, None] & (rs[None, :] < R), other=0.0)
+            xa = _shrink_step(xa, a, sa, seed, rm, k0, threshold, IN_DROPOUT, SHRINK_MODE, PRECISION,
+                              BLOCK_M, BLOCK_K)
+            sa_ptrs += BLOCK_K * stride_sak
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    if FUSE_SHRINK:
+        if IN_DROPOUT:
+            xa = xa * drop_scale
+        if pid_n == 0:
+            tl.store(l_ptr + rm[:, None].to(tl.int64) * stride_lm + rs[None, :] * stride_lr, xa,
+                     mask=m_ok[:, None] & (rs[None, :] < R))
 
     # LoRA expand in the epilogue: (s·l)[BLOCK_M, R] · rᵀ[R, BLOCK_N], R in chunks of BLOCK_R. Without
     # a mask it accumulates straight into acc (a second fp32 tile would spill the large configs).
-    if MASK_OUT:
+    if OUT_DROPOUT:
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         lora = acc
@@ -219,12 +369,9 @@ def _lora_linear_kernel(
                         mask=m_ok[:, None] & (rr[None, :] < R), other=0.0) * scaling
         r = tl.load(r_ptr + rn[None, :].to(tl.int64) * stride_rn + rr[:, None] * stride_rr,
                     mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
-        if LORA_FP32:
-            lora = tl.dot(l.to(tl.float32), r.to(tl.float32), lora, input_precision=PRECISION)
-        else:
-            lora = tl.dot(l.to(r.dtype), r, lora)
-    if MASK_OUT:
-        keep = dropout_keep(tl.load(seed_ptr), rm, pid_n * BLOCK_N, BLOCK_M, BLOCK_N, threshold)
+        lora = _dot(l, r, lora, EXPAND_MODE, PRECISION)
+    if OUT_DROPOUT:
+        keep = dropout_keep(seed, rm, pid_n * BLOCK_N, BLOCK_M, BLOCK_N, threshold)
         acc += tl.where(keep, lora * drop_scale, 0.0)
     else:
         acc = lora
@@ -260,60 +407,55 @@ def _linear_config(M: int) -> tuple:
     return LINEAR_CONFIGS["large"]
 
 
-def lora_linear(a: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | None, l: torch.Tensor,
+def lora_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, l: torch.Tensor,
                 r: torch.Tensor, scaling: float,
                 seed: torch.Tensor | None = None, threshold: int = 0, drop_scale: float = 1.0,
-                out_dtype: torch.dtype | None = None, shrink_a: torch.Tensor | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, shrink_a: torch.Tensor | None = None,
+                mask_output: bool = False) -> torch.Tensor:
     """out = a·wᵀ + bias + s·(l·rᵀ) [⊙ keep·scale].
 
-    a (M, K), w (N, K) or None (no base matmul), bias (N,) or None, l (M, R), r (N, R); any strides.
-    With ``seed`` the LoRA term is masked by the dropout keep mask of output element (m, n).
+    a (M, K), w (N, K), bias (N,) or None, l (M, R), r (N, R); any strides.
     With ``shrink_a`` (R, K), R <= 64, the kernel computes l = drop(a)·shrink_aᵀ itself in its main
-    loop (a read once) and writes it into ``l`` (fp32); ``seed`` then drops a, as the shrink does.
+    loop (a read once) and writes it into ``l`` (fp32). With ``seed`` the dropout mask applies to
+    ``a`` inside that shrink, or, with ``mask_output``, to the LoRA term of output element (m, n).
     """
     M, R = l.shape
     N, Rr = r.shape
-    if Rr != R:
-        raise ValueError(f"lora_linear: l is (M={M}, R={R}) but r is (N={N}, R={Rr})")
-    K = 0
-    if w is not None:
-        Ma, K = a.shape
-        Nw, Kw = w.shape
-        if Ma != M or Nw != N or Kw != K:
-            raise ValueError(f"lora_linear: a {tuple(a.shape)}, w {tuple(w.shape)}, l {tuple(l.shape)} and r "
-                             f"{tuple(r.shape)} do not fit a (M, K), w (N, K), l (M, R), r (N, R)")
+    Ma, K = a.shape
+    Nw, Kw = w.shape
+    if Rr != R or Ma != M or Nw != N or Kw != K:
+        raise ValueError(f"lora_linear: a {tuple(a.shape)}, w {tuple(w.shape)}, l {tuple(l.shape)} and r "
+                         f"{tuple(r.shape)} do not fit a (M, K), w (N, K), l (M, R), r (N, R)")
     fuse = shrink_a is not None
-    if fuse and (w is None or tuple(shrink_a.shape) != (R, K) or R > 64 or l.dtype != torch.float32):
-        raise ValueError(f"lora_linear: the fused shrink needs a base, shrink_a ({R}, {K}) with R <= 64 and an "
-                         f"fp32 l; got shrink_a {tuple(shrink_a.shape)}, l {l.dtype}")
+    if fuse and (tuple(shrink_a.shape) != (R, K) or R > 64 or l.dtype != torch.float32):
+        raise ValueError(f"lora_linear: the fused shrink needs shrink_a ({R}, {K}) with R <= 64 and an fp32 l; "
+                         f"got shrink_a {tuple(shrink_a.shape)}, l {l.dtype}")
+    if seed is not None and not fuse and not mask_output:
+        raise ValueError("lora_linear: dropout on the input needs the fused shrink (shrink_a); "
+                         "pass mask_output=True to mask the LoRA term instead")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         raise ValueError(f"lora_linear: bias must be ({N},), got {tuple(bias.shape)}")
-    dtype = out_dtype or (a.dtype if w is not None else l.dtype)
-    out = torch.empty((M, N), dtype=dtype, device=l.device)
+    out = torch.empty((M, N), dtype=out_dtype or a.dtype, device=l.device)
     if M == 0 or N == 0:
         return out
     BM, BN, BK, GM, warps, stages = _linear_config(M)
     BLOCK_R = _block_r(R, 64)
-    has_base = w is not None
-    if has_base:  # fp32 operands take twice the shared memory per stage: drop stages to fit (H100: 227 KiB)
-        stage_bytes = (BM + BN) * BK * max(a.element_size(), w.element_size())
-        stage_bytes += BK * BLOCK_R * shrink_a.element_size() if fuse else 0
-        while stages > 1 and stages * stage_bytes > 200 * 1024:
-            stages -= 1
-    base_dtypes = (a.dtype, w.dtype) if has_base else ()
+    # fp32 operands take twice the shared memory per stage: drop stages to fit (H100: 227 KiB)
+    stage_bytes = (BM + BN) * BK * max(a.element_size(), w.element_size())
+    stage_bytes += BK * BLOCK_R * shrink_a.element_size() if fuse else 0
+    while stages > 1 and stages * stage_bytes > 200 * 1024:
+        stages -= 1
     sa = shrink_a if fuse else l
     grid = (_cdiv(M, BM) * _cdiv(N, BN),)
     launch(_lora_linear_kernel, grid, (
-        a if has_base else l, w if has_base else l, bias if bias is not None else l, l, r, out,
-        seed if seed is not None else l, sa,
-        M, N, K, R,
-        *(a.stride() if has_base else (0, 0)), *(w.stride() if has_base else (0, 0)),
-        *l.stride(), *r.stride(), *out.stride(), *sa.stride(),
-        scaling, threshold, drop_scale,
-    ), HAS_BASE=has_base, HAS_BIAS=bias is not None, MASK_OUT=seed is not None and not fuse,
-        FUSE_SHRINK=fuse, IN_DROPOUT=seed is not None and fuse,
-        SHRINK_FP32=fuse and _dot_fp32(a.dtype, shrink_a.dtype),
-        DOT_FP32=_dot_fp32(*base_dtypes), LORA_FP32=_dot_fp32(l.dtype, r.dtype),
+        a, w, bias if bias is not None else l, l, r, out, seed if seed is not None else l, sa,
+    ), (
+        M, N, K, R, *a.stride(), *w.stride(), *l.stride(), *r.stride(), *out.stride(), *sa.stride(),
+        float(scaling), threshold, float(drop_scale),
+    ), HAS_BIAS=bias is not None, OUT_DROPOUT=seed is not None and mask_output, FUSE_SHRINK=fuse,
+        IN_DROPOUT=seed is not None and not mask_output,
+        SHRINK_MODE=_dot_mode(a.dtype, shrink_a.dtype) if fuse else NATIVE,
+        MODE=_dot_mode(a.dtype, w.dtype), EXPAND_MODE=_expand_mode(out.dtype),
         PRECISION=_precision(),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BLOCK_R, GROUP_M=GM,
         num_warps=warps, num_stages=stages,
@@ -334,7 +476,7 @@ def _lora_weight_grad_kernel(
     s_b0m, s_b0c, s_s0m, s_s0r, s_o0c, s_o0r,
     s_b1m, s_b1c, s_s1m, s_s1r, s_o1c, s_o1r,
     scale0, scale1, threshold,
-    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SPLIT_M: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -363,10 +505,7 @@ def _lora_weight_grad_kernel(
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rm, pid_c * BLOCK_C, BLOCK_M, BLOCK_C, threshold)
             big = tl.where(keep | (tl.program_id(0) >= N_C0), big, 0.0)
-        if DOT_FP32:
-            acc = tl.dot(tl.trans(big.to(tl.float32)), small.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(tl.trans(big), small.to(big.dtype), acc)
+        acc = _dot(tl.trans(big), small, acc, MODE, PRECISION)
     acc = acc * scale
     out = out_ptr + rc[:, None] * s_oc + rr[None, :] * s_or
     omask = (rc[:, None] < C) & (rr[None, :] < R)
@@ -374,6 +513,23 @@ def _lora_weight_grad_kernel(
         tl.store(out, acc, mask=omask)
     else:
         tl.atomic_add(out, acc, mask=omask, sem="relaxed")
+
+
+def _grad_grid(Cs: list, M: int, n_r: int, sms: int):
+    """(BLOCK_M, BLOCK_C, column blocks per problem, SPLIT_M). 128 x 64 tiles, each program over all
+    of M (H100, bf16, M = 16384, K = N = 4096: 109 µs against 124-306 µs for 64-row or narrower
+    tiles); narrower column blocks only when too few programs would run; M split (partial sums added
+    into zeroed outputs: one more launch) only when even 16-column blocks leave most of the GPU idle.
+    Measured and left: splitting M in two or four cuts the dropout case by 25-30% (231 -> 165 µs)
+    but costs the zero-fill launches, which the host-bound training step pays for."""
+    block_m = 16 if _INTERPRETING else 128
+    for block_c in (64, 32, 16):
+        n_cs = [_cdiv(C, block_c) for C in Cs]
+        if sum(n_cs) * n_r * 4 >= sms:
+            break
+    programs = sum(n_cs) * n_r
+    split = 1 if programs * 4 >= sms else max(1, min(_cdiv(M, 4 * block_m), sms // max(1, programs)))
+    return block_m, block_c, n_cs, split
 
 
 def lora_adapter_grads(x: torch.Tensor | None, dyb: torch.Tensor | None, dy: torch.Tensor | None,
@@ -396,10 +552,11 @@ def lora_adapter_grads(x: torch.Tensor | None, dyb: torch.Tensor | None, dy: tor
     if len(problems) == 2 and x.dtype != dy.dtype:  # one launch needs one activation dtype
         return (lora_adapter_grads(x, dyb, None, None, scaling, seed, threshold, drop_scale)[0],
                 lora_adapter_grads(None, None, dy, xa, scaling)[1])
-    BLOCK_M, BLOCK_C = (16, 32) if _INTERPRETING else (64, 128)
-    n_cs = [_cdiv(big.shape[1], BLOCK_C) for big, _, _ in problems]
+    BLOCK_R = _block_r(R, 64)
+    n_r = _cdiv(R, BLOCK_R)
+    BLOCK_M, BLOCK_C, n_cs, split_m = _grad_grid([big.shape[1] for big, _, _ in problems], M, n_r,
+                                                 _num_sms(problems[0][0].device))
     n_c = sum(n_cs)
-    split_m = 1 if _INTERPRETING else max(1, min(_cdiv(M, BLOCK_M), 264 // max(1, n_c)))
     # zeroed when programs add partial sums; separate tensors (gradients must not share storage)
     alloc = torch.zeros if split_m > 1 or M == 0 else torch.empty
     outs = [alloc((R, big.shape[1]) if is_a else (big.shape[1], R), dtype=torch.float32, device=big.device)
@@ -409,22 +566,22 @@ def lora_adapter_grads(x: torch.Tensor | None, dyb: torch.Tensor | None, dy: tor
     args = []
     for (big, small, is_a), out in zip(problems, outs):
         s_oc, s_or = out.stride()[::-1] if is_a else out.stride()
-        args.append((big, small, out, *big.stride(), *small.stride(), s_oc, s_or,
-                     scaling * (drop_scale if is_a and seed is not None else 1.0)))
+        args.append(((big, small, out), (*big.stride(), *small.stride(), s_oc, s_or),
+                     float(scaling * (drop_scale if is_a and seed is not None else 1.0))))
     if len(args) == 1:
         args.append(args[0])
-    (b0, s0, o0, *st0, sc0), (b1, s1, o1, *st1, sc1) = args
+    (t0, st0, sc0), (t1, st1, sc1) = args
     has_dropout = seed is not None and problems[0][2]
-    BLOCK_R = _block_r(R, 64)
     C0 = problems[0][0].shape[1]
     C1 = problems[-1][0].shape[1]
-    launch(_lora_weight_grad_kernel, (n_c, split_m, _cdiv(R, BLOCK_R)), (
-        b0, s0, o0, b1, s1, o1, seed if has_dropout else o0,
-        M, C0, C1, R, n_cs[0],
-        *st0, *st1, sc0, sc1, threshold,
-    ), HAS_DROPOUT=has_dropout, DOT_FP32=_dot_fp32(b0.dtype, s0.dtype, b1.dtype, s1.dtype), PRECISION=_precision(),
-        SPLIT_M=split_m, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R,
-        num_warps=4, num_stages=3,
+    # pipeline stages of (big, small) tiles that fit in shared memory (H100: 227 KiB), at most 4
+    stage_bytes = BLOCK_M * (BLOCK_C * t0[0].element_size() + BLOCK_R * 4)
+    stages = max(1, min(4, (160 * 1024) // stage_bytes))
+    launch(_lora_weight_grad_kernel, (n_c, split_m, n_r), (*t0, *t1, seed if has_dropout else t0[2]), (
+        M, C0, C1, R, n_cs[0], *st0, *st1, sc0, sc1, threshold,
+    ), HAS_DROPOUT=has_dropout, MODE=_dot_mode(t0[0].dtype, t0[1].dtype),
+        PRECISION=_precision(), SPLIT_M=split_m, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R,
+        num_warps=4, num_stages=stages,
     )
     return _assign(problems, outs)
 

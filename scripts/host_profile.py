@@ -1,9 +1,11 @@
 """Development: where the host time of one eager LoRA layer call goes (GPU machine).
 
-    python scripts/host_profile.py [M]
+    python scripts/host_profile.py [M]        one layer
+    python scripts/host_profile.py e2e [p]    the bench_e2e training step (FASTPEFT_E2E_* shrink it)
 
-Prints the wall time per call of each launcher and of the whole layer (forward, forward+backward)
+One layer: the wall time per call of each launcher and of the whole layer (forward, forward+backward)
 next to nn.Linear and PEFT, then a cProfile of forward+backward sorted by own time.
+e2e: a cProfile of fastpeft training steps (dropout p, default 0.05) sorted by own time.
 """
 import cProfile
 import os
@@ -52,7 +54,8 @@ def main():
         ("lora_shrink", lambda: kl.lora_shrink(xd, a)),
         ("lora_shrink dropout", lambda: kl.lora_shrink(xd, a, seed, 3277, 1.05)),
         ("lora_linear", lambda: kl.lora_linear(xd, w, None, xa, b, 2.0)),
-        ("lora_linear C only", lambda: kl.lora_linear(None, None, None, xa, b, 2.0, out_dtype=torch.bfloat16)),
+        ("lora_linear fused shrink", lambda: kl.lora_linear(xd, w, None, xa, b, 2.0, shrink_a=a)),
+        ("lora_shrink_expand", lambda: kl.lora_shrink_expand(xd, a, b, None, 2.0)),
         ("lora_adapter_grads", lambda: kl.lora_adapter_grads(xd, xa, g.detach(), xa, 2.0)),
     ]:
         kernel_launch.ENABLED = False
@@ -82,5 +85,36 @@ def main():
         pstats.Stats(pr).sort_stats("tottime").print_stats(12)
 
 
+def e2e(p: float):
+    from bench_e2e import SIZE, prepare
+
+    for setup, drop in (("frozen", None), ("fastpeft", p)):
+        model = prepare(setup, drop).train()
+        opt = torch.optim.AdamW([t for t in model.parameters() if t.requires_grad], lr=1e-4)
+        ids = torch.randint(0, SIZE["vocab"], (SIZE["batch"], SIZE["seq"]), device="cuda")
+
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        pr.disable()
+        print(f"--- cProfile {setup} p={drop}: 5 training steps")
+        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+        del model, opt
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["e2e"]:
+        e2e(float(sys.argv[2]) if len(sys.argv) > 2 else 0.05)
+    else:
+        main()

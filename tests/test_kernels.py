@@ -129,6 +129,42 @@ def test_lora_branch_without_base(kernel_device):
     torch.testing.assert_close(y, reference.lora_linear(x, None, None, a, bb, 2.0), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtypes", DTYPES, ids=_name)
+@pytest.mark.parametrize("mode", ["forward", "forward_dropout", "backward_dropout"])
+def test_shrink_expand_matches_reference(kernel_device, dtypes, mode):
+    """lora_shrink_expand (the cuBLAS route's C pass) in both of its roles: forward (dropout on the
+    input, bias) and dX (dropout mask on the output), against fp64; small M splits the columns."""
+    dtype, adapter_dtype = dtypes
+    p = 0.0 if mode == "forward" else 0.2
+    shapes = [(1, 64, 48, 4), (37, 45, 29, 5), (70, 130, 100, 17), (5, 24, 40, 100)]
+    if kernel_device == "cuda":
+        shapes += [(300, 1000, 2000, 256), (2500, 1024, 520, 8), (9000, 640, 384, 16)]
+    for M, K, N, R in shapes:
+        x, _, b, a, bb = _make(M, K, N, R, dtype, adapter_dtype, kernel_device, layout="strided")
+        seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=kernel_device) if p else None
+        t, scale = reference.dropout_threshold(p), reference.dropout_scale(p)
+        keep_in = keep_out = 1.0
+        if mode == "forward_dropout":
+            keep_in = reference.dropout_mask(seed, M, K, p, x.device).double() * scale
+        elif mode == "backward_dropout":
+            keep_out = reference.dropout_mask(seed, M, N, p, x.device).double() * scale
+            b = None
+        out, small = lora_kernels.lora_shrink_expand(x, a, bb, b, 1.5, seed, t, scale,
+                                                     mask_output=mode == "backward_dropout")
+        bias = 0.0 if b is None else b.double()
+        small_ref = (x.double() * keep_in) @ a.double().t()
+        out_ref = bias + 1.5 * (small_ref @ bb.double().t()) * keep_out
+        # PyTorch in the same dtypes, as PEFT computes it (x cast to the adapters' dtype)
+        small_same = ((x * keep_in.to(dtype) if mode == "forward_dropout" else x).to(adapter_dtype) @ a.t()).float()
+        out_same = (1.5 * (small_same.to(adapter_dtype) @ bb.t()) * (keep_out.to(adapter_dtype) if p and b is None
+                                                                      else 1.0)).to(dtype)
+        if b is not None:
+            out_same = out_same + b
+        assert out.dtype == dtype and small.dtype == torch.float32
+        assert_close(small, small_ref, small_same, dtype, f"small {M, K, N, R}")
+        assert_close(out, out_ref, out_same, dtype, f"out {M, K, N, R}")
+
+
 # --- dropout -------------------------------------------------------------------------------
 def test_dropout_mask_matches_reference_bit_for_bit(kernel_device):
     for M, K, p in [(5, 37, 0.3), (40, 130, 0.05), (3, 8, 0.9)]:
@@ -172,8 +208,13 @@ def test_shape_errors_name_the_problem(kernel_device):
         lora_kernels.lora_linear(x, w, b, xa, bb, 1.0, shrink_a=a[:, :8])
     with pytest.raises(ValueError, match="fused shrink"):  # xa must be fp32
         lora_kernels.lora_linear(x, w, b, xa.half(), bb, 1.0, shrink_a=a)
-    with pytest.raises(ValueError, match="fused shrink"):  # no base matmul to fuse into
-        lora_kernels.lora_linear(None, None, b, xa, bb, 1.0, shrink_a=a)
+    seed = torch.tensor([3], dtype=torch.int64, device=kernel_device)
+    with pytest.raises(ValueError, match="needs the fused shrink"):  # dropout on x needs the shrink inside
+        lora_kernels.lora_linear(x, w, b, xa, bb, 1.0, seed, 100, 1.1)
+    with pytest.raises(ValueError, match="lora_shrink_expand"):
+        lora_kernels.lora_shrink_expand(x, a[:, :8], bb, b, 1.0)
+    with pytest.raises(ValueError, match="lora_shrink_expand: bias"):
+        lora_kernels.lora_shrink_expand(x, a, bb, b[:3], 1.0)
     with pytest.raises(ValueError, match="lora_adapter_grads"):
         lora_kernels.lora_adapter_grads(x, xa[:3], None, None, 1.0)
 
@@ -283,12 +324,16 @@ def test_int64_offsets_past_2_pow_31(gpu):
     assert (dx[tail].double() - dx_ref).norm() / dx_ref.norm() < 2e-2
 
 
-@pytest.mark.parametrize("which", ["both", "dA", "dB", "mixed_dtypes"])
+@pytest.mark.parametrize("which", ["both", "dA", "dB", "mixed_dtypes", "split_m"])
 def test_adapter_grads_one_launch(kernel_device, which):
-    """dA and dB from one launch (or one of them), against plain matmuls, dropout included."""
-    M, K, N, R = 37, 45, 29, 5
+    """dA and dB from one launch (or one of them), against plain matmuls, dropout included;
+    "split_m": so few columns that M is split across programs (atomics into zeroed outputs)."""
+    M, K, N, R = (2000, 9, 8, 3) if which == "split_m" else (37, 45, 29, 5)
     x = torch.randn(M, K, device=kernel_device, dtype=torch.float16)
     dy = torch.randn(M, N, device=kernel_device, dtype=torch.float32 if which == "mixed_dtypes" else torch.float16)
+    if which == "split_m":
+        Cs = [K, N]
+        assert lora_kernels._grad_grid(Cs, M, 1, lora_kernels._num_sms(x.device))[3] > 1
     dyb = torch.randn(M, R, device=kernel_device)
     xa = torch.randn(M, R, device=kernel_device)
     seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=kernel_device)

@@ -1,21 +1,38 @@
-"""kernels/launch.py: the direct path reuses a compiled kernel only for what Triton would reuse it for."""
+"""kernels/launch.py: the direct path reuses a compiled kernel only for what Triton would reuse it for,
+and hands the compiled kernel's C launcher the arguments in Triton's own layout."""
+import pytest
 import torch
+import triton
 
 from fastpeft.kernels import launch as L
 
 
+class _Runner:
+    """What the stand-in CompiledKernel's ``run`` looks like (triton 3.6's CudaLauncher)."""
+
+    global_scratch_size = 0
+    profile_scratch_size = 0
+    launch_cooperative_grid = False
+    launch_pdl = False
+
+    def __init__(self, log):
+        self.launch = lambda *args: log.append(("c_launch", args))
+
+
 class _Compiled:
-    function = object()
+    function = 1234
+    packed_metadata = (4, 1, 0)
 
     def __init__(self, log):
         self.log = log
+        self.run = _Runner(log)
 
     def __getitem__(self, grid):
-        return lambda *args: self.log.append(("direct", grid, args))
+        return lambda *args, stream=None: self.log.append(("runner", grid, args, stream))
 
 
 class _Kernel:
-    arg_names = ["x", "n", "BLOCK", "FLAG"]
+    arg_names = ["x", "n", "s", "BLOCK", "FLAG"]
 
     def __init__(self):
         self.log = []
@@ -27,28 +44,82 @@ class _Kernel:
         return run
 
 
-def test_direct_launch_after_first_and_new_key_per_specialization(monkeypatch):
+@pytest.fixture
+def fast(monkeypatch):
+    monkeypatch.setattr(triton, "__version__", "3.9.0")  # Triton's runner; the C-launcher test sets 3.6
     monkeypatch.setattr(L, "ENABLED", True)
     monkeypatch.setattr(L, "_compiled", {})
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(L, "_current_device", lambda: 0)
+    monkeypatch.setattr(L, "_current_stream", lambda device: 77)
+
+
+def test_direct_launch_after_first_and_new_key_per_specialization(fast):
     k = _Kernel()
     x = torch.zeros(64)
-    L.launch(k, (4,), (x, 32), BLOCK=16, FLAG=True, num_warps=4)
-    L.launch(k, (5, 2), (x, 48), BLOCK=16, FLAG=True, num_warps=4)   # same specialization: direct
-    L.launch(k, (4,), (x, 33), BLOCK=16, FLAG=True, num_warps=4)     # 33 is not divisible by 16
-    L.launch(k, (4,), (x, 1), BLOCK=16, FLAG=True, num_warps=4)      # 1 is specialized
-    L.launch(k, (4,), (x[1:], 32), BLOCK=16, FLAG=True, num_warps=4)  # pointer not 16-byte aligned
-    L.launch(k, (4,), (x.half(), 32), BLOCK=16, FLAG=True, num_warps=4)  # another dtype
-    L.launch(k, (4,), (x, 32), BLOCK=32, FLAG=True, num_warps=4)     # another constexpr
-    L.launch(k, (4,), (x, 32), BLOCK=16, FLAG=True, num_warps=8)     # another launch option
+    calls = [
+        ((4,), (x,), (32, 1.0), dict(BLOCK=16, FLAG=True, num_warps=4)),
+        ((5, 2), (x,), (32, 1.0), dict(BLOCK=16, FLAG=True, num_warps=4)),   # same key: direct
+        ((4,), (x,), (48, 1.0), dict(BLOCK=16, FLAG=True, num_warps=4)),     # another scalar value
+        ((4,), (x,), (32, 1), dict(BLOCK=16, FLAG=True, num_warps=4)),       # int where a float was
+        ((4,), (x[1:],), (32, 1.0), dict(BLOCK=16, FLAG=True, num_warps=4)),  # pointer not 16-byte aligned
+        ((4,), (x.half(),), (32, 1.0), dict(BLOCK=16, FLAG=True, num_warps=4)),  # another dtype
+        ((4,), (x,), (32, 1.0), dict(BLOCK=32, FLAG=True, num_warps=4)),     # another constexpr
+        ((4,), (x,), (32, 1.0), dict(BLOCK=16, FLAG=True, num_warps=8)),     # another launch option
+    ]
+    for grid, tensors, scalars, meta in calls:
+        L.launch(k, grid, tensors, scalars, **meta)
     kinds = [entry[0] for entry in k.log]
-    assert kinds == ["triton", "direct"] + ["triton"] * 6
-    assert k.log[1][1] == (5, 2, 1) and k.log[1][2][1:] == (48, 16, True)
+    assert kinds == ["triton", "runner"] + ["triton"] * 6
+    _, grid, args, stream = k.log[1]
+    assert grid == (5, 2, 1) and args == (x.data_ptr(), 32, 1.0, 16, True) and stream == 77
+
+
+def test_misaligned_pointers_key_on_which_ones(fast):
+    k = _Kernel()
+    k.arg_names = ["x", "y", "BLOCK"]
+    x = torch.zeros(64)
+    L.launch(k, (1,), (x[1:], x), (), BLOCK=16)
+    L.launch(k, (1,), (x, x[1:]), (), BLOCK=16)  # another pointer misaligned: another specialization
+    L.launch(k, (1,), (x[1:], x), (), BLOCK=16)
+    assert [entry[0] for entry in k.log] == ["triton", "triton", "runner"]
+
+
+def test_c_launcher_gets_tritons_argument_layout(fast, monkeypatch):
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    k = _Kernel()
+    x = torch.zeros(64)
+    for _ in range(2):
+        L.launch(k, (3, 2), (x,), (32, 0.5), BLOCK=16, FLAG=False, num_warps=4)
+    assert [entry[0] for entry in k.log] == ["triton", "c_launch"]
+    args = k.log[1][1]
+    # grid, stream, function, cooperative, pdl, two scratch buffers, packed metadata, launch metadata,
+    # two hooks, then the kernel's arguments with tensors as raw pointers, then the constexprs
+    assert args == (3, 2, 1, 77, 1234, False, False, None, None, (4, 1, 0), None, None, None,
+                    x.data_ptr(), 32, 0.5, 16, False)
+
+
+def test_launch_hooks_keep_tritons_runner(fast, monkeypatch):
+    from triton import knobs
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(knobs.runtime.launch_enter_hook, "calls", [lambda *a: None])
+    k = _Kernel()
+    for _ in range(2):
+        L.launch(k, (1,), (torch.zeros(4),), (16, 1.0), BLOCK=16, FLAG=False)
+    assert [entry[0] for entry in k.log] == ["triton", "runner"]
+
+
+def test_table_is_bounded(fast, monkeypatch):
+    monkeypatch.setattr(L, "MAX_KEYS", 3)
+    k = _Kernel()
+    for n in range(5):
+        L.launch(k, (1,), (torch.zeros(4),), (n, 1.0), BLOCK=16, FLAG=False)
+    assert len(L._compiled) <= 3
 
 
 def test_disabled_goes_through_triton(monkeypatch):
     monkeypatch.setattr(L, "ENABLED", False)
     k = _Kernel()
     for _ in range(2):
-        L.launch(k, (1,), (torch.zeros(4), 16), BLOCK=16, FLAG=False)
+        L.launch(k, (1,), (torch.zeros(4),), (16, 1.0), BLOCK=16, FLAG=False)
     assert [entry[0] for entry in k.log] == ["triton", "triton"]

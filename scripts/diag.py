@@ -1,0 +1,147 @@
+"""Development diagnostics on the GPU machine (not part of the suite).
+
+    python scripts/diag.py prec      errors per output and route for same-dtype half adapters
+    python scripts/diag.py kernels   GPU time of each kernel at training shapes, grid variants
+    python scripts/diag.py e2e       GPU busy time per training step (profiler) vs step time
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from fastpeft import ops, reference  # noqa: E402
+from fastpeft.kernels import lora as kl  # noqa: E402
+
+
+def prec():
+    import test_kernels as T
+    from tolerance import ATOL, rel_err
+
+    torch.manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        for gemm in ("auto", "triton", "cublas"):
+            os.environ["FASTPEFT_GEMM"] = gemm
+            for M, K, N, R in [s for s in T.GPU_SHAPES if s[0]]:
+                for p in (0.0,):
+                    x, w, b, a, bb = T._make(M, K, N, R, dtype, dtype, "cuda")
+                    seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device="cuda") if p else None
+                    g = torch.randn(M, N, device="cuda", dtype=dtype)
+                    need = (True, True, True)
+                    out = T._grads(lambda *t: ops.lora_linear(*t, 2.0, p, seed), x, w, b, a, bb, need, g)
+                    same = T._grads(lambda *t: reference.lora_linear(*t, 2.0, p, seed), x, w, b, a, bb, need, g)
+                    ex = T._grads(lambda *t: reference.lora_linear(*t, 2.0, p, seed), x.double(), w.double(),
+                                  b.double(), a.double(), bb.double(), need, g.double())
+                    cells = []
+                    for name, o, s_, e in zip(("y", "dx", "dA", "dB"), out, same, ex):
+                        err, base = rel_err(o, e), rel_err(s_, e)
+                        flag = "FAIL" if err > 2 * base + ATOL[dtype] else "ok"
+                        cells.append(f"{name} {err:.2e}/{base:.2e} {flag}")
+                    print(f"{str(dtype)[6:]} {gemm:6s} {M, K, N, R} p={p}: " + " | ".join(cells), flush=True)
+    os.environ.pop("FASTPEFT_GEMM")
+
+
+def _t(fn):
+    from common import time_ms
+
+    return time_ms(fn)
+
+
+def kernels():
+    shapes = [(16384, 4096, 4096), (8192, 2048, 5632)]
+    R = 16
+    for M, K, N in shapes:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+        a = torch.randn(R, K, device="cuda") / K**0.5
+        bb = torch.randn(N, R, device="cuda")
+        seed = torch.tensor([5], device="cuda")
+        t, sc = reference.dropout_threshold(0.05), reference.dropout_scale(0.05)
+        xa = torch.randn(M, R, device="cuda")
+        line = [f"M={M} K={K} N={N}:", f"F.linear {_t(lambda: F.linear(x, w)) * 1e3:.1f}",
+                f"dX mm {_t(lambda: dy @ w) * 1e3:.1f}"]
+        c = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        line.append(f"addmm_ {_t(lambda: c.addmm_(x, w.t())) * 1e3:.1f}")
+        line.append(f"shrink {_t(lambda: kl.lora_shrink(x, a)) * 1e3:.1f}")
+        print(" ".join(line), flush=True)
+        real_grid = kl._shrink_expand_grid
+        for bm in (None, 64):
+            for bn in (64, 128):
+                def grid(M_, N_, BR, sms, bm=bm, bn=bn):
+                    BM, BK, BN, ns = real_grid(M_, N_, BR, sms)
+                    if bm is None:
+                        return BM, BK, BN, ns
+                    return bm, BK, bn, max(1, min(-(-N_ // bn), -(-sms // -(-M_ // bm))))
+                kl._shrink_expand_grid = grid
+                f0 = _t(lambda: kl.lora_shrink_expand(x, a, bb, None, 2.0))
+                f1 = _t(lambda: kl.lora_shrink_expand(x, a, bb, None, 2.0, seed, t, sc))
+                b1 = _t(lambda: kl.lora_shrink_expand(dy, bb.t(), a.t(), None, 2.0, seed, t, sc, mask_output=True))
+                print(f"  shrink_expand BM={bm or 'auto'} BN={bn if bm else 'auto'}: fwd {f0 * 1e3:.1f} "
+                      f"fwd p.05 {f1 * 1e3:.1f} bwd p.05 {b1 * 1e3:.1f} us", flush=True)
+                if bm is None:
+                    break
+        kl._shrink_expand_grid = real_grid
+        real_gg = kl._grad_grid
+        for cfg in (None, (64, 32, 1), (64, 64, 1), (128, 64, 1), (64, 128, 2), (64, 128, 4), (128, 64, 2)):
+            def gg(Cs, M_, n_r, sms, cfg=cfg):
+                if cfg is None:
+                    return real_gg(Cs, M_, n_r, sms)
+                bm, bc, split = cfg
+                return bm, bc, [-(-C // bc) for C in Cs], split
+            kl._grad_grid = gg
+            try:
+                g0 = _t(lambda: kl.lora_adapter_grads(x, xa, dy, xa, 2.0))
+                g1 = _t(lambda: kl.lora_adapter_grads(x, xa, dy, xa, 2.0, seed, t, sc))
+            except Exception as e:  # out of shared memory
+                print(f"  adapter_grads {cfg}: {type(e).__name__}", flush=True)
+                continue
+            print(f"  adapter_grads (BM, BC, split)={cfg or real_gg([K, N], M, 1, 132)[:2] + (real_gg([K, N], M, 1, 132)[3],)}: "
+                  f"{g0 * 1e3:.1f} / p.05 {g1 * 1e3:.1f} us", flush=True)
+        kl._grad_grid = real_gg
+
+
+def e2e():
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench_e2e import SIZE, prepare
+
+    for setup, drop in (("frozen", None), ("fastpeft", 0.05), ("fastpeft", 0.0)):
+        model = prepare(setup, drop).train()
+        opt = torch.optim.AdamW([t for t in model.parameters() if t.requires_grad], lr=1e-4)
+        ids = torch.randint(0, SIZE["vocab"], (SIZE["batch"], SIZE["seq"]), device="cuda")
+
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        step_ms = start.elapsed_time(end) / 5
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        busy = sum(e.self_device_time_total for e in events) / 2 / 1e3
+        print(f"--- {setup} p={drop}: step {step_ms:.1f} ms, GPU busy {busy:.1f} ms per step", flush=True)
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
+            print(f"   {e.self_device_time_total / 2 / 1e3:7.2f} ms  {e.count // 2:5d}x  {e.key[:90]}")
+        del model, opt
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    {"prec": prec, "kernels": kernels, "e2e": e2e}[sys.argv[1]]()
