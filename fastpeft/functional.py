@@ -16,17 +16,36 @@ def draw_dropout_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=device)
 
 
+def _autocast(x):
+    device = x.device
+    if torch.is_autocast_enabled(device.type):
+        return x.to(torch.get_autocast_dtype(device.type))
+    return x
+
+
 def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0, training: bool = False):
     """y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ; weight (N, K) (a Conv1D weight as its transpose view).
 
     Dropout applies only in training mode with p > 0.
     """
-    device = x.device
-    if torch.is_autocast_enabled(device.type):
-        x = x.to(torch.get_autocast_dtype(device.type))
-    seed = draw_dropout_seed(device) if (training and dropout_p > 0.0) else None
+    x = _autocast(x)
+    seed = draw_dropout_seed(x.device) if (training and dropout_p > 0.0) else None
     if use_triton(x):
         from . import ops
 
         return ops.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p if seed is not None else 0.0, seed)
     return reference.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+
+
+def lora_mlp(x, act: str, projections, training: bool = False):
+    """down(act(gate(x)) · up(x)) through the fused kernels; ``projections`` = three (weight, bias,
+    lora_A, lora_B, scaling, dropout p) for gate, up, down. Kernels only (fastpeft/mlp.py decides)."""
+    from . import ops
+
+    x = _autocast(x)
+    if not training:
+        projections = [proj[:5] + (0.0,) for proj in projections]
+    # one seed per projection, drawn in the order the unfused MLP draws them (gate, up, down): the
+    # fused and the unfused MLP, and the reference path, apply the same dropout masks
+    seeds = [draw_dropout_seed(x.device) if proj[5] > 0.0 else None for proj in projections]
+    return ops.lora_mlp(x, act, projections, seeds)

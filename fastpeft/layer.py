@@ -36,6 +36,49 @@ def base_weight(layer) -> torch.Tensor:
     return w.T if layer.fan_in_fan_out else w
 
 
+ACCELERATED_ATTR = "_fastpeft_accelerated"  # set on each PEFT lora.Linear whose forward fastpeft replaced
+
+
+def peft_fast_path_ok(layer) -> bool:
+    """Whether fastpeft's forward computes exactly what PEFT's would for this PEFT layer's call."""
+    variants = getattr(layer, "lora_variant", {}) or {}
+    use_dora = getattr(layer, "use_dora", {}) or {}
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        if name in variants or use_dora.get(name, False) or layer.lora_B[name].bias is not None:
+            return False
+    return getattr(layer, "cast_input_dtype_enabled", True)
+
+
+def _adapter(layer, name: str):
+    """(lora_A weight, lora_B weight, scaling, dropout p) of adapter ``name``; DoRA / lora_bias raise."""
+    if getattr(layer, "use_dora", {}).get(name, False):
+        raise NotImplementedError(f"DoRA (use_dora=True) is not supported by fastpeft (adapter {name!r})")
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    if lora_b.bias is not None:
+        raise NotImplementedError(f"lora_bias=True is not supported by fastpeft (adapter {name!r})")
+    drop = layer.lora_dropout[name]
+    return lora_a.weight, lora_b.weight, layer.scaling[name], drop.p if isinstance(drop, nn.Dropout) else 0.0
+
+
+def single_lora(layer):
+    """(weight, bias, lora_A, lora_B, scaling, dropout p) of a fastpeft-computed LoRA layer that adds
+    exactly one active, unmerged adapter to a frozen base; None for anything else (adapters disabled
+    or merged, several active, a PEFT layer fastpeft does not compute, a trainable base)."""
+    if isinstance(layer, LoraLinear):
+        pass
+    elif not (layer.__dict__.get(ACCELERATED_ATTR, False) and peft_fast_path_ok(layer)):
+        return None
+    if layer.disable_adapters or layer.merged:
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    base = layer.base_layer
+    if len(active) != 1 or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return None
+    return (base_weight(layer), base.bias) + _adapter(layer, active[0])
+
+
 def lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Forward of a LoRA layer, fastpeft's or PEFT's: base + the active adapters, fused when possible."""
     if kwargs.get("adapter_names") is not None:
@@ -49,27 +92,17 @@ def lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return base(x, *args, **kwargs)
     if layer.merged:
         return base(x, *args, **kwargs)
-    loras_a, loras_b = layer.lora_A, layer.lora_B  # ModuleDict lookups are slow: once per call
-    active = [name for name in layer.active_adapters if name in loras_a]
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
     if not active:
         return base(x, *args, **kwargs)
-    weight, bias = base_weight(layer), base.bias
-    dora, dropouts, training = getattr(layer, "use_dora", {}), layer.lora_dropout, layer.training
+    weight, bias, training = base_weight(layer), base.bias, layer.training
     y = None
     for name in active:
-        if dora.get(name, False):
-            raise NotImplementedError(f"DoRA (use_dora=True) is not supported by fastpeft (adapter {name!r})")
-        lora_a, lora_b = loras_a[name], loras_b[name]
-        if lora_b.bias is not None:
-            raise NotImplementedError(f"lora_bias=True is not supported by fastpeft (adapter {name!r})")
-        drop = dropouts[name]
-        p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+        lora_a, lora_b, scaling, p = _adapter(layer, name)
         if y is None:
-            y = functional.lora_linear(x, weight, bias, lora_a.weight, lora_b.weight, layer.scaling[name], p, training)
+            y = functional.lora_linear(x, weight, bias, lora_a, lora_b, scaling, p, training)
         else:  # further active adapters (rare): their LoRA branch alone (no base weight)
-            y = y + functional.lora_linear(
-                x, None, None, lora_a.weight, lora_b.weight, layer.scaling[name], p, training
-            ).to(y.dtype)
+            y = y + functional.lora_linear(x, None, None, lora_a, lora_b, scaling, p, training).to(y.dtype)
     return y
 
 

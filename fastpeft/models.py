@@ -1,14 +1,19 @@
-"""The one table of model-specific knowledge: default LoRA targets per ``config.model_type`` and the
-heads that ``"all-linear"`` leaves out. Everything here is data or follows PEFT's conventions:
+"""The one table of model-specific knowledge: default LoRA targets per ``config.model_type``, the
+heads that ``"all-linear"`` leaves out, and the GLU MLPs fastpeft runs as one fused op. Everything
+here is data or follows PEFT's conventions:
 
 - ``DEFAULT_TARGET_MODULES`` is PEFT's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``
   (``peft/utils/constants.py``, v0.21): a list (matched exactly or as a ``.``-suffix) or a regex string.
 - ``all_linear_exclusions`` is PEFT's ``_maybe_include_all_linear_layers``: the output embedding of a
   generation model, else (for ``task_type="SEQ_CLS"``) the ``score`` / ``classifier`` head.
 - ``TASK_MODULES_TO_SAVE``: the heads PEFT's task models add to ``modules_to_save``.
+- ``GATED_MLP_*``: transformers' LlamaMLP and its copies (Mistral, Qwen2/3, Gemma 1-3, OLMo, Granite,
+  Cohere, DeepSeek-V3's dense MLP, ...), recognised by what their forward computes, not by name.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Optional, Union
 
 import torch.nn as nn
@@ -109,3 +114,36 @@ def all_linear_exclusions(model: nn.Module, task_type: Optional[str]) -> set[str
                 names.update(name for name, module in model.named_modules() if module is cls_head)
                 break
     return names
+
+
+# --- GLU MLPs ---------------------------------------------------------------------------------
+# A module whose forward is exactly this (LlamaMLP and every model that copies it) computes
+# down(act(gate(x)) * up(x)); with LoRA on all three projections fastpeft runs it as one autograd op
+# that keeps gate's and up's outputs for backward instead of act(gate) and the product (ops.py).
+GATED_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+GATED_MLP_FORWARD = ("def forward(self, x):", "down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
+                     "return down_proj")
+# transformers' activation modules -> the fused kernels' name for them (kernels/activation.py)
+GATED_MLP_ACTIVATIONS = {
+    "SiLU": "silu",
+    "SiLUActivation": "silu",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_is_gated_mlp(cls: type) -> bool:
+    try:
+        lines = [line.strip() for line in inspect.getsource(cls.forward).splitlines()]
+    except (OSError, TypeError):
+        return False
+    return tuple(line for line in lines if line and not line.startswith("#")) == GATED_MLP_FORWARD
+
+
+def gated_mlp_activation(module: nn.Module) -> Optional[str]:
+    """The activation name if ``module`` is a GLU MLP fastpeft can fuse, else None."""
+    if not _forward_is_gated_mlp(type(module)):
+        return None
+    return GATED_MLP_ACTIVATIONS.get(type(getattr(module, "act_fn", None)).__name__)

@@ -17,6 +17,11 @@ B not requiring grad) are skipped.
 Eager calls go through ``LoraLinearFunction`` (least Python overhead); under ``torch.compile`` the
 same implementation is reached through the custom op ``fastpeft::lora_linear`` (with a fake
 implementation and registered autograd), so a patched model traces without graph breaks.
+
+``LoraMLPFunction``: a GLU MLP down(act(gate(x)) · up(x)) with LoRA on all three projections, the
+same pieces in one autograd node; it saves g = gate(x) and u = up(x) but not h = act(g) · u, which
+its backward rebuilds (kernels/activation.py) — one M × intermediate tensor less than the frozen
+model keeps for its own activation and product, two less than three separate LoRA layers.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from typing import Optional
 import torch
 
 from . import reference
+from .kernels import activation as A
 from .kernels import lora as K
 
 # From this many rows up cuBLAS onto a prefilled C beats the fused Triton matmul: measured on an
@@ -217,3 +223,57 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: floa
     if torch.compiler.is_compiling():
         return torch.ops.fastpeft.lora_linear(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)[0]
     return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)
+
+
+# --- the fused GLU MLP ------------------------------------------------------------------------
+class LoraMLPFunction(torch.autograd.Function):
+    """down(act(gate(x)) · up(x)), each projection y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ (forward_impl).
+
+    Inputs: x, the six adapter matrices (gate A, B, up A, B, down A, B), the three frozen weights and
+    biases, the three dropout seeds (None without dropout), and (scalings, dropout ps, act).
+    Saved: x, g, u, the three xa, the seeds. Backward: h rebuilt from g and u for down's dA;
+    dh = dY·W_d + LoRA term; (dg, du) from one elementwise kernel; dX = gate's dX + up's dX.
+    """
+
+    @staticmethod
+    def forward(ctx, x, ga, gb, ua, ub, da, db, gw, gbias, uw, ubias, dw, dbias, sdg, sdu, sdd, scalings, ps, act):
+        x2 = x.reshape(-1, x.shape[-1])
+        g, xa_g = forward_impl(x2, gw, gbias, ga, gb, scalings[0], ps[0], sdg)
+        u, xa_u = forward_impl(x2, uw, ubias, ua, ub, scalings[1], ps[1], sdu)
+        h = A.gated_act(g, u, act)
+        y, xa_d = forward_impl(h, dw, dbias, da, db, scalings[2], ps[2], sdd)
+        ctx.save_for_backward(x, g, u, xa_g, xa_u, xa_d, ga, gb, ua, ub, da, db, gw, uw, dw, sdg, sdu, sdd)
+        ctx.scalings, ctx.ps, ctx.act = scalings, ps, act
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, g, u, xa_g, xa_u, xa_d, ga, gb, ua, ub, da, db, gw, uw, dw, sdg, sdu, sdd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        (sg, su, sd), (pg, pu, pd) = ctx.scalings, ctx.ps
+        x2 = x.reshape(-1, x.shape[-1])
+        h = A.gated_act(g, u, ctx.act)
+        dh, dda, ddb = backward_impl(dy.reshape(-1, dy.shape[-1]), h, dw, da, db, xa_d, sd, pd, sdd,
+                                     True, need[5], need[6])
+        del h
+        dg, du = A.gated_act_backward(g, u, dh, ctx.act)
+        del dh
+        dxg, dga, dgb = backward_impl(dg, x2, gw, ga, gb, xa_g, sg, pg, sdg, need[0], need[1], need[2])
+        dxu, dua, dub = backward_impl(du, x2, uw, ua, ub, xa_u, su, pu, sdu, need[0], need[3], need[4])
+        dx = dxg.add_(dxu).reshape(x.shape) if need[0] else None
+        return (dx, dga, dgb, dua, dub, dda, ddb) + (None,) * 12
+
+
+def lora_mlp(x, act: str, projections, seeds):
+    """Fused down(act(gate(x)) · up(x)); ``projections`` = three (weight, bias, lora_A, lora_B,
+    scaling, dropout p) for gate, up, down (frozen weights and biases); ``seeds``: their three dropout
+    seeds (each None without dropout)."""
+    (gw, gbias, ga, gb, gs, gp), (uw, ubias, ua, ub, us, up), (dw, dbias, da, db, ds, dp) = projections
+    _check(x, gw, gbias, ga, gb)
+    _check(x, uw, ubias, ua, ub)
+    _check(x.new_empty(0, dw.shape[1]), dw, dbias, da, db)  # down's input: the intermediate features
+    if gw.shape != uw.shape or dw.shape[1] != gw.shape[0]:
+        raise ValueError(f"GLU MLP weights do not fit: gate {tuple(gw.shape)}, up {tuple(uw.shape)}, down "
+                         f"{tuple(dw.shape)} (want (I, H), (I, H), (H, I))")
+    return LoraMLPFunction.apply(x, ga, gb, ua, ub, da, db, gw, gbias, uw, ubias, dw, dbias, *seeds,
+                                 (float(gs), float(us), float(ds)), (float(gp), float(up), float(dp)), act)

@@ -10,6 +10,8 @@ Two entry points share one name:
   swaps the compute of each ``lora.Linear`` for fastpeft's (an instance-level ``forward``), so
   ``save_pretrained``, ``merge_and_unload`` and ``transformers.Trainer`` keep working.
 
+Either way the GLU MLPs whose three projections carry LoRA get the fused MLP forward (fastpeft/mlp.py).
+
 Everything is checked before anything is changed: an error leaves the model as it was.
 """
 from __future__ import annotations
@@ -25,12 +27,12 @@ import torch.nn as nn
 
 from . import models
 from .config import INCLUDE_LINEAR_LAYERS_SHORTHAND, LoraConfig
-from .layer import LoraLinear, is_conv1d, lora_forward
+from . import mlp
+from .layer import ACCELERATED_ATTR, LoraLinear, is_conv1d, lora_forward, peft_fast_path_ok
 
 CONFIG_ATTR = "fastpeft_config"  # model.fastpeft_config = {adapter_name: LoraConfig}
 _MODULES_TO_SAVE_ATTR = "_fastpeft_modules_to_save"  # {adapter_name: [module names]}
 _PEFT_PATCHED_ATTR = "_fastpeft_patched_peft"  # set on a PeftModel by patch(peft_model)
-_LAYER_PATCHED_ATTR = "_fastpeft_accelerated"  # set on each PEFT lora.Linear whose forward we replaced
 MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20  # PEFT condenses longer target lists into suffixes
 
 
@@ -396,6 +398,7 @@ def apply_plan(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool =
     saved[name] = list(plan.modules_to_save)
     setattr(model, _MODULES_TO_SAVE_ATTR, saved)
 
+    mlp.install(model)
     if not was_patched:
         mark_trainable(model)
     else:  # adding an adapter leaves the trainability of everything else as it was (PEFT's add_adapter)
@@ -472,21 +475,9 @@ def patch(model: nn.Module, lora_config=None, adapter_name: str = "default", aut
 
 
 # --- PEFT models ------------------------------------------------------------------------------
-def _fast_path_ok(layer) -> bool:
-    """Whether fastpeft's forward computes exactly what PEFT's would for this call."""
-    variants = getattr(layer, "lora_variant", {}) or {}
-    use_dora = getattr(layer, "use_dora", {}) or {}
-    for name in layer.active_adapters:
-        if name not in layer.lora_A:
-            continue
-        if name in variants or use_dora.get(name, False) or layer.lora_B[name].bias is not None:
-            return False
-    return getattr(layer, "cast_input_dtype_enabled", True)
-
-
 def _accelerated_forward(self, x, *args, **kwargs):
     """Instance ``forward`` of a PEFT lora.Linear: fastpeft's compute, PEFT's for what it cannot do."""
-    if kwargs or not _fast_path_ok(self):  # adapter_names=..., variant kwargs, DoRA, lora_bias
+    if kwargs or not peft_fast_path_ok(self):  # adapter_names=..., variant kwargs, DoRA, lora_bias
         return type(self).forward(self, x, *args, **kwargs)
     return lora_forward(self, x, *args)
 
@@ -519,7 +510,7 @@ def _patch_peft_model(peft_model):
     for name, layer in peft_model.named_modules():
         if not is_peft_lora_layer(layer):
             continue
-        if layer.__dict__.get(_LAYER_PATCHED_ATTR, False):
+        if layer.__dict__.get(ACCELERATED_ATTR, False):
             accelerated += 1
             continue
         reason = _why_not_accelerated(layer)
@@ -527,7 +518,7 @@ def _patch_peft_model(peft_model):
             skipped.append(f"{name} ({reason})")
             continue
         layer.forward = types.MethodType(_accelerated_forward, layer)
-        setattr(layer, _LAYER_PATCHED_ATTR, True)
+        setattr(layer, ACCELERATED_ATTR, True)
         accelerated += 1
     if skipped:
         warnings.warn(
@@ -536,13 +527,15 @@ def _patch_peft_model(peft_model):
         )
     if not accelerated and not skipped:
         raise ValueError(f"fastpeft.patch: {type(peft_model).__name__} has no PEFT LoRA layers to accelerate")
+    mlp.install(peft_model)
     setattr(peft_model, _PEFT_PATCHED_ATTR, True)
     return peft_model
 
 
 def _unpatch_peft_model(peft_model) -> None:
+    mlp.uninstall(peft_model)
     for _, layer in peft_model.named_modules():
-        if layer.__dict__.pop(_LAYER_PATCHED_ATTR, False):
+        if layer.__dict__.pop(ACCELERATED_ATTR, False):
             layer.__dict__.pop("forward", None)
     peft_model.__dict__.pop(_PEFT_PATCHED_ATTR, None)
 
@@ -563,6 +556,7 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     layers = _fastpeft_layers(model)
     if not layers and not getattr(model, CONFIG_ATTR, None):
         raise ValueError(f"{type(model).__name__} is not patched by fastpeft: nothing to unpatch")
+    mlp.uninstall(model)
     for name, layer in layers:
         if merge:
             todo = [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]

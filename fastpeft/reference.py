@@ -108,6 +108,13 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: floa
     return (y + lora).to(y.dtype)
 
 
+def gated_act(g: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
+    """h = act(g) · u of a GLU MLP (act "silu" or "gelu_tanh"), in fp32, cast to g's dtype."""
+    gf = g.float()
+    a = F.silu(gf) if act == "silu" else F.gelu(gf, approximate="tanh")
+    return (a * u.float()).to(g.dtype)
+
+
 def lora_delta_weight(lora_a, lora_b, scaling: float, fan_in_fan_out: bool = False) -> torch.Tensor:
     """The merge delta s·B·A, (N, K); transposed for fan_in_fan_out (Conv1D) weights.
 

@@ -17,6 +17,12 @@ def kernels_on(kernel_device, monkeypatch):
     return kernel_device
 
 
+# The bf16 comparison uses wider models: at hidden 32 a LoRA gradient has ~128 elements and the bf16
+# relative error of any implementation (PEFT's included) against fp32 scatters by 2x from tensor to
+# tensor, so the 2x rule below would decide by chance; at hidden 128 the errors settle.
+WIDE = {"llama": dict(hidden_size=128, intermediate_size=256), "gpt2": dict(n_embd=128)}
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear and Conv1D (fan_in_fan_out)
 def test_patched_model_matches_peft(kernels_on, family):
     cfg = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
@@ -30,7 +36,7 @@ def test_patched_model_matches_peft(kernels_on, family):
     for name in grads_p:
         assert rel_err(grads_f[name], grads_p[name]) < 1e-4, f"{family} grad {name}"
     # bf16 base (fp32 adapters): as close to the same weights run in fp32 as PEFT-bf16 is
-    pm16, fm16 = peft_and_fastpeft(make_model(family, dtype=torch.bfloat16).to(kernels_on), cfg)
+    pm16, fm16 = peft_and_fastpeft(make_model(family, dtype=torch.bfloat16, **WIDE[family]).to(kernels_on), cfg)
     out_r, grads_r = forward_backward(copy.deepcopy(pm16).float(), inputs)
     out_p, grads_p = forward_backward(pm16, inputs)
     out_f, grads_f = forward_backward(fm16, inputs)

@@ -1,0 +1,67 @@
+"""The GLU MLP of LLaMA-like models as one fused op, when LoRA wraps all three of its projections.
+
+``fastpeft.patch`` installs :func:`gated_mlp_forward` as the ``forward`` of every module that
+``models.gated_mlp_activation`` recognises (transformers' LlamaMLP and its copies) and whose
+gate/up/down projections are LoRA layers. With gradients on it runs ``ops.LoraMLPFunction``, which
+keeps gate(x) and up(x) for backward but not act(gate(x))·up(x): the MLP then holds less activation
+memory than the frozen model's own. Anything it does not cover (no grad, several or merged or
+disabled adapters, a trainable base weight or bias, the reference backend, torch.compile,
+FASTPEFT_FUSE_MLP=0) runs the module's own forward, i.e. the three LoRA layers one by one.
+"""
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+import torch.nn as nn
+
+from . import functional, models
+from .backend import use_triton
+from .layer import single_lora
+
+FUSED_MLP_ATTR = "_fastpeft_fused_mlp"  # on each MLP module: the activation name
+
+
+def fusable(mlp: nn.Module, x: torch.Tensor):
+    """The three projections' (weight, bias, lora_A, lora_B, scaling, p), or None to run unfused."""
+    if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or not use_triton(x)
+            or os.environ.get("FASTPEFT_FUSE_MLP", "1") == "0"
+            or models.GATED_MLP_ACTIVATIONS.get(type(mlp.act_fn).__name__) != mlp.__dict__[FUSED_MLP_ATTR]):
+        return None
+    projections = [single_lora(getattr(mlp, name)) for name in models.GATED_MLP_PROJECTIONS]
+    return None if any(p is None for p in projections) else projections
+
+
+def gated_mlp_forward(self, x):
+    """Instance ``forward`` of a fused GLU MLP: the fused op, or the module's own forward."""
+    projections = fusable(self, x)
+    if projections is None:
+        return type(self).forward(self, x)
+    return functional.lora_mlp(x, self.__dict__[FUSED_MLP_ATTR], projections, self.training)
+
+
+def _has_lora(module) -> bool:
+    return module is not None and hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
+def install(model: nn.Module) -> int:
+    """Install the fused forward on every GLU MLP of ``model`` whose three projections carry LoRA."""
+    count = 0
+    for module in model.modules():
+        if FUSED_MLP_ATTR in module.__dict__:
+            count += 1
+            continue
+        act = models.gated_mlp_activation(module)
+        if act is None or not all(_has_lora(getattr(module, n, None)) for n in models.GATED_MLP_PROJECTIONS):
+            continue
+        module.forward = types.MethodType(gated_mlp_forward, module)
+        module.__dict__[FUSED_MLP_ATTR] = act
+        count += 1
+    return count
+
+
+def uninstall(model: nn.Module) -> None:
+    for module in model.modules():
+        if module.__dict__.pop(FUSED_MLP_ATTR, None) is not None:
+            module.__dict__.pop("forward", None)
