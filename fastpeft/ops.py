@@ -1,9 +1,8 @@
 """Autograd for the fused LoRA linear: which kernels run, what is saved for backward.
 
 Forward  (x (..., K), W (N, K), A (R, K), B (N, R)), one of two routes by M (``main_matmul``):
-    triton: y = x·Wᵀ + b + s·xa·Bᵀ with xa = drop(x)·Aᵀ computed in the same K loop: one launch
-            (``lora_linear`` with ``shrink_a``; R > 64 or M above ``fused_shrink``'s bound: a
-            separate ``lora_shrink`` first)
+    triton: xa = drop(x)·Aᵀ (``lora_shrink``), then y = x·Wᵀ + b + s·xa·Bᵀ (``lora_linear``); with
+            ``fused_shrink`` (off by default) xa is computed in the matmul's K loop: one launch
     cublas: C = b + s·xa·Bᵀ and xa from one pass over x (``lora_shrink_expand``), then cuBLAS adds
             x·Wᵀ onto C in its epilogue (beta = 1): two launches
 Backward (dY (M, N)), the same two routes:
@@ -34,9 +33,10 @@ from . import reference
 from .kernels import activation as A
 from .kernels import lora as K
 
-# From this many rows up cuBLAS onto a prefilled C beats the fused Triton matmul: measured on an
-# H100 (bench/NOTES.md), Triton's best tile reached 69% of cuBLAS at M = 16384 and tied at M = 256.
-CUBLAS_MIN_M = 256
+# From this many rows up cuBLAS onto a prefilled C beats the fused Triton matmul. Measured on an H100
+# (bench/NOTES.md): Triton's best tile reached 69% of cuBLAS at M = 16384; at M = 256 the Triton
+# route's forward took 41 µs of GPU time against 116 µs for the cuBLAS route's one-pass C.
+CUBLAS_MIN_M = 512
 
 
 def main_matmul(M: int) -> str:
@@ -76,8 +76,9 @@ def _check(x, weight, bias, lora_a, lora_b):
 
 
 # Up to this many rows the Triton route's forward computes xa inside the main matmul's K loop (one
-# launch instead of three); every output-column program recomputes xa, which costs GPU time as M grows.
-FUSED_SHRINK_MAX_M = 64
+# launch instead of three). Off: every output-column program recomputes xa, and on the H100 that
+# doubled the forward's GPU time at M = 1-16 (57 against 29 µs replayed) for no measured eager gain.
+FUSED_SHRINK_MAX_M = 0
 
 
 def fused_shrink(M: int, R: int) -> bool:

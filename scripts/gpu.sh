@@ -2,7 +2,7 @@
 # One call on the GPU machine: install, GPU tests, the CUDA demo, the whole benchmark table.
 #   bash scripts/gpu.sh                 tests + demo + benches (end-to-end step first, then the layer grid)
 #   GPU_TESTS=0 / GPU_DEMO=0 / GPU_BENCH=0   leave a part out
-#   TEST_ARGS / BENCH_ARGS              extra pytest args (e.g. BENCH_ARGS="-k 4096-4096")
+#   TEST_ARGS / BENCH_ARGS              extra pytest args, shell-quoted (BENCH_ARGS='-k "train_step or 4096-4096"')
 #   TEST_TIMEOUT / BENCH_TIMEOUT        seconds per part (defaults 240 / 420), so one call stays under
 #                                       the device tool's 10 minutes and the logs of a cut part survive
 # Tests run on 8 workers (pytest-xdist) when it is installed: compiling the kernels is most of their time.
@@ -19,10 +19,12 @@ fi
 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING" || true
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+eval "test_args=(${TEST_ARGS:-})"
+eval "bench_args=(${BENCH_ARGS:-})"
 status=0
 if [ "${GPU_TESTS:-1}" = 1 ]; then
   workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests -q -rf --tb=short --maxfail=10 -p no:cacheprovider $workers ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log"
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests -q -rf --tb=short --maxfail=10 -p no:cacheprovider $workers "${test_args[@]}" 2>&1 | tee "$OUT/tests.log"
   status=${PIPESTATUS[0]}
 fi
 if [ "${GPU_DEMO:-1}" = 1 ]; then
@@ -30,7 +32,7 @@ if [ "${GPU_DEMO:-1}" = 1 ]; then
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if [ "${GPU_BENCH:-1}" = 1 ]; then
-  timeout "${BENCH_TIMEOUT:-420}" python3 -m pytest bench/bench_e2e.py bench/bench_lora.py -q -s -p no:cacheprovider --benchmark-disable-gc ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+  timeout "${BENCH_TIMEOUT:-420}" python3 -m pytest bench/bench_e2e.py bench/bench_lora.py -q -s -p no:cacheprovider --benchmark-disable-gc "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 exit $status
