@@ -91,6 +91,25 @@ def prepare(setup: str, dropout: float | None):
     return fastpeft.patch(model, fastpeft.LoraConfig(**kwargs))
 
 
+def training_case(setup: str, dropout: float | None):
+    """(case, step): a dict holding the case's model, optimizer and tokens (the same tokens for every
+    case), and a function running one AdamW step on them that returns the loss. Dropping the dict
+    frees the case (pytest-benchmark may keep ``step`` alive; it holds only the dict)."""
+    case = {"model": prepare(setup, dropout).train()}
+    case["opt"] = torch.optim.AdamW([p for p in case["model"].parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    case["input_ids"] = torch.randint(0, SIZE["vocab"], (SIZE["batch"], SIZE["seq"]), device="cuda", generator=gen)
+
+    def step():
+        loss = case["model"](input_ids=case["input_ids"], labels=case["input_ids"]).loss
+        loss.backward()
+        case["opt"].step()
+        case["opt"].zero_grad(set_to_none=True)
+        return loss
+
+    return case, step
+
+
 def _derive(rows: list[dict]) -> list[dict]:
     """Ratios against the frozen floor and against PEFT with the same dropout, from this run."""
     frozen = next((r for r in rows if r["setup"] == "frozen"), None)
@@ -120,24 +139,10 @@ def test_train_step(setup, dropout, gpu_name, bench_record, benchmark):
         pytest.importorskip("peft")
     gc.collect()
     torch.cuda.empty_cache()
-    # Everything of this case lives in `case` and is dropped at the end, so the next case's peak
-    # memory does not include this one's model (pytest-benchmark may keep `step` alive).
-    case = {"model": prepare(setup, dropout)}
-    case["model"].train()
-    params = [p for p in case["model"].parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
-    case["opt"] = torch.optim.AdamW(params, lr=1e-4)
-    del params
-    gen = torch.Generator(device="cuda").manual_seed(0)  # the same tokens for every case
-    case["input_ids"] = torch.randint(0, SIZE["vocab"], (SIZE["batch"], SIZE["seq"]), device="cuda", generator=gen)
-
-    def step():
-        loss = case["model"](input_ids=case["input_ids"], labels=case["input_ids"]).loss
-        loss.backward()
-        case["opt"].step()
-        case["opt"].zero_grad(set_to_none=True)
-        return loss
-
+    # Everything of this case lives in `case`, cleared at the end, so the next case's peak memory
+    # does not include this one's model.
+    case, step = training_case(setup, dropout)
+    trainable = sum(p.numel() for p in case["model"].parameters() if p.requires_grad)
     torch.cuda.reset_peak_memory_stats()
     for _ in range(WARMUP):
         step()

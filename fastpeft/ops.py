@@ -109,7 +109,7 @@ def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p
                   need_dx: bool, need_da: bool, need_db: bool):
     """(dx2, dA, dB), each None when not needed; dA/dB in the adapters' dtype."""
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
-    M, R = dy2.shape[0], lora_a.shape[0]
+    M = dy2.shape[0]
     dx = dyb = da = db = None
     if need_dx:
         mask = dict(seed=seed, threshold=threshold, drop_scale=drop_scale, mask_output=True)

@@ -108,18 +108,10 @@ def kernels():
 def e2e():
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_e2e import SIZE, prepare
+    from bench_e2e import training_case
 
     for setup, drop in (("frozen", None), ("fastpeft", 0.05), ("fastpeft", 0.0)):
-        model = prepare(setup, drop).train()
-        opt = torch.optim.AdamW([t for t in model.parameters() if t.requires_grad], lr=1e-4)
-        ids = torch.randint(0, SIZE["vocab"], (SIZE["batch"], SIZE["seq"]), device="cuda")
-
-        def step():
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        case, step = training_case(setup, drop)
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -139,7 +131,7 @@ def e2e():
         print(f"--- {setup} p={drop}: step {step_ms:.1f} ms, GPU busy {busy:.1f} ms per step", flush=True)
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
             print(f"   {e.self_device_time_total / 2 / 1e3:7.2f} ms  {e.count // 2:5d}x  {e.key[:90]}")
-        del model, opt
+        case.clear()
         torch.cuda.empty_cache()
 
 

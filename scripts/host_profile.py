@@ -86,18 +86,10 @@ def main():
 
 
 def e2e(p: float):
-    from bench_e2e import SIZE, prepare
+    from bench_e2e import training_case
 
     for setup, drop in (("frozen", None), ("fastpeft", p)):
-        model = prepare(setup, drop).train()
-        opt = torch.optim.AdamW([t for t in model.parameters() if t.requires_grad], lr=1e-4)
-        ids = torch.randint(0, SIZE["vocab"], (SIZE["batch"], SIZE["seq"]), device="cuda")
-
-        def step():
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        case, step = training_case(setup, drop)
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -109,7 +101,7 @@ def e2e(p: float):
         pr.disable()
         print(f"--- cProfile {setup} p={drop}: 5 training steps")
         pstats.Stats(pr).sort_stats("tottime").print_stats(25)
-        del model, opt
+        case.clear()
         torch.cuda.empty_cache()
 
 
