@@ -66,11 +66,8 @@ def single_lora(layer):
     """(weight, bias, lora_A, lora_B, scaling, dropout p) of a fastpeft-computed LoRA layer that adds
     exactly one active, unmerged adapter to a frozen base; None for anything else (adapters disabled
     or merged, several active, a PEFT layer fastpeft does not compute, a trainable base)."""
-    if isinstance(layer, LoraLinear):
-        pass
-    elif not (layer.__dict__.get(ACCELERATED_ATTR, False) and peft_fast_path_ok(layer)):
-        return None
-    if layer.disable_adapters or layer.merged:
+    peft_computed = layer.__dict__.get(ACCELERATED_ATTR, False) and peft_fast_path_ok(layer)
+    if not (isinstance(layer, LoraLinear) or peft_computed) or layer.disable_adapters or layer.merged:
         return None
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     base = layer.base_layer

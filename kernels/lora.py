@@ -12,7 +12,7 @@ The LoRA linear y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ and its backward are bui
 * ``lora_linear``        out[M, N] = a[M, K] · w[N, K]ᵀ + b + s·(l[M, R] · r[N, R]ᵀ) [⊙ keep]
       the expand, scaling and bias in the epilogue of a Triton matmul, so no M×N or M×K intermediate
       is written besides y; with ``shrink_a`` it also computes l = drop(a)·shrink_aᵀ in its K loop
-      (a read once, one launch for the whole forward, or for dX = dY·W + s·(dY·B·A) ⊙ keep).
+      (a read once, one launch for the whole forward; off by default: it costs GPU time, see ops.py).
 * ``lora_adapter_grads`` dA[R, K] = s·dybᵀ·drop(x) and dB[N, R] = s·dYᵀ·xa in one launch
       (each out[C, R] = s · Σ_m big[m, C]ᵀ · small[m, R]; the mask regenerated on x).
 
@@ -415,9 +415,10 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, l: 
     """out = a·wᵀ + bias + s·(l·rᵀ) [⊙ keep·scale].
 
     a (M, K), w (N, K), bias (N,) or None, l (M, R), r (N, R); any strides.
-    With ``shrink_a`` (R, K), R <= 64, the kernel computes l = drop(a)·shrink_aᵀ itself in its main
-    loop (a read once) and writes it into ``l`` (fp32). With ``seed`` the dropout mask applies to
-    ``a`` inside that shrink, or, with ``mask_output``, to the LoRA term of output element (m, n).
+    With ``shrink_a`` (R, K), R <= 64, unit stride along K, the kernel computes l = drop(a)·shrink_aᵀ
+    itself in its main loop (a read once) and writes it into ``l`` (fp32). With ``seed`` the dropout
+    mask applies to ``a`` inside that shrink, or, with ``mask_output`` (not with ``shrink_a``), to the
+    LoRA term of output element (m, n).
     """
     M, R = l.shape
     N, Rr = r.shape
@@ -430,6 +431,11 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, l: 
     if fuse and (tuple(shrink_a.shape) != (R, K) or R > 64 or l.dtype != torch.float32):
         raise ValueError(f"lora_linear: the fused shrink needs shrink_a ({R}, {K}) with R <= 64 and an fp32 l; "
                          f"got shrink_a {tuple(shrink_a.shape)}, l {l.dtype}")
+    # What the GPU verified: the forward's form. With shrink_a = Bᵀ (unit stride along R) and the
+    # output mask (the dX form) the H100 gave wrong results for half-precision products (triton 3.6).
+    if fuse and (shrink_a.stride(1) != 1 or mask_output):
+        raise ValueError(f"lora_linear: the fused shrink needs shrink_a with unit stride along K and no output "
+                         f"mask; got strides {shrink_a.stride()}, mask_output={mask_output}")
     if seed is not None and not fuse and not mask_output:
         raise ValueError("lora_linear: dropout on the input needs the fused shrink (shrink_a); "
                          "pass mask_output=True to mask the LoRA term instead")

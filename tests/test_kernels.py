@@ -208,6 +208,11 @@ def test_shape_errors_name_the_problem(kernel_device):
         lora_kernels.lora_linear(x, w, b, xa, bb, 1.0, shrink_a=a[:, :8])
     with pytest.raises(ValueError, match="fused shrink"):  # xa must be fp32
         lora_kernels.lora_linear(x, w, b, xa.half(), bb, 1.0, shrink_a=a)
+    with pytest.raises(ValueError, match="unit stride along K"):  # the dX form (Bᵀ): wrong on the H100
+        lora_kernels.lora_linear(x, w, b, xa, bb, 1.0, shrink_a=a.t().contiguous().t())
+    with pytest.raises(ValueError, match="no output mask"):
+        lora_kernels.lora_linear(x, w, b, xa, bb, 1.0, torch.tensor([3], device=kernel_device), 100, 1.1,
+                                 shrink_a=a, mask_output=True)
     seed = torch.tensor([3], dtype=torch.int64, device=kernel_device)
     with pytest.raises(ValueError, match="needs the fused shrink"):  # dropout on x needs the shrink inside
         lora_kernels.lora_linear(x, w, b, xa, bb, 1.0, seed, 100, 1.1)
