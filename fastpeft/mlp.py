@@ -45,20 +45,17 @@ def _has_lora(module) -> bool:
     return module is not None and hasattr(module, "lora_A") and hasattr(module, "base_layer")
 
 
-def install(model: nn.Module) -> int:
-    """Install the fused forward on every GLU MLP of ``model`` whose three projections carry LoRA."""
-    count = 0
+def install(model: nn.Module) -> None:
+    """Install the fused forward on every GLU MLP of ``model`` whose three projections carry LoRA
+    (again on a model that has it: nothing changes)."""
     for module in model.modules():
         if FUSED_MLP_ATTR in module.__dict__:
-            count += 1
             continue
         act = models.gated_mlp_activation(module)
         if act is None or not all(_has_lora(getattr(module, n, None)) for n in models.GATED_MLP_PROJECTIONS):
             continue
         module.forward = types.MethodType(gated_mlp_forward, module)
         module.__dict__[FUSED_MLP_ATTR] = act
-        count += 1
-    return count
 
 
 def uninstall(model: nn.Module) -> None:

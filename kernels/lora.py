@@ -79,6 +79,12 @@ def _block_r(R: int, cap: int = 256) -> int:
     return max(16, min(cap, 1 << max(0, R - 1).bit_length()))
 
 
+def _fit_stages(stages: int, stage_bytes: int, budget: int) -> int:
+    """The most pipeline stages, at most ``stages`` and at least 1, whose tiles fit in ``budget``
+    bytes of shared memory (H100: 227 KiB a block, less what the kernel needs besides)."""
+    return max(1, min(stages, budget // stage_bytes))
+
+
 _SM_COUNT: dict = {}
 
 
@@ -449,8 +455,7 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, l: 
     # fp32 operands take twice the shared memory per stage: drop stages to fit (H100: 227 KiB)
     stage_bytes = (BM + BN) * BK * max(a.element_size(), w.element_size())
     stage_bytes += BK * BLOCK_R * shrink_a.element_size() if fuse else 0
-    while stages > 1 and stages * stage_bytes > 200 * 1024:
-        stages -= 1
+    stages = _fit_stages(stages, stage_bytes, 200 * 1024)
     sa = shrink_a if fuse else l
     grid = (_cdiv(M, BM) * _cdiv(N, BN),)
     launch(_lora_linear_kernel, grid, (
@@ -580,9 +585,8 @@ def lora_adapter_grads(x: torch.Tensor | None, dyb: torch.Tensor | None, dy: tor
     has_dropout = seed is not None and problems[0][2]
     C0 = problems[0][0].shape[1]
     C1 = problems[-1][0].shape[1]
-    # pipeline stages of (big, small) tiles that fit in shared memory (H100: 227 KiB), at most 4
-    stage_bytes = BLOCK_M * (BLOCK_C * t0[0].element_size() + BLOCK_R * 4)
-    stages = max(1, min(4, (160 * 1024) // stage_bytes))
+    # pipeline stages of (big, small) tiles, at most 4
+    stages = _fit_stages(4, BLOCK_M * (BLOCK_C * t0[0].element_size() + BLOCK_R * 4), 160 * 1024)
     launch(_lora_weight_grad_kernel, (n_c, split_m, n_r), (*t0, *t1, seed if has_dropout else t0[2]), (
         M, C0, C1, R, n_cs[0], *st0, *st1, sc0, sc1, threshold,
     ), HAS_DROPOUT=has_dropout, MODE=_dot_mode(t0[0].dtype, t0[1].dtype),

@@ -105,6 +105,18 @@ def test_lora_mlp_matches_reference(kernels_on, act, dtypes, ps):
         assert_close(o, e, s, dtype, name)
 
 
+def test_lora_mlp_shape_errors(kernel_device):
+    projections = _projections(16, 24, torch.float32, torch.float32, kernel_device, bias=False, ps=(0, 0, 0))
+    x = torch.randn(3, 16, device=kernel_device)
+    up = list(projections[1])
+    up[0] = up[0][:20]  # up's weight (20, 16) against gate's (24, 16)
+    up[3] = up[3][:20]
+    with pytest.raises(ValueError, match="GLU MLP weights do not fit"):
+        ops.lora_mlp(x, "silu", [projections[0], tuple(up), projections[2]], [None] * 3)
+    with pytest.raises(ValueError, match="lora_A"):  # an adapter of the wrong width
+        ops.lora_mlp(x[:, :8], "silu", projections, [None] * 3)
+
+
 def _patched(family="llama", **cfg):
     model = make_model(family)
     config = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False) | cfg
