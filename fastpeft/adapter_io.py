@@ -156,7 +156,7 @@ def _check_state(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tens
 
 def _expected_after_patch(model: nn.Module, plan) -> dict[str, torch.Tensor]:
     """Checkpoint keys and shapes the adapter will have once ``plan`` is applied (meta tensors)."""
-    name, config = plan.adapter_name, plan.config
+    config = plan.config
     out: dict[str, torch.Tensor] = {}
     for t in plan.targets:
         base = t.module.base_layer if isinstance(t.module, LoraLinear) else t.module

@@ -6,22 +6,23 @@ everything else the reference path. Nothing else in fastpeft asks which device i
 """
 from __future__ import annotations
 
-import os
 
 import torch
+
+from .kernels.launch import env
 
 _CHOICES = ("auto", "triton", "reference")
 
 
 def backend_name() -> str:
-    name = os.environ.get("FASTPEFT_BACKEND", "auto").strip().lower() or "auto"
+    name = env("FASTPEFT_BACKEND", "auto").strip().lower() or "auto"
     if name not in _CHOICES:
         raise ValueError(f"FASTPEFT_BACKEND must be one of {', '.join(_CHOICES)}, got {name!r}")
     return name
 
 
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env("TRITON_INTERPRET", "0") == "1"
 
 
 def use_triton(x: torch.Tensor) -> bool:

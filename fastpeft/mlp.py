@@ -10,7 +10,6 @@ FASTPEFT_FUSE_MLP=0) runs the module's own forward, i.e. the three LoRA layers o
 """
 from __future__ import annotations
 
-import os
 import types
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn as nn
 
 from . import functional, models
 from .backend import use_triton
+from .kernels.launch import env
 from .layer import single_lora
 
 FUSED_MLP_ATTR = "_fastpeft_fused_mlp"  # on each MLP module: the activation name
@@ -26,7 +26,7 @@ FUSED_MLP_ATTR = "_fastpeft_fused_mlp"  # on each MLP module: the activation nam
 def fusable(mlp: nn.Module, x: torch.Tensor):
     """The three projections' (weight, bias, lora_A, lora_B, scaling, p), or None to run unfused."""
     if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or not use_triton(x)
-            or os.environ.get("FASTPEFT_FUSE_MLP", "1") == "0"
+            or env("FASTPEFT_FUSE_MLP", "1") == "0"
             or models.GATED_MLP_ACTIVATIONS.get(type(mlp.act_fn).__name__) != mlp.__dict__[FUSED_MLP_ATTR]):
         return None
     projections = [single_lora(getattr(mlp, name)) for name in models.GATED_MLP_PROJECTIONS]

@@ -24,7 +24,6 @@ model keeps for its own activation and product, two less than three separate LoR
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -32,6 +31,7 @@ import torch
 from . import reference
 from .kernels import activation as A
 from .kernels import lora as K
+from .kernels.launch import env
 
 # From this many rows up cuBLAS onto a prefilled C beats the fused Triton matmul. Measured on an H100
 # (bench/NOTES.md): Triton's best tile reached 69% of cuBLAS at M = 16384; at M = 256 the Triton
@@ -44,7 +44,7 @@ def main_matmul(M: int) -> str:
 
     FASTPEFT_GEMM=triton|cublas pins one (the cuBLAS path also runs on CPU, via torch's addmm).
     """
-    choice = os.environ.get("FASTPEFT_GEMM", "auto")
+    choice = env("FASTPEFT_GEMM", "auto")
     if choice == "auto":
         return "cublas" if M >= CUBLAS_MIN_M else "triton"
     if choice not in ("triton", "cublas"):
@@ -84,7 +84,7 @@ FUSED_SHRINK_MAX_M = 0
 def fused_shrink(M: int, R: int) -> bool:
     """Whether the forward's Triton main matmul also computes xa = drop(x)·Aᵀ in its K loop instead of
     a separate shrink kernel (R <= 64; FASTPEFT_FUSED_SHRINK_MAX_M moves the M bound)."""
-    return R <= 64 and M <= int(os.environ.get("FASTPEFT_FUSED_SHRINK_MAX_M", FUSED_SHRINK_MAX_M))
+    return R <= 64 and M <= int(env("FASTPEFT_FUSED_SHRINK_MAX_M", FUSED_SHRINK_MAX_M))
 
 
 def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, seed):
@@ -157,10 +157,12 @@ def _grads(ctx, dy, lora_grads):
     need = ctx.needs_input_grad
     dx, da, db = lora_grads(dy, x, weight, lora_a, lora_b, xa, ctx.scaling, ctx.dropout_p, seed,
                             need[0], need[3], need[4])
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
-    dw = (dy2.t().to(weight.dtype) @ x2.to(weight.dtype)) if weight is not None and need[1] else None
-    dbias = dy2.sum(0).to(bias.dtype) if bias is not None and need[2] else None
+    dw = dbias = None
+    if (weight is not None and need[1]) or (bias is not None and need[2]):  # a trainable base (rare)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        dw = (dy2.t().to(weight.dtype) @ x2.to(weight.dtype)) if weight is not None and need[1] else None
+        dbias = dy2.sum(0).to(bias.dtype) if bias is not None and need[2] else None
     return (dx if need[0] else None, dw, dbias, da if need[3] else None, db if need[4] else None, None, None, None)
 
 

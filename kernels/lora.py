@@ -26,8 +26,6 @@ without a zero-filled buffer for split reductions where possible (a zero-fill is
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -35,7 +33,7 @@ import triton.language as tl
 from .dropout import dropout_keep
 from .launch import INTERPRETING as _INTERPRETING
 from .launch import cdiv as _cdiv
-from .launch import launch
+from .launch import env, launch
 
 
 # How a tl.dot runs (a constexpr of every kernel, one per product), picked on the host:
@@ -402,7 +400,7 @@ _INTERPRETER_CONFIG = (16, 32, 32, 4, 4, 1)
 
 
 def _linear_config(M: int) -> tuple:
-    pinned = os.environ.get("FASTPEFT_LINEAR_CONFIG")
+    pinned = env("FASTPEFT_LINEAR_CONFIG")
     if pinned:
         return tuple(int(v) for v in pinned.split(","))
     if _INTERPRETING:

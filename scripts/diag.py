@@ -2,6 +2,7 @@
 
     python scripts/diag.py prec      errors per output and route for same-dtype half adapters
     python scripts/diag.py kernels   GPU time of each kernel at training shapes, grid variants
+    python scripts/diag.py layer M   one layer's wall time against its GPU kernels (profiler)
     python scripts/diag.py e2e       GPU busy time per training step (profiler) vs step time
 """
 import os
@@ -52,7 +53,10 @@ def _t(fn):
 
 
 def kernels():
-    shapes = [(16384, 4096, 4096), (8192, 2048, 5632)]
+    """GPU time of each kernel at training shapes; grid variants (BM, BN / BM, BC, split).
+    FASTPEFT_DIAG_SHAPES="M,K,N;..." picks the shapes."""
+    spec = os.environ.get("FASTPEFT_DIAG_SHAPES", "16384,4096,4096;4096,4096,4096;8192,2048,5632")
+    shapes = [tuple(int(v) for v in s.split(",")) for s in spec.split(";")]
     R = 16
     for M, K, N in shapes:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -70,70 +74,96 @@ def kernels():
         line.append(f"shrink {_t(lambda: kl.lora_shrink(x, a)) * 1e3:.1f}")
         print(" ".join(line), flush=True)
         real_grid = kl._shrink_expand_grid
-        for bm in (None, 64):
-            for bn in (64, 128):
-                def grid(M_, N_, BR, sms, bm=bm, bn=bn):
-                    BM, BK, BN, ns = real_grid(M_, N_, BR, sms)
-                    if bm is None:
-                        return BM, BK, BN, ns
-                    return bm, BK, bn, max(1, min(-(-N_ // bn), -(-sms // -(-M_ // bm))))
-                kl._shrink_expand_grid = grid
+        for bm, bn in ((None, None), (64, 128), (64, 64), (32, 64)):
+            def grid(M_, N_, BR, sms, bm=bm, bn=bn):
+                BM, BK, BN, ns = real_grid(M_, N_, BR, sms)
+                if bm is not None:
+                    BM, BN = bm, bn
+                    ns = max(1, min(-(-N_ // bn), -(-sms // -(-M_ // bm))))
+                return BM, BK, BN, ns
+            kl._shrink_expand_grid = grid
+            cfg = grid(M, N, 16, 132) if bm is None else (bm, bn)
+            try:
                 f0 = _t(lambda: kl.lora_shrink_expand(x, a, bb, None, 2.0))
                 f1 = _t(lambda: kl.lora_shrink_expand(x, a, bb, None, 2.0, seed, t, sc))
+                b0 = _t(lambda: kl.lora_shrink_expand(dy, bb.t(), a.t(), None, 2.0))
                 b1 = _t(lambda: kl.lora_shrink_expand(dy, bb.t(), a.t(), None, 2.0, seed, t, sc, mask_output=True))
-                print(f"  shrink_expand BM={bm or 'auto'} BN={bn if bm else 'auto'}: fwd {f0 * 1e3:.1f} "
-                      f"fwd p.05 {f1 * 1e3:.1f} bwd p.05 {b1 * 1e3:.1f} us", flush=True)
-                if bm is None:
-                    break
+            except Exception as e:
+                print(f"  shrink_expand {cfg}: {type(e).__name__}", flush=True)
+                continue
+            print(f"  shrink_expand (BM, BK, BN, n_split){' auto' if bm is None else ' (BM, BN)'}={cfg}: "
+                  f"fwd {f0 * 1e3:.1f} / p.05 {f1 * 1e3:.1f}; dX {b0 * 1e3:.1f} / p.05 {b1 * 1e3:.1f} us", flush=True)
         kl._shrink_expand_grid = real_grid
         real_gg = kl._grad_grid
-        for cfg in (None, (64, 32, 1), (64, 64, 1), (128, 64, 1), (64, 128, 2), (64, 128, 4), (128, 64, 2)):
+        for cfg in (None, (128, 32, 1), (128, 64, 2)):
             def gg(Cs, M_, n_r, sms, cfg=cfg):
                 if cfg is None:
                     return real_gg(Cs, M_, n_r, sms)
                 bm, bc, split = cfg
                 return bm, bc, [-(-C // bc) for C in Cs], split
             kl._grad_grid = gg
-            try:
-                g0 = _t(lambda: kl.lora_adapter_grads(x, xa, dy, xa, 2.0))
-                g1 = _t(lambda: kl.lora_adapter_grads(x, xa, dy, xa, 2.0, seed, t, sc))
-            except Exception as e:  # out of shared memory
-                print(f"  adapter_grads {cfg}: {type(e).__name__}", flush=True)
-                continue
-            print(f"  adapter_grads (BM, BC, split)={cfg or real_gg([K, N], M, 1, 132)[:2] + (real_gg([K, N], M, 1, 132)[3],)}: "
+            shown = gg([K, N], M, 1, 132)
+            g0 = _t(lambda: kl.lora_adapter_grads(x, xa, dy, xa, 2.0))
+            g1 = _t(lambda: kl.lora_adapter_grads(x, xa, dy, xa, 2.0, seed, t, sc))
+            print(f"  adapter_grads (BM, BC, split)={shown[:2] + shown[3:]}{'' if cfg else ' auto'}: "
                   f"{g0 * 1e3:.1f} / p.05 {g1 * 1e3:.1f} us", flush=True)
         kl._grad_grid = real_gg
 
 
-def e2e():
+def _profile(run, n: int, label: str, top: int = 14):
+    """Wall ms per call of ``run`` (events over n calls), then its GPU kernels from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    wall = start.elapsed_time(end) / n
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            run()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    busy = sum(e.self_device_time_total for e in events) / 2 / 1e3
+    print(f"--- {label}: {wall:.3f} ms per call, GPU busy {busy:.3f} ms", flush=True)
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"   {e.self_device_time_total / 2:9.1f} us  {e.count // 2:5d}x  {e.key[:90]}")
+
+
+def layer():
+    """python scripts/diag.py layer M [K N]: one layer's forward and forward+backward, wall time
+    (back-to-back calls, no L2 flush) against GPU busy time, per kernel; fastpeft, PEFT, F.linear."""
+    from bench_lora import make_layers
+
+    M = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
+    K = int(sys.argv[3]) if len(sys.argv) > 3 else 4096
+    N = int(sys.argv[4]) if len(sys.argv) > 4 else K
+    for p in (0.0, 0.05):
+        base, fast, peft_layer = make_layers(K, N, 16, p)
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        for name, lay in (("linear", base), ("fastpeft", fast), ("peft", peft_layer)):
+            if lay is None or (name == "linear" and p):
+                continue
+            params = [x] + [t for t in lay.parameters() if t.requires_grad]
+            _profile(lambda: lay(x), 20, f"{name} M={M} p={p} fwd", top=6)
+            _profile(lambda: torch.autograd.grad(lay(x), params, g), 20, f"{name} M={M} p={p} fwd+bwd", top=10)
+
+
+def e2e():
     from bench_e2e import training_case
 
     for setup, drop in (("frozen", None), ("fastpeft", 0.05), ("fastpeft", 0.0)):
         case, step = training_case(setup, drop)
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(5):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        step_ms = start.elapsed_time(end) / 5
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(2):
-                step()
-            torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-        busy = sum(e.self_device_time_total for e in events) / 2 / 1e3
-        print(f"--- {setup} p={drop}: step {step_ms:.1f} ms, GPU busy {busy:.1f} ms per step", flush=True)
-        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
-            print(f"   {e.self_device_time_total / 2 / 1e3:7.2f} ms  {e.count // 2:5d}x  {e.key[:90]}")
+        _profile(step, 5, f"{setup} p={drop} step")
         case.clear()
         torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
-    {"prec": prec, "kernels": kernels, "e2e": e2e}[sys.argv[1]]()
+    {"prec": prec, "kernels": kernels, "layer": layer, "e2e": e2e}[sys.argv[1]]()

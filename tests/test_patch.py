@@ -327,7 +327,6 @@ def test_unpatch_without_merge_restores_base(patched_llama):
 @torch.no_grad()
 def test_merge_and_unload_equals_peft():
     base = make_model("gpt2")
-    inputs = make_inputs("gpt2")
     pm, fm = peft_and_fastpeft(base, dict(r=4, init_lora_weights=False, target_modules="all-linear"))
     a = pm.merge_and_unload()
     b = fastpeft.unpatch(fm, merge=True)
