@@ -6,7 +6,6 @@ everything else the reference path. Nothing else in fastpeft asks which device i
 """
 from __future__ import annotations
 
-
 import torch
 
 from .kernels.launch import env

@@ -27,7 +27,7 @@ def fusable(mlp: nn.Module, x: torch.Tensor):
     """The three projections' (weight, bias, lora_A, lora_B, scaling, p), or None to run unfused."""
     if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or not use_triton(x)
             or env("FASTPEFT_FUSE_MLP", "1") == "0"
-            or models.GATED_MLP_ACTIVATIONS.get(type(mlp.act_fn).__name__) != mlp.__dict__[FUSED_MLP_ATTR]):
+            or models.gated_mlp_activation(mlp) != mlp.__dict__[FUSED_MLP_ATTR]):
         return None
     projections = [single_lora(getattr(mlp, name)) for name in models.GATED_MLP_PROJECTIONS]
     return None if any(p is None for p in projections) else projections

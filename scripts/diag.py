@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from fastpeft import ops, reference  # noqa: E402
 from fastpeft.kernels import lora as kl  # noqa: E402
+from fastpeft.kernels.launch import cdiv  # noqa: E402
+from common import time_ms  # noqa: E402
 
 
 def prec():
@@ -46,10 +48,6 @@ def prec():
     os.environ.pop("FASTPEFT_GEMM")
 
 
-def _t(fn):
-    from common import time_ms
-
-    return time_ms(fn)
 
 
 def kernels():
@@ -67,11 +65,11 @@ def kernels():
         seed = torch.tensor([5], device="cuda")
         t, sc = reference.dropout_threshold(0.05), reference.dropout_scale(0.05)
         xa = torch.randn(M, R, device="cuda")
-        line = [f"M={M} K={K} N={N}:", f"F.linear {_t(lambda: F.linear(x, w)) * 1e3:.1f}",
-                f"dX mm {_t(lambda: dy @ w) * 1e3:.1f}"]
+        line = [f"M={M} K={K} N={N}:", f"F.linear {time_ms(lambda: F.linear(x, w)) * 1e3:.1f}",
+                f"dX mm {time_ms(lambda: dy @ w) * 1e3:.1f}"]
         c = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-        line.append(f"addmm_ {_t(lambda: c.addmm_(x, w.t())) * 1e3:.1f}")
-        line.append(f"shrink {_t(lambda: kl.lora_shrink(x, a)) * 1e3:.1f}")
+        line.append(f"addmm_ {time_ms(lambda: c.addmm_(x, w.t())) * 1e3:.1f}")
+        line.append(f"shrink {time_ms(lambda: kl.lora_shrink(x, a)) * 1e3:.1f}")
         print(" ".join(line), flush=True)
         real_grid = kl._shrink_expand_grid
         for bm, bn in ((None, None), (64, 128), (64, 64), (32, 64)):
@@ -79,15 +77,15 @@ def kernels():
                 BM, BK, BN, ns = real_grid(M_, N_, BR, sms)
                 if bm is not None:
                     BM, BN = bm, bn
-                    ns = max(1, min(-(-N_ // bn), -(-sms // -(-M_ // bm))))
+                    ns = max(1, min(cdiv(N_, bn), cdiv(sms, cdiv(M_, bm))))
                 return BM, BK, BN, ns
             kl._shrink_expand_grid = grid
             cfg = grid(M, N, 16, 132) if bm is None else (bm, bn)
             try:
-                f0 = _t(lambda: kl.lora_shrink_expand(x, a, bb, None, 2.0))
-                f1 = _t(lambda: kl.lora_shrink_expand(x, a, bb, None, 2.0, seed, t, sc))
-                b0 = _t(lambda: kl.lora_shrink_expand(dy, bb.t(), a.t(), None, 2.0))
-                b1 = _t(lambda: kl.lora_shrink_expand(dy, bb.t(), a.t(), None, 2.0, seed, t, sc, mask_output=True))
+                f0 = time_ms(lambda: kl.lora_shrink_expand(x, a, bb, None, 2.0))
+                f1 = time_ms(lambda: kl.lora_shrink_expand(x, a, bb, None, 2.0, seed, t, sc))
+                b0 = time_ms(lambda: kl.lora_shrink_expand(dy, bb.t(), a.t(), None, 2.0))
+                b1 = time_ms(lambda: kl.lora_shrink_expand(dy, bb.t(), a.t(), None, 2.0, seed, t, sc, mask_output=True))
             except Exception as e:
                 print(f"  shrink_expand {cfg}: {type(e).__name__}", flush=True)
                 continue
@@ -100,11 +98,11 @@ def kernels():
                 if cfg is None:
                     return real_gg(Cs, M_, n_r, sms)
                 bm, bc, split = cfg
-                return bm, bc, [-(-C // bc) for C in Cs], split
+                return bm, bc, [cdiv(C, bc) for C in Cs], split
             kl._grad_grid = gg
             shown = gg([K, N], M, 1, 132)
-            g0 = _t(lambda: kl.lora_adapter_grads(x, xa, dy, xa, 2.0))
-            g1 = _t(lambda: kl.lora_adapter_grads(x, xa, dy, xa, 2.0, seed, t, sc))
+            g0 = time_ms(lambda: kl.lora_adapter_grads(x, xa, dy, xa, 2.0))
+            g1 = time_ms(lambda: kl.lora_adapter_grads(x, xa, dy, xa, 2.0, seed, t, sc))
             print(f"  adapter_grads (BM, BC, split)={shown[:2] + shown[3:]}{'' if cfg else ' auto'}: "
                   f"{g0 * 1e3:.1f} / p.05 {g1 * 1e3:.1f} us", flush=True)
         kl._grad_grid = real_gg
