@@ -13,10 +13,17 @@ from .kernels.launch import env
 _CHOICES = ("auto", "triton", "reference")
 
 
+_PARSED: dict = {}  # the variable's raw value -> the backend it names (read at every call)
+
+
 def backend_name() -> str:
-    name = env("FASTPEFT_BACKEND", "auto").strip().lower() or "auto"
-    if name not in _CHOICES:
-        raise ValueError(f"FASTPEFT_BACKEND must be one of {', '.join(_CHOICES)}, got {name!r}")
+    raw = env("FASTPEFT_BACKEND", "auto")
+    name = _PARSED.get(raw)
+    if name is None:
+        name = raw.strip().lower() or "auto"
+        if name not in _CHOICES:
+            raise ValueError(f"FASTPEFT_BACKEND must be one of {', '.join(_CHOICES)}, got {name!r}")
+        _PARSED[raw] = name
     return name
 
 

@@ -51,15 +51,33 @@ def peft_fast_path_ok(layer) -> bool:
     return getattr(layer, "cast_input_dtype_enabled", True)
 
 
+def _param(module: nn.Module, name: str):
+    """``module.<name>`` for a parameter (or None), read from ``_parameters`` without nn.Module's
+    ``__getattr__`` fallback (the hot path reads a few per call)."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name, None)
+
+
 def _adapter(layer, name: str):
     """(lora_A weight, lora_B weight, scaling, dropout p) of adapter ``name``; DoRA / lora_bias raise."""
     if getattr(layer, "use_dora", {}).get(name, False):
         raise NotImplementedError(f"DoRA (use_dora=True) is not supported by fastpeft (adapter {name!r})")
-    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-    if lora_b.bias is not None:
+    modules = layer._modules
+    lora_a, lora_b = modules["lora_A"][name], modules["lora_B"][name]
+    if _param(lora_b, "bias") is not None:
         raise NotImplementedError(f"lora_bias=True is not supported by fastpeft (adapter {name!r})")
-    drop = layer.lora_dropout[name]
-    return lora_a.weight, lora_b.weight, layer.scaling[name], drop.p if isinstance(drop, nn.Dropout) else 0.0
+    drop = modules["lora_dropout"][name]
+    return (_param(lora_a, "weight"), _param(lora_b, "weight"), layer.scaling[name],
+            drop.p if isinstance(drop, nn.Dropout) else 0.0)
+
+
+def _active(layer) -> list:
+    """The active adapters that this layer has (PEFT keeps a str or a list in ``_active_adapter``)."""
+    active = layer._active_adapter
+    lora_a = layer._modules["lora_A"]
+    if isinstance(active, str):
+        return [active] if active in lora_a else []
+    return [name for name in active if name in lora_a]
 
 
 def single_lora(layer):
@@ -69,7 +87,7 @@ def single_lora(layer):
     peft_computed = layer.__dict__.get(ACCELERATED_ATTR, False) and peft_fast_path_ok(layer)
     if not (isinstance(layer, LoraLinear) or peft_computed) or layer.disable_adapters or layer.merged:
         return None
-    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    active = _active(layer)
     base = layer.base_layer
     if len(active) != 1 or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return None
@@ -82,17 +100,19 @@ def lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError(
             "mixed-adapter batches (adapter_names=...) are not supported by fastpeft's LoRA layers yet"
         )
-    base = layer.base_layer
-    if layer.disable_adapters:
-        if layer.merged:
+    base = layer._modules["base_layer"]
+    if layer._disable_adapters:
+        if layer.merged_adapters:
             layer.unmerge()
         return base(x, *args, **kwargs)
-    if layer.merged:
+    if layer.merged_adapters:
         return base(x, *args, **kwargs)
-    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    active = _active(layer)
     if not active:
         return base(x, *args, **kwargs)
-    weight, bias, training = base_weight(layer), base.bias, layer.training
+    weight, bias, training = _param(base, "weight"), _param(base, "bias"), layer.training
+    if layer.fan_in_fan_out:
+        weight = weight.T
     y = None
     for name in active:
         lora_a, lora_b, scaling, p = _adapter(layer, name)

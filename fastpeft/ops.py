@@ -52,10 +52,22 @@ def main_matmul(M: int) -> str:
     return choice
 
 
+_DROPOUT_ARGS: dict = {}  # p -> (threshold, scale)
+
+
 def _dropout_args(dropout_p: float, seed):
+    """(seed or None, the mask's threshold, the kept values' scale) for the kernels."""
     if seed is None or dropout_p == 0.0:
         return None, 0, 1.0
-    return seed, reference.dropout_threshold(dropout_p), reference.dropout_scale(dropout_p)
+    args = _DROPOUT_ARGS.get(dropout_p)
+    if args is None:
+        args = _DROPOUT_ARGS[dropout_p] = (reference.dropout_threshold(dropout_p), reference.dropout_scale(dropout_p))
+    return seed, args[0], args[1]
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it is a no-op (a dispatcher round trip each on the host)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _check(x, weight, bias, lora_a, lora_b):
@@ -101,7 +113,7 @@ def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
     # C = b + s·drop(x)Aᵀ·Bᵀ in one pass; then (with a base) cuBLAS adds x·Wᵀ onto it (beta = 1)
     y, xa = K.lora_shrink_expand(x2, lora_a, lora_b, bias, scaling, seed, threshold, drop_scale)
     if weight is not None:
-        y.addmm_(x2, weight.t().to(x2.dtype))
+        y.addmm_(x2, _as(weight.t(), x2.dtype))
     return y, xa
 
 
@@ -121,15 +133,15 @@ def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p
         else:
             dx, dyb = K.lora_shrink_expand(dy2, lora_b.t(), lora_a.t(), None, scaling, out_dtype=x2.dtype, **mask)
             if weight is not None:
-                dx.addmm_(dy2, weight.to(dy2.dtype))
+                dx.addmm_(dy2, _as(weight, dy2.dtype))
     elif need_da:
         dyb = K.lora_shrink(dy2, lora_b.t())
     if need_da or need_db:
         da, db = K.lora_adapter_grads(x2 if need_da else None, dyb if need_da else None,
                                       dy2 if need_db else None, xa if need_db else None, scaling,
                                       seed, threshold, drop_scale)
-        da = None if da is None else da.to(lora_a.dtype)
-        db = None if db is None else db.to(lora_b.dtype)
+        da = None if da is None else _as(da, lora_a.dtype)
+        db = None if db is None else _as(db, lora_b.dtype)
     return dx, da, db
 
 
@@ -164,6 +176,19 @@ def _grads(ctx, dy, lora_grads):
         dw = (dy2.t().to(weight.dtype) @ x2.to(weight.dtype)) if weight is not None and need[1] else None
         dbias = dy2.sum(0).to(bias.dtype) if bias is not None and need[2] else None
     return (dx if need[0] else None, dw, dbias, da if need[3] else None, db if need[4] else None, None, None, None)
+
+
+_FUNCTION_APPLY = getattr(torch._C, "_FunctionBase", None)
+_FUNCTION_APPLY = None if _FUNCTION_APPLY is None else _FUNCTION_APPLY.__dict__.get("apply")
+
+
+def _apply(fn, *args):
+    """``fn.apply(*args)`` minus the Python wrapper's per-call work (binding defaults, unwrapping
+    functorch's dead wrappers), which matters only under functorch transforms; those take
+    ``Function.apply`` as always."""
+    if _FUNCTION_APPLY is None or torch._C._are_functorch_transforms_active():
+        return fn.apply(*args)
+    return _FUNCTION_APPLY.__get__(None, fn)(*args)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -225,7 +250,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: floa
     _check(x, weight, bias, lora_a, lora_b)
     if torch.compiler.is_compiling():
         return torch.ops.fastpeft.lora_linear(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)[0]
-    return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)
+    return _apply(LoraLinearFunction, x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)
 
 
 # --- the fused GLU MLP ------------------------------------------------------------------------
@@ -278,5 +303,5 @@ def lora_mlp(x, act: str, projections, seeds):
     if gw.shape != uw.shape or dw.shape[1] != gw.shape[0]:
         raise ValueError(f"GLU MLP weights do not fit: gate {tuple(gw.shape)}, up {tuple(uw.shape)}, down "
                          f"{tuple(dw.shape)} (want (I, H), (I, H), (H, I))")
-    return LoraMLPFunction.apply(x, ga, gb, ua, ub, da, db, gw, gbias, uw, ubias, dw, dbias, *seeds,
+    return _apply(LoraMLPFunction, x, ga, gb, ua, ub, da, db, gw, gbias, uw, ubias, dw, dbias, *seeds,
                                  (float(gs), float(us), float(ds)), (float(gp), float(up), float(dp)), act)

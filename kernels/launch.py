@@ -100,13 +100,16 @@ def _runner(compiled, tail: tuple):
     return call
 
 
-def launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, **meta) -> None:
+def launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, **meta):
     """``kernel[grid](*tensors, *scalars, **meta)``: ``tensors`` are the kernel's leading pointer
     parameters, ``scalars`` the ints and floats after them; ``meta`` holds the rest (constexprs by
-    name) and the launch options (num_warps, num_stages)."""
+    name) and the launch options (num_warps, num_stages).
+
+    Returns the direct call of this specialization when every pointer is 16-byte aligned and one is
+    known (``Plan`` keeps it), else None."""
     if not ENABLED:
         kernel[grid](*tensors, *scalars, **meta)
-        return
+        return None
     ptrs = tuple(map(_data_ptr, tensors))
     device = _current_device()
     aligned = functools.reduce(operator.or_, ptrs, 0) & 15 == 0
@@ -122,7 +125,49 @@ def launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, **meta) -> None:
             tail = tuple(meta[name] for name in kernel.arg_names[n_args:])
             if len(_compiled) >= MAX_KEYS:
                 _compiled.clear()
-            _compiled[key] = _raw_launcher(compiled, tail) or _runner(compiled, tail)
-        return
+            call = _compiled[key] = _raw_launcher(compiled, tail) or _runner(compiled, tail)
+        return call if aligned is True else None
     grid3 = grid + (1,) * (3 - len(grid))
     call(grid3, _current_stream(device), ptrs + scalars)
+    return call if aligned is True else None
+
+
+class Plan:
+    """One launch of ``kernel`` with everything but its tensors fixed: the grid, the scalars, the
+    constexprs and launch options. A launcher builds one per shape key (``cached``) and ``run``s it
+    on each call's tensors (the same dtypes, by the key). Once the first run has compiled the kernel,
+    runs whose pointers are all 16-byte aligned (the common case) call the compiled kernel's launcher
+    with no further work; any other run goes through ``launch``."""
+
+    __slots__ = ("kernel", "grid", "grid3", "scalars", "meta", "call", "device")
+
+    def __init__(self, kernel, grid: tuple, scalars: tuple, **meta):
+        self.kernel, self.grid, self.scalars, self.meta = kernel, grid, scalars, meta
+        self.grid3 = grid + (1,) * (3 - len(grid))
+        self.call = self.device = None
+
+    def run(self, tensors: tuple) -> None:
+        call = self.call
+        if call is not None:
+            ptrs = tuple(map(_data_ptr, tensors))
+            device = _current_device()
+            if functools.reduce(operator.or_, ptrs, 0) & 15 == 0 and device == self.device:
+                call(self.grid3, _current_stream(device), ptrs + self.scalars)
+                return
+        self.call = launch(self.kernel, self.grid, tensors, self.scalars, **self.meta)
+        if self.call is not None:
+            self.device = _current_device()
+
+
+_plans: dict = {}  # a launcher's shape key -> what it built for that key (a closure holding Plans)
+
+
+def cached(key, build, *args):
+    """``_plans[key]``, built by ``build(*args)`` the first time (the table is cleared past
+    ``MAX_KEYS``). The key must hold everything ``build`` reads from its arguments."""
+    entry = _plans.get(key)
+    if entry is None:
+        if len(_plans) >= MAX_KEYS:
+            _plans.clear()
+        entry = _plans[key] = build(*args)
+    return entry

@@ -33,7 +33,7 @@ import triton.language as tl
 from .dropout import dropout_keep
 from .launch import INTERPRETING as _INTERPRETING
 from .launch import cdiv as _cdiv
-from .launch import env, launch
+from .launch import Plan, cached, env
 
 
 # How a tl.dot runs (a constexpr of every kernel, one per product), picked on the host:
@@ -168,6 +168,13 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = No
 
     Dropout is applied when ``seed`` is given (threshold/scale from fastpeft.reference).
     """
+    key = (_lora_shrink_kernel, x.shape, x.stride(), x.dtype, a.shape, a.stride(), a.dtype,
+           None if seed is None else seed.dtype, threshold, drop_scale, _precision(), x.device)
+    return cached(key, _shrink_plan, x, a, seed is not None, threshold, drop_scale)(x, a, seed)
+
+
+def _shrink_plan(x, a, has_dropout: bool, threshold: int, drop_scale: float):
+    """lora_shrink's work for one shape key: the checks, the tiles, the grid, once."""
     M, K = x.shape
     R, Ka = a.shape
     if Ka != K:
@@ -178,17 +185,22 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = No
     n_m = max(1, _cdiv(M, BLOCK_M))
     # small M: split K across programs so the whole GPU reads x and A
     split_k = 1 if M > 256 or _INTERPRETING else max(1, min(_cdiv(K, BLOCK_K), 128 // n_m))
-    out = (torch.zeros if split_k > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
-    if M == 0:
-        return out
-    has_dropout = seed is not None
-    launch(_lora_shrink_kernel, (n_m, split_k), (x, a, out, seed if has_dropout else out), (
-        M, K, R, *x.stride(), *a.stride(), *out.stride(), threshold, drop_scale,
+    alloc = torch.zeros if split_k > 1 else torch.empty
+    device = x.device
+    plan = Plan(_lora_shrink_kernel, (n_m, split_k), (
+        M, K, R, *x.stride(), *a.stride(), R, 1, threshold, drop_scale,
     ), HAS_DROPOUT=has_dropout, MODE=_dot_mode(x.dtype, a.dtype), PRECISION=_precision(), SPLIT_K=split_k,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
         num_warps=4, num_stages=3,
     )
-    return out
+
+    def run(x, a, seed):
+        out = alloc((M, R), dtype=torch.float32, device=device)
+        if M:
+            plan.run((x, a, out, out if seed is None else seed))
+        return out
+
+    return run
 
 
 # ------------------------------------------------------------------------------------------
@@ -204,11 +216,12 @@ def _lora_shrink_expand_kernel(
     SHRINK_MODE: tl.constexpr, EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # program (pid_m, pid_s): the shrink of rows pid_m over all of K (kept in registers), then the
+    # program (pid_s, pid_m): the shrink of rows pid_m over all of K (kept in registers), then the
     # expand onto every n_split-th BLOCK_N column block of out; programs pid_s > 0 recompute the
-    # shrink (from L2) rather than wait for it, so small M still fills the GPU
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # shrink (from L2: the grid is (n_split, n_m), so the programs sharing rows run side by side)
+    # rather than wait for it, so small M still fills the GPU
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rm < M
     rr = tl.arange(0, BLOCK_R)
@@ -245,19 +258,24 @@ def _lora_shrink_expand_kernel(
         tl.store(out_rows + rn[None, :] * stride_on, c.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _shrink_expand_grid(M: int, N: int, BLOCK_R: int, sms: int):
+def _shrink_expand_grid(M: int, N: int, BLOCK_R: int, sms: int, in_dropout: bool = False):
     """(BLOCK_M, BLOCK_K, BLOCK_N, n_split): the tallest row blocks that still give about every
     multiprocessor one (H100, M = 16384: 64 rows 130 µs, 32 rows 187, 16 rows 295); below that, the
     columns are split across programs that each redo their rows' shrink from L2. BLOCK_M·BLOCK_R
-    fp32 stays in registers."""
+    fp32 stays in registers. Measured on an H200 at the training step's shapes (M = 8192): K steps
+    of 128 instead of 64 took 30.4 against 36.8 µs (K = N = 2048) and 55.4 against 72.0 (K = 5632,
+    N = 2048); with dropout on the input they took longer (51.1 against 48.0: the mask's registers),
+    and there the split is dropped when the rows alone fill half the GPU, since every split program
+    would redo the mask's Philox work in its shrink (42.8 against 48.0 µs; 85.6 against 104.4)."""
     if _INTERPRETING:
         BLOCK_M, BLOCK_K, BLOCK_N = 16, 32, 32
     else:
         BLOCK_M = next((bm for bm in (64, 32) if 4 * _cdiv(M, bm) >= 3 * sms), 16)
         BLOCK_M = max(16, min(BLOCK_M, 4096 // BLOCK_R))
-        BLOCK_K = 64 if BLOCK_R <= 64 else 32
+        BLOCK_K = (64 if in_dropout else 128) if BLOCK_R <= 32 else (64 if BLOCK_R <= 64 else 32)
         BLOCK_N = max(16, min(128, 4096 // BLOCK_R))
-    n_split = max(1, min(_cdiv(N, BLOCK_N), _cdiv(sms, _cdiv(M, BLOCK_M))))
+    n_m = _cdiv(M, BLOCK_M)
+    n_split = 1 if in_dropout and 2 * n_m >= sms else max(1, min(_cdiv(N, BLOCK_N), _cdiv(sms, n_m)))
     return BLOCK_M, BLOCK_K, BLOCK_N, n_split
 
 
@@ -269,6 +287,15 @@ def lora_shrink_expand(a: torch.Tensor, p: torch.Tensor, q: torch.Tensor, bias: 
     a (M, K), p (R, K), q (N, R), bias (N,) or None; any strides. With ``seed`` the dropout mask is
     applied to ``a`` inside the shrink, or with ``mask_output`` to out's elements (m, n) instead.
     """
+    key = (_lora_shrink_expand_kernel, a.shape, a.stride(), a.dtype, p.shape, p.stride(), p.dtype, q.shape, q.stride(),
+           q.dtype, None if bias is None else (bias.shape, bias.dtype), None if seed is None else seed.dtype,
+           mask_output, out_dtype, scaling, threshold, drop_scale, _precision(), a.device)
+    return cached(key, _shrink_expand_plan, a, p, q, bias, scaling, seed is not None, threshold, drop_scale,
+                  mask_output, out_dtype)(a, p, q, bias, seed)
+
+
+def _shrink_expand_plan(a, p, q, bias, scaling, has_seed, threshold, drop_scale, mask_output, out_dtype):
+    """lora_shrink_expand's work for one shape key: the checks, the tiles, the grid, once."""
     M, K = a.shape
     R, Kp = p.shape
     N, Rq = q.shape
@@ -277,25 +304,29 @@ def lora_shrink_expand(a: torch.Tensor, p: torch.Tensor, q: torch.Tensor, bias: 
                          f"fit a (M, K), p (R, K), q (N, R)")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"lora_shrink_expand: bias must be ({N},), got {tuple(bias.shape)}")
-    small = torch.empty((M, R), dtype=torch.float32, device=a.device)
-    out = torch.empty((M, N), dtype=out_dtype or a.dtype, device=a.device)
-    if M == 0:
-        return out, small
+    out_dtype = out_dtype or a.dtype
+    device = a.device
     BLOCK_R = _block_r(R, 1 << 30)
-    BLOCK_M, BLOCK_K, BLOCK_N, n_split = _shrink_expand_grid(M, N, BLOCK_R, _num_sms(a.device))
-    n_m = _cdiv(M, BLOCK_M)
-    launch(_lora_shrink_expand_kernel, (n_m, n_split), (
-        a, p, q, bias if bias is not None else q, small, out, seed if seed is not None else small,
-    ), (
-        M, K, N, R, n_split, *a.stride(), *p.stride(), *q.stride(), *small.stride(), *out.stride(),
+    in_dropout = has_seed and not mask_output
+    BLOCK_M, BLOCK_K, BLOCK_N, n_split = _shrink_expand_grid(M, N, BLOCK_R, _num_sms(device), in_dropout)
+    plan = Plan(_lora_shrink_expand_kernel, (n_split, _cdiv(M, BLOCK_M)), (
+        M, K, N, R, n_split, *a.stride(), *p.stride(), *q.stride(), R, 1, N, 1,
         float(scaling), threshold, float(drop_scale),
-    ), IN_DROPOUT=seed is not None and not mask_output, OUT_DROPOUT=seed is not None and mask_output,
-        HAS_BIAS=bias is not None, SHRINK_MODE=_dot_mode(a.dtype, p.dtype), EXPAND_MODE=_expand_mode(out.dtype),
+    ), IN_DROPOUT=in_dropout, OUT_DROPOUT=has_seed and mask_output,
+        HAS_BIAS=bias is not None, SHRINK_MODE=_dot_mode(a.dtype, p.dtype), EXPAND_MODE=_expand_mode(out_dtype),
         PRECISION=_precision(),
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
         num_warps=4, num_stages=3,
     )
-    return out, small
+
+    def run(a, p, q, bias, seed):
+        small = torch.empty((M, R), dtype=torch.float32, device=device)
+        out = torch.empty((M, N), dtype=out_dtype, device=device)
+        if M:
+            plan.run((a, p, q, q if bias is None else bias, small, out, small if seed is None else seed))
+        return out, small
+
+    return run
 
 
 # ------------------------------------------------------------------------------------------
@@ -424,6 +455,17 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, l: 
     mask applies to ``a`` inside that shrink, or, with ``mask_output`` (not with ``shrink_a``), to the
     LoRA term of output element (m, n).
     """
+    key = (_lora_linear_kernel, a.shape, a.stride(), a.dtype, w.shape, w.stride(), w.dtype,
+           None if bias is None else (bias.shape, bias.dtype), l.shape, l.stride(), l.dtype, r.shape, r.stride(),
+           r.dtype, None if seed is None else seed.dtype, threshold, drop_scale, out_dtype, mask_output,
+           None if shrink_a is None else (shrink_a.shape, shrink_a.stride(), shrink_a.dtype), scaling,
+           _precision(), env("FASTPEFT_LINEAR_CONFIG"), a.device)
+    return cached(key, _linear_plan, a, w, bias, l, r, scaling, seed is not None, threshold, drop_scale, out_dtype,
+                  shrink_a, mask_output)(a, w, bias, l, r, seed, shrink_a)
+
+
+def _linear_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dtype, shrink_a, mask_output):
+    """lora_linear's work for one shape key: the checks, the tiles, the grid, once."""
     M, R = l.shape
     N, Rr = r.shape
     Ma, K = a.shape
@@ -440,36 +482,40 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, l: 
     if fuse and (shrink_a.stride(1) != 1 or mask_output):
         raise ValueError(f"lora_linear: the fused shrink needs shrink_a with unit stride along K and no output "
                          f"mask; got strides {shrink_a.stride()}, mask_output={mask_output}")
-    if seed is not None and not fuse and not mask_output:
+    if has_seed and not fuse and not mask_output:
         raise ValueError("lora_linear: dropout on the input needs the fused shrink (shrink_a); "
                          "pass mask_output=True to mask the LoRA term instead")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         raise ValueError(f"lora_linear: bias must be ({N},), got {tuple(bias.shape)}")
-    out = torch.empty((M, N), dtype=out_dtype or a.dtype, device=l.device)
-    if M == 0 or N == 0:
-        return out
+    out_dtype = out_dtype or a.dtype
+    device = l.device
     BM, BN, BK, GM, warps, stages = _linear_config(M)
     BLOCK_R = _block_r(R, 64)
     # fp32 operands take twice the shared memory per stage: drop stages to fit (H100: 227 KiB)
     stage_bytes = (BM + BN) * BK * max(a.element_size(), w.element_size())
     stage_bytes += BK * BLOCK_R * shrink_a.element_size() if fuse else 0
     stages = _fit_stages(stages, stage_bytes, 200 * 1024)
-    sa = shrink_a if fuse else l
-    grid = (_cdiv(M, BM) * _cdiv(N, BN),)
-    launch(_lora_linear_kernel, grid, (
-        a, w, bias if bias is not None else l, l, r, out, seed if seed is not None else l, sa,
-    ), (
-        M, N, K, R, *a.stride(), *w.stride(), *l.stride(), *r.stride(), *out.stride(), *sa.stride(),
+    sa_stride = shrink_a.stride() if fuse else l.stride()
+    plan = Plan(_lora_linear_kernel, (_cdiv(M, BM) * _cdiv(N, BN),), (
+        M, N, K, R, *a.stride(), *w.stride(), *l.stride(), *r.stride(), N, 1, *sa_stride,
         float(scaling), threshold, float(drop_scale),
-    ), HAS_BIAS=bias is not None, OUT_DROPOUT=seed is not None and mask_output, FUSE_SHRINK=fuse,
-        IN_DROPOUT=seed is not None and not mask_output,
+    ), HAS_BIAS=bias is not None, OUT_DROPOUT=has_seed and mask_output, FUSE_SHRINK=fuse,
+        IN_DROPOUT=has_seed and not mask_output,
         SHRINK_MODE=_dot_mode(a.dtype, shrink_a.dtype) if fuse else NATIVE,
-        MODE=_dot_mode(a.dtype, w.dtype), EXPAND_MODE=_expand_mode(out.dtype),
+        MODE=_dot_mode(a.dtype, w.dtype), EXPAND_MODE=_expand_mode(out_dtype),
         PRECISION=_precision(),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BLOCK_R, GROUP_M=GM,
         num_warps=warps, num_stages=stages,
     )
-    return out
+
+    def run(a, w, bias, l, r, seed, shrink_a):
+        out = torch.empty((M, N), dtype=out_dtype, device=device)
+        if M and N:
+            plan.run((a, w, l if bias is None else bias, l, r, out, l if seed is None else seed,
+                      l if shrink_a is None else shrink_a))
+        return out
+
+    return run
 
 
 # ------------------------------------------------------------------------------------------
@@ -479,30 +525,15 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, l: 
 # Each is out[C, R] = scale · Σ_m big[m, C]ᵀ · small[m, R]; programs 0 .. n_c0-1 take problem 0.
 # ------------------------------------------------------------------------------------------
 @triton.jit
-def _lora_weight_grad_kernel(
-    big0_ptr, small0_ptr, out0_ptr, big1_ptr, small1_ptr, out1_ptr, seed_ptr,
-    M, C0, C1, R, N_C0,
-    s_b0m, s_b0c, s_s0m, s_s0r, s_o0c, s_o0r,
-    s_b1m, s_b1c, s_s1m, s_s1r, s_o1c, s_o1r,
-    scale0, scale1, threshold,
-    HAS_DROPOUT: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_M: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    pid_c = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    first = pid_c < N_C0  # problem 0 (dropout applies to it alone)
-    if first:
-        big_ptr, small_ptr, out_ptr, C, scale = big0_ptr, small0_ptr, out0_ptr, C0, scale0
-        s_bm, s_bc, s_sm, s_sr, s_oc, s_or = s_b0m, s_b0c, s_s0m, s_s0r, s_o0c, s_o0r
-    else:
-        pid_c -= N_C0
-        big_ptr, small_ptr, out_ptr, C, scale = big1_ptr, small1_ptr, out1_ptr, C1, scale1
-        s_bm, s_bc, s_sm, s_sr, s_oc, s_or = s_b1m, s_b1c, s_s1m, s_s1r, s_o1c, s_o1r
+def _weight_grad_tile(big_ptr, small_ptr, out_ptr, seed, pid_c, pid_s, M, C, R,
+                      s_bm, s_bc, s_sm, s_sr, s_oc, s_or, scale, threshold,
+                      DROPOUT: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_M: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out[pid_c's BLOCK_C columns, BLOCK_R] = scale · Σ_m big[m, C]ᵀ · small[m, R] over this program's
+    rows of M, the dropout mask regenerated on big's (m, c) when DROPOUT."""
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm0 = tl.arange(0, BLOCK_M)
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
     for m0 in range(pid_s * BLOCK_M, M, BLOCK_M * SPLIT_M):
         rm = m0 + rm0
@@ -511,9 +542,8 @@ def _lora_weight_grad_kernel(
                       mask=m_ok[:, None] & (rc[None, :] < C), other=0.0)
         small = tl.load(small_ptr + rm[:, None].to(tl.int64) * s_sm + rr[None, :] * s_sr,
                         mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, rm, pid_c * BLOCK_C, BLOCK_M, BLOCK_C, threshold)
-            big = tl.where(keep | (tl.program_id(0) >= N_C0), big, 0.0)
+        if DROPOUT:
+            big = tl.where(dropout_keep(seed, rm, pid_c * BLOCK_C, BLOCK_M, BLOCK_C, threshold), big, 0.0)
         acc = _dot(tl.trans(big), small, acc, MODE, PRECISION)
     acc = acc * scale
     out = out_ptr + rc[:, None] * s_oc + rr[None, :] * s_or
@@ -524,21 +554,57 @@ def _lora_weight_grad_kernel(
         tl.atomic_add(out, acc, mask=omask, sem="relaxed")
 
 
-def _grad_grid(Cs: list, M: int, n_r: int, sms: int):
-    """(BLOCK_M, BLOCK_C, column blocks per problem, SPLIT_M). 128 x 64 tiles, each program over all
-    of M (H100, bf16, M = 16384, K = N = 4096: 109 µs against 124-306 µs for 64-row or narrower
-    tiles); narrower column blocks only when too few programs would run; M split (partial sums added
-    into zeroed outputs: one more launch) only when even 16-column blocks leave most of the GPU idle.
-    Measured and left: splitting M in two or four cuts the dropout case by 25-30% (231 -> 165 µs)
-    but costs the zero-fill launches, which the host-bound training step pays for."""
+@triton.jit
+def _lora_weight_grad_kernel(
+    big0_ptr, small0_ptr, out0_ptr, big1_ptr, small1_ptr, out1_ptr, seed_ptr,
+    M, C0, C1, R, N_C0,
+    s_b0m, s_b0c, s_s0m, s_s0r, s_o0c, s_o0r,
+    s_b1m, s_b1c, s_s1m, s_s1r, s_o1c, s_o1r,
+    scale0, scale1, threshold,
+    HAS_DROPOUT: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # programs 0 .. N_C0-1 take problem 0 (the only one dropout applies to), the others problem 1:
+    # two loops, each pipelined on its own, so problem 1 never generates the mask
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+    if pid_c < N_C0:
+        _weight_grad_tile(big0_ptr, small0_ptr, out0_ptr, seed, pid_c, pid_s, M, C0, R,
+                          s_b0m, s_b0c, s_s0m, s_s0r, s_o0c, s_o0r, scale0, threshold,
+                          HAS_DROPOUT, MODE, PRECISION, SPLIT_M, BLOCK_M, BLOCK_C, BLOCK_R)
+    else:
+        _weight_grad_tile(big1_ptr, small1_ptr, out1_ptr, seed, pid_c - N_C0, pid_s, M, C1, R,
+                          s_b1m, s_b1c, s_s1m, s_s1r, s_o1c, s_o1r, scale1, threshold,
+                          False, MODE, PRECISION, SPLIT_M, BLOCK_M, BLOCK_C, BLOCK_R)
+
+
+def _grad_grid(Cs: list, M: int, n_r: int, sms: int, dropout: bool = False, deterministic: bool = False):
+    """(BLOCK_M, BLOCK_C, column blocks per problem, SPLIT_M).
+
+    128 x 64 tiles (H100, bf16, M = 16384, K = N = 4096: 109 µs against 124-306 µs for 64-row or
+    narrower tiles; H200 at the training step's shapes: 32-column tiles took twice as long as 64).
+    From 8 row tiles up, M is split into partial sums added into zeroed outputs: in two halves
+    (two partial sums added in either order give the same bits, so dA and dB stay deterministic;
+    H200, M = 8192, K = N = 2048: 53.7 -> 36.0 µs), in four with dropout (the mask's Philox work
+    is on dA's programs alone: 115.3 -> 65.5 µs in two, 55.3 in four), unless
+    ``deterministic`` (torch.use_deterministic_algorithms), which keeps every split at two.
+    Narrower column blocks and more splits only when too few programs would run (tiny C)."""
     block_m = 16 if _INTERPRETING else 128
     for block_c in (64, 32, 16):
         n_cs = [_cdiv(C, block_c) for C in Cs]
         if sum(n_cs) * n_r * 4 >= sms:
             break
     programs = sum(n_cs) * n_r
-    split = 1 if programs * 4 >= sms else max(1, min(_cdiv(M, 4 * block_m), sms // max(1, programs)))
-    return block_m, block_c, n_cs, split
+    if programs * 4 >= sms:
+        split = 1 if M < 8 * block_m else (4 if dropout and M >= 16 * block_m else 2)
+    else:
+        split = max(1, min(_cdiv(M, 4 * block_m), sms // max(1, programs)))
+    return block_m, block_c, n_cs, min(split, 2) if deterministic else split
+
+
+def _grads_key(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype)
 
 
 def lora_adapter_grads(x: torch.Tensor | None, dyb: torch.Tensor | None, dy: torch.Tensor | None,
@@ -549,9 +615,20 @@ def lora_adapter_grads(x: torch.Tensor | None, dyb: torch.Tensor | None, dy: tor
     x (M, K), dyb (M, R), dy (M, N), xa (M, R), any strides; pass x/dyb None to skip dA, dy/xa None
     to skip dB. The dropout mask (``seed``) is the forward's, regenerated on x's coordinates.
     """
+    lead = x if x is not None else dy
+    key = (_lora_weight_grad_kernel, _grads_key(x), _grads_key(dyb), _grads_key(dy), _grads_key(xa), scaling,
+           None if seed is None else seed.dtype, threshold, drop_scale, _precision(),
+           torch.are_deterministic_algorithms_enabled(), None if lead is None else lead.device)
+    return cached(key, _grads_plan, x, dyb, dy, xa, scaling, seed is not None, threshold, drop_scale)(
+        x, dyb, dy, xa, seed)
+
+
+def _grads_plan(x, dyb, dy, xa, scaling, has_seed, threshold, drop_scale):
+    """lora_adapter_grads' work for one shape key: the checks, the tiles, the grid, once; returns
+    run(x, dyb, dy, xa, seed) -> (dA, dB)."""
     problems = [p for p in ((x, dyb, True), (dy, xa, False)) if p[0] is not None]
     if not problems:
-        return None, None
+        return lambda *args: (None, None)
     M = problems[0][0].shape[0]
     R = problems[0][1].shape[1]
     for big, small, _ in problems:
@@ -559,41 +636,46 @@ def lora_adapter_grads(x: torch.Tensor | None, dyb: torch.Tensor | None, dy: tor
             raise ValueError(f"lora_adapter_grads: {tuple(big.shape)} and {tuple(small.shape)} do not fit "
                              f"(M={M}, C) and (M={M}, R={R})")
     if len(problems) == 2 and x.dtype != dy.dtype:  # one launch needs one activation dtype
-        return (lora_adapter_grads(x, dyb, None, None, scaling, seed, threshold, drop_scale)[0],
-                lora_adapter_grads(None, None, dy, xa, scaling)[1])
+        def run_apart(x, dyb, dy, xa, seed):
+            return (lora_adapter_grads(x, dyb, None, None, scaling, seed, threshold, drop_scale)[0],
+                    lora_adapter_grads(None, None, dy, xa, scaling)[1])
+        return run_apart
+    device = problems[0][0].device
     BLOCK_R = _block_r(R, 64)
     n_r = _cdiv(R, BLOCK_R)
-    BLOCK_M, BLOCK_C, n_cs, split_m = _grad_grid([big.shape[1] for big, _, _ in problems], M, n_r,
-                                                 _num_sms(problems[0][0].device))
+    has_dropout = has_seed and problems[0][2]
+    BLOCK_M, BLOCK_C, n_cs, split_m = _grad_grid([big.shape[1] for big, _, _ in problems], M, n_r, _num_sms(device),
+                                                 has_dropout, torch.are_deterministic_algorithms_enabled())
     n_c = sum(n_cs)
     # zeroed when programs add partial sums; separate tensors (gradients must not share storage)
     alloc = torch.zeros if split_m > 1 or M == 0 else torch.empty
-    outs = [alloc((R, big.shape[1]) if is_a else (big.shape[1], R), dtype=torch.float32, device=big.device)
-            for big, _, is_a in problems]
-    if M == 0 or n_c == 0:
-        return _assign(problems, outs)
+    shapes = [((R, big.shape[1]) if is_a else (big.shape[1], R), is_a) for big, _, is_a in problems]
     args = []
-    for (big, small, is_a), out in zip(problems, outs):
-        s_oc, s_or = out.stride()[::-1] if is_a else out.stride()
-        args.append(((big, small, out), (*big.stride(), *small.stride(), s_oc, s_or),
-                     float(scaling * (drop_scale if is_a and seed is not None else 1.0))))
+    for (big, small, is_a), (shape, _) in zip(problems, shapes):
+        s_oc, s_or = (1, shape[1]) if is_a else (shape[1], 1)  # dA is stored transposed
+        args.append(((*big.stride(), *small.stride(), s_oc, s_or),
+                     float(scaling * (drop_scale if is_a and has_seed else 1.0))))
     if len(args) == 1:
         args.append(args[0])
-    (t0, st0, sc0), (t1, st1, sc1) = args
-    has_dropout = seed is not None and problems[0][2]
+    (st0, sc0), (st1, sc1) = args
     C0 = problems[0][0].shape[1]
     C1 = problems[-1][0].shape[1]
     # pipeline stages of (big, small) tiles, at most 4
-    stages = _fit_stages(4, BLOCK_M * (BLOCK_C * t0[0].element_size() + BLOCK_R * 4), 160 * 1024)
-    launch(_lora_weight_grad_kernel, (n_c, split_m, n_r), (*t0, *t1, seed if has_dropout else t0[2]), (
+    stages = _fit_stages(4, BLOCK_M * (BLOCK_C * problems[0][0].element_size() + BLOCK_R * 4), 160 * 1024)
+    plan = Plan(_lora_weight_grad_kernel, (n_c, split_m, n_r), (
         M, C0, C1, R, n_cs[0], *st0, *st1, sc0, sc1, threshold,
-    ), HAS_DROPOUT=has_dropout, MODE=_dot_mode(t0[0].dtype, t0[1].dtype),
+    ), HAS_DROPOUT=has_dropout, MODE=_dot_mode(problems[0][0].dtype, problems[0][1].dtype),
         PRECISION=_precision(), SPLIT_M=split_m, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R,
         num_warps=4, num_stages=stages,
     )
-    return _assign(problems, outs)
+    launch_now = M > 0 and n_c > 0
 
+    def run(x, dyb, dy, xa, seed):
+        outs = {is_a: alloc(shape, dtype=torch.float32, device=device) for shape, is_a in shapes}
+        if launch_now:
+            ts = [(big, small, outs[is_a]) for big, small, is_a in ((x, dyb, True), (dy, xa, False)) if big is not None]
+            t0, t1 = ts[0], ts[-1]
+            plan.run((*t0, *t1, seed if has_dropout else t0[2]))
+        return outs.get(True), outs.get(False)
 
-def _assign(problems, outs):
-    res = {is_a: out for (_, _, is_a), out in zip(problems, outs)}
-    return res.get(True), res.get(False)
+    return run

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from fastpeft import ops, reference  # noqa: E402
+from fastpeft.kernels import launch as kernel_launch  # noqa: E402
 from fastpeft.kernels import lora as kl  # noqa: E402
 from fastpeft.kernels.launch import cdiv  # noqa: E402
 from common import time_ms  # noqa: E402
@@ -72,40 +73,51 @@ def kernels():
         line.append(f"shrink {time_ms(lambda: kl.lora_shrink(x, a)) * 1e3:.1f}")
         print(" ".join(line), flush=True)
         real_grid = kl._shrink_expand_grid
-        for bm, bn in ((None, None), (64, 128), (64, 64), (32, 64)):
-            def grid(M_, N_, BR, sms, bm=bm, bn=bn):
-                BM, BK, BN, ns = real_grid(M_, N_, BR, sms)
-                if bm is not None:
-                    BM, BN = bm, bn
-                    ns = max(1, min(cdiv(N_, bn), cdiv(sms, cdiv(M_, bm))))
-                return BM, BK, BN, ns
+        variants = [  # (label, (BM, BK, BN, n_split) -> the same)
+            ("auto", None),
+            ("BK 64", lambda g: (g[0], 64, g[2], g[3])),
+            ("BK 128", lambda g: (g[0], 128, g[2], g[3])),
+            ("n_split 1", lambda g: (g[0], g[1], g[2], 1)),
+            ("BM 32 n_split 1", lambda g: (32, g[1], g[2], 1)),
+        ]
+        for label, change in variants:
+            def grid(M_, N_, BR, sms, in_dropout=False, change=change):
+                g = real_grid(M_, N_, BR, sms, in_dropout)
+                if change is not None:
+                    g = change(g)
+                    g = g[:3] + (max(1, min(cdiv(N_, g[2]), g[3])),)
+                return g
             kl._shrink_expand_grid = grid
-            cfg = grid(M, N, 16, 132) if bm is None else (bm, bn)
+            kernel_launch._plans.clear()  # the launchers keep the grid they planned per shape
             try:
                 f0 = time_ms(lambda: kl.lora_shrink_expand(x, a, bb, None, 2.0))
                 f1 = time_ms(lambda: kl.lora_shrink_expand(x, a, bb, None, 2.0, seed, t, sc))
                 b0 = time_ms(lambda: kl.lora_shrink_expand(dy, bb.t(), a.t(), None, 2.0))
                 b1 = time_ms(lambda: kl.lora_shrink_expand(dy, bb.t(), a.t(), None, 2.0, seed, t, sc, mask_output=True))
             except Exception as e:
-                print(f"  shrink_expand {cfg}: {type(e).__name__}", flush=True)
+                print(f"  shrink_expand {label}: {type(e).__name__}", flush=True)
                 continue
-            print(f"  shrink_expand (BM, BK, BN, n_split){' auto' if bm is None else ' (BM, BN)'}={cfg}: "
-                  f"fwd {f0 * 1e3:.1f} / p.05 {f1 * 1e3:.1f}; dX {b0 * 1e3:.1f} / p.05 {b1 * 1e3:.1f} us", flush=True)
+            print(f"  shrink_expand {label} {grid(M, N, 16, 132)} (p.05 {grid(M, N, 16, 132, True)}) / dX "
+                  f"{grid(M, K, 16, 132)}: fwd {f0 * 1e3:.1f} / p.05 {f1 * 1e3:.1f}; dX {b0 * 1e3:.1f} / p.05 "
+                  f"{b1 * 1e3:.1f} us", flush=True)
         kl._shrink_expand_grid = real_grid
+        kernel_launch._plans.clear()
         real_gg = kl._grad_grid
-        for cfg in (None, (128, 32, 1), (128, 64, 2)):
+        for cfg in (None, (128, 64, 1), (128, 64, 2), (128, 64, 4), (64, 64, 2)):
             def gg(Cs, M_, n_r, sms, cfg=cfg):
                 if cfg is None:
                     return real_gg(Cs, M_, n_r, sms)
                 bm, bc, split = cfg
                 return bm, bc, [cdiv(C, bc) for C in Cs], split
             kl._grad_grid = gg
-            shown = gg([K, N], M, 1, 132)
+            kernel_launch._plans.clear()
             g0 = time_ms(lambda: kl.lora_adapter_grads(x, xa, dy, xa, 2.0))
             g1 = time_ms(lambda: kl.lora_adapter_grads(x, xa, dy, xa, 2.0, seed, t, sc))
-            print(f"  adapter_grads (BM, BC, split)={shown[:2] + shown[3:]}{'' if cfg else ' auto'}: "
+            shown = gg([K, N], M, 1, 132)
+            print(f"  adapter_grads (BM, BC, blocks, split)={shown}{'' if cfg else ' auto'}: "
                   f"{g0 * 1e3:.1f} / p.05 {g1 * 1e3:.1f} us", flush=True)
         kl._grad_grid = real_gg
+        kernel_launch._plans.clear()
 
 
 def _profile(run, n: int, label: str, top: int = 14):

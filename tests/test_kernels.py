@@ -329,11 +329,19 @@ def test_int64_offsets_past_2_pow_31(gpu):
     assert (dx[tail].double() - dx_ref).norm() / dx_ref.norm() < 2e-2
 
 
-@pytest.mark.parametrize("which", ["both", "dA", "dB", "mixed_dtypes", "split_m"])
-def test_adapter_grads_one_launch(kernel_device, which):
+@pytest.mark.parametrize("which", ["both", "dA", "dB", "mixed_dtypes", "split_m", "halves", "quarters"])
+def test_adapter_grads_one_launch(kernel_device, which, request):
     """dA and dB from one launch (or one of them), against plain matmuls, dropout included;
-    "split_m": so few columns that M is split across programs (atomics into zeroed outputs)."""
-    M, K, N, R = (2000, 9, 8, 3) if which == "split_m" else (37, 45, 29, 5)
+    "split_m": so few columns that M is split across programs (atomics into zeroed outputs);
+    "halves": enough rows that M is split in two halves, as under torch.use_deterministic_algorithms
+    (bit-identical on a second run); "quarters": in four (dropout)."""
+    M, K, N, R = {"split_m": (2000, 9, 8, 3), "halves": (1100, 300, 200, 5),
+                  "quarters": (2100, 300, 200, 5)}.get(which, (37, 45, 29, 5))
+    if which in ("halves", "quarters"):
+        sms = lora_kernels._num_sms(torch.device(kernel_device))
+        assert lora_kernels._grad_grid([K, N], M, 1, sms, True, which == "halves")[3] == (2 if which == "halves" else 4)
+        torch.use_deterministic_algorithms(which == "halves")
+        request.addfinalizer(lambda: torch.use_deterministic_algorithms(False))
     x = torch.randn(M, K, device=kernel_device, dtype=torch.float16)
     dy = torch.randn(M, N, device=kernel_device, dtype=torch.float32 if which == "mixed_dtypes" else torch.float16)
     if which == "split_m":
@@ -348,6 +356,9 @@ def test_adapter_grads_one_launch(kernel_device, which):
                                              dy if which != "dA" else None, xa if which != "dA" else None,
                                              1.5, seed, t, scale)
     keep = reference.dropout_mask(seed, M, K, p, x.device).to(torch.float32)
+    if which == "halves":
+        again = lora_kernels.lora_adapter_grads(x, dyb, dy, xa, 1.5, seed, t, scale)
+        assert torch.equal(again[0], da) and torch.equal(again[1], db)
     if which != "dB":
         torch.testing.assert_close(da, 1.5 * scale * dyb.t() @ (x.float() * keep), rtol=1e-3, atol=1e-3)
     else:

@@ -140,8 +140,8 @@ def test_patched_model_runs_the_fused_mlp(kernels_on, family, monkeypatch):
     assert len(mlps) == 2
     inputs = {k: v.to(kernels_on) for k, v in make_inputs(family).items()}
     calls = []
-    monkeypatch.setattr(ops.LoraMLPFunction, "apply", lambda *a, _apply=ops.LoraMLPFunction.apply: (
-        calls.append(1), _apply(*a))[1])
+    forward = ops.LoraMLPFunction.forward
+    monkeypatch.setattr(ops.LoraMLPFunction, "forward", staticmethod(lambda *a: (calls.append(1), forward(*a))[1]))
     fused = _step(model, inputs)
     assert len(calls) == 2
     monkeypatch.setenv("FASTPEFT_FUSE_MLP", "0")

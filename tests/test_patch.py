@@ -233,7 +233,12 @@ def test_patch_transformers_integrated_peft_layers(monkeypatch):
     base = make_model("llama")
     inputs = make_inputs("llama")
     model = copy.deepcopy(base)
-    model.add_adapter(peft.LoraConfig(r=4, init_lora_weights=False))
+    try:
+        model.add_adapter(peft.LoraConfig(r=4, init_lora_weights=False))
+    except ValueError as e:  # transformers >= 5.24 asks for a PEFT newer than any released (0.21.2)
+        if "version of PEFT" not in str(e):
+            raise
+        pytest.skip(f"transformers' PEFT integration refuses the installed peft {peft.__version__}: {e}")
     out0, grads0 = forward_backward(model, inputs)
     calls = _count_fastpeft_calls(monkeypatch)
     assert fastpeft.patch(model) is model
