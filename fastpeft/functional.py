@@ -49,3 +49,15 @@ def lora_mlp(x, act: str, projections, training: bool = False):
     # fused and the unfused MLP, and the reference path, apply the same dropout masks
     seeds = [draw_dropout_seed(x.device) if proj[5] > 0.0 else None for proj in projections]
     return ops.lora_mlp(x, act, projections, seeds)
+
+
+def lora_group(x, projections):
+    """The outputs of several LoRA projections of one input through one fused op; ``projections`` =
+    (weight, bias, lora_A, lora_B, scaling, dropout p) each, p = 0 outside training. Kernels only
+    (fastpeft/group.py decides); the seeds are drawn in the projections' order, as separate layers
+    draw them."""
+    from . import ops
+
+    x = _autocast(x)
+    seeds = [draw_dropout_seed(x.device) if proj[5] > 0.0 else None for proj in projections]
+    return ops.lora_group(x, projections, seeds)

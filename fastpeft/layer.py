@@ -37,6 +37,12 @@ def base_weight(layer) -> torch.Tensor:
 
 
 ACCELERATED_ATTR = "_fastpeft_accelerated"  # set on each PEFT lora.Linear whose forward fastpeft replaced
+GROUP_ATTR = "_fastpeft_group"  # on each projection of a shared-input group: (the group, its index), group.py
+
+
+def has_lora(module) -> bool:
+    """Whether ``module`` is a LoRA layer, fastpeft's or PEFT's (``lora_A`` beside a ``base_layer``)."""
+    return module is not None and hasattr(module, "lora_A") and hasattr(module, "base_layer")
 
 
 def peft_fast_path_ok(layer) -> bool:
@@ -100,6 +106,12 @@ def lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError(
             "mixed-adapter batches (adapter_names=...) are not supported by fastpeft's LoRA layers yet"
         )
+    if not args and not torch.compiler.is_compiling():  # q/k/v computed together (group.py)
+        grouped = layer.__dict__.get(GROUP_ATTR)
+        if grouped is not None:
+            y = grouped[0].output(grouped[1], layer, x)
+            if y is not None:
+                return y
     base = layer._modules["base_layer"]
     if layer._disable_adapters:
         if layer.merged_adapters:

@@ -18,7 +18,7 @@ import torch.nn as nn
 from . import functional, models
 from .backend import use_triton
 from .kernels.launch import env
-from .layer import single_lora
+from .layer import has_lora, single_lora
 
 FUSED_MLP_ATTR = "_fastpeft_fused_mlp"  # on each MLP module: the activation name
 
@@ -41,10 +41,6 @@ def gated_mlp_forward(self, x):
     return functional.lora_mlp(x, self.__dict__[FUSED_MLP_ATTR], projections, self.training)
 
 
-def _has_lora(module) -> bool:
-    return module is not None and hasattr(module, "lora_A") and hasattr(module, "base_layer")
-
-
 def install(model: nn.Module) -> None:
     """Install the fused forward on every GLU MLP of ``model`` whose three projections carry LoRA
     (again on a model that has it: nothing changes)."""
@@ -52,7 +48,7 @@ def install(model: nn.Module) -> None:
         if FUSED_MLP_ATTR in module.__dict__:
             continue
         act = models.gated_mlp_activation(module)
-        if act is None or not all(_has_lora(getattr(module, n, None)) for n in models.GATED_MLP_PROJECTIONS):
+        if act is None or not all(has_lora(getattr(module, n, None)) for n in models.GATED_MLP_PROJECTIONS):
             continue
         module.forward = types.MethodType(gated_mlp_forward, module)
         module.__dict__[FUSED_MLP_ATTR] = act

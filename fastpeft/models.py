@@ -116,6 +116,13 @@ def all_linear_exclusions(model: nn.Module, task_type: Optional[str]) -> set[str
     return names
 
 
+# --- projections of one input -------------------------------------------------------------------
+# Sibling modules that attention blocks call one after another on the same tensor; with LoRA on all of
+# a group fastpeft computes them as one autograd op (fastpeft/group.py), exact for any other calling
+# pattern (it checks that the input is the very same tensor).
+SHARED_INPUT_PROJECTIONS = (("q_proj", "k_proj", "v_proj"),)
+
+
 # --- GLU MLPs ---------------------------------------------------------------------------------
 # A module whose forward is exactly this (LlamaMLP and every model that copies it) computes
 # down(act(gate(x)) * up(x)); with LoRA on all three projections fastpeft runs it as one autograd op

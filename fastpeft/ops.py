@@ -118,20 +118,23 @@ def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
 
 
 def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p: float, seed,
-                  need_dx: bool, need_da: bool, need_db: bool):
-    """(dx2, dA, dB), each None when not needed; dA/dB in the adapters' dtype."""
+                  need_dx: bool, need_da: bool, need_db: bool, dx_into=None):
+    """(dx2, dA, dB), each None when not needed; dA/dB in the adapters' dtype. With ``dx_into`` (a
+    dX of the same input, from another projection) dX is added into it, which is returned."""
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
     M = dy2.shape[0]
     dx = dyb = da = db = None
     if need_dx:
-        mask = dict(seed=seed, threshold=threshold, drop_scale=drop_scale, mask_output=True)
         if weight is not None and main_matmul(M) == "triton":
             # not the K-loop shrink here: with its dot in bf16/fp16 and Bᵀ as the operand it gave wrong
             # dX on the H100 (triton 3.6) while passing under the interpreter (bench/NOTES.md, run 4)
             dyb = K.lora_shrink(dy2, lora_b.t())
-            dx = K.lora_linear(dy2, weight.t(), None, dyb, lora_a.t(), scaling, out_dtype=x2.dtype, **mask)
+            dx = K.lora_linear(dy2, weight.t(), None, dyb, lora_a.t(), scaling, seed, threshold, drop_scale,
+                               out_dtype=x2.dtype, mask_output=True)
+            dx = dx if dx_into is None else dx_into.add_(dx)
         else:
-            dx, dyb = K.lora_shrink_expand(dy2, lora_b.t(), lora_a.t(), None, scaling, out_dtype=x2.dtype, **mask)
+            dx, dyb = K.lora_shrink_expand(dy2, lora_b.t(), lora_a.t(), None, scaling, seed, threshold, drop_scale,
+                                           mask_output=True, out_dtype=x2.dtype, accumulate=dx_into)
             if weight is not None:
                 dx.addmm_(dy2, _as(weight, dy2.dtype))
     elif need_da:
@@ -251,6 +254,65 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: floa
     if torch.compiler.is_compiling():
         return torch.ops.fastpeft.lora_linear(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)[0]
     return _apply(LoraLinearFunction, x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)
+
+
+# --- projections of one input as one op (q, k, v) ----------------------------------------------
+class LoraGroupFunction(torch.autograd.Function):
+    """The LoRA projections y_i = x·W_iᵀ + b_i + s_i·(drop_i(x)·A_iᵀ)·B_iᵀ of one input x (q, k and v
+    of an attention block, fastpeft/group.py) as one autograd node: forward_impl for each; backward
+    adds every projection's dX into one buffer (the C pass accumulates, cuBLAS adds onto it) instead
+    of autograd summing separate dX tensors.
+
+    Inputs: x, then (lora_A, lora_B, weight, bias, seed) per projection, then (scalings, dropout ps).
+    Saved: x, each xa, the adapters, weights and seeds. Outputs that are never used get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, *args):
+        scalings, ps = args[-2:]
+        x2 = x.reshape(-1, x.shape[-1])
+        ys, xas = [], []
+        for i in range(len(scalings)):
+            a, b, w, bias, seed = args[5 * i:5 * i + 5]
+            y, xa = forward_impl(x2, w, bias, a, b, scalings[i], ps[i], seed)
+            ys.append(y.reshape(*x.shape[:-1], y.shape[-1]))
+            xas.append(xa)
+        ctx.save_for_backward(x, *xas, *args[:-2])
+        ctx.scalings, ctx.ps = scalings, ps
+        ctx.set_materialize_grads(False)
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        saved = ctx.saved_tensors
+        n = len(ctx.scalings)
+        x, xas, params = saved[0], saved[1:1 + n], saved[1 + n:]
+        need = ctx.needs_input_grad
+        x2 = x.reshape(-1, x.shape[-1])
+        dx = None
+        grads = [None] * (len(need) - 1)
+        for i, dy in enumerate(dys):
+            if dy is None:
+                continue
+            a, b, w, _, seed = params[5 * i:5 * i + 5]
+            dxi, da, db = backward_impl(dy.reshape(-1, dy.shape[-1]), x2, w, a, b, xas[i], ctx.scalings[i],
+                                        ctx.ps[i], seed, need[0], need[1 + 5 * i], need[2 + 5 * i], dx_into=dx)
+            dx = dxi if dx is None else dx
+            grads[5 * i], grads[5 * i + 1] = da, db
+        return (None if dx is None else dx.reshape(x.shape), *grads)
+
+
+def lora_group(x, projections, seeds):
+    """The projections of one input as one op: ``projections`` = (weight, bias, lora_A, lora_B,
+    scaling, dropout p) each (frozen weights and biases), ``seeds`` their dropout seeds (None without
+    dropout); returns their outputs."""
+    args = []
+    for (w, bias, a, b, _, _), seed in zip(projections, seeds):
+        _check(x, w, bias, a, b)
+        args += [a, b, w, bias, seed]
+    scalings = tuple(float(p[4]) for p in projections)
+    ps = tuple(float(p[5]) if seed is not None else 0.0 for p, seed in zip(projections, seeds))
+    return _apply(LoraGroupFunction, x, *args, scalings, ps)
 
 
 # --- the fused GLU MLP ------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from . import models
 from .config import INCLUDE_LINEAR_LAYERS_SHORTHAND, LoraConfig
-from . import mlp
+from . import group, mlp
 from .layer import ACCELERATED_ATTR, LoraLinear, is_conv1d, lora_forward, peft_fast_path_ok
 
 CONFIG_ATTR = "fastpeft_config"  # model.fastpeft_config = {adapter_name: LoraConfig}
@@ -399,6 +399,7 @@ def apply_plan(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool =
     setattr(model, _MODULES_TO_SAVE_ATTR, saved)
 
     mlp.install(model)
+    group.install(model)
     if not was_patched:
         mark_trainable(model)
     else:  # adding an adapter leaves the trainability of everything else as it was (PEFT's add_adapter)
@@ -528,12 +529,14 @@ def _patch_peft_model(peft_model):
     if not accelerated and not skipped:
         raise ValueError(f"fastpeft.patch: {type(peft_model).__name__} has no PEFT LoRA layers to accelerate")
     mlp.install(peft_model)
+    group.install(peft_model)
     setattr(peft_model, _PEFT_PATCHED_ATTR, True)
     return peft_model
 
 
 def _unpatch_peft_model(peft_model) -> None:
     mlp.uninstall(peft_model)
+    group.uninstall(peft_model)
     for _, layer in peft_model.named_modules():
         if layer.__dict__.pop(ACCELERATED_ATTR, False):
             layer.__dict__.pop("forward", None)
@@ -557,6 +560,7 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     if not layers and not getattr(model, CONFIG_ATTR, None):
         raise ValueError(f"{type(model).__name__} is not patched by fastpeft: nothing to unpatch")
     mlp.uninstall(model)
+    group.uninstall(model)
     for name, layer in layers:
         if merge:
             todo = [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]

@@ -212,7 +212,7 @@ def _lora_shrink_expand_kernel(
     M, K, N, R, n_split,
     stride_am, stride_ak, stride_pr, stride_pk, stride_qn, stride_qr, stride_sm, stride_sr, stride_om, stride_on,
     scaling, threshold, drop_scale,
-    IN_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IN_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     SHRINK_MODE: tl.constexpr, EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -255,7 +255,10 @@ def _lora_shrink_expand_kernel(
             c = tl.where(dropout_keep(seed, rm, n0, BLOCK_M, BLOCK_N, threshold), c * drop_scale, 0.0)
         if HAS_BIAS:
             c += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_rows + rn[None, :] * stride_on, c.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        omask = m_ok[:, None] & n_ok[None, :]
+        if ACCUMULATE:  # out += ... (the q/k/v group's dX: one buffer, no autograd sum)
+            c += tl.load(out_rows + rn[None, :] * stride_on, mask=omask, other=0.0).to(tl.float32)
+        tl.store(out_rows + rn[None, :] * stride_on, c.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 def _shrink_expand_grid(M: int, N: int, BLOCK_R: int, sms: int, in_dropout: bool = False):
@@ -281,20 +284,23 @@ def _shrink_expand_grid(M: int, N: int, BLOCK_R: int, sms: int, in_dropout: bool
 
 def lora_shrink_expand(a: torch.Tensor, p: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None, scaling: float,
                        seed: torch.Tensor | None = None, threshold: int = 0, drop_scale: float = 1.0,
-                       mask_output: bool = False, out_dtype: torch.dtype | None = None):
+                       mask_output: bool = False, out_dtype: torch.dtype | None = None,
+                       accumulate: torch.Tensor | None = None):
     """(out, small): small = drop(a)·pᵀ (M, R) fp32 and out = bias + s·small·qᵀ [⊙ keep] (M, N).
 
     a (M, K), p (R, K), q (N, R), bias (N,) or None; any strides. With ``seed`` the dropout mask is
     applied to ``a`` inside the shrink, or with ``mask_output`` to out's elements (m, n) instead.
+    With ``accumulate`` (M, N) the result is added into that tensor, which is returned as out.
     """
     key = (_lora_shrink_expand_kernel, a.shape, a.stride(), a.dtype, p.shape, p.stride(), p.dtype, q.shape, q.stride(),
            q.dtype, None if bias is None else (bias.shape, bias.dtype), None if seed is None else seed.dtype,
-           mask_output, out_dtype, scaling, threshold, drop_scale, _precision(), a.device)
+           mask_output, out_dtype, scaling, threshold, drop_scale, _precision(),
+           None if accumulate is None else (accumulate.shape, accumulate.stride(), accumulate.dtype), a.device)
     return cached(key, _shrink_expand_plan, a, p, q, bias, scaling, seed is not None, threshold, drop_scale,
-                  mask_output, out_dtype)(a, p, q, bias, seed)
+                  mask_output, out_dtype, accumulate)(a, p, q, bias, seed, accumulate)
 
 
-def _shrink_expand_plan(a, p, q, bias, scaling, has_seed, threshold, drop_scale, mask_output, out_dtype):
+def _shrink_expand_plan(a, p, q, bias, scaling, has_seed, threshold, drop_scale, mask_output, out_dtype, accumulate):
     """lora_shrink_expand's work for one shape key: the checks, the tiles, the grid, once."""
     M, K = a.shape
     R, Kp = p.shape
@@ -304,24 +310,28 @@ def _shrink_expand_plan(a, p, q, bias, scaling, has_seed, threshold, drop_scale,
                          f"fit a (M, K), p (R, K), q (N, R)")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"lora_shrink_expand: bias must be ({N},), got {tuple(bias.shape)}")
-    out_dtype = out_dtype or a.dtype
+    out_dtype = out_dtype or (a.dtype if accumulate is None else accumulate.dtype)
+    if accumulate is not None and (tuple(accumulate.shape) != (M, N) or accumulate.dtype != out_dtype):
+        raise ValueError(f"lora_shrink_expand: accumulate must be ({M}, {N}) {out_dtype}, got "
+                         f"{tuple(accumulate.shape)} {accumulate.dtype}")
+    out_strides = (N, 1) if accumulate is None else accumulate.stride()
     device = a.device
     BLOCK_R = _block_r(R, 1 << 30)
     in_dropout = has_seed and not mask_output
     BLOCK_M, BLOCK_K, BLOCK_N, n_split = _shrink_expand_grid(M, N, BLOCK_R, _num_sms(device), in_dropout)
     plan = Plan(_lora_shrink_expand_kernel, (n_split, _cdiv(M, BLOCK_M)), (
-        M, K, N, R, n_split, *a.stride(), *p.stride(), *q.stride(), R, 1, N, 1,
+        M, K, N, R, n_split, *a.stride(), *p.stride(), *q.stride(), R, 1, *out_strides,
         float(scaling), threshold, float(drop_scale),
     ), IN_DROPOUT=in_dropout, OUT_DROPOUT=has_seed and mask_output,
-        HAS_BIAS=bias is not None, SHRINK_MODE=_dot_mode(a.dtype, p.dtype), EXPAND_MODE=_expand_mode(out_dtype),
+        HAS_BIAS=bias is not None, ACCUMULATE=accumulate is not None, SHRINK_MODE=_dot_mode(a.dtype, p.dtype), EXPAND_MODE=_expand_mode(out_dtype),
         PRECISION=_precision(),
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
         num_warps=4, num_stages=3,
     )
 
-    def run(a, p, q, bias, seed):
+    def run(a, p, q, bias, seed, accumulate):
         small = torch.empty((M, R), dtype=torch.float32, device=device)
-        out = torch.empty((M, N), dtype=out_dtype, device=device)
+        out = torch.empty((M, N), dtype=out_dtype, device=device) if accumulate is None else accumulate
         if M:
             plan.run((a, p, q, q if bias is None else bias, small, out, small if seed is None else seed))
         return out, small

@@ -129,6 +129,26 @@ def test_lora_branch_without_base(kernel_device):
     torch.testing.assert_close(y, reference.lora_linear(x, None, None, a, bb, 2.0), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mask_output", [False, True], ids=["plain", "output_mask"])
+def test_shrink_expand_accumulates_into_a_buffer(kernel_device, mask_output):
+    """With ``accumulate`` the C pass adds into the given buffer (the q/k/v group's dX) and returns it;
+    the result equals the plain pass plus the buffer's old values."""
+    M, K, N, R = 70, 130, 100, 17
+    x, _, _, a, bb = _make(M, K, N, R, torch.float16, torch.float32, kernel_device, layout="strided")
+    seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=kernel_device)
+    t, scale = reference.dropout_threshold(0.2), reference.dropout_scale(0.2)
+    buf = torch.randn(M, N, device=kernel_device, dtype=torch.float16)
+    old = buf.clone()
+    plain, small = lora_kernels.lora_shrink_expand(x, a, bb, None, 1.5, seed, t, scale, mask_output=mask_output)
+    out, small2 = lora_kernels.lora_shrink_expand(x, a, bb, None, 1.5, seed, t, scale, mask_output=mask_output,
+                                                  accumulate=buf)
+    assert out is buf
+    torch.testing.assert_close(small2, small)
+    torch.testing.assert_close(out.float(), old.float() + plain.float(), rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="accumulate must be"):
+        lora_kernels.lora_shrink_expand(x, a, bb, None, 1.5, accumulate=buf[:, :5])
+
+
 @pytest.mark.parametrize("dtypes", DTYPES, ids=_name)
 @pytest.mark.parametrize("mode", ["forward", "forward_dropout", "backward_dropout"])
 def test_shrink_expand_matches_reference(kernel_device, dtypes, mode):
