@@ -322,7 +322,8 @@ class LoraMLPFunction(torch.autograd.Function):
     Inputs: x, the six adapter matrices (gate A, B, up A, B, down A, B), the three frozen weights and
     biases, the three dropout seeds (None without dropout), and (scalings, dropout ps, act).
     Saved: x, g, u, the three xa, the seeds. Backward: h rebuilt from g and u for down's dA;
-    dh = dY·W_d + LoRA term; (dg, du) from one elementwise kernel; dX = gate's dX + up's dX.
+    dh = dY·W_d + LoRA term; (dg, du) from one elementwise kernel; dX = gate's dX with up's added
+    into it (backward_impl's dx_into).
     """
 
     @staticmethod
@@ -349,8 +350,8 @@ class LoraMLPFunction(torch.autograd.Function):
         dg, du = A.gated_act_backward(g, u, dh, ctx.act)
         del dh
         dxg, dga, dgb = backward_impl(dg, x2, gw, ga, gb, xa_g, sg, pg, sdg, need[0], need[1], need[2])
-        dxu, dua, dub = backward_impl(du, x2, uw, ua, ub, xa_u, su, pu, sdu, need[0], need[3], need[4])
-        dx = dxg.add_(dxu).reshape(x.shape) if need[0] else None
+        dx, dua, dub = backward_impl(du, x2, uw, ua, ub, xa_u, su, pu, sdu, need[0], need[3], need[4], dx_into=dxg)
+        dx = dx.reshape(x.shape) if need[0] else None
         return (dx, dga, dgb, dua, dub, dda, ddb) + (None,) * 12
 
 
