@@ -16,6 +16,13 @@ def kernel_device():
 
 
 @pytest.fixture
+def kernels_on(kernel_device, monkeypatch):
+    """kernel_device, with FASTPEFT_BACKEND=triton (the kernels on CPU tensors too)."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    return kernel_device
+
+
+@pytest.fixture
 def gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")

@@ -71,3 +71,12 @@ def lora_module_names(model) -> set[str]:
     from fastpeft.patch import lora_layers
 
     return {n.removeprefix("base_model.model.") for n, _ in lora_layers(model)}
+
+
+def train_step(model, inputs, seed: int = 3):
+    """(logits, {name: grad}) of one forward+backward of mean(logits²) from a fixed seed (dropout)."""
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs).logits
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -7,26 +7,13 @@ import torch
 import fastpeft
 from fastpeft import ops
 from fastpeft.layer import GROUP_ATTR
+from lora_helpers import train_step
 from tiny_models import make_inputs, make_model
-
-
-@pytest.fixture
-def kernels_on(kernel_device, monkeypatch):
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
-    return kernel_device
 
 
 def _patched(**cfg):
     config = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False) | cfg
     return fastpeft.patch(make_model("llama"), fastpeft.LoraConfig(**config))
-
-
-def _step(model, inputs, seed=3):
-    torch.manual_seed(seed)
-    model.zero_grad(set_to_none=True)
-    out = model(**inputs).logits
-    out.square().mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _count_groups(monkeypatch):
@@ -50,10 +37,10 @@ def test_grouped_qkv_matches_separate_layers(kernels_on, monkeypatch, checkpoint
     assert len(groups) == 2  # two layers' q, k, v
     inputs = {k: v.to(kernels_on) for k, v in make_inputs("llama").items()}
     calls = _count_groups(monkeypatch)
-    grouped = _step(model, inputs)
+    grouped = train_step(model, inputs)
     assert len(calls) == (4 if checkpointing else 2)  # recomputed in backward under checkpointing
     monkeypatch.setenv("FASTPEFT_GROUP_PROJECTIONS", "0")
-    alone = _step(model, inputs)
+    alone = train_step(model, inputs)
     assert len(calls) == (4 if checkpointing else 2)
     torch.testing.assert_close(grouped[0], alone[0], rtol=1e-4, atol=1e-5)
     assert grouped[1].keys() == alone[1].keys() and len(grouped[1]) == 14 * 2

@@ -7,16 +7,11 @@ import torch.nn.functional as F
 import fastpeft
 from fastpeft import mlp, ops, reference
 from fastpeft.kernels import activation
+from lora_helpers import train_step
 from tiny_models import make_inputs, make_model
 from tolerance import assert_close
 
 ACTS = ["silu", "gelu_tanh"]
-
-
-@pytest.fixture
-def kernels_on(kernel_device, monkeypatch):
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
-    return kernel_device
 
 
 def _act_ref(g, u, dh, act):
@@ -123,14 +118,6 @@ def _patched(family="llama", **cfg):
     return fastpeft.patch(model, fastpeft.LoraConfig(**config))
 
 
-def _step(model, inputs, seed=3):
-    torch.manual_seed(seed)
-    model.zero_grad(set_to_none=True)
-    out = model(**inputs).logits
-    out.square().mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma"])  # silu and gelu_tanh
 def test_patched_model_runs_the_fused_mlp(kernels_on, family, monkeypatch):
     """Fused and unfused MLP give the same outputs and gradients, dropout included (the fused op
@@ -142,10 +129,10 @@ def test_patched_model_runs_the_fused_mlp(kernels_on, family, monkeypatch):
     calls = []
     forward = ops.LoraMLPFunction.forward
     monkeypatch.setattr(ops.LoraMLPFunction, "forward", staticmethod(lambda *a: (calls.append(1), forward(*a))[1]))
-    fused = _step(model, inputs)
+    fused = train_step(model, inputs)
     assert len(calls) == 2
     monkeypatch.setenv("FASTPEFT_FUSE_MLP", "0")
-    plain = _step(model, inputs)
+    plain = train_step(model, inputs)
     assert len(calls) == 2
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-5)
     assert fused[1].keys() == plain[1].keys() and len(fused[1]) == 14 * 2

@@ -11,12 +11,6 @@ from tiny_models import make_inputs, make_model
 from tolerance import assert_close, rel_err
 
 
-@pytest.fixture
-def kernels_on(kernel_device, monkeypatch):
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
-    return kernel_device
-
-
 # The bf16 comparison uses wider models: at hidden 32 a LoRA gradient has ~128 elements and the bf16
 # relative error of any implementation (PEFT's included) against fp32 scatters by 2x from tensor to
 # tensor, so the 2x rule below would decide by chance; at hidden 128 the errors settle.
