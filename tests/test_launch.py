@@ -123,3 +123,34 @@ def test_disabled_goes_through_triton(monkeypatch):
     for _ in range(2):
         L.launch(k, (1,), (torch.zeros(4),), (16, 1.0), BLOCK=16, FLAG=False)
     assert [entry[0] for entry in k.log] == ["triton", "triton"]
+
+
+def test_plan_launches_directly_after_its_first_run(fast):
+    """A Plan compiles through Triton once, then calls the compiled kernel with each run's pointers;
+    a run with a misaligned pointer takes ``launch`` (its own specialization), and the next aligned
+    run is direct again."""
+    k = _Kernel()
+    plan = L.Plan(k, (4,), (32, 1.0), BLOCK=16, FLAG=True, num_warps=4)
+    x, y = torch.zeros(64), torch.zeros(64)
+    plan.run((x,))
+    plan.run((y,))
+    plan.run((x[1:],))
+    plan.run((x,))
+    assert [entry[0] for entry in k.log] == ["triton", "runner", "triton", "runner"]
+    assert k.log[1][2] == (y.data_ptr(), 32, 1.0, 16, True)
+    assert k.log[3][2] == (x.data_ptr(), 32, 1.0, 16, True)
+
+
+def test_cached_builds_once_per_key(monkeypatch):
+    monkeypatch.setattr(L, "_plans", {})
+    monkeypatch.setattr(L, "MAX_KEYS", 2)
+    built = []
+
+    def build(n):
+        built.append(n)
+        return n * 10
+
+    assert [L.cached(("k", n), build, n) for n in (1, 1, 2, 1)] == [10, 10, 20, 10]
+    assert built == [1, 2]
+    L.cached(("k", 3), build, 3)  # past MAX_KEYS the table starts over
+    assert len(L._plans) == 1
