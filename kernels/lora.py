@@ -23,6 +23,8 @@ products run in fp32 when the adapters are fp32 (PEFT's autocast_adapter_dtype) 
 runs in fp32 under the Triton interpreter when the data is bf16 (its bf16 ``tl.dot`` is wrong).
 Grids are sized from the GPU's multiprocessor count, so that small problems still fill the GPU
 without a zero-filled buffer for split reductions where possible (a zero-fill is one more launch).
+Each launcher keys its call on what its checks and tile choices read and works those out once per
+key (``launch.cached``); a repeated call allocates its outputs and runs the kept ``launch.Plan``.
 """
 from __future__ import annotations
 
@@ -323,7 +325,8 @@ def _shrink_expand_plan(a, p, q, bias, scaling, has_seed, threshold, drop_scale,
         M, K, N, R, n_split, *a.stride(), *p.stride(), *q.stride(), R, 1, *out_strides,
         float(scaling), threshold, float(drop_scale),
     ), IN_DROPOUT=in_dropout, OUT_DROPOUT=has_seed and mask_output,
-        HAS_BIAS=bias is not None, ACCUMULATE=accumulate is not None, SHRINK_MODE=_dot_mode(a.dtype, p.dtype), EXPAND_MODE=_expand_mode(out_dtype),
+        HAS_BIAS=bias is not None, ACCUMULATE=accumulate is not None, SHRINK_MODE=_dot_mode(a.dtype, p.dtype),
+        EXPAND_MODE=_expand_mode(out_dtype),
         PRECISION=_precision(),
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
         num_warps=4, num_stages=3,
