@@ -30,9 +30,16 @@ def is_conv1d(module: nn.Module) -> bool:
     return cls is not None and isinstance(module, cls)
 
 
+def _param(module: nn.Module, name: str):
+    """``module.<name>`` for a parameter (or None), read from ``_parameters`` without nn.Module's
+    ``__getattr__`` fallback (the hot path reads a few per call)."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name, None)
+
+
 def base_weight(layer) -> torch.Tensor:
     """The base weight as (out_features, in_features): a view, transposed for fan_in_fan_out."""
-    w = layer.base_layer.weight
+    w = _param(layer._modules["base_layer"], "weight")
     return w.T if layer.fan_in_fan_out else w
 
 
@@ -55,13 +62,6 @@ def peft_fast_path_ok(layer) -> bool:
         if name in variants or use_dora.get(name, False) or layer.lora_B[name].bias is not None:
             return False
     return getattr(layer, "cast_input_dtype_enabled", True)
-
-
-def _param(module: nn.Module, name: str):
-    """``module.<name>`` for a parameter (or None), read from ``_parameters`` without nn.Module's
-    ``__getattr__`` fallback (the hot path reads a few per call)."""
-    params = module._parameters
-    return params[name] if name in params else getattr(module, name, None)
 
 
 def _adapter(layer, name: str):
@@ -122,9 +122,7 @@ def lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     active = _active(layer)
     if not active:
         return base(x, *args, **kwargs)
-    weight, bias, training = _param(base, "weight"), _param(base, "bias"), layer.training
-    if layer.fan_in_fan_out:
-        weight = weight.T
+    weight, bias, training = base_weight(layer), _param(base, "bias"), layer.training
     y = None
     for name in active:
         lora_a, lora_b, scaling, p = _adapter(layer, name)
