@@ -1,6 +1,7 @@
 """Dropout keep mask regenerated from a Philox seed, never stored.
 
-The mask of element (m, k) of a 2-D activation comes from Philox-4x32-10 with key = the 64-bit seed
+The mask of element (m, k) of a 2-D activation comes from Philox-4x32 (7 rounds: reference.DROPOUT_ROUNDS,
+where the choice is explained) with key = the 64-bit seed
 and counter (k // 8, m, 0, 0): one call gives four 32-bit words = eight 16-bit lanes, one per column
 of the 8-column group. An element is kept when its lane is >= ``threshold`` = round(p · 65536), and
 kept values are scaled by 65536 / (65536 - threshold). Counters are (column group, row) pairs, so
@@ -9,6 +10,10 @@ no 64-bit element offset is ever formed and a tile of any shape regenerates exac
 """
 import triton
 import triton.language as tl
+
+from ..reference import DROPOUT_ROUNDS
+
+_ROUNDS = tl.constexpr(DROPOUT_ROUNDS)
 
 
 @triton.jit
@@ -28,7 +33,7 @@ def dropout_keep(seed, rows, col0, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     c0 = tl.broadcast_to(groups[None, :], (BLOCK_M, G))
     c1 = tl.broadcast_to(rows.to(tl.uint32)[:, None], (BLOCK_M, G))
     zero = c0 * 0
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero, zero)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero, zero, _ROUNDS)
     lanes = tl.join(tl.join(_lo_hi(w0), _lo_hi(w1)), tl.join(_lo_hi(w2), _lo_hi(w3)))
     lanes = tl.reshape(lanes, (BLOCK_M, BLOCK_K))
     return lanes.to(tl.int32) >= threshold

@@ -175,6 +175,17 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = No
     return cached(key, _shrink_plan, x, a, seed is not None, threshold, drop_scale)(x, a, seed)
 
 
+def _shrink_grid(M: int, K: int, BLOCK_R: int):
+    """(BLOCK_M, BLOCK_K, split_k) of lora_shrink. Small M splits K across programs (atomics into a
+    zeroed output) so the whole GPU reads x and A; large M takes K steps of 128 at R <= 32 (H200,
+    dY·B at M = 8192, K = 2048: 21.3 against 26.8 µs with steps of 64; K = 5632: 44.9 against 61.7)."""
+    BLOCK_M = min(16 if M <= 16 else (32 if M <= 32 else 64), max(16, 8192 // BLOCK_R))
+    BLOCK_K = 128 if M <= 64 or (M > 256 and BLOCK_R <= 32) else 64
+    n_m = max(1, _cdiv(M, BLOCK_M))
+    split_k = 1 if M > 256 or _INTERPRETING else max(1, min(_cdiv(K, BLOCK_K), 128 // n_m))
+    return BLOCK_M, BLOCK_K, split_k
+
+
 def _shrink_plan(x, a, has_dropout: bool, threshold: int, drop_scale: float):
     """lora_shrink's work for one shape key: the checks, the tiles, the grid, once."""
     M, K = x.shape
@@ -182,11 +193,8 @@ def _shrink_plan(x, a, has_dropout: bool, threshold: int, drop_scale: float):
     if Ka != K:
         raise ValueError(f"lora_shrink: x is (M={M}, K={K}) but A is (R={R}, K={Ka})")
     BLOCK_R = _block_r(R)
-    BLOCK_M = min(16 if M <= 16 else (32 if M <= 32 else 64), max(16, 8192 // BLOCK_R))
-    BLOCK_K = 128 if M <= 64 else 64
+    BLOCK_M, BLOCK_K, split_k = _shrink_grid(M, K, BLOCK_R)
     n_m = max(1, _cdiv(M, BLOCK_M))
-    # small M: split K across programs so the whole GPU reads x and A
-    split_k = 1 if M > 256 or _INTERPRETING else max(1, min(_cdiv(K, BLOCK_K), 128 // n_m))
     alloc = torch.zeros if split_k > 1 else torch.empty
     device = x.device
     plan = Plan(_lora_shrink_kernel, (n_m, split_k), (

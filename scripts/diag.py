@@ -2,6 +2,8 @@
 
     python scripts/diag.py prec      errors per output and route for same-dtype half adapters
     python scripts/diag.py kernels   GPU time of each kernel at training shapes, grid variants
+    python scripts/diag.py dropout   the LoRA kernels at the training step's shapes with and without
+                                     dropout (graph replay): what the mask costs in each
     python scripts/diag.py layer M   one layer's wall time against its GPU kernels (profiler)
     python scripts/diag.py e2e       GPU busy time per training step (profiler) vs step time
 """
@@ -120,6 +122,36 @@ def kernels():
         kernel_launch._plans.clear()
 
 
+def dropout():
+    """GPU time (graph replay) of the cuBLAS route's LoRA kernels at the training step's shapes, p = 0
+    and 0.05: the forward C pass, the backward's C pass (output mask) and the adapter grads, and the
+    shrink dY·B. FASTPEFT_DIAG_SHAPES="M,K,N;..." picks the shapes."""
+    from common import graph_time_ms
+
+    spec = os.environ.get("FASTPEFT_DIAG_SHAPES", "8192,2048,2048;8192,2048,256;8192,2048,5632;8192,5632,2048;"
+                                                  "16384,4096,4096")
+    R = 16
+    us = lambda f: f"{graph_time_ms(f) * 1e3:.1f}"  # noqa: E731
+    print(f"Philox rounds: {reference.DROPOUT_ROUNDS}", flush=True)
+    for M, K, N in [tuple(int(v) for v in s.split(",")) for s in spec.split(";")]:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(R, K, device="cuda") / K**0.5
+        bb = torch.randn(N, R, device="cuda")
+        xa = torch.randn(M, R, device="cuda")
+        dyb = kl.lora_shrink(dy, bb.t())
+        seed = torch.tensor([5], device="cuda")
+        drop = (seed, reference.dropout_threshold(0.05), reference.dropout_scale(0.05))
+        cells = []
+        for args in ((None, 0, 1.0), drop):
+            cells.append("/".join((us(lambda: kl.lora_shrink_expand(x, a, bb, None, 2.0, *args)),
+                                   us(lambda: kl.lora_shrink_expand(dy, bb.t(), a.t(), None, 2.0, *args,
+                                                                    mask_output=True)),
+                                   us(lambda: kl.lora_adapter_grads(x, dyb, dy, xa, 2.0, *args)))))
+        print(f"M={M} K={K} N={N}: fwd C pass / dX C pass / grads, p=0: {cells[0]}, p=0.05: {cells[1]} us; "
+              f"shrink dY·B {us(lambda: kl.lora_shrink(dy, bb.t()))} us", flush=True)
+
+
 def _profile(run, n: int, label: str, top: int = 14):
     """Wall ms per call of ``run`` (events over n calls), then its GPU kernels from the profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -176,4 +208,4 @@ def e2e():
 
 
 if __name__ == "__main__":
-    {"prec": prec, "kernels": kernels, "layer": layer, "e2e": e2e}[sys.argv[1]]()
+    {"prec": prec, "kernels": kernels, "dropout": dropout, "layer": layer, "e2e": e2e}[sys.argv[1]]()
