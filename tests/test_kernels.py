@@ -111,6 +111,23 @@ def test_requires_grad_combinations(kernel_device, need, bias):
     _check_against_reference(x, w, b, a, bb, 4.0, 0.3, need, dtype)
 
 
+def test_split_grads_accumulate_into_dot_grad(kernel_device):
+    """Enough rows that the adapter grads are split over M (dA and dB views of one zeroed buffer):
+    .grad of A and B after two backward passes is twice one pass's, each correct."""
+    M = 300 if kernel_device == "cpu" else 3000
+    x, w, b, a, bb = _make(M, 40, 24, 3, torch.float32, torch.float32, kernel_device)
+    assert lora_kernels._grad_grid([40, 24], M, 1, lora_kernels._num_sms(x.device))[3] > 1
+    g = torch.randn(M, 24, device=kernel_device)
+    grads = []
+    for fn in (ops.lora_linear, reference.lora_linear):
+        a_, b_ = a.clone().requires_grad_(), bb.clone().requires_grad_()
+        for _ in range(2):
+            fn(x, w, b, a_, b_, 2.0, 0.0, None).backward(g)
+        grads.append((a_.grad, b_.grad))
+    for o, r in zip(*grads):
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
+
+
 def test_base_weight_and_bias_grads(kernel_device):
     """A trainable base (not LoRA's usual case) still gets correct dW and db."""
     x, w, b, a, bb = _make(21, 30, 18, 4, torch.float32, torch.float32, kernel_device)
@@ -379,6 +396,10 @@ def test_adapter_grads_one_launch(kernel_device, which, request):
     if which == "halves":
         again = lora_kernels.lora_adapter_grads(x, dyb, dy, xa, 1.5, seed, t, scale)
         assert torch.equal(again[0], da) and torch.equal(again[1], db)
+    if which in ("halves", "quarters"):  # views of one zeroed buffer, apart, 16-byte aligned
+        assert da.untyped_storage().data_ptr() == db.untyped_storage().data_ptr()
+        assert da.is_contiguous() and db.is_contiguous() and db.data_ptr() % 16 == 0
+        assert db.data_ptr() >= da.data_ptr() + da.numel() * 4
     if which != "dB":
         torch.testing.assert_close(da, 1.5 * scale * dyb.t() @ (x.float() * keep), rtol=1e-3, atol=1e-3)
     else:
