@@ -4,7 +4,8 @@
     python scripts/host_profile.py e2e [p]    the bench_e2e training step (FASTPEFT_E2E_* shrink it)
 
 One layer: the wall time per call of each launcher and of the whole layer (forward, forward+backward)
-next to nn.Linear and PEFT, then a cProfile of forward+backward sorted by own time.
+next to nn.Linear and PEFT, then a cProfile of forward+backward sorted by own time, then how each
+kept launch runs (the direct C launcher or Triton's runner).
 e2e: a cProfile of fastpeft training steps (dropout p, default 0.05) sorted by own time.
 """
 import cProfile
@@ -83,6 +84,25 @@ def main():
         pr.disable()
         print(f"--- cProfile fastpeft fwd+bwd x200, p={p}")
         pstats.Stats(pr).sort_stats("tottime").print_stats(12)
+    launch_kinds()
+
+
+def launch_kinds() -> None:
+    """How each kept launch runs: the compiled kernel's C launcher ('_raw_launcher'), Triton's
+    CompiledKernel runner ('_runner', when the kernel needs scratch memory or hooks are set), or, for
+    a plan without a kept call, launch() at every call (unaligned pointers)."""
+    from collections import Counter
+
+    kinds = Counter(f"{getattr(k[0], '__name__', k[0])}: {c.__qualname__.split('.')[0]}"
+                    for k, c in kernel_launch._compiled.items())
+    for build in kernel_launch._plans.values():
+        for cell in getattr(build, "__closure__", None) or ():
+            plan = cell.cell_contents
+            if isinstance(plan, kernel_launch.Plan) and plan.call is None:
+                kinds[f"{getattr(plan.kernel, '__name__', plan.kernel)}: plan without a kept call"] += 1
+    print("--- launch kinds (kernel: how, count)")
+    for kind, n in sorted(kinds.items()):
+        print(f"   {kind}  x{n}")
 
 
 def e2e(p: float):
