@@ -668,14 +668,10 @@ def _grads_plan(x, dyb, dy, xa, scaling, has_seed, threshold, drop_scale):
     BLOCK_M, BLOCK_C, n_cs, split_m = _grad_grid([big.shape[1] for big, _, _ in problems], M, n_r, _num_sms(device),
                                                  has_dropout, torch.are_deterministic_algorithms_enabled())
     n_c = sum(n_cs)
-    # zeroed when programs add partial sums: then both outputs are views of one zeroed buffer, so one
-    # fill launch instead of two (on the H200 machine's host each costs 10-18 µs, 56 projections a
-    # step); views with the parameters' own strides, which autograd hands to .grad as they are
-    zeroed = split_m > 1 or M == 0
+    # zeroed when programs add partial sums. Two tensors, not views of one zeroed buffer (one fill
+    # launch less): the backward custom op under torch.compile may not return outputs that alias
+    alloc = torch.zeros if split_m > 1 or M == 0 else torch.empty
     shapes = [((R, big.shape[1]) if is_a else (big.shape[1], R), is_a) for big, _, is_a in problems]
-    # element offsets of each output in the buffer, rounded up to 4 floats (16-byte aligned pointers)
-    offsets = [0, _cdiv(shapes[0][0][0] * shapes[0][0][1], 4) * 4]
-    total = offsets[-1] + (shapes[1][0][0] * shapes[1][0][1] if len(shapes) == 2 else 0)
     args = []
     for (big, small, is_a), (shape, _) in zip(problems, shapes):
         s_oc, s_or = (1, shape[1]) if is_a else (shape[1], 1)  # dA is stored transposed
@@ -697,11 +693,7 @@ def _grads_plan(x, dyb, dy, xa, scaling, has_seed, threshold, drop_scale):
     launch_now = M > 0 and n_c > 0
 
     def run(x, dyb, dy, xa, seed):
-        if zeroed:
-            buf = torch.zeros(total, dtype=torch.float32, device=device)
-            outs = {is_a: buf[o:o + shape[0] * shape[1]].view(shape) for (shape, is_a), o in zip(shapes, offsets)}
-        else:
-            outs = {is_a: torch.empty(shape, dtype=torch.float32, device=device) for shape, is_a in shapes}
+        outs = {is_a: alloc(shape, dtype=torch.float32, device=device) for shape, is_a in shapes}
         if launch_now:
             ts = [(big, small, outs[is_a]) for big, small, is_a in ((x, dyb, True), (dy, xa, False)) if big is not None]
             t0, t1 = ts[0], ts[-1]

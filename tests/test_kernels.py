@@ -112,8 +112,9 @@ def test_requires_grad_combinations(kernel_device, need, bias):
 
 
 def test_split_grads_accumulate_into_dot_grad(kernel_device):
-    """Enough rows that the adapter grads are split over M (dA and dB views of one zeroed buffer):
-    .grad of A and B after two backward passes is twice one pass's, each correct."""
+    """Enough rows that the adapter grads are split over M (partial sums into zeroed outputs): .grad
+    of A and B after two backward passes is twice one pass's; the backward custom op (the
+    torch.compile path) returns them too, as outputs that alias nothing (torch checks)."""
     M = 300 if kernel_device == "cpu" else 3000
     x, w, b, a, bb = _make(M, 40, 24, 3, torch.float32, torch.float32, kernel_device)
     assert lora_kernels._grad_grid([40, 24], M, 1, lora_kernels._num_sms(x.device))[3] > 1
@@ -126,6 +127,10 @@ def test_split_grads_accumulate_into_dot_grad(kernel_device):
         grads.append((a_.grad, b_.grad))
     for o, r in zip(*grads):
         torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
+    xa = x @ a.t()
+    _, da, db = torch.ops.fastpeft.lora_linear_backward(g, x, w, a, bb, xa, 2.0, 0.0, None, True, True, True)
+    torch.testing.assert_close(da, grads[1][0] / 2, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(db, grads[1][1] / 2, rtol=1e-4, atol=1e-4)
 
 
 def test_base_weight_and_bias_grads(kernel_device):
@@ -396,10 +401,8 @@ def test_adapter_grads_one_launch(kernel_device, which, request):
     if which == "halves":
         again = lora_kernels.lora_adapter_grads(x, dyb, dy, xa, 1.5, seed, t, scale)
         assert torch.equal(again[0], da) and torch.equal(again[1], db)
-    if which in ("halves", "quarters"):  # views of one zeroed buffer, apart, 16-byte aligned
-        assert da.untyped_storage().data_ptr() == db.untyped_storage().data_ptr()
-        assert da.is_contiguous() and db.is_contiguous() and db.data_ptr() % 16 == 0
-        assert db.data_ptr() >= da.data_ptr() + da.numel() * 4
+    if which in ("halves", "quarters"):  # separate tensors (the compile path's custom op may not alias)
+        assert da.untyped_storage().data_ptr() != db.untyped_storage().data_ptr()
     if which != "dB":
         torch.testing.assert_close(da, 1.5 * scale * dyb.t() @ (x.float() * keep), rtol=1e-3, atol=1e-3)
     else:
