@@ -53,21 +53,30 @@ def prec():
 
 
 
+def _shapes(default: str) -> list:
+    """(M, K, N) shapes from FASTPEFT_DIAG_SHAPES="M,K,N;...", else ``default`` (same form)."""
+    spec = os.environ.get("FASTPEFT_DIAG_SHAPES", default)
+    return [tuple(int(v) for v in s.split(",")) for s in spec.split(";")]
+
+
+def _operands(M: int, K: int, N: int, R: int = 16):
+    """x, dY (bf16), A, B, xa (fp32) of one projection, and its dropout args (seed, threshold, scale) at
+    p = 0.05."""
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(R, K, device="cuda") / K**0.5
+    bb = torch.randn(N, R, device="cuda")
+    xa = torch.randn(M, R, device="cuda")
+    seed = torch.tensor([5], device="cuda")
+    return x, dy, a, bb, xa, (seed, reference.dropout_threshold(0.05), reference.dropout_scale(0.05))
+
+
 def kernels():
     """GPU time of each kernel at training shapes; grid variants (BM, BN / BM, BC, split).
     FASTPEFT_DIAG_SHAPES="M,K,N;..." picks the shapes."""
-    spec = os.environ.get("FASTPEFT_DIAG_SHAPES", "16384,4096,4096;4096,4096,4096;8192,2048,5632")
-    shapes = [tuple(int(v) for v in s.split(",")) for s in spec.split(";")]
-    R = 16
-    for M, K, N in shapes:
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    for M, K, N in _shapes("16384,4096,4096;4096,4096,4096;8192,2048,5632"):
+        x, dy, a, bb, xa, (seed, t, sc) = _operands(M, K, N)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
-        a = torch.randn(R, K, device="cuda") / K**0.5
-        bb = torch.randn(N, R, device="cuda")
-        seed = torch.tensor([5], device="cuda")
-        t, sc = reference.dropout_threshold(0.05), reference.dropout_scale(0.05)
-        xa = torch.randn(M, R, device="cuda")
         line = [f"M={M} K={K} N={N}:", f"F.linear {time_ms(lambda: F.linear(x, w)) * 1e3:.1f}",
                 f"dX mm {time_ms(lambda: dy @ w) * 1e3:.1f}"]
         c = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
@@ -128,20 +137,11 @@ def dropout():
     shrink dY·B. FASTPEFT_DIAG_SHAPES="M,K,N;..." picks the shapes."""
     from common import graph_time_ms
 
-    spec = os.environ.get("FASTPEFT_DIAG_SHAPES", "8192,2048,2048;8192,2048,256;8192,2048,5632;8192,5632,2048;"
-                                                  "16384,4096,4096")
-    R = 16
     us = lambda f: f"{graph_time_ms(f) * 1e3:.1f}"  # noqa: E731
     print(f"Philox rounds: {reference.DROPOUT_ROUNDS}", flush=True)
-    for M, K, N in [tuple(int(v) for v in s.split(",")) for s in spec.split(";")]:
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
-        a = torch.randn(R, K, device="cuda") / K**0.5
-        bb = torch.randn(N, R, device="cuda")
-        xa = torch.randn(M, R, device="cuda")
+    for M, K, N in _shapes("8192,2048,2048;8192,2048,256;8192,2048,5632;8192,5632,2048;16384,4096,4096"):
+        x, dy, a, bb, xa, drop = _operands(M, K, N)
         dyb = kl.lora_shrink(dy, bb.t())
-        seed = torch.tensor([5], device="cuda")
-        drop = (seed, reference.dropout_threshold(0.05), reference.dropout_scale(0.05))
         cells = []
         for args in ((None, 0, 1.0), drop):
             cells.append("/".join((us(lambda: kl.lora_shrink_expand(x, a, bb, None, 2.0, *args)),
