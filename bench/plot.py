@@ -47,12 +47,12 @@ def load(paths) -> tuple[dict, dict]:
     return {name: list(rows.values()) for name, rows in tables.items()}, meta
 
 
-def plot_lora(ax_row, rows: list, rank: int) -> None:
-    """One column of panels per (K, N) shape."""
+def plot_lora(axes, rows: list, rank: int) -> None:
+    """One column of panels (one per PANELS row of ``axes``) per (K, N) shape."""
     shapes = sorted({(r["K"], r["N"]) for r in rows if r["r"] == rank})
     for col, (K, N) in enumerate(shapes):
         mine = [r for r in rows if (r["K"], r["N"], r["r"]) == (K, N, rank)]
-        for ax, (metric, label) in zip(ax_row[:, col], PANELS):
+        for ax, (metric, label) in zip(axes[:, col], PANELS):
             for p, colour in zip(sorted({r["dropout"] for r in mine}), ("tab:blue", "tab:orange", "tab:green")):
                 line = sorted((r for r in mine if r["dropout"] == p), key=lambda r: r["M"])
                 for suffix, style in (("", "-"), ("_graph", ":")):
@@ -70,7 +70,7 @@ def plot_lora(ax_row, rows: list, rank: int) -> None:
             ax.set_title(f"{K}x{N}, r={rank}: {label}", fontsize=9)
             ax.set_xlabel("M (tokens)", fontsize=8)
             ax.tick_params(labelsize=8)
-        ax_row[0, col].legend(fontsize=7)
+        axes[0, col].legend(fontsize=7)
 
 
 def plot_e2e(axes, rows: list) -> None:
@@ -95,7 +95,8 @@ def plot(paths, out: Path, rank: int = 16) -> Path:
     lora = [r for r in tables.get("lora_linear", []) if r.get("r") == rank]
     e2e = tables.get("e2e_train_step", [])
     if not lora and not e2e:
-        raise SystemExit(f"no lora_linear rows with r={rank} and no e2e_train_step rows in {', '.join(map(str, paths))}")
+        raise SystemExit(f"no lora_linear rows with r={rank} and no e2e_train_step rows in "
+                         f"{', '.join(map(str, paths))}")
     n_cols = max(1, len({(r["K"], r["N"]) for r in lora}))
     n_rows = (len(PANELS) if lora else 0) + (1 if e2e else 0)
     fig, axes = plt.subplots(n_rows, max(n_cols, 2 if e2e else 1), squeeze=False,

@@ -5,9 +5,10 @@ Readable in one sitting, plain autograd, no fusion. Shapes: x (..., K), weight (
 
 Dropout is defined here once, bit for bit the same as inside the kernels (kernels/dropout.py): the
 keep mask of element (m, k) of the 2-D view of x comes from Philox-4x32 with ``DROPOUT_ROUNDS`` = 7
-rounds, keyed by a 64-bit seed, with counter (k // 8, m, 0, 0). Each Philox call yields four 32-bit words = eight 16-bit lanes, one
-per column of the 8-column group; an element is kept when its lane is >= round(p * 65536), and kept
-values are scaled by 65536 / (65536 - threshold) so the expectation is exactly x.
+rounds, keyed by a 64-bit seed, with counter (k // 8, m, 0, 0). Each Philox call yields four 32-bit
+words = eight 16-bit lanes, one per column of the 8-column group; an element is kept when its lane
+is >= round(p * 65536), and kept values are scaled by 65536 / (65536 - threshold) so the expectation
+is exactly x.
 """
 from __future__ import annotations
 

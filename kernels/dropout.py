@@ -1,8 +1,8 @@
 """Dropout keep mask regenerated from a Philox seed, never stored.
 
-The mask of element (m, k) of a 2-D activation comes from Philox-4x32 (7 rounds: reference.DROPOUT_ROUNDS,
-where the choice is explained) with key = the 64-bit seed
-and counter (k // 8, m, 0, 0): one call gives four 32-bit words = eight 16-bit lanes, one per column
+The mask of element (m, k) of a 2-D activation comes from Philox-4x32 (7 rounds:
+reference.DROPOUT_ROUNDS, where the choice is explained) with key = the 64-bit seed and counter
+(k // 8, m, 0, 0): one call gives four 32-bit words = eight 16-bit lanes, one per column
 of the 8-column group. An element is kept when its lane is >= ``threshold`` = round(p · 65536), and
 kept values are scaled by 65536 / (65536 - threshold). Counters are (column group, row) pairs, so
 no 64-bit element offset is ever formed and a tile of any shape regenerates exactly its own bits.
