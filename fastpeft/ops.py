@@ -1,13 +1,16 @@
 """Autograd for the fused LoRA linear: which kernels run, what is saved for backward.
 
-Forward  (x (..., K), W (N, K), A (R, K), B (N, R)), one of two routes by M (``main_matmul``):
+Forward  (x (..., K), W (N, K), A (R, K), B (N, R)), one of three routes by M (``main_matmul``):
     triton: xa = drop(x)·Aᵀ (``lora_shrink``), then y = x·Wᵀ + b + s·xa·Bᵀ (``lora_linear``); with
             ``fused_shrink`` (off by default) xa is computed in the matmul's K loop: one launch
     cublas: C = b + s·xa·Bᵀ and xa from one pass over x (``lora_shrink_expand``), then cuBLAS adds
             x·Wᵀ onto C in its epilogue (beta = 1): two launches
-Backward (dY (M, N)), the same two routes:
+    tma:    ``lora_shrink``, then the persistent TMA matmul with the same epilogue (``lora_linear_tma``),
+            no M × N intermediate; operands it cannot take (``tma_ok``) go the cuBLAS route
+Backward (dY (M, N)), the same routes:
     dX  = dY·W + s·(dyb·A) ⊙ keep/(1-p) with dyb = dY·B   triton: lora_shrink + lora_linear;
-                                                         cublas: lora_shrink_expand + addmm
+                                                         cublas: lora_shrink_expand + addmm;
+                                                         tma: lora_shrink + lora_linear_tma
     dA  = s·dybᵀ·drop(x), dB = s·dYᵀ·xa                  lora_adapter_grads: one launch
 Saved: x (a reference, no copy), xa (M × R fp32), the seed — no mask, no dropped copy of x; the mask
 is regenerated from the seed in every kernel that needs it. Gradients that are not needed (x, A or
@@ -40,16 +43,26 @@ CUBLAS_MIN_M = 512
 
 
 def main_matmul(M: int) -> str:
-    """'triton' (fused epilogue) or 'cublas' (onto a prefilled C) for an M-row product.
+    """'triton' (fused epilogue), 'cublas' (onto a prefilled C) or 'tma' (the persistent TMA matmul with
+    the LoRA epilogue, Hopper on; other operands take the cuBLAS route) for an M-row product.
 
-    FASTPEFT_GEMM=triton|cublas pins one (the cuBLAS path also runs on CPU, via torch's addmm).
+    FASTPEFT_GEMM=triton|cublas|tma pins one (the cuBLAS path also runs on CPU, via torch's addmm).
     """
     choice = env("FASTPEFT_GEMM", "auto")
     if choice == "auto":
         return "cublas" if M >= CUBLAS_MIN_M else "triton"
-    if choice not in ("triton", "cublas"):
-        raise ValueError(f"FASTPEFT_GEMM must be auto, triton or cublas, got {choice!r}")
+    if choice not in ("triton", "cublas", "tma"):
+        raise ValueError(f"FASTPEFT_GEMM must be auto, triton, cublas or tma, got {choice!r}")
     return choice
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether the Triton route's matmul after a shrink is launched with programmatic dependent launch
+    (Hopper on): its main loop streams W while the shrink finishes, and it waits for the shrink
+    before its epilogue. Measured on an H200 (scripts/diag.py pdl, graph replay, K = N = 4096, r = 16):
+    forward at M = 1 / 16 / 256 24.9 / 25.3 / 36.3 -> 23.8 / 23.6 / 33.6 µs. Not on the TMA route,
+    where it measured no gain (M >= 4096). FASTPEFT_PDL=0 turns it off."""
+    return env("FASTPEFT_PDL", "1") == "1" and K.pdl_ok(device)
 
 
 _DROPOUT_ARGS: dict = {}  # p -> (threshold, scale)
@@ -103,13 +116,20 @@ def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
     """(y2 (M, N), xa (M, R) fp32) for a 2-D x; weight None computes the LoRA branch alone."""
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
     M, R = x2.shape[0], lora_a.shape[0]
-    if weight is not None and main_matmul(M) == "triton":
+    route = main_matmul(M) if weight is not None else "cublas"
+    if route == "tma":
+        w = _as(weight, x2.dtype)
+        if K.tma_ok(x2, w):
+            xa = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale)
+            return K.lora_linear_tma(x2, w, bias, xa, lora_b, scaling), xa
+    if route == "triton":
         if fused_shrink(M, R):
             xa = torch.empty((M, R), dtype=torch.float32, device=x2.device)
             return K.lora_linear(x2, weight, bias, xa, lora_b, scaling, seed, threshold, drop_scale,
                                  shrink_a=lora_a), xa
-        xa = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale)
-        return K.lora_linear(x2, weight, bias, xa, lora_b, scaling), xa
+        overlap = pdl(x2.device)
+        parts = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale, launch_dependents=overlap, partial=True)
+        return K.lora_linear(x2, weight, bias, parts, lora_b, scaling, pdl=overlap)
     # C = b + s·drop(x)Aᵀ·Bᵀ in one pass; then (with a base) cuBLAS adds x·Wᵀ onto it (beta = 1)
     y, xa = K.lora_shrink_expand(x2, lora_a, lora_b, bias, scaling, seed, threshold, drop_scale)
     if weight is not None:
@@ -124,13 +144,22 @@ def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
     M = dy2.shape[0]
     dx = dyb = da = db = None
-    if need_dx:
-        if weight is not None and main_matmul(M) == "triton":
+    route = main_matmul(M) if need_dx and weight is not None else "cublas"
+    wt = _as(weight, dy2.dtype).t() if route == "tma" else None
+    if route == "tma" and K.tma_ok(dy2, wt):
+        dyb = K.lora_shrink(dy2, lora_b.t())
+        into = dx_into is not None and dx_into.stride(1) == 1 and K.tma_ok(dx_into, wt)
+        dx = K.lora_linear_tma(dy2, wt, None, dyb, lora_a.t(), scaling, seed, threshold, drop_scale,
+                               out_dtype=x2.dtype, mask_output=True, accumulate=dx_into if into else None)
+        dx = dx if dx_into is None or into else dx_into.add_(dx)
+    elif need_dx:
+        if route == "triton":
             # not the K-loop shrink here: with its dot in bf16/fp16 and Bᵀ as the operand it gave wrong
             # dX on the H100 (triton 3.6) while passing under the interpreter (bench/NOTES.md, run 4)
-            dyb = K.lora_shrink(dy2, lora_b.t())
-            dx = K.lora_linear(dy2, weight.t(), None, dyb, lora_a.t(), scaling, seed, threshold, drop_scale,
-                               out_dtype=x2.dtype, mask_output=True)
+            overlap = pdl(dy2.device)
+            parts = K.lora_shrink(dy2, lora_b.t(), launch_dependents=overlap, partial=True)
+            dx, dyb = K.lora_linear(dy2, weight.t(), None, parts, lora_a.t(), scaling, seed, threshold, drop_scale,
+                                    out_dtype=x2.dtype, mask_output=True, pdl=overlap)
             dx = dx if dx_into is None else dx_into.add_(dx)
         else:
             dx, dyb = K.lora_shrink_expand(dy2, lora_b.t(), lora_a.t(), None, scaling, seed, threshold, drop_scale,

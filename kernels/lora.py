@@ -32,10 +32,25 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch (PDL): griddepcontrol, Hopper on
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAS_PDL = True
+except ImportError:  # pragma: no cover - an older triton: the flags that use them stay off
+    HAS_PDL = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
 from .dropout import dropout_keep
 from .launch import INTERPRETING as _INTERPRETING
 from .launch import cdiv as _cdiv
-from .launch import Plan, cached, env
+from .launch import ENABLED, Plan, cached, env
+from .launch import _current_stream
 
 
 # How a tl.dot runs (a constexpr of every kernel, one per product), picked on the host:
@@ -73,6 +88,28 @@ def _precision() -> str:
     the non-tensor-core "ieee"), so fp32 adapters get the gradients PEFT's fp32 matmuls give.
     """
     return "tf32" if torch._C._get_cublas_allow_tf32() else "tf32x3"  # = torch.backends.cuda.matmul.allow_tf32
+
+
+_PDL_OK: dict = {}
+
+
+def pdl_ok(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may use programmatic dependent launch: a CUDA GPU of compute
+    capability 9 or more (griddepcontrol) and a triton that has it; never under the interpreter."""
+    if not HAS_PDL or _INTERPRETING or device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _PDL_OK.get(index)
+    if ok is None:
+        ok = _PDL_OK[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return ok
+
+
+def _pdl_meta(pdl: bool) -> dict:
+    """The launch options of a kernel that waits (``PDL_WAIT``) for the kernel before it, launched
+    with programmatic dependent launch when ``pdl`` (not under the interpreter)."""
+    on = pdl and HAS_PDL and not _INTERPRETING
+    return dict(PDL_WAIT=True, launch_pdl=True) if on else dict(PDL_WAIT=False)
 
 
 def _block_r(R: int, cap: int = 256) -> int:
@@ -135,11 +172,14 @@ def _shrink_step(acc, x, a, seed, rows, k0, threshold, HAS_DROPOUT: tl.constexpr
 def _lora_shrink_kernel(
     x_ptr, a_ptr, out_ptr, seed_ptr,
     M, K, R,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or, stride_os,
     threshold, drop_scale,
     HAS_DROPOUT: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
+    if LAUNCH_DEPENDENTS:  # the next kernel (launched with PDL) may start its main loop now
+        gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -160,52 +200,70 @@ def _lora_shrink_kernel(
     omask = (rm[:, None] < M) & (rr[None, :] < R)
     if SPLIT_K == 1:
         tl.store(out, acc, mask=omask)
+    elif PARTIAL:  # split pid_k's partial sum, for the consumer to add up (no zeroed output)
+        tl.store(out + pid_k.to(tl.int64) * stride_os, acc, mask=omask)
     else:
         tl.atomic_add(out, acc, mask=omask, sem="relaxed")
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = None, threshold: int = 0,
-                drop_scale: float = 1.0) -> torch.Tensor:
+                drop_scale: float = 1.0, launch_dependents: bool = False, partial: bool = False) -> torch.Tensor:
     """drop(x) · aᵀ in fp32: x (M, K), a (R, K) (any strides) -> (M, R) fp32.
 
-    Dropout is applied when ``seed`` is given (threshold/scale from fastpeft.reference).
+    Dropout is applied when ``seed`` is given (threshold/scale from fastpeft.reference). With
+    ``launch_dependents`` the next kernel, if launched with programmatic dependent launch (PDL), may
+    start as soon as this one has (it must wait, ``gdc_wait``, before it reads the result). With
+    ``partial`` the result is (S, M, R): the split-K partial sums (S >= 1), for ``lora_linear`` to
+    add up in its epilogue — no zero-filled output, one launch less, and a sum in a fixed order.
     """
     key = (_lora_shrink_kernel, x.shape, x.stride(), x.dtype, a.shape, a.stride(), a.dtype,
-           None if seed is None else seed.dtype, threshold, drop_scale, _precision(), x.device)
-    return cached(key, _shrink_plan, x, a, seed is not None, threshold, drop_scale)(x, a, seed)
+           None if seed is None else seed.dtype, threshold, drop_scale, _precision(), launch_dependents, partial,
+           x.device)
+    return cached(key, _shrink_plan, x, a, seed is not None, threshold, drop_scale, launch_dependents, partial)(
+        x, a, seed)
 
 
-def _shrink_grid(M: int, K: int, BLOCK_R: int):
+# Split-K partial sums of lora_shrink(partial=True): at most this many, so that the consumer's
+# epilogue reads few (it waits for them on its critical path; the shrink itself runs beside the
+# consumer's main loop under PDL)
+MAX_PARTIALS = 8
+
+
+def _shrink_grid(M: int, K: int, BLOCK_R: int, partial: bool = False):
     """(BLOCK_M, BLOCK_K, split_k) of lora_shrink. Small M splits K across programs (atomics into a
-    zeroed output) so the whole GPU reads x and A; large M takes K steps of 128 at R <= 32 (H200,
-    dY·B at M = 8192, K = 2048: 21.3 against 26.8 µs with steps of 64; K = 5632: 44.9 against 61.7)."""
+    zeroed output, or with ``partial`` at most MAX_PARTIALS partial sums) so the GPU reads x and A
+    wide; large M takes K steps of 128 at R <= 32 (H200, dY·B at M = 8192, K = 2048: 21.3 against
+    26.8 µs with steps of 64; K = 5632: 44.9 against 61.7)."""
     BLOCK_M = min(16 if M <= 16 else (32 if M <= 32 else 64), max(16, 8192 // BLOCK_R))
     BLOCK_K = 128 if M <= 64 or (M > 256 and BLOCK_R <= 32) else 64
     n_m = max(1, _cdiv(M, BLOCK_M))
-    split_k = 1 if M > 256 or _INTERPRETING else max(1, min(_cdiv(K, BLOCK_K), 128 // n_m))
-    return BLOCK_M, BLOCK_K, split_k
+    split_k = 1 if M > 256 or (_INTERPRETING and not partial) else max(1, min(_cdiv(K, BLOCK_K), 128 // n_m))
+    return BLOCK_M, BLOCK_K, min(split_k, MAX_PARTIALS) if partial else split_k
 
 
-def _shrink_plan(x, a, has_dropout: bool, threshold: int, drop_scale: float):
+def _shrink_plan(x, a, has_dropout: bool, threshold: int, drop_scale: float, launch_dependents: bool = False,
+                 partial: bool = False):
     """lora_shrink's work for one shape key: the checks, the tiles, the grid, once."""
     M, K = x.shape
     R, Ka = a.shape
     if Ka != K:
         raise ValueError(f"lora_shrink: x is (M={M}, K={K}) but A is (R={R}, K={Ka})")
     BLOCK_R = _block_r(R)
-    BLOCK_M, BLOCK_K, split_k = _shrink_grid(M, K, BLOCK_R)
+    BLOCK_M, BLOCK_K, split_k = _shrink_grid(M, K, BLOCK_R, partial)
     n_m = max(1, _cdiv(M, BLOCK_M))
-    alloc = torch.zeros if split_k > 1 else torch.empty
+    alloc = torch.zeros if split_k > 1 and not partial else torch.empty
+    shape = (split_k, M, R) if partial else (M, R)
     device = x.device
     plan = Plan(_lora_shrink_kernel, (n_m, split_k), (
-        M, K, R, *x.stride(), *a.stride(), R, 1, threshold, drop_scale,
+        M, K, R, *x.stride(), *a.stride(), R, 1, M * R, threshold, drop_scale,
     ), HAS_DROPOUT=has_dropout, MODE=_dot_mode(x.dtype, a.dtype), PRECISION=_precision(), SPLIT_K=split_k,
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+        PARTIAL=partial, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+        LAUNCH_DEPENDENTS=launch_dependents and HAS_PDL and not _INTERPRETING,
         num_warps=4, num_stages=3,
     )
 
     def run(x, a, seed):
-        out = alloc((M, R), dtype=torch.float32, device=device)
+        out = alloc(shape, dtype=torch.float32, device=device)
         if M:
             plan.run((x, a, out, out if seed is None else seed))
         return out
@@ -354,27 +412,29 @@ def _shrink_expand_plan(a, p, q, bias, scaling, has_seed, threshold, drop_scale,
 # linear + LoRA epilogue: out[M, N] = a·wᵀ + bias + (s·l·rᵀ) [⊙ keep·scale]
 # ------------------------------------------------------------------------------------------
 @triton.jit
+def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile ``tile`` in grouped order: GROUP_M row blocks share the same W
+    column blocks while they sit in L2."""
+    group = GROUP_M * num_n
+    first_m = (tile // group) * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    return first_m + (tile % group) % group_size, (tile % group) // group_size
+
+
+@triton.jit
 def _lora_linear_kernel(
-    a_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr, seed_ptr, sa_ptr,
+    a_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr, seed_ptr, sa_ptr, lsum_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_wn, stride_wk,
-    stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on, stride_sar, stride_sak,
+    stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on, stride_sar, stride_sak, stride_ls,
     scaling, threshold, drop_scale,
     HAS_BIAS: tl.constexpr, OUT_DROPOUT: tl.constexpr,
     FUSE_SHRINK: tl.constexpr, IN_DROPOUT: tl.constexpr, SHRINK_MODE: tl.constexpr,
     MODE: tl.constexpr, EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, L_SPLIT: tl.constexpr, PDL_WAIT: tl.constexpr,
 ):
-    # grouped ordering: GROUP_M row-blocks share the same W column-blocks while they sit in L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_size
-    pid_n = (pid % group) // group_size
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -412,6 +472,8 @@ def _lora_linear_kernel(
 
     # LoRA expand in the epilogue: (s·l)[BLOCK_M, R] · rᵀ[R, BLOCK_N], R in chunks of BLOCK_R. Without
     # a mask it accumulates straight into acc (a second fp32 tile would spill the large configs).
+    if PDL_WAIT:  # launched with PDL behind the shrink that writes l: wait for it here, not earlier
+        gdc_wait()
     if OUT_DROPOUT:
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
@@ -421,8 +483,15 @@ def _lora_linear_kernel(
         if FUSE_SHRINK:  # one chunk (R <= BLOCK_R), already in registers
             l = xa * scaling
         else:
-            l = tl.load(l_ptr + rm[:, None].to(tl.int64) * stride_lm + rr[None, :] * stride_lr,
-                        mask=m_ok[:, None] & (rr[None, :] < R), other=0.0) * scaling
+            l_ptrs = l_ptr + rm[:, None].to(tl.int64) * stride_lm + rr[None, :] * stride_lr
+            l_ok = m_ok[:, None] & (rr[None, :] < R)
+            l = tl.load(l_ptrs, mask=l_ok, other=0.0)
+            for s in range(1, L_SPLIT):  # the shrink's split-K partial sums, added in a fixed order
+                l += tl.load(l_ptrs + s * stride_ls, mask=l_ok, other=0.0)
+            if L_SPLIT > 1:
+                if pid_n == 0:  # their sum, kept for the backward
+                    tl.store(lsum_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], l, mask=l_ok)
+            l = l * scaling
         r = tl.load(r_ptr + rn[None, :].to(tl.int64) * stride_rn + rr[:, None] * stride_rr,
                     mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
         lora = _dot(l, r, lora, EXPAND_MODE, PRECISION)
@@ -467,27 +536,35 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, l: 
                 r: torch.Tensor, scaling: float,
                 seed: torch.Tensor | None = None, threshold: int = 0, drop_scale: float = 1.0,
                 out_dtype: torch.dtype | None = None, shrink_a: torch.Tensor | None = None,
-                mask_output: bool = False) -> torch.Tensor:
+                mask_output: bool = False, pdl: bool = False) -> torch.Tensor:
     """out = a·wᵀ + bias + s·(l·rᵀ) [⊙ keep·scale].
 
-    a (M, K), w (N, K), bias (N,) or None, l (M, R), r (N, R); any strides.
-    With ``shrink_a`` (R, K), R <= 64, unit stride along K, the kernel computes l = drop(a)·shrink_aᵀ
+    a (M, K), w (N, K), bias (N,) or None, l (M, R), r (N, R); any strides. ``l`` may be the (S, M, R)
+    partial sums of ``lora_shrink(partial=True)``: the epilogue adds them up, and the call returns
+    (out, their sum (M, R)). With ``shrink_a`` (R, K), R <= 64, unit stride along K, the kernel computes l = drop(a)·shrink_aᵀ
     itself in its main loop (a read once) and writes it into ``l`` (fp32). With ``seed`` the dropout
     mask applies to ``a`` inside that shrink, or, with ``mask_output`` (not with ``shrink_a``), to the
-    LoRA term of output element (m, n).
+    LoRA term of output element (m, n). ``pdl``: launched with programmatic dependent launch behind
+    the kernel that writes l (see lora_linear_tma); not with ``shrink_a``.
     """
     key = (_lora_linear_kernel, a.shape, a.stride(), a.dtype, w.shape, w.stride(), w.dtype,
            None if bias is None else (bias.shape, bias.dtype), l.shape, l.stride(), l.dtype, r.shape, r.stride(),
            r.dtype, None if seed is None else seed.dtype, threshold, drop_scale, out_dtype, mask_output,
            None if shrink_a is None else (shrink_a.shape, shrink_a.stride(), shrink_a.dtype), scaling,
-           _precision(), env("FASTPEFT_LINEAR_CONFIG"), a.device)
+           _precision(), env("FASTPEFT_LINEAR_CONFIG"), pdl, a.device)
     return cached(key, _linear_plan, a, w, bias, l, r, scaling, seed is not None, threshold, drop_scale, out_dtype,
-                  shrink_a, mask_output)(a, w, bias, l, r, seed, shrink_a)
+                  shrink_a, mask_output, pdl)(a, w, bias, l, r, seed, shrink_a)
 
 
-def _linear_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dtype, shrink_a, mask_output):
+def _linear_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dtype, shrink_a, mask_output,
+                 pdl=False):
     """lora_linear's work for one shape key: the checks, the tiles, the grid, once."""
-    M, R = l.shape
+    partial = l.dim() == 3
+    l_split = l.shape[0] if partial else 1
+    if partial and (l_split < 1 or shrink_a is not None):
+        raise ValueError(f"lora_linear: partial sums l {tuple(l.shape)} need S >= 1 and no fused shrink")
+    l2 = l[0] if partial else l  # one (M, R) slice: the checks and strides
+    M, R = l2.shape
     N, Rr = r.shape
     Ma, K = a.shape
     Nw, Kw = w.shape
@@ -516,24 +593,215 @@ def _linear_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out
     stage_bytes = (BM + BN) * BK * max(a.element_size(), w.element_size())
     stage_bytes += BK * BLOCK_R * shrink_a.element_size() if fuse else 0
     stages = _fit_stages(stages, stage_bytes, 200 * 1024)
-    sa_stride = shrink_a.stride() if fuse else l.stride()
+    sa_stride = shrink_a.stride() if fuse else l2.stride()
     plan = Plan(_lora_linear_kernel, (_cdiv(M, BM) * _cdiv(N, BN),), (
-        M, N, K, R, *a.stride(), *w.stride(), *l.stride(), *r.stride(), N, 1, *sa_stride,
-        float(scaling), threshold, float(drop_scale),
+        M, N, K, R, *a.stride(), *w.stride(), *l2.stride(), *r.stride(), N, 1, *sa_stride,
+        l.stride(0) if partial else 0, float(scaling), threshold, float(drop_scale),
     ), HAS_BIAS=bias is not None, OUT_DROPOUT=has_seed and mask_output, FUSE_SHRINK=fuse,
         IN_DROPOUT=has_seed and not mask_output,
         SHRINK_MODE=_dot_mode(a.dtype, shrink_a.dtype) if fuse else NATIVE,
         MODE=_dot_mode(a.dtype, w.dtype), EXPAND_MODE=_expand_mode(out_dtype),
         PRECISION=_precision(),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BLOCK_R, GROUP_M=GM,
-        num_warps=warps, num_stages=stages,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BLOCK_R, GROUP_M=GM, L_SPLIT=l_split,
+        num_warps=warps, num_stages=stages, **_pdl_meta(pdl and not fuse),
     )
 
     def run(a, w, bias, l, r, seed, shrink_a):
         out = torch.empty((M, N), dtype=out_dtype, device=device)
+        lsum = torch.empty((M, R), dtype=l.dtype, device=device) if l_split > 1 else (l[0] if partial else l)
         if M and N:
             plan.run((a, w, l if bias is None else bias, l, r, out, l if seed is None else seed,
-                      l if shrink_a is None else shrink_a))
+                      l if shrink_a is None else shrink_a, lsum))
+        elif l_split > 1:  # no output to compute, the sum still to hand back
+            lsum = l.sum(0)
+        return (out, lsum) if partial else out
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------
+# the same product as a persistent TMA matmul (Hopper): out = a·wᵀ + bias + s·(l·rᵀ) [⊙ keep·scale]
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _lora_linear_tma_kernel(
+    a_desc, w_desc, out_desc, bias_ptr, l_ptr, r_ptr, out_ptr, seed_ptr,
+    M, N, K, R,
+    stride_lm, stride_lr, stride_rn, stride_rr, stride_om,
+    scaling, threshold, drop_scale,
+    HAS_BIAS: tl.constexpr, OUT_DROPOUT: tl.constexpr, W_KMAJOR: tl.constexpr, TMA_STORE: tl.constexpr,
+    ACCUMULATE: tl.constexpr, MODE: tl.constexpr, EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    PDL_WAIT: tl.constexpr,
+):
+    # each program walks tiles pid, pid + NUM_PROGRAMS, ...; a and w come in by TMA (descriptors
+    # built on the host), the LoRA expand, mask and bias are added to the tile in registers
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    seed = tl.load(seed_ptr) if OUT_DROPOUT else 0
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            k0 = ki * BLOCK_K
+            a = a_desc.load([off_m, k0])
+            if W_KMAJOR:  # w (N, K) row-major: its tile [BLOCK_N, BLOCK_K], transposed in smem
+                w = w_desc.load([off_n, k0]).T
+            else:  # w given as its (K, N) row-major transpose: tile [BLOCK_K, BLOCK_N]
+                w = w_desc.load([k0, off_n])
+            acc = _dot(a, w, acc, MODE, PRECISION)
+        rm = off_m + tl.arange(0, BLOCK_M)
+        rn = off_n + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        n_ok = rn < N
+        if PDL_WAIT:  # launched with PDL behind the kernel that writes l: wait for it here, not earlier
+            gdc_wait()
+        if OUT_DROPOUT:
+            lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            lora = acc
+        for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            l = tl.load(l_ptr + rm[:, None].to(tl.int64) * stride_lm + rr[None, :] * stride_lr,
+                        mask=m_ok[:, None] & (rr[None, :] < R), other=0.0) * scaling
+            r = tl.load(r_ptr + rn[None, :].to(tl.int64) * stride_rn + rr[:, None] * stride_rr,
+                        mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
+            lora = _dot(l, r, lora, EXPAND_MODE, PRECISION)
+        if OUT_DROPOUT:
+            keep = dropout_keep(seed, rm, off_n, BLOCK_M, BLOCK_N, threshold)
+            acc += tl.where(keep, lora * drop_scale, 0.0)
+        else:
+            acc = lora
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if ACCUMULATE:  # out += ... (the q/k/v group's dX: one buffer; TMA_STORE is set with it)
+            acc += out_desc.load([off_m, off_n]).to(tl.float32)
+        if TMA_STORE:
+            out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
+        else:
+            tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :],
+                     acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, TMA store, flatten[, warp specialize]),
+# measured on an H200
+# (scripts/diag.py gemm, M = 16384, K = N = 4096, with the LoRA epilogue): 128 x 256 tiles 772 µs (F.linear
+# 700-800 in the same run); their 128 x 256 fp32 tile cannot take the dropout mask or an fp32 expand
+# (spills: dX with the mask 1288 µs; fp16 outputs ran out of shared memory), which take 128 x 128
+# tiles (dX with the mask 911 µs). FASTPEFT_TMA_CONFIG pins one.
+TMA_CONFIGS = {"wide": (128, 256, 64, 16, 8, 3, True, True), "narrow": (128, 128, 64, 8, 8, 4, True, True)}
+_TMA_INTERPRETER_CONFIG = (16, 32, 32, 4, 4, 1, True, False)
+
+
+def _tma_config(out_dtype, has_seed: bool) -> tuple:
+    pinned = env("FASTPEFT_TMA_CONFIG")
+    if pinned:
+        v = pinned.split(",")
+        return tuple(int(x) for x in v[:6]) + tuple(x.strip().lower() in ("1", "true") for x in v[6:9])
+    if _INTERPRETING:
+        return _TMA_INTERPRETER_CONFIG
+    return TMA_CONFIGS["wide" if out_dtype == torch.bfloat16 and not has_seed else "narrow"]
+
+
+def _tma_aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride() if s != 1)
+
+
+def tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether lora_linear_tma takes a (M, K) and w (N, K): half precision, one dtype, unit stride along
+    a's rows and along w's K or N, 16-byte aligned bases and row strides, a GPU with TMA (Hopper on)."""
+    if a.dtype not in (torch.float16, torch.bfloat16) or w.dtype != a.dtype:
+        return False
+    if not _INTERPRETING and not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9):
+        return False
+    return a.stride(1) == 1 and 1 in w.stride() and _tma_aligned(a) and _tma_aligned(w)
+
+
+def lora_linear_tma(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, l: torch.Tensor,
+                    r: torch.Tensor, scaling: float, seed: torch.Tensor | None = None, threshold: int = 0,
+                    drop_scale: float = 1.0, out_dtype: torch.dtype | None = None, mask_output: bool = False,
+                    accumulate: torch.Tensor | None = None, config: tuple | None = None,
+                    pdl: bool = False) -> torch.Tensor:
+    """lora_linear's product, without the fused shrink, as a persistent TMA matmul: out = a·wᵀ + bias +
+    s·(l·rᵀ) [⊙ keep·scale, with ``mask_output``], added into ``accumulate`` (M, N) when given.
+
+    a (M, K), w (N, K) with unit stride along K or along N (the dX form passes W's transpose view),
+    both as ``tma_ok`` says; l (M, R), r (N, R) any strides; bias (N,) or None. With ``pdl`` the kernel
+    is launched with programmatic dependent launch behind the kernel that writes l (``lora_shrink``
+    with launch_dependents): its main loop runs while that one finishes, and it waits before the
+    epilogue reads l — so nothing else it reads may come from that kernel.
+    """
+    key = (_lora_linear_tma_kernel, a.shape, a.stride(), a.dtype, w.shape, w.stride(), w.dtype,
+           None if bias is None else (bias.shape, bias.dtype), l.shape, l.stride(), l.dtype, r.shape, r.stride(),
+           r.dtype, None if seed is None else seed.dtype, threshold, drop_scale, out_dtype, mask_output,
+           None if accumulate is None else (accumulate.shape, accumulate.stride(), accumulate.dtype), scaling,
+           _precision(), config, env("FASTPEFT_TMA_CONFIG"), pdl, a.device)
+    return cached(key, _tma_plan, a, w, bias, l, r, scaling, seed is not None, threshold, drop_scale, out_dtype,
+                  mask_output, accumulate, config, pdl)(a, w, bias, l, r, seed, accumulate)
+
+
+def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dtype, mask_output, accumulate,
+              config, pdl=False):
+    """lora_linear_tma's work for one shape key; each run builds the three descriptors and launches."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, K = a.shape
+    N, R = r.shape
+    if tuple(w.shape) != (N, K) or tuple(l.shape) != (M, R):
+        raise ValueError(f"lora_linear_tma: a {tuple(a.shape)}, w {tuple(w.shape)}, l {tuple(l.shape)} and r "
+                         f"{tuple(r.shape)} do not fit a (M, K), w (N, K), l (M, R), r (N, R)")
+    if not tma_ok(a, w):
+        raise ValueError(f"lora_linear_tma: a {a.dtype} strides {a.stride()} and w {w.dtype} strides {w.stride()} "
+                         f"are not TMA operands (one half dtype, unit inner stride, 16-byte aligned rows)")
+    if has_seed and not mask_output:
+        raise ValueError("lora_linear_tma: dropout applies to the output's LoRA term only (mask_output=True)")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"lora_linear_tma: bias must be ({N},), got {tuple(bias.shape)}")
+    out_dtype = out_dtype or (a.dtype if accumulate is None else accumulate.dtype)
+    if accumulate is not None and (tuple(accumulate.shape) != (M, N) or accumulate.dtype != out_dtype
+                                   or accumulate.stride(1) != 1 or not _tma_aligned(accumulate)):
+        raise ValueError(f"lora_linear_tma: accumulate must be ({M}, {N}) {out_dtype} with unit stride along N, "
+                         f"got {tuple(accumulate.shape)} {accumulate.dtype} strides {accumulate.stride()}")
+    BM, BN, BK, GM, warps, stages, tma_store, flatten, *ws = config or _tma_config(out_dtype, has_seed)
+    device = a.device
+    kmajor = w.stride(1) == 1
+    tiles = _cdiv(M, BM) * _cdiv(N, BN)
+    programs = max(1, min(tiles, _num_sms(device)))
+    meta = dict(HAS_BIAS=bias is not None, OUT_DROPOUT=has_seed, W_KMAJOR=kmajor,
+                TMA_STORE=tma_store or accumulate is not None, ACCUMULATE=accumulate is not None,
+                MODE=_dot_mode(a.dtype, w.dtype), EXPAND_MODE=_expand_mode(out_dtype), PRECISION=_precision(),
+                BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=_block_r(R, 64), GROUP_M=GM, NUM_PROGRAMS=programs,
+                FLATTEN=flatten, WARP_SPECIALIZE=bool(ws and ws[0]) and not _INTERPRETING, num_warps=warps,
+                num_stages=stages)
+    meta.update(_pdl_meta(pdl))
+    scalars = (M, N, K, R, *l.stride(), *r.stride(), N, float(scaling), threshold, float(drop_scale))
+    kernel = _lora_linear_tma_kernel[(programs,)]
+    n_args = 8 + len(scalars)
+    tail = tuple(meta[name] for name in _lora_linear_tma_kernel.arg_names[n_args:])
+    grid3 = (programs, 1, 1)
+    kept = {}  # the CompiledKernel of the first launch, called directly after it (not through JIT dispatch)
+    w_shape = [N, K] if kmajor else [K, N]
+    w_block = [BN, BK] if kmajor else [BK, BN]
+    a_block, out_block = [BM, BK], [BM, BN]
+
+    def run(a, w, bias, l, r, seed, accumulate):
+        out = torch.empty((M, N), dtype=out_dtype, device=device) if accumulate is None else accumulate
+        if M and N:
+            args = (TensorDescriptor(a, [M, K], [a.stride(0), 1], a_block),
+                    TensorDescriptor(w if kmajor else w.t(), w_shape, [w.stride(0 if kmajor else 1), 1], w_block),
+                    TensorDescriptor(out, [M, N], [out.stride(0), 1], out_block),
+                    l if bias is None else bias, l, r, out, l if seed is None else seed)
+            compiled = kept.get(a.device)
+            if compiled is None or not ENABLED:
+                compiled = kernel(*args, *scalars, **meta)
+                if hasattr(compiled, "function"):
+                    kept[a.device] = compiled
+            else:
+                compiled[grid3](*args, *scalars, *tail, stream=_current_stream(device.index))
         return out
 
     return run

@@ -4,6 +4,10 @@
     python scripts/diag.py kernels   GPU time of each kernel at training shapes, grid variants
     python scripts/diag.py dropout   the LoRA kernels at the training step's shapes with and without
                                      dropout (graph replay): what the mask costs in each
+    python scripts/diag.py gemm      the persistent TMA matmul (lora_linear_tma) against cuBLAS and the
+                                     cuBLAS route, forward and dX forms, over tile configs
+    python scripts/diag.py pdl       graph-replayed forward / forward+backward with and without PDL
+    python scripts/diag.py small     decode-size main matmul tile configs (pointer and TMA kernels)
     python scripts/diag.py layer M   one layer's wall time against its GPU kernels (profiler)
     python scripts/diag.py e2e       GPU busy time per training step (profiler) vs step time
 """
@@ -152,6 +156,173 @@ def dropout():
               f"shrink dY·B {us(lambda: kl.lora_shrink(dy, bb.t()))} us", flush=True)
 
 
+def host():
+    """Host time per call at tiny shapes (the GPU idle): F.linear, lora_linear (its kept plan) and
+    lora_linear_tma (three descriptors, then its kept compiled kernel)."""
+    import time
+
+    xs, ws, ls, rs = (torch.randn(*s_, device="cuda", dtype=dt) for s_, dt in
+                      (((64, 512), torch.bfloat16), ((512, 512), torch.bfloat16), ((64, 16), torch.float32),
+                       ((512, 16), torch.float32)))
+    for name, f in (("F.linear", lambda: F.linear(xs, ws)),
+                    ("lora_linear", lambda: kl.lora_linear(xs, ws, None, ls, rs, 2.0)),
+                    ("lora_linear pdl", lambda: kl.lora_linear(xs, ws, None, ls, rs, 2.0, pdl=True)),
+                    ("lora_shrink", lambda: kl.lora_shrink(xs, ls.t())),
+                    ("lora_linear_tma", lambda: kl.lora_linear_tma(xs, ws, None, ls, rs, 2.0))):
+        for _ in range(20):
+            f()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            f()
+        per_call = (time.perf_counter() - t0) / 200 * 1e6
+        torch.cuda.synchronize()
+        print(f"host per call: {name} {per_call:.1f} us", flush=True)
+
+
+def gemm():
+    """lora_linear_tma's GPU time (do_bench) and error over tile configs against F.linear, the cuBLAS
+    route's forward (C pass + addmm) and dX, and the pointer-based Triton matmul.
+    FASTPEFT_DIAG_SHAPES="M,K,N;..." picks the shapes."""
+    import inspect
+
+    import triton.language as tl
+
+    print("tl.range:", inspect.signature(tl.range.__init__), flush=True)
+    host()
+    us = lambda f: f"{time_ms(f) * 1e3:.1f}"  # noqa: E731
+    configs = [(128, 256, 64, 8, 8, 3, True, True), (128, 256, 64, 8, 8, 3, False, True),
+               (128, 256, 64, 8, 8, 4, False, True), (128, 256, 64, 8, 8, 3, True, False),
+               (256, 128, 64, 8, 8, 3, True, True), (128, 128, 64, 8, 8, 4, True, True),
+               (128, 128, 64, 8, 4, 4, True, True), (128, 128, 128, 8, 8, 3, True, True),
+               (128, 256, 64, 16, 8, 3, True, True), (128, 256, 64, 4, 8, 3, True, True),
+               (128, 256, 64, 16, 8, 3, True, True, True), (128, 256, 64, 16, 4, 3, True, True, True),
+               (128, 128, 64, 8, 8, 4, True, True, True), (128, 128, 64, 8, 4, 4, True, True, True),
+               (128, 256, 64, 16, 8, 4, True, False, True)]
+    if os.environ.get("FASTPEFT_DIAG_TMA_CONFIGS") == "kept+ws":  # the kept two and the warp-specialized ones
+        configs = list(kl.TMA_CONFIGS.values()) + [c for c in configs if len(c) > 8]
+    for M, K, N in _shapes("16384,4096,4096;4096,4096,4096;8192,2048,2048;8192,2048,256;8192,2048,5632;8192,5632,2048"):
+        x, dy, a, bb, xa, (seed, t, sc) = _operands(M, K, N)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+        bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+        dyb = torch.randn(M, 16, device="cuda")
+        want = (F.linear(x, w, bias).float() + 2.0 * xa @ bb.t()).float()
+        want_dx = (dy.float() @ w.float() + 2.0 * dyb @ a)
+        os.environ["FASTPEFT_GEMM"] = "cublas"
+        line = [f"M={M} K={K} N={N}: F.linear {us(lambda: F.linear(x, w, bias))}, dY·W {us(lambda: dy @ w)}",
+                f"cuBLAS route fwd {us(lambda: ops.forward_impl(x, w, bias, a, bb, 2.0, 0.0, None))}",
+                f"p.05 {us(lambda: ops.forward_impl(x, w, bias, a, bb, 2.0, 0.05, seed))}",
+                f"dX {us(lambda: ops.backward_impl(dy, x, w, a, bb, xa, 2.0, 0.0, None, True, False, False))}",
+                f"p.05 {us(lambda: ops.backward_impl(dy, x, w, a, bb, xa, 2.0, 0.05, seed, True, False, False))}"]
+        os.environ.pop("FASTPEFT_GEMM")
+        for cfg in ((128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3)):
+            os.environ["FASTPEFT_LINEAR_CONFIG"] = ",".join(map(str, cfg))
+            try:
+                line.append(f"pointer {cfg} {us(lambda: kl.lora_linear(x, w, bias, xa, bb, 2.0))}")
+            except Exception as e:
+                line.append(f"pointer {cfg} {type(e).__name__}")
+            os.environ.pop("FASTPEFT_LINEAR_CONFIG")
+        line.append(f"shrink {us(lambda: kl.lora_shrink(x, a))}")
+        print(" | ".join(line) + " us", flush=True)
+        for cfg in configs:
+            try:
+                out = kl.lora_linear_tma(x, w, bias, xa, bb, 2.0, config=cfg)
+                err = ((out.float() - want).abs().max() / want.abs().max()).item()
+                fwd = us(lambda: kl.lora_linear_tma(x, w, bias, xa, bb, 2.0, config=cfg))
+                dx = kl.lora_linear_tma(dy, w.t(), None, dyb, a.t(), 2.0, config=cfg)
+                err_dx = ((dx.float() - want_dx).abs().max() / want_dx.abs().max()).item()
+                bwd = us(lambda: kl.lora_linear_tma(dy, w.t(), None, dyb, a.t(), 2.0, config=cfg))
+                bwd1 = us(lambda: kl.lora_linear_tma(dy, w.t(), None, dyb, a.t(), 2.0, seed, t, sc,
+                                                     mask_output=True, config=cfg))
+                print(f"  tma {cfg}: fwd {fwd} (err {err:.1e}), dX {bwd} / p.05 {bwd1} us (err {err_dx:.1e})",
+                      flush=True)
+            except Exception as e:
+                print(f"  tma {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        # the whole forward / dX on the TMA route: shrink then the matmul, in order or overlapped (PDL)
+        from common import graph_time_ms
+
+        def fwd(pdl, p=False):
+            xa_ = kl.lora_shrink(x, a, *((seed, t, sc) if p else ()), launch_dependents=pdl)
+            return kl.lora_linear_tma(x, w, bias, xa_, bb, 2.0, pdl=pdl)
+
+        def dx(pdl, p=False):
+            dyb_ = kl.lora_shrink(dy, bb.t(), launch_dependents=pdl)
+            return kl.lora_linear_tma(dy, w.t(), None, dyb_, a.t(), 2.0, *((seed, t, sc) if p else ()),
+                                      mask_output=True, pdl=pdl)
+        try:
+            same = (fwd(True) - fwd(False)).abs().max().item(), (dx(True, True) - dx(False, True)).abs().max().item()
+            cells = [f"{name}{' p.05' if p else ''}{' PDL' if pdl else ''} {us(lambda: f(pdl, p))} / graph {graph_time_ms(lambda: f(pdl, p)) * 1e3:.1f}"
+                     for name, f in (("fwd", fwd), ("dX", dx)) for p in (False, True) for pdl in (False, True)]
+            print(f"  TMA route, do_bench / graph replay: {' | '.join(cells)} us; max |PDL - in order| {same}",
+                  flush=True)
+        except Exception as e:
+            print(f"  TMA route: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+def pdl():
+    """Graph-replayed forward and forward + dX + grads (forward_impl / backward_impl) of one 4096 x 4096
+    r = 16 projection at decode and training sizes, FASTPEFT_PDL=0 against 1, routes as ``auto`` picks
+    them (FASTPEFT_GEMM moves them), F.linear beside. FASTPEFT_DIAG_SHAPES="M,K,N;..." picks the shapes."""
+    from common import graph_time_ms
+
+    us = lambda f: f"{graph_time_ms(f) * 1e3:.1f}"  # noqa: E731
+    for M, K, N in _shapes("1,4096,4096;16,4096,4096;256,4096,4096;4096,4096,4096;16384,4096,4096"):
+        x, dy, a, bb, xa, (seed, t, sc) = _operands(M, K, N)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+        cells = [f"M={M} K={K} N={N} route {ops.main_matmul(M)}: F.linear {us(lambda: F.linear(x, w))}"]
+        for p in (0.0, 0.05):
+            s_ = seed if p else None
+            for flag in ("0", "1"):
+                os.environ["FASTPEFT_PDL"] = flag
+
+                def fwd():
+                    return ops.forward_impl(x, w, None, a, bb, 2.0, p, s_)
+
+                def both():
+                    y, xa_ = ops.forward_impl(x, w, None, a, bb, 2.0, p, s_)
+                    return ops.backward_impl(dy, x, w, a, bb, xa_, 2.0, p, s_, True, True, True)
+                try:
+                    cells.append(f"p={p} PDL={flag}: fwd {us(fwd)} fwd+bwd {us(both)}")
+                except Exception as e:
+                    cells.append(f"p={p} PDL={flag}: {type(e).__name__}: {str(e)[:200]}")
+        os.environ.pop("FASTPEFT_PDL")
+        print(" | ".join(cells) + " us", flush=True)
+
+
+def small():
+    """Graph-replayed GPU time of the Triton route's main matmul at decode sizes (K = N = 4096, r = 16)
+    over tile configs: the pointer kernel (lora_linear) and the TMA one (lora_linear_tma), with
+    F.linear beside. FASTPEFT_DIAG_SHAPES="M,K,N;..." picks the shapes."""
+    from common import graph_time_ms
+
+    us = lambda f: f"{graph_time_ms(f) * 1e3:.1f}"  # noqa: E731
+    pointer = [(16, 32, 128, 8, 4, 5), (16, 64, 128, 8, 4, 4), (16, 32, 256, 8, 4, 4), (16, 16, 256, 8, 4, 4),
+               (32, 64, 128, 8, 4, 4), (64, 64, 128, 8, 4, 4), (64, 128, 128, 8, 4, 3), (64, 128, 64, 8, 4, 5),
+               (64, 64, 256, 8, 4, 3), (128, 64, 64, 8, 4, 4)]
+    tma = [(64, 128, 128, 8, 4, 4, True, True), (64, 128, 64, 8, 4, 5, True, True),
+           (64, 64, 128, 8, 4, 5, True, True), (64, 64, 256, 8, 4, 3, True, True),
+           (128, 128, 64, 8, 8, 4, True, True), (64, 32, 256, 8, 4, 4, True, True)]
+    for M, K, N in _shapes("1,4096,4096;16,4096,4096;64,4096,4096;256,4096,4096"):
+        x, dy, a, bb, xa, _ = _operands(M, K, N)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+        cells = [f"M={M} K={K} N={N}: F.linear {us(lambda: F.linear(x, w))}"]
+        for cfg in pointer:
+            if cfg[0] > 16 * max(1, M):
+                continue
+            os.environ["FASTPEFT_LINEAR_CONFIG"] = ",".join(map(str, cfg))
+            try:
+                cells.append(f"ptr {cfg} {us(lambda: kl.lora_linear(x, w, None, xa, bb, 2.0))}")
+            except Exception as e:
+                cells.append(f"ptr {cfg} {type(e).__name__}")
+        os.environ.pop("FASTPEFT_LINEAR_CONFIG")
+        for cfg in tma:
+            try:
+                cells.append(f"tma {cfg[:6]} {us(lambda: kl.lora_linear_tma(x, w, None, xa, bb, 2.0, config=cfg))}")
+            except Exception as e:
+                cells.append(f"tma {cfg[:6]} {type(e).__name__}")
+        print(" | ".join(cells) + " us", flush=True)
+
+
 def _profile(run, n: int, label: str, top: int = 14):
     """Wall ms per call of ``run`` (events over n calls), then its GPU kernels from the profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -208,4 +379,4 @@ def e2e():
 
 
 if __name__ == "__main__":
-    {"prec": prec, "kernels": kernels, "dropout": dropout, "layer": layer, "e2e": e2e}[sys.argv[1]]()
+    {"prec": prec, "kernels": kernels, "dropout": dropout, "gemm": gemm, "pdl": pdl, "small": small, "host": host, "layer": layer, "e2e": e2e}[sys.argv[1]]()

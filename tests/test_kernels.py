@@ -291,17 +291,126 @@ def test_fused_shrink_matches_reference(kernel_device, dtypes, p, monkeypatch):
         _check_against_reference(x, w, b, a, bb, 2.0, p, (True, True, True), dtype)
 
 
-@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+@pytest.mark.parametrize("gemm", ["triton", "cublas", "tma"])
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
 def test_main_matmul_paths(kernel_device, gemm, p, monkeypatch):
-    """Both main-matmul paths (fused Triton epilogue; cuBLAS onto a prefilled C) match the reference."""
+    """Every main-matmul path (fused Triton epilogue; cuBLAS onto a prefilled C; the persistent TMA
+    matmul, which hands operands it cannot take to the cuBLAS path) matches the reference."""
     monkeypatch.setenv("FASTPEFT_GEMM", gemm)
     shapes = [(1, 4096, 4096, 16), (300, 1000, 2000, 64), (4100, 1024, 520, 8)] if kernel_device == "cuda" else \
-        [(1, 40, 24, 3), (37, 45, 29, 5)]
+        [(1, 40, 24, 3), (37, 45, 29, 5), (33, 48, 40, 6)]
     for M, K, N, R in shapes:
         for dtype, adapter_dtype in [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)]:
             x, w, b, a, bb = _make(M, K, N, R, dtype, adapter_dtype, kernel_device, fan_in_fan_out=M == 37)
             _check_against_reference(x, w, b, a, bb, 2.0, p, (True, True, True), dtype)
+
+
+@pytest.mark.parametrize("gemm", ["triton", "tma"])
+def test_routes_match_reference_eager_and_replayed(gpu, gemm, monkeypatch):
+    """The Triton route (its matmul launched with PDL behind the shrink on Hopper: it starts early and
+    waits before its epilogue) and the TMA route (whose repeated calls skip Triton's dispatch) give
+    the reference's results, eager and replayed in a CUDA graph."""
+    if gemm == "tma":
+        _tma_device(gpu)
+    monkeypatch.setenv("FASTPEFT_GEMM", gemm)
+    for M, K, N, R in [(1, 4096, 4096, 16), (300, 1000, 2000, 64), (4100, 1024, 520, 8)]:
+        x, w, b, a, bb = _make(M, K, N, R, torch.bfloat16, torch.float32, gpu)
+        _check_against_reference(x, w, b, a, bb, 2.0, 0.1, (True, True, True), torch.bfloat16)
+    x, w, b, a, bb = _make(16, 4096, 4096, 16, torch.bfloat16, torch.float32, gpu)
+    static = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.lora_linear(static, w, b, a, bb, 2.0)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.lora_linear(static, w, b, a, bb, 2.0)
+    for _ in range(3):
+        static.copy_(torch.randn_like(static))
+        graph.replay()
+        torch.testing.assert_close(out, ops.lora_linear(static, w, b, a, bb, 2.0), rtol=0, atol=0)
+
+
+def test_shrink_partials_are_summed_by_the_linear(kernel_device):
+    """lora_shrink(partial=True) hands its split-K partial sums (no zero-filled output) to lora_linear,
+    which adds them in a fixed order in its epilogue and returns their sum: the same y and xa as the
+    shrink's own sum, bit for bit from run to run."""
+    M, K, N, R = 5, 600, 48, 6
+    x, w, b, a, bb = _make(M, K, N, R, torch.float16, torch.float32, kernel_device)
+    parts = lora_kernels.lora_shrink(x, a, partial=True)
+    assert parts.dim() == 3 and parts.shape[1:] == (M, R) and parts.shape[0] > 1
+    y, xa = lora_kernels.lora_linear(x, w, b, parts, bb, 2.0)
+    torch.testing.assert_close(xa, parts.sum(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(xa, lora_kernels.lora_shrink(x, a), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, lora_kernels.lora_linear(x, w, b, xa, bb, 2.0), rtol=1e-3, atol=1e-3)
+    y2, xa2 = lora_kernels.lora_linear(x, w, b, lora_kernels.lora_shrink(x, a, partial=True), bb, 2.0)
+    assert torch.equal(xa2, xa) and torch.equal(y2, y)
+    one = lora_kernels.lora_shrink(x[:, :100], a[:, :100], partial=True)  # one split: S = 1
+    assert one.shape[0] == 1
+    assert torch.equal(lora_kernels.lora_linear(x[:, :100], w[:, :100], b, one, bb, 2.0)[1], one[0])
+
+
+def _tma_device(kernel_device):
+    if kernel_device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA matmul needs a Hopper or later GPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("form", ["forward", "fan_in_fan_out", "dx_dropout", "accumulate"])
+def test_lora_linear_tma_matches_reference(kernel_device, dtype, form):
+    """lora_linear_tma against the fp64 formula: the forward form (bias, W row-major or a transposed
+    view), the dX form (W's transpose view, the dropout mask on the LoRA term), and adding into a buffer;
+    M, N, K not multiples of the tiles."""
+    _tma_device(kernel_device)
+    shapes = [(37, 48, 40, 5), (1, 32, 24, 3)] if kernel_device == "cpu" else \
+        [(37, 48, 40, 5), (300, 1024, 2056, 64), (4100, 1032, 520, 8)]
+    for M, K, N, R in shapes:
+        x, w, b, a, bb = _make(M, K, N, R, dtype, torch.float32, kernel_device, fan_in_fan_out=form == "fan_in_fan_out")
+        l = torch.randn(M, R, device=kernel_device)
+        seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=kernel_device)
+        t, scale = reference.dropout_threshold(0.2), reference.dropout_scale(0.2)
+        lora = 1.5 * l.double() @ bb.double().t()
+        if form == "dx_dropout":  # out = dY·W: the kernel's w is W's transpose view (K rows of N)
+            dy = torch.randn(M, N, device=kernel_device, dtype=dtype)
+            a_t = a.t()[:, :R]  # (K, R) view
+            out = lora_kernels.lora_linear_tma(dy, w.t(), None, l, a_t, 1.5, seed, t, scale, mask_output=True)
+            keep = reference.dropout_mask(seed, M, K, 0.2)
+            want = dy.double() @ w.double() + torch.where(keep, 1.5 * l.double() @ a_t.double().t() * scale, 0.0)
+            same = (dy @ w).double() + torch.where(keep, 1.5 * l.double() @ a_t.double().t() * scale, 0.0)
+        else:
+            buf = torch.randn(M, N, device=kernel_device, dtype=dtype) if form == "accumulate" else None
+            old = None if buf is None else buf.clone()
+            out = lora_kernels.lora_linear_tma(x, w, b, l, bb, 1.5, accumulate=buf)
+            want = x.double() @ w.double().t() + b.double() + lora
+            same = F.linear(x, w, b).double() + lora
+            if buf is not None:
+                assert out is buf
+                want, same = want + old.double(), same + old.double()
+        assert_close(out, want, same, dtype, f"{form} {M, K, N, R}")
+        if form != "accumulate":  # the second call of a shape takes the kept kernel's direct launch
+            again = (lora_kernels.lora_linear_tma(dy, w.t(), None, l, a_t, 1.5, seed, t, scale, mask_output=True)
+                     if form == "dx_dropout" else lora_kernels.lora_linear_tma(x, w, b, l, bb, 1.5))
+            torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+def test_lora_linear_tma_takes_only_tma_operands(kernel_device):
+    """tma_ok says which operands the TMA matmul takes; the launcher names what it refuses."""
+    _tma_device(kernel_device)
+    x, w, b, a, bb = _make(5, 48, 40, 3, torch.float16, torch.float32, kernel_device)
+    l = torch.randn(5, 3, device=kernel_device)
+    assert lora_kernels.tma_ok(x, w) and lora_kernels.tma_ok(x, w.t().contiguous().t())
+    assert not lora_kernels.tma_ok(x.float(), w.float())  # fp32
+    assert not lora_kernels.tma_ok(x, w.bfloat16())  # two dtypes
+    assert not lora_kernels.tma_ok(x[:, :45].contiguous(), w[:, :45].contiguous())  # rows not 16-byte aligned
+    assert lora_kernels.tma_ok(x[:, :45], w[:, :45])  # views of aligned rows are fine
+    assert not lora_kernels.tma_ok(torch.randn(48, 5, device=kernel_device, dtype=torch.float16).t(), w)
+    with pytest.raises(ValueError, match="not TMA operands"):
+        lora_kernels.lora_linear_tma(x.float(), w.float(), None, l, bb, 1.0)
+    with pytest.raises(ValueError, match="do not fit"):
+        lora_kernels.lora_linear_tma(x, w, None, l[:, :2], bb, 1.0)
+    with pytest.raises(ValueError, match="mask_output"):
+        lora_kernels.lora_linear_tma(x, w, None, l, bb, 1.0, torch.zeros(1, dtype=torch.int64, device=kernel_device))
 
 
 def test_autocast(kernel_device):
