@@ -507,12 +507,14 @@ def _lora_linear_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-# Tile configs by M bucket, measured on an H100 (bench/bench_lora.py --tune): data, not code.
+# Tile configs by M bucket (bench/bench_lora.py --tune, scripts/diag.py small): data, not code.
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); FASTPEFT_LINEAR_CONFIG pins one.
 # H100, K = N = 4096, r = 16 (2026-11-23): M=1 28.5 us, M=16 23.1 us (F.linear 23.2), M=256 33.5 us
-# (F.linear 27.4), M=4096 0.276 ms (F.linear 0.188), M=16384 1.175 ms (F.linear 0.814).
+# (F.linear 27.4), M=4096 0.276 ms (F.linear 0.188), M=16384 1.175 ms (F.linear 0.814). H200, graph
+# replay (2026-12-01): M <= 16 takes K steps of 256 (M = 1 / 16: 19.5 / 19.2 µs against 20.0 / 20.1,
+# F.linear 18.7 / 19.5); M = 64 and 256 keep theirs (23.2, 30.7 µs; F.linear 18.4, 24.3).
 LINEAR_CONFIGS = {
-    16: (16, 32, 128, 8, 4, 5),
+    16: (16, 32, 256, 8, 4, 4),
     64: (64, 64, 128, 8, 4, 4),
     256: (64, 128, 128, 8, 4, 3),
     "large": (128, 128, 64, 8, 8, 4),

@@ -161,13 +161,13 @@ def host():
     lora_linear_tma (three descriptors, then its kept compiled kernel)."""
     import time
 
-    xs, ws, ls, rs = (torch.randn(*s_, device="cuda", dtype=dt) for s_, dt in
-                      (((64, 512), torch.bfloat16), ((512, 512), torch.bfloat16), ((64, 16), torch.float32),
-                       ((512, 16), torch.float32)))
+    xs, ws, ls, rs, As = (torch.randn(*s_, device="cuda", dtype=dt) for s_, dt in
+                          (((64, 512), torch.bfloat16), ((512, 512), torch.bfloat16), ((64, 16), torch.float32),
+                           ((512, 16), torch.float32), ((16, 512), torch.float32)))
     for name, f in (("F.linear", lambda: F.linear(xs, ws)),
                     ("lora_linear", lambda: kl.lora_linear(xs, ws, None, ls, rs, 2.0)),
                     ("lora_linear pdl", lambda: kl.lora_linear(xs, ws, None, ls, rs, 2.0, pdl=True)),
-                    ("lora_shrink", lambda: kl.lora_shrink(xs, ls.t())),
+                    ("lora_shrink", lambda: kl.lora_shrink(xs, As)),
                     ("lora_linear_tma", lambda: kl.lora_linear_tma(xs, ws, None, ls, rs, 2.0))):
         for _ in range(20):
             f()

@@ -375,7 +375,7 @@ def test_lora_linear_tma_matches_reference(kernel_device, dtype, form):
             dy = torch.randn(M, N, device=kernel_device, dtype=dtype)
             a_t = a.t()[:, :R]  # (K, R) view
             out = lora_kernels.lora_linear_tma(dy, w.t(), None, l, a_t, 1.5, seed, t, scale, mask_output=True)
-            keep = reference.dropout_mask(seed, M, K, 0.2)
+            keep = reference.dropout_mask(seed, M, K, 0.2, kernel_device)
             want = dy.double() @ w.double() + torch.where(keep, 1.5 * l.double() @ a_t.double().t() * scale, 0.0)
             same = (dy @ w).double() + torch.where(keep, 1.5 * l.double() @ a_t.double().t() * scale, 0.0)
         else:
