@@ -412,6 +412,49 @@ def _shrink_expand_plan(a, p, q, bias, scaling, has_seed, threshold, drop_scale,
 # linear + LoRA epilogue: out[M, N] = a·wᵀ + bias + (s·l·rᵀ) [⊙ keep·scale]
 # ------------------------------------------------------------------------------------------
 @triton.jit
+def _lora_epilogue(acc, xa, rm, rn, m_ok, n_ok, col0, l_ptr, r_ptr, bias_ptr, lsum_ptr, seed, R,
+                   stride_lm, stride_lr, stride_rn, stride_rr, stride_ls, write_lsum, scaling, threshold,
+                   drop_scale, HAS_BIAS: tl.constexpr, OUT_DROPOUT: tl.constexpr, FROM_REGS: tl.constexpr,
+                   L_SPLIT: tl.constexpr, EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc[BLOCK_M, BLOCK_N] + s·(l·rᵀ) [⊙ keep·scale, the mask of output columns col0 ..] + bias.
+
+    l comes from registers (``xa``, FROM_REGS: the fused shrink, R <= BLOCK_R) or from l_ptr, where
+    it may be L_SPLIT partial sums stride_ls apart, added in order (their sum is stored at lsum_ptr
+    where ``write_lsum``). R runs in chunks of BLOCK_R. Without a mask the product accumulates
+    straight into acc (a second fp32 tile would spill the large tiles)."""
+    if OUT_DROPOUT:
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        lora = acc
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: fp32 chunks would overflow smem
+        rr = r0 + tl.arange(0, BLOCK_R)
+        if FROM_REGS:
+            l = xa * scaling
+        else:
+            l_ptrs = l_ptr + rm[:, None].to(tl.int64) * stride_lm + rr[None, :] * stride_lr
+            l_ok = m_ok[:, None] & (rr[None, :] < R)
+            l = tl.load(l_ptrs, mask=l_ok, other=0.0)
+            for s in range(1, L_SPLIT):  # the shrink's split-K partial sums, added in a fixed order
+                l += tl.load(l_ptrs + s * stride_ls, mask=l_ok, other=0.0)
+            if L_SPLIT > 1:
+                if write_lsum:  # their sum, kept for the backward
+                    tl.store(lsum_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], l, mask=l_ok)
+            l = l * scaling
+        r = tl.load(r_ptr + rn[None, :].to(tl.int64) * stride_rn + rr[:, None] * stride_rr,
+                    mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
+        lora = _dot(l, r, lora, EXPAND_MODE, PRECISION)
+    if OUT_DROPOUT:
+        keep = dropout_keep(seed, rm, col0, BLOCK_M, BLOCK_N, threshold)
+        acc += tl.where(keep, lora * drop_scale, 0.0)
+    else:
+        acc = lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of output tile ``tile`` in grouped order: GROUP_M row blocks share the same W
     column blocks while they sit in L2."""
@@ -470,38 +513,13 @@ def _lora_linear_kernel(
             tl.store(l_ptr + rm[:, None].to(tl.int64) * stride_lm + rs[None, :] * stride_lr, xa,
                      mask=m_ok[:, None] & (rs[None, :] < R))
 
-    # LoRA expand in the epilogue: (s·l)[BLOCK_M, R] · rᵀ[R, BLOCK_N], R in chunks of BLOCK_R. Without
-    # a mask it accumulates straight into acc (a second fp32 tile would spill the large configs).
+    # the LoRA expand, mask and bias in the epilogue (the fused shrink's xa from registers)
     if PDL_WAIT:  # launched with PDL behind the shrink that writes l: wait for it here, not earlier
         gdc_wait()
-    if OUT_DROPOUT:
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        lora = acc
-    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: fp32 chunks would overflow smem
-        rr = r0 + tl.arange(0, BLOCK_R)
-        if FUSE_SHRINK:  # one chunk (R <= BLOCK_R), already in registers
-            l = xa * scaling
-        else:
-            l_ptrs = l_ptr + rm[:, None].to(tl.int64) * stride_lm + rr[None, :] * stride_lr
-            l_ok = m_ok[:, None] & (rr[None, :] < R)
-            l = tl.load(l_ptrs, mask=l_ok, other=0.0)
-            for s in range(1, L_SPLIT):  # the shrink's split-K partial sums, added in a fixed order
-                l += tl.load(l_ptrs + s * stride_ls, mask=l_ok, other=0.0)
-            if L_SPLIT > 1:
-                if pid_n == 0:  # their sum, kept for the backward
-                    tl.store(lsum_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], l, mask=l_ok)
-            l = l * scaling
-        r = tl.load(r_ptr + rn[None, :].to(tl.int64) * stride_rn + rr[:, None] * stride_rr,
-                    mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
-        lora = _dot(l, r, lora, EXPAND_MODE, PRECISION)
-    if OUT_DROPOUT:
-        keep = dropout_keep(seed, rm, pid_n * BLOCK_N, BLOCK_M, BLOCK_N, threshold)
-        acc += tl.where(keep, lora * drop_scale, 0.0)
-    else:
-        acc = lora
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _lora_epilogue(acc, xa, rm, rn, m_ok, n_ok, pid_n * BLOCK_N, l_ptr, r_ptr, bias_ptr, lsum_ptr, seed, R,
+                         stride_lm, stride_lr, stride_rn, stride_rr, stride_ls, pid_n == 0, scaling, threshold,
+                         drop_scale, HAS_BIAS, OUT_DROPOUT, FUSE_SHRINK, L_SPLIT, EXPAND_MODE, PRECISION,
+                         BLOCK_M, BLOCK_N, BLOCK_R)
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
     omask = m_ok[:, None] & n_ok[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
@@ -662,24 +680,9 @@ def _lora_linear_tma_kernel(
         n_ok = rn < N
         if PDL_WAIT:  # launched with PDL behind the kernel that writes l: wait for it here, not earlier
             gdc_wait()
-        if OUT_DROPOUT:
-            lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        else:
-            lora = acc
-        for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            l = tl.load(l_ptr + rm[:, None].to(tl.int64) * stride_lm + rr[None, :] * stride_lr,
-                        mask=m_ok[:, None] & (rr[None, :] < R), other=0.0) * scaling
-            r = tl.load(r_ptr + rn[None, :].to(tl.int64) * stride_rn + rr[:, None] * stride_rr,
-                        mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
-            lora = _dot(l, r, lora, EXPAND_MODE, PRECISION)
-        if OUT_DROPOUT:
-            keep = dropout_keep(seed, rm, off_n, BLOCK_M, BLOCK_N, threshold)
-            acc += tl.where(keep, lora * drop_scale, 0.0)
-        else:
-            acc = lora
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc = _lora_epilogue(acc, acc, rm, rn, m_ok, n_ok, off_n, l_ptr, r_ptr, bias_ptr, l_ptr, seed, R,
+                             stride_lm, stride_lr, stride_rn, stride_rr, 0, False, scaling, threshold, drop_scale,
+                             HAS_BIAS, OUT_DROPOUT, False, 1, EXPAND_MODE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
         if ACCUMULATE:  # out += ... (the q/k/v group's dX: one buffer; TMA_STORE is set with it)
             acc += out_desc.load([off_m, off_n]).to(tl.float32)
         if TMA_STORE:

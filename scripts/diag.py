@@ -8,6 +8,7 @@
                                      cuBLAS route, forward and dX forms, over tile configs
     python scripts/diag.py pdl       graph-replayed forward / forward+backward with and without PDL
     python scripts/diag.py small     decode-size main matmul tile configs (pointer and TMA kernels)
+    python scripts/diag.py eager     the bench layer's eager forward at decode sizes, PDL off and on
     python scripts/diag.py layer M   one layer's wall time against its GPU kernels (profiler)
     python scripts/diag.py e2e       GPU busy time per training step (profiler) vs step time
 """
@@ -156,6 +157,19 @@ def dropout():
               f"shrink dY·B {us(lambda: kl.lora_shrink(dy, bb.t()))} us", flush=True)
 
 
+def _pinned_linear(configs, us, run, label: str) -> list:
+    """'label config time' of ``run`` with each lora_linear tile config pinned (FASTPEFT_LINEAR_CONFIG)."""
+    cells = []
+    for cfg in configs:
+        os.environ["FASTPEFT_LINEAR_CONFIG"] = ",".join(map(str, cfg))
+        try:
+            cells.append(f"{label} {cfg} {us(run)}")
+        except Exception as e:
+            cells.append(f"{label} {cfg} {type(e).__name__}")
+    os.environ.pop("FASTPEFT_LINEAR_CONFIG", None)
+    return cells
+
+
 def host():
     """Host time per call at tiny shapes (the GPU idle): F.linear, lora_linear (its kept plan) and
     lora_linear_tma (three descriptors, then its kept compiled kernel)."""
@@ -215,13 +229,8 @@ def gemm():
                 f"dX {us(lambda: ops.backward_impl(dy, x, w, a, bb, xa, 2.0, 0.0, None, True, False, False))}",
                 f"p.05 {us(lambda: ops.backward_impl(dy, x, w, a, bb, xa, 2.0, 0.05, seed, True, False, False))}"]
         os.environ.pop("FASTPEFT_GEMM")
-        for cfg in ((128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3)):
-            os.environ["FASTPEFT_LINEAR_CONFIG"] = ",".join(map(str, cfg))
-            try:
-                line.append(f"pointer {cfg} {us(lambda: kl.lora_linear(x, w, bias, xa, bb, 2.0))}")
-            except Exception as e:
-                line.append(f"pointer {cfg} {type(e).__name__}")
-            os.environ.pop("FASTPEFT_LINEAR_CONFIG")
+        line += _pinned_linear(((128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3)), us,
+                               lambda: kl.lora_linear(x, w, bias, xa, bb, 2.0), "pointer")
         line.append(f"shrink {us(lambda: kl.lora_shrink(x, a))}")
         print(" | ".join(line) + " us", flush=True)
         for cfg in configs:
@@ -306,21 +315,42 @@ def small():
         x, dy, a, bb, xa, _ = _operands(M, K, N)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
         cells = [f"M={M} K={K} N={N}: F.linear {us(lambda: F.linear(x, w))}"]
-        for cfg in pointer:
-            if cfg[0] > 16 * max(1, M):
-                continue
-            os.environ["FASTPEFT_LINEAR_CONFIG"] = ",".join(map(str, cfg))
-            try:
-                cells.append(f"ptr {cfg} {us(lambda: kl.lora_linear(x, w, None, xa, bb, 2.0))}")
-            except Exception as e:
-                cells.append(f"ptr {cfg} {type(e).__name__}")
-        os.environ.pop("FASTPEFT_LINEAR_CONFIG")
+        cells += _pinned_linear([c for c in pointer if c[0] <= 16 * max(1, M)], us,
+                                lambda: kl.lora_linear(x, w, None, xa, bb, 2.0), "ptr")
         for cfg in tma:
             try:
                 cells.append(f"tma {cfg[:6]} {us(lambda: kl.lora_linear_tma(x, w, None, xa, bb, 2.0, config=cfg))}")
             except Exception as e:
                 cells.append(f"tma {cfg[:6]} {type(e).__name__}")
         print(" | ".join(cells) + " us", flush=True)
+
+
+def eager():
+    """Eager forward of the bench's fastpeft layer at decode sizes, FASTPEFT_PDL=0 against 1, interleaved
+    twice: do_bench's median (events around each call, L2 flushed before it) and the wall time per call
+    of 200 back-to-back calls."""
+    import time
+
+    from bench_lora import make_layers
+
+    for M in (1, 16, 256):
+        for p in (0.0, 0.05):
+            _, fast, _ = make_layers(4096, 4096, 16, p)
+            x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            cells = []
+            for flag in ("0", "1", "0", "1"):
+                os.environ["FASTPEFT_PDL"] = flag
+                bench = time_ms(lambda: fast(x)) * 1e3
+                for _ in range(20):
+                    fast(x)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(200):
+                    fast(x)
+                torch.cuda.synchronize()
+                cells.append(f"PDL={flag} {bench:.1f} / {(time.perf_counter() - t0) / 200 * 1e6:.1f}")
+            os.environ.pop("FASTPEFT_PDL")
+            print(f"M={M} p={p} eager fwd, do_bench / wall per call (us): " + " | ".join(cells), flush=True)
 
 
 def _profile(run, n: int, label: str, top: int = 14):
@@ -379,4 +409,4 @@ def e2e():
 
 
 if __name__ == "__main__":
-    {"prec": prec, "kernels": kernels, "dropout": dropout, "gemm": gemm, "pdl": pdl, "small": small, "host": host, "layer": layer, "e2e": e2e}[sys.argv[1]]()
+    {"prec": prec, "kernels": kernels, "dropout": dropout, "gemm": gemm, "pdl": pdl, "small": small, "host": host, "eager": eager, "layer": layer, "e2e": e2e}[sys.argv[1]]()
