@@ -1,10 +1,10 @@
 """Fused LoRA kernels: shrink, shrink + expand, linear + LoRA epilogue, adapter-weight gradients.
 
-The LoRA linear y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ and its backward are built from four kernels:
+The LoRA linear y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ and its backward are built from these kernels:
 
 * ``lora_shrink``        small[M, R] = drop(a)[M, K] · p[R, K]ᵀ                          (fp32 out)
-      split over K at small M; used where the two fused forms below do not apply (R > 64 on the
-      Triton route).
+      split over K at small M (partial sums that ``lora_linear`` adds up, or atomics into a zeroed
+      output); the Triton and TMA routes' shrink, and dY·B where dX is not needed.
 * ``lora_shrink_expand`` small = drop(a)·pᵀ (fp32, written) and out[M, N] = b + s·(small · qᵀ) [⊙ keep]
       in one pass over a block of rows: the cuBLAS route's C, onto which cuBLAS adds a·wᵀ (beta = 1).
       forward: a = x, p = A, q = B, dropout on x;  backward: a = dY, p = Bᵀ, q = Aᵀ, the dropout mask
@@ -13,6 +13,10 @@ The LoRA linear y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ and its backward are bui
       the expand, scaling and bias in the epilogue of a Triton matmul, so no M×N or M×K intermediate
       is written besides y; with ``shrink_a`` it also computes l = drop(a)·shrink_aᵀ in its K loop
       (a read once, one launch for the whole forward; off by default: it costs GPU time, see ops.py).
+      It also takes the shrink's split-K partial sums and adds them in its epilogue, and may be
+      launched with PDL behind the shrink (its main loop runs while the shrink finishes).
+* ``lora_linear_tma``    the same product and epilogue (no fused shrink) as a persistent matmul whose
+      a and w tiles come in by TMA (Hopper on, half-precision operands): the opt-in ``tma`` route.
 * ``lora_adapter_grads`` dA[R, K] = s·dybᵀ·drop(x) and dB[N, R] = s·dYᵀ·xa in one launch
       (each out[C, R] = s · Σ_m big[m, C]ᵀ · small[m, R]; the mask regenerated on x).
 
