@@ -148,7 +148,7 @@ def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p
     wt = _as(weight, dy2.dtype).t() if route == "tma" else None
     if route == "tma" and K.tma_ok(dy2, wt):
         dyb = K.lora_shrink(dy2, lora_b.t())
-        into = dx_into is not None and dx_into.stride(1) == 1 and K.tma_ok(dx_into, wt)
+        into = dx_into is not None and K.tma_ok(dx_into, wt)  # dX added into it by the kernel
         dx = K.lora_linear_tma(dy2, wt, None, dyb, lora_a.t(), scaling, seed, threshold, drop_scale,
                                out_dtype=x2.dtype, mask_output=True, accumulate=dx_into if into else None)
         dx = dx if dx_into is None or into else dx_into.add_(dx)

@@ -94,26 +94,21 @@ def _precision() -> str:
     return "tf32" if torch._C._get_cublas_allow_tf32() else "tf32x3"  # = torch.backends.cuda.matmul.allow_tf32
 
 
-_PDL_OK: dict = {}
-
-
 def pdl_ok(device: torch.device) -> bool:
     """Whether kernels on ``device`` may use programmatic dependent launch: a CUDA GPU of compute
     capability 9 or more (griddepcontrol) and a triton that has it; never under the interpreter."""
-    if not HAS_PDL or _INTERPRETING or device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    ok = _PDL_OK.get(index)
-    if ok is None:
-        ok = _PDL_OK[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return ok
+    return _pdl_on(True) and device.type == "cuda" and _device_props(device)[1] >= 9
+
+
+def _pdl_on(flag: bool) -> bool:
+    """``flag``, where this triton has PDL and the kernels run on a GPU (not the interpreter)."""
+    return flag and HAS_PDL and not _INTERPRETING
 
 
 def _pdl_meta(pdl: bool) -> dict:
     """The launch options of a kernel that waits (``PDL_WAIT``) for the kernel before it, launched
     with programmatic dependent launch when ``pdl`` (not under the interpreter)."""
-    on = pdl and HAS_PDL and not _INTERPRETING
-    return dict(PDL_WAIT=True, launch_pdl=True) if on else dict(PDL_WAIT=False)
+    return dict(PDL_WAIT=True, launch_pdl=True) if _pdl_on(pdl) else dict(PDL_WAIT=False)
 
 
 def _block_r(R: int, cap: int = 256) -> int:
@@ -126,19 +121,26 @@ def _fit_stages(stages: int, stage_bytes: int, budget: int) -> int:
     return max(1, min(stages, budget // stage_bytes))
 
 
-_SM_COUNT: dict = {}
+_DEVICE_PROPS: dict = {}
+
+
+def _device_props(device: torch.device) -> tuple:
+    """(multiprocessors, compute capability major) of CUDA ``device``, asked once per device (the
+    launchers read them on their hot paths)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = _DEVICE_PROPS.get(index)
+    if props is None:
+        p = torch.cuda.get_device_properties(index)
+        props = _DEVICE_PROPS[index] = (p.multi_processor_count, p.major)
+    return props
 
 
 def _num_sms(device: torch.device) -> int:
-    """Multiprocessors of ``device`` (cached); a small fixed number under the interpreter, so that the
-    tests there take the same grid-splitting branches the GPU takes."""
+    """Multiprocessors of ``device``; a small fixed number under the interpreter, so that the tests
+    there take the same grid-splitting branches the GPU takes."""
     if _INTERPRETING or device.type != "cuda":
         return 16
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    n = _SM_COUNT.get(index)
-    if n is None:
-        n = _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return n
+    return _device_props(device)[0]
 
 
 @triton.jit
@@ -262,7 +264,7 @@ def _shrink_plan(x, a, has_dropout: bool, threshold: int, drop_scale: float, lau
         M, K, R, *x.stride(), *a.stride(), R, 1, M * R, threshold, drop_scale,
     ), HAS_DROPOUT=has_dropout, MODE=_dot_mode(x.dtype, a.dtype), PRECISION=_precision(), SPLIT_K=split_k,
         PARTIAL=partial, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
-        LAUNCH_DEPENDENTS=launch_dependents and HAS_PDL and not _INTERPRETING,
+        LAUNCH_DEPENDENTS=_pdl_on(launch_dependents),
         num_warps=4, num_stages=3,
     )
 
@@ -565,8 +567,8 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, l: 
 
     a (M, K), w (N, K), bias (N,) or None, l (M, R), r (N, R); any strides. ``l`` may be the (S, M, R)
     partial sums of ``lora_shrink(partial=True)``: the epilogue adds them up, and the call returns
-    (out, their sum (M, R)). With ``shrink_a`` (R, K), R <= 64, unit stride along K, the kernel computes l = drop(a)·shrink_aᵀ
-    itself in its main loop (a read once) and writes it into ``l`` (fp32). With ``seed`` the dropout
+    (out, their sum (M, R)). With ``shrink_a`` (R, K), R <= 64, unit stride along K, the kernel
+    computes l = drop(a)·shrink_aᵀ itself in its main loop (a read once) and writes it into ``l`` (fp32). With ``seed`` the dropout
     mask applies to ``a`` inside that shrink, or, with ``mask_output`` (not with ``shrink_a``), to the
     LoRA term of output element (m, n). ``pdl``: launched with programmatic dependent launch behind
     the kernel that writes l (see lora_linear_tma); not with ``shrink_a``.
@@ -717,7 +719,9 @@ def _tma_config(out_dtype, has_seed: bool) -> tuple:
 
 
 def _tma_aligned(t: torch.Tensor) -> bool:
-    return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride() if s != 1)
+    """A 16-byte aligned base, and every stride but the unit one positive and a multiple of 16 bytes
+    (a TMA descriptor takes no zero stride: expanded tensors, such as the dY of a sum, go elsewhere)."""
+    return t.data_ptr() % 16 == 0 and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride() if s != 1)
 
 
 def tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
@@ -725,7 +729,7 @@ def tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     a's rows and along w's K or N, 16-byte aligned bases and row strides, a GPU with TMA (Hopper on)."""
     if a.dtype not in (torch.float16, torch.bfloat16) or w.dtype != a.dtype:
         return False
-    if not _INTERPRETING and not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9):
+    if not _INTERPRETING and not (a.is_cuda and _device_props(a.device)[1] >= 9):
         return False
     return a.stride(1) == 1 and 1 in w.stride() and _tma_aligned(a) and _tma_aligned(w)
 
@@ -792,7 +796,7 @@ def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dt
     n_args = 8 + len(scalars)
     tail = tuple(meta[name] for name in _lora_linear_tma_kernel.arg_names[n_args:])
     grid3 = (programs, 1, 1)
-    kept = {}  # the CompiledKernel of the first launch, called directly after it (not through JIT dispatch)
+    kept = []  # the CompiledKernel of the first launch (this plan is one device's), called directly after it
     w_shape = [N, K] if kmajor else [K, N]
     w_block = [BN, BK] if kmajor else [BK, BN]
     a_block, out_block = [BM, BK], [BM, BN]
@@ -804,13 +808,12 @@ def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dt
                     TensorDescriptor(w if kmajor else w.t(), w_shape, [w.stride(0 if kmajor else 1), 1], w_block),
                     TensorDescriptor(out, [M, N], [out.stride(0), 1], out_block),
                     l if bias is None else bias, l, r, out, l if seed is None else seed)
-            compiled = kept.get(a.device)
-            if compiled is None or not ENABLED:
-                compiled = kernel(*args, *scalars, **meta)
-                if hasattr(compiled, "function"):
-                    kept[a.device] = compiled
+            if kept and ENABLED:  # not through Triton's JIT dispatch
+                kept[0][grid3](*args, *scalars, *tail, stream=_current_stream(device.index))
             else:
-                compiled[grid3](*args, *scalars, *tail, stream=_current_stream(device.index))
+                compiled = kernel(*args, *scalars, **meta)
+                if not kept and hasattr(compiled, "function"):
+                    kept.append(compiled)
         return out
 
     return run

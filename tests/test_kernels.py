@@ -258,6 +258,8 @@ def test_shape_errors_name_the_problem(kernel_device):
     seed = torch.tensor([3], dtype=torch.int64, device=kernel_device)
     with pytest.raises(ValueError, match="needs the fused shrink"):  # dropout on x needs the shrink inside
         lora_kernels.lora_linear(x, w, b, xa, bb, 1.0, seed, 100, 1.1)
+    with pytest.raises(ValueError, match="partial sums"):  # a shrink's partial sums and the fused shrink
+        lora_kernels.lora_linear(x, w, b, xa[None], bb, 1.0, shrink_a=a)
     with pytest.raises(ValueError, match="lora_shrink_expand"):
         lora_kernels.lora_shrink_expand(x, a[:, :8], bb, b, 1.0)
     with pytest.raises(ValueError, match="lora_shrink_expand: bias"):
@@ -405,6 +407,7 @@ def test_lora_linear_tma_takes_only_tma_operands(kernel_device):
     assert not lora_kernels.tma_ok(x[:, :45].contiguous(), w[:, :45].contiguous())  # rows not 16-byte aligned
     assert lora_kernels.tma_ok(x[:, :45], w[:, :45])  # views of aligned rows are fine
     assert not lora_kernels.tma_ok(torch.randn(48, 5, device=kernel_device, dtype=torch.float16).t(), w)
+    assert not lora_kernels.tma_ok(x[:1].expand(5, 48), w)  # a zero row stride (the dY of a sum)
     with pytest.raises(ValueError, match="not TMA operands"):
         lora_kernels.lora_linear_tma(x.float(), w.float(), None, l, bb, 1.0)
     with pytest.raises(ValueError, match="do not fit"):
