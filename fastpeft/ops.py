@@ -42,6 +42,11 @@ from .kernels.launch import env
 CUBLAS_MIN_M = 512
 
 
+# From this many rows up the auto route is the persistent TMA matmul where it takes the operands
+# (0: never). FASTPEFT_TMA_MIN_M moves it.
+TMA_MIN_M = 0
+
+
 def main_matmul(M: int) -> str:
     """'triton' (fused epilogue), 'cublas' (onto a prefilled C) or 'tma' (the persistent TMA matmul with
     the LoRA epilogue, Hopper on; other operands take the cuBLAS route) for an M-row product.
@@ -50,7 +55,10 @@ def main_matmul(M: int) -> str:
     """
     choice = env("FASTPEFT_GEMM", "auto")
     if choice == "auto":
-        return "cublas" if M >= CUBLAS_MIN_M else "triton"
+        if M < CUBLAS_MIN_M:
+            return "triton"
+        tma_min = int(env("FASTPEFT_TMA_MIN_M", TMA_MIN_M))
+        return "tma" if 0 < tma_min <= M else "cublas"
     if choice not in ("triton", "cublas", "tma"):
         raise ValueError(f"FASTPEFT_GEMM must be auto, triton, cublas or tma, got {choice!r}")
     return choice
@@ -120,8 +128,8 @@ def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
     if route == "tma":
         w = _as(weight, x2.dtype)
         if K.tma_ok(x2, w):
-            xa = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale)
-            return K.lora_linear_tma(x2, w, bias, xa, lora_b, scaling), xa
+            parts = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale, partial=True)
+            return K.lora_linear_tma(x2, w, bias, parts, lora_b, scaling)
     if route == "triton":
         if fused_shrink(M, R):
             xa = torch.empty((M, R), dtype=torch.float32, device=x2.device)
@@ -147,10 +155,10 @@ def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p
     route = main_matmul(M) if need_dx and weight is not None else "cublas"
     wt = _as(weight, dy2.dtype).t() if route == "tma" else None
     if route == "tma" and K.tma_ok(dy2, wt):
-        dyb = K.lora_shrink(dy2, lora_b.t())
+        parts = K.lora_shrink(dy2, lora_b.t(), partial=True)
         into = dx_into is not None and K.tma_ok(dx_into, wt)  # dX added into it by the kernel
-        dx = K.lora_linear_tma(dy2, wt, None, dyb, lora_a.t(), scaling, seed, threshold, drop_scale,
-                               out_dtype=x2.dtype, mask_output=True, accumulate=dx_into if into else None)
+        dx, dyb = K.lora_linear_tma(dy2, wt, None, parts, lora_a.t(), scaling, seed, threshold, drop_scale,
+                                    out_dtype=x2.dtype, mask_output=True, accumulate=dx_into if into else None)
         dx = dx if dx_into is None or into else dx_into.add_(dx)
     elif need_dx:
         if route == "triton":

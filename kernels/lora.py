@@ -235,15 +235,20 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = No
 MAX_PARTIALS = 8
 
 
-def _shrink_grid(M: int, K: int, BLOCK_R: int, partial: bool = False):
+def _shrink_grid(M: int, K: int, BLOCK_R: int, partial: bool = False, sms: int = 132):
     """(BLOCK_M, BLOCK_K, split_k) of lora_shrink. Small M splits K across programs (atomics into a
     zeroed output, or with ``partial`` at most MAX_PARTIALS partial sums) so the GPU reads x and A
     wide; large M takes K steps of 128 at R <= 32 (H200, dY·B at M = 8192, K = 2048: 21.3 against
-    26.8 µs with steps of 64; K = 5632: 44.9 against 61.7)."""
+    26.8 µs with steps of 64; K = 5632: 44.9 against 61.7) and, with ``partial``, splits K until
+    there are two programs per multiprocessor (H200, M = 4096, K = 4096: 64 programs took 30 µs to
+    read 32 MiB)."""
     BLOCK_M = min(16 if M <= 16 else (32 if M <= 32 else 64), max(16, 8192 // BLOCK_R))
     BLOCK_K = 128 if M <= 64 or (M > 256 and BLOCK_R <= 32) else 64
     n_m = max(1, _cdiv(M, BLOCK_M))
-    split_k = 1 if M > 256 or (_INTERPRETING and not partial) else max(1, min(_cdiv(K, BLOCK_K), 128 // n_m))
+    if M > 256:
+        split_k = max(1, min(_cdiv(2 * sms, n_m), _cdiv(K, 4 * BLOCK_K))) if partial else 1
+    else:
+        split_k = 1 if _INTERPRETING and not partial else max(1, min(_cdiv(K, BLOCK_K), 128 // n_m))
     return BLOCK_M, BLOCK_K, min(split_k, MAX_PARTIALS) if partial else split_k
 
 
@@ -255,7 +260,7 @@ def _shrink_plan(x, a, has_dropout: bool, threshold: int, drop_scale: float, lau
     if Ka != K:
         raise ValueError(f"lora_shrink: x is (M={M}, K={K}) but A is (R={R}, K={Ka})")
     BLOCK_R = _block_r(R)
-    BLOCK_M, BLOCK_K, split_k = _shrink_grid(M, K, BLOCK_R, partial)
+    BLOCK_M, BLOCK_K, split_k = _shrink_grid(M, K, BLOCK_R, partial, _num_sms(x.device))
     n_m = max(1, _cdiv(M, BLOCK_M))
     alloc = torch.zeros if split_k > 1 and not partial else torch.empty
     shape = (split_k, M, R) if partial else (M, R)
@@ -650,15 +655,15 @@ def _linear_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out
 # ------------------------------------------------------------------------------------------
 @triton.jit
 def _lora_linear_tma_kernel(
-    a_desc, w_desc, out_desc, bias_ptr, l_ptr, r_ptr, out_ptr, seed_ptr,
+    a_desc, w_desc, out_desc, bias_ptr, l_ptr, r_ptr, out_ptr, seed_ptr, lsum_ptr,
     M, N, K, R,
-    stride_lm, stride_lr, stride_rn, stride_rr, stride_om,
+    stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_ls,
     scaling, threshold, drop_scale,
     HAS_BIAS: tl.constexpr, OUT_DROPOUT: tl.constexpr, W_KMAJOR: tl.constexpr, TMA_STORE: tl.constexpr,
     ACCUMULATE: tl.constexpr, MODE: tl.constexpr, EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    PDL_WAIT: tl.constexpr,
+    PDL_WAIT: tl.constexpr, L_SPLIT: tl.constexpr,
 ):
     # each program walks tiles pid, pid + NUM_PROGRAMS, ...; a and w come in by TMA (descriptors
     # built on the host), the LoRA expand, mask and bias are added to the tile in registers
@@ -686,9 +691,10 @@ def _lora_linear_tma_kernel(
         n_ok = rn < N
         if PDL_WAIT:  # launched with PDL behind the kernel that writes l: wait for it here, not earlier
             gdc_wait()
-        acc = _lora_epilogue(acc, acc, rm, rn, m_ok, n_ok, off_n, l_ptr, r_ptr, bias_ptr, l_ptr, seed, R,
-                             stride_lm, stride_lr, stride_rn, stride_rr, 0, False, scaling, threshold, drop_scale,
-                             HAS_BIAS, OUT_DROPOUT, False, 1, EXPAND_MODE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+        acc = _lora_epilogue(acc, acc, rm, rn, m_ok, n_ok, off_n, l_ptr, r_ptr, bias_ptr, lsum_ptr, seed, R,
+                             stride_lm, stride_lr, stride_rn, stride_rr, stride_ls, pid_n == 0, scaling, threshold,
+                             drop_scale, HAS_BIAS, OUT_DROPOUT, False, L_SPLIT, EXPAND_MODE, PRECISION,
+                             BLOCK_M, BLOCK_N, BLOCK_R)
         if ACCUMULATE:  # out += ... (the q/k/v group's dX: one buffer; TMA_STORE is set with it)
             acc += out_desc.load([off_m, off_n]).to(tl.float32)
         if TMA_STORE:
@@ -743,7 +749,9 @@ def lora_linear_tma(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     s·(l·rᵀ) [⊙ keep·scale, with ``mask_output``], added into ``accumulate`` (M, N) when given.
 
     a (M, K), w (N, K) with unit stride along K or along N (the dX form passes W's transpose view),
-    both as ``tma_ok`` says; l (M, R), r (N, R) any strides; bias (N,) or None. With ``pdl`` the kernel
+    both as ``tma_ok`` says; l (M, R), r (N, R) any strides; bias (N,) or None. As with lora_linear,
+    ``l`` may be the (S, M, R) partial sums of ``lora_shrink(partial=True)``; the call then returns
+    (out, their sum (M, R)). With ``pdl`` the kernel
     is launched with programmatic dependent launch behind the kernel that writes l (``lora_shrink``
     with launch_dependents): its main loop runs while that one finishes, and it waits before the
     epilogue reads l — so nothing else it reads may come from that kernel.
@@ -762,11 +770,14 @@ def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dt
     """lora_linear_tma's work for one shape key; each run builds the three descriptors and launches."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    partial = l.dim() == 3
+    l_split = l.shape[0] if partial else 1
+    l2 = l[0] if partial and l_split else l  # one (M, R) slice: the checks and strides
     M, K = a.shape
     N, R = r.shape
-    if tuple(w.shape) != (N, K) or tuple(l.shape) != (M, R):
+    if tuple(w.shape) != (N, K) or tuple(l2.shape) != (M, R):
         raise ValueError(f"lora_linear_tma: a {tuple(a.shape)}, w {tuple(w.shape)}, l {tuple(l.shape)} and r "
-                         f"{tuple(r.shape)} do not fit a (M, K), w (N, K), l (M, R), r (N, R)")
+                         f"{tuple(r.shape)} do not fit a (M, K), w (N, K), l (M, R) or (S >= 1, M, R), r (N, R)")
     if not tma_ok(a, w):
         raise ValueError(f"lora_linear_tma: a {a.dtype} strides {a.stride()} and w {w.dtype} strides {w.stride()} "
                          f"are not TMA operands (one half dtype, unit inner stride, 16-byte aligned rows)")
@@ -789,11 +800,12 @@ def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dt
                 MODE=_dot_mode(a.dtype, w.dtype), EXPAND_MODE=_expand_mode(out_dtype), PRECISION=_precision(),
                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=_block_r(R, 64), GROUP_M=GM, NUM_PROGRAMS=programs,
                 FLATTEN=flatten, WARP_SPECIALIZE=bool(ws and ws[0]) and not _INTERPRETING, num_warps=warps,
-                num_stages=stages)
+                num_stages=stages, L_SPLIT=l_split)
     meta.update(_pdl_meta(pdl))
-    scalars = (M, N, K, R, *l.stride(), *r.stride(), N, float(scaling), threshold, float(drop_scale))
+    scalars = (M, N, K, R, *l2.stride(), *r.stride(), N, l.stride(0) if partial else 0, float(scaling), threshold,
+               float(drop_scale))
     kernel = _lora_linear_tma_kernel[(programs,)]
-    n_args = 8 + len(scalars)
+    n_args = 9 + len(scalars)
     tail = tuple(meta[name] for name in _lora_linear_tma_kernel.arg_names[n_args:])
     grid3 = (programs, 1, 1)
     kept = []  # the CompiledKernel of the first launch (this plan is one device's), called directly after it
@@ -803,18 +815,21 @@ def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dt
 
     def run(a, w, bias, l, r, seed, accumulate):
         out = torch.empty((M, N), dtype=out_dtype, device=device) if accumulate is None else accumulate
+        lsum = torch.empty((M, R), dtype=l.dtype, device=device) if l_split > 1 else (l[0] if partial else l)
         if M and N:
             args = (TensorDescriptor(a, [M, K], [a.stride(0), 1], a_block),
                     TensorDescriptor(w if kmajor else w.t(), w_shape, [w.stride(0 if kmajor else 1), 1], w_block),
                     TensorDescriptor(out, [M, N], [out.stride(0), 1], out_block),
-                    l if bias is None else bias, l, r, out, l if seed is None else seed)
+                    l if bias is None else bias, l, r, out, l if seed is None else seed, lsum)
             if kept and ENABLED:  # not through Triton's JIT dispatch
                 kept[0][grid3](*args, *scalars, *tail, stream=_current_stream(device.index))
             else:
                 compiled = kernel(*args, *scalars, **meta)
                 if not kept and hasattr(compiled, "function"):
                     kept.append(compiled)
-        return out
+        elif l_split > 1:  # no output to compute, the sum still to hand back
+            lsum = l.sum(0)
+        return (out, lsum) if partial else out
 
     return run
 

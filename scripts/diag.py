@@ -376,6 +376,31 @@ def _profile(run, n: int, label: str, top: int = 14):
     print(f"--- {label}: {wall:.3f} ms per call, GPU busy {busy:.3f} ms", flush=True)
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
         print(f"   {e.self_device_time_total / 2:9.1f} us  {e.count // 2:5d}x  {e.key[:90]}")
+    if os.environ.get("FASTPEFT_DIAG_GAPS") == "1":
+        _gaps(run, label)
+
+
+def _gaps(run, label: str):
+    """The host side of ``run`` (FASTPEFT_DIAG_GAPS=1): CUDA runtime calls (a synchronizing one
+    stalls the host behind the GPU) and the largest idle gaps between GPU kernels, each with the
+    kernels around it, over 3 back-to-back calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+    api = [e for e in prof.key_averages() if e.key.startswith("cu") and e.self_device_time_total == 0]
+    print(f"   runtime calls over 3 calls ({label}):")
+    for e in sorted(api, key=lambda e: -e.cpu_time_total)[:8]:
+        print(f"   {e.cpu_time_total / 3:9.1f} us  {e.count // 3:5d}x  {e.key[:70]}")
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    gaps = [(b.time_range.start - a.time_range.end, a.name, b.name) for a, b in zip(kernels, kernels[1:])]
+    idle = sum(g for g, _, _ in gaps if g > 0)
+    print(f"   GPU idle between kernels: {idle / 3:.1f} us per call; largest gaps:")
+    for g, a, b in sorted(gaps, reverse=True)[:5]:
+        print(f"   {g:9.1f} us  after {a[:45]}  before {b[:45]}")
 
 
 def layer():

@@ -2,6 +2,10 @@
 
     python scripts/host_profile.py [M]        one layer
     python scripts/host_profile.py e2e [p]    the bench_e2e training step (FASTPEFT_E2E_* shrink it)
+    python scripts/host_profile.py enqueue    host time to enqueue each launcher and one layer at M = 512 / 4096
+                                              with the GPU idle at each call (synchronized before)
+    python scripts/host_profile.py apis       host cost of torch's matmul entry points and of one layer
+                                              at shapes whose GPU work is negligible (wall = host)
 
 One layer: the wall time per call of each launcher and of the whole layer (forward, forward+backward)
 next to nn.Linear and PEFT, then a cProfile of forward+backward sorted by own time, then how each
@@ -125,8 +129,111 @@ def e2e(p: float):
         torch.cuda.empty_cache()
 
 
+def apis():
+    """Host cost per call where the GPU work is a few µs: torch's matmul entry points onto a C (the
+    cuBLAS route's second launch), then one layer's forward and forward+backward at M = 1 (the Triton
+    route) and M = 512 (the cuBLAS route), K = N = 256, with a cProfile of the latter."""
+    M, K, N, r = 512, 256, 256, 16
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+    c = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    wt = w.t()
+    out = torch.empty_like(c)
+    aten = torch.ops.aten
+    print(f"M={M} K={K} N={N}: host per call, us")
+    for name, fn in [
+        ("torch.empty", lambda: torch.empty(M, N, device="cuda", dtype=torch.bfloat16)),
+        ("F.linear", lambda: torch.nn.functional.linear(x, w)),
+        ("F.linear 2-D bias", lambda: torch.nn.functional.linear(x, w, c)),
+        ("torch.mm", lambda: torch.mm(x, wt)),
+        ("c.addmm_(x, wt)", lambda: c.addmm_(x, wt)),
+        ("torch.addmm(c, x, wt)", lambda: torch.addmm(c, x, wt)),
+        ("torch.addmm(out=)", lambda: torch.addmm(c, x, wt, out=out)),
+        ("aten.addmm_.default", lambda: aten.addmm_.default(c, x, wt)),
+        ("torch.randint seed", lambda: torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device="cuda")),
+    ]:
+        print(f"  {name:24s} {per_call_us(fn, 2000):8.1f}")
+    for m in (1, M):
+        xm = torch.randn(m, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        gm = torch.randn(m, N, device="cuda", dtype=torch.bfloat16)
+        for p in (0.0, 0.05):
+            base, fast, peft_layer = make_layers(K, N, r, p)
+            for name, layer in (("linear", base), ("fastpeft", fast), ("peft", peft_layer)):
+                params = [xm] + [t for t in layer.parameters() if t.requires_grad]
+                f = per_call_us(lambda: layer(xm), 1000)
+                fb = per_call_us(lambda: torch.autograd.grad(layer(xm), params, gm), 1000)
+                with torch.no_grad():
+                    nf = per_call_us(lambda: layer(xm), 1000)
+                print(f"  M={m} p={p} {name:10s} fwd {f:7.1f}  fwd+bwd {fb:7.1f}  no_grad fwd {nf:7.1f}")
+            if m == M:
+                params = [xm] + [t for t in fast.parameters() if t.requires_grad]
+                pr = cProfile.Profile()
+                pr.enable()
+                for _ in range(500):
+                    torch.autograd.grad(fast(xm), params, gm)
+                torch.cuda.synchronize()
+                pr.disable()
+                print(f"--- cProfile fastpeft fwd+bwd x500, M={m} p={p}")
+                pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+
+
+def enqueue():
+    """Host time until each call returns, the GPU idle when it starts (synchronized before each call,
+    so no launch waits on a full queue): what each launcher and the layer cost the host alone."""
+
+    def host_us(fn, n=50):
+        for _ in range(5):
+            fn()
+        total = 0.0
+        for _ in range(n):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            total += time.perf_counter() - t
+        torch.cuda.synchronize()
+        return total / n * 1e6
+
+    K = N = 4096
+    r = 16
+    for M in (512, 4096):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        xd = x.detach()
+        g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(r, K, device="cuda")
+        b = torch.randn(N, r, device="cuda")
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        c = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        xa = kl.lora_shrink(xd, a)
+        parts = kl.lora_shrink(xd, a, partial=True)
+        cells = []
+        for name, fn in [
+            ("torch.empty", lambda: torch.empty(M, N, device="cuda", dtype=torch.bfloat16)),
+            ("F.linear", lambda: torch.nn.functional.linear(xd, w)),
+            ("c.addmm_", lambda: c.addmm_(xd, w.t())),
+            ("lora_shrink", lambda: kl.lora_shrink(xd, a)),
+            ("lora_shrink partial", lambda: kl.lora_shrink(xd, a, partial=True)),
+            ("lora_shrink_expand", lambda: kl.lora_shrink_expand(xd, a, b, None, 2.0)),
+            ("lora_linear_tma", lambda: kl.lora_linear_tma(xd, w, None, xa, b, 2.0)),
+            ("lora_linear_tma partial", lambda: kl.lora_linear_tma(xd, w, None, parts, b, 2.0)),
+            ("lora_adapter_grads", lambda: kl.lora_adapter_grads(xd, xa, g, xa, 2.0)),
+        ]:
+            cells.append(f"{name} {host_us(fn):.1f}")
+        print(f"M={M}: host us per call, GPU idle at the call: " + " | ".join(cells), flush=True)
+        for p in (0.0, 0.05):
+            base, fast, _ = make_layers(K, N, r, p)
+            for name, layer in (("linear", base), ("fastpeft", fast)):
+                params = [x] + [t for t in layer.parameters() if t.requires_grad]
+                print(f"  p={p} {name:9s} fwd {host_us(lambda: layer(x)):7.1f}  fwd+bwd "
+                      f"{host_us(lambda: torch.autograd.grad(layer(x), params, g)):7.1f}  (busy loop "
+                      f"{per_call_us(lambda: torch.autograd.grad(layer(x), params, g), 100):7.1f})", flush=True)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["e2e"]:
+    if sys.argv[1:2] == ["enqueue"]:
+        enqueue()
+    elif sys.argv[1:2] == ["apis"]:
+        apis()
+    elif sys.argv[1:2] == ["e2e"]:
         e2e(float(sys.argv[2]) if len(sys.argv) > 2 else 0.05)
     else:
         main()

@@ -307,6 +307,20 @@ def test_main_matmul_paths(kernel_device, gemm, p, monkeypatch):
             _check_against_reference(x, w, b, a, bb, 2.0, p, (True, True, True), dtype)
 
 
+def test_auto_route_by_rows(monkeypatch):
+    """The auto route: the Triton matmul below CUBLAS_MIN_M rows, cuBLAS onto a prefilled C above, the
+    TMA matmul from FASTPEFT_TMA_MIN_M rows up when set (0: never); a bad FASTPEFT_GEMM is named."""
+    monkeypatch.delenv("FASTPEFT_GEMM", raising=False)
+    monkeypatch.setenv("FASTPEFT_TMA_MIN_M", "4096")
+    assert [ops.main_matmul(m) for m in (1, ops.CUBLAS_MIN_M, 4095, 4096, 16384)] == \
+        ["triton", "cublas", "cublas", "tma", "tma"]
+    monkeypatch.setenv("FASTPEFT_TMA_MIN_M", "0")
+    assert ops.main_matmul(16384) == "cublas"
+    monkeypatch.setenv("FASTPEFT_GEMM", "fast")
+    with pytest.raises(ValueError, match="FASTPEFT_GEMM"):
+        ops.main_matmul(1)
+
+
 @pytest.mark.parametrize("gemm", ["triton", "tma"])
 def test_routes_match_reference_eager_and_replayed(gpu, gemm, monkeypatch):
     """The Triton route (its matmul launched with PDL behind the shrink on Hopper: it starts early and
@@ -351,6 +365,28 @@ def test_shrink_partials_are_summed_by_the_linear(kernel_device):
     one = lora_kernels.lora_shrink(x[:, :100], a[:, :100], partial=True)  # one split: S = 1
     assert one.shape[0] == 1
     assert torch.equal(lora_kernels.lora_linear(x[:, :100], w[:, :100], b, one, bb, 2.0)[1], one[0])
+
+
+@pytest.mark.parametrize("consumer", ["linear", "tma"])
+def test_shrink_partials_at_large_m(kernel_device, consumer):
+    """Above 256 rows the shrink splits K too, when its row blocks alone would leave multiprocessors
+    idle; the pointer and the TMA matmul both add the partial sums in their epilogue (every output
+    column block, the sum kept once), with and without dropout on the shrink's input."""
+    if consumer == "tma":
+        _tma_device(kernel_device)
+    M, K, N, R = (300, 1104, 24, 8) if kernel_device == "cpu" else (4100, 2056, 520, 16)
+    x, w, b, a, bb = _make(M, K, N, R, torch.float16, torch.float32, kernel_device)
+    seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=kernel_device)
+    t, scale = reference.dropout_threshold(0.1), reference.dropout_scale(0.1)
+    matmul = lora_kernels.lora_linear if consumer == "linear" else lora_kernels.lora_linear_tma
+    for drop in ((), (seed, t, scale)):
+        parts = lora_kernels.lora_shrink(x, a, *drop, partial=True)
+        assert parts.shape[0] > 1, "no split at this size"
+        y, xa = matmul(x, w, b, parts, bb, 2.0)
+        torch.testing.assert_close(xa, parts.sum(0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(xa, lora_kernels.lora_shrink(x, a, *drop), rtol=1e-4, atol=1e-4)
+        want = F.linear(x, w, b).double() + 2.0 * xa.double() @ bb.double().t()
+        torch.testing.assert_close(y.double(), want, rtol=2e-3, atol=2e-3)
 
 
 def _tma_device(kernel_device):
