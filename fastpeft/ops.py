@@ -43,7 +43,9 @@ CUBLAS_MIN_M = 512
 
 
 # From this many rows up the auto route is the persistent TMA matmul where it takes the operands
-# (0: never). FASTPEFT_TMA_MIN_M moves it.
+# (0: never). FASTPEFT_TMA_MIN_M moves it. Off: on an H200 (session 8, one run) it gained nothing
+# robust in the eager layer at M = 4096 / 16384 and cost the training step (M = 8192) 4.4 ms at
+# dropout 0.05 (58.6 -> 63.0 ms; 54.9 / 54.7 at dropout 0): bench/NOTES.md.
 TMA_MIN_M = 0
 
 
@@ -57,8 +59,10 @@ def main_matmul(M: int) -> str:
     if choice == "auto":
         if M < CUBLAS_MIN_M:
             return "triton"
-        tma_min = int(env("FASTPEFT_TMA_MIN_M", TMA_MIN_M))
-        return "tma" if 0 < tma_min <= M else "cublas"
+        tma_min = env("FASTPEFT_TMA_MIN_M", str(TMA_MIN_M))
+        if not tma_min.isdigit():
+            raise ValueError(f"FASTPEFT_TMA_MIN_M must be a row count (0: never), got {tma_min!r}")
+        return "tma" if 0 < int(tma_min) <= M else "cublas"
     if choice not in ("triton", "cublas", "tma"):
         raise ValueError(f"FASTPEFT_GEMM must be auto, triton, cublas or tma, got {choice!r}")
     return choice

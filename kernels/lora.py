@@ -239,14 +239,14 @@ def _shrink_grid(M: int, K: int, BLOCK_R: int, partial: bool = False, sms: int =
     """(BLOCK_M, BLOCK_K, split_k) of lora_shrink. Small M splits K across programs (atomics into a
     zeroed output, or with ``partial`` at most MAX_PARTIALS partial sums) so the GPU reads x and A
     wide; large M takes K steps of 128 at R <= 32 (H200, dY·B at M = 8192, K = 2048: 21.3 against
-    26.8 µs with steps of 64; K = 5632: 44.9 against 61.7) and, with ``partial``, splits K until
-    there are two programs per multiprocessor (H200, M = 4096, K = 4096: 64 programs took 30 µs to
-    read 32 MiB)."""
+    26.8 µs with steps of 64; K = 5632: 44.9 against 61.7) and, with ``partial`` from 512 rows (the
+    TMA route's sizes; 257-511 rows were not timed split), splits K until there are two programs per
+    multiprocessor (H200, M = 4096, K = 4096: 64 programs took 30 µs to read 32 MiB)."""
     BLOCK_M = min(16 if M <= 16 else (32 if M <= 32 else 64), max(16, 8192 // BLOCK_R))
     BLOCK_K = 128 if M <= 64 or (M > 256 and BLOCK_R <= 32) else 64
     n_m = max(1, _cdiv(M, BLOCK_M))
     if M > 256:
-        split_k = max(1, min(_cdiv(2 * sms, n_m), _cdiv(K, 4 * BLOCK_K))) if partial else 1
+        split_k = max(1, min(_cdiv(2 * sms, n_m), _cdiv(K, 4 * BLOCK_K))) if partial and M >= 512 else 1
     else:
         split_k = 1 if _INTERPRETING and not partial else max(1, min(_cdiv(K, BLOCK_K), 128 // n_m))
     return BLOCK_M, BLOCK_K, min(split_k, MAX_PARTIALS) if partial else split_k

@@ -4,6 +4,9 @@
     python scripts/host_profile.py e2e [p]    the bench_e2e training step (FASTPEFT_E2E_* shrink it)
     python scripts/host_profile.py enqueue    host time to enqueue each launcher and one layer at M = 512 / 4096
                                               with the GPU idle at each call (synchronized before)
+    python scripts/host_profile.py wait       which part of an eager forward+backward waits on the GPU: nn.Linear,
+                                              a Python autograd.Function around F.linear, fastpeft, with the
+                                              backward on the autograd thread and on the caller's
     python scripts/host_profile.py apis       host cost of torch's matmul entry points and of one layer
                                               at shapes whose GPU work is negligible (wall = host)
 
@@ -226,10 +229,98 @@ def enqueue():
                 print(f"  p={p} {name:9s} fwd {host_us(lambda: layer(x)):7.1f}  fwd+bwd "
                       f"{host_us(lambda: torch.autograd.grad(layer(x), params, g)):7.1f}  (busy loop "
                       f"{per_call_us(lambda: torch.autograd.grad(layer(x), params, g), 100):7.1f})", flush=True)
+    compiled_kernels()
+    # does a kernel's local memory (spills) make the driver resize it at each launch? Reserve a large
+    # per-thread stack once (cuCtxSetLimit) and time the M = 4096 layer's forward+backward again
+    import ctypes
+
+    rc = ctypes.CDLL("libcuda.so.1").cuCtxSetLimit(0, ctypes.c_size_t(16384))  # CU_LIMIT_STACK_SIZE
+    base, fast, _ = make_layers(K, N, r, 0.0)
+    params = [x] + [t for t in fast.parameters() if t.requires_grad]
+    print(f"  after cuCtxSetLimit(STACK_SIZE, 16 KiB) (rc {rc}): fastpeft M={M} p=0 fwd+bwd host "
+          f"{host_us(lambda: torch.autograd.grad(fast(x), params, g)):7.1f}  (busy loop "
+          f"{per_call_us(lambda: torch.autograd.grad(fast(x), params, g), 100):7.1f})", flush=True)
+
+
+def compiled_kernels() -> None:
+    """Registers, spills and shared memory of every compiled fastpeft kernel (Triton's JIT caches)."""
+    for fn in (kl._lora_shrink_kernel, kl._lora_shrink_expand_kernel, kl._lora_linear_kernel,
+               kl._lora_linear_tma_kernel, kl._lora_weight_grad_kernel):
+        for cache in getattr(fn, "device_caches", {}).values():
+            for compiled in (cache[0].values() if isinstance(cache, tuple) else ()):
+                try:
+                    compiled._init_handles()
+                    print(f"   {fn.__name__}: regs {compiled.n_regs} spills {compiled.n_spills} "
+                          f"shared {compiled.metadata.shared} warps {compiled.metadata.num_warps}")
+                except Exception as e:  # another triton layout
+                    print(f"   {fn.__name__}: {type(e).__name__} {e}")
+
+
+def wait():
+    """Session 8 saw nn.Linear's forward+backward cost the host 284 µs at M = 4096 against 106 at
+    M = 512 (K = N = 4096, GPU idle at each call), about its forward's GPU time more: does the call
+    wait on the GPU, and where? Host time per call (synchronized before each) of forward only and of
+    forward+backward for nn.Linear, a Python autograd.Function doing the same math, and fastpeft; each
+    with the backward on the autograd engine's device thread (torch's default) and on the calling
+    thread (``torch.autograd.set_multithreading_enabled(False)``). Then the CPU ops of the slowest
+    nn.Linear call that ran longest (profiler), which names the waiting call if there is one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    class PyLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(w)
+            return torch.nn.functional.linear(x, w)
+
+        @staticmethod
+        def backward(ctx, g):
+            (w,) = ctx.saved_tensors
+            return g @ w, None
+
+    def host_us(fn, n=40):
+        for _ in range(5):
+            fn()
+        total = 0.0
+        for _ in range(n):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            total += time.perf_counter() - t
+        torch.cuda.synchronize()
+        return total / n * 1e6
+
+    K = N = 4096
+    for M in (512, 4096):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        base, fast, _ = make_layers(K, N, 16, 0.0)
+        w = base.weight
+        fast_params = [x] + [t for t in fast.parameters() if t.requires_grad]
+        cases = [("nn.Linear", lambda: base(x), lambda: torch.autograd.grad(base(x), [x], g)),
+                 ("Function", lambda: PyLinear.apply(x, w), lambda: torch.autograd.grad(PyLinear.apply(x, w), [x], g)),
+                 ("fastpeft", lambda: fast(x), lambda: torch.autograd.grad(fast(x), fast_params, g))]
+        for name, f, fb in cases:
+            cells = [f"fwd {host_us(f):7.1f}"]
+            for threads in (True, False):
+                with torch.autograd.set_multithreading_enabled(threads):
+                    cells.append(f"fwd+bwd {'device thread' if threads else 'caller thread'} {host_us(fb):7.1f}"
+                                 f" (busy loop {per_call_us(fb, 100):7.1f})")
+            print(f"M={M} {name:9s} " + " | ".join(cells), flush=True)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                torch.cuda.synchronize()
+                torch.autograd.grad(base(x), [x], g)
+            torch.cuda.synchronize()
+        print(f"--- M={M} nn.Linear forward+backward, CPU ops by own time (3 calls)")
+        for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]:
+            print(f"   {e.self_cpu_time_total / 3:9.1f} us  {e.count // 3:4d}x  {e.key[:80]}")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["enqueue"]:
+    if sys.argv[1:2] == ["wait"]:
+        wait()
+    elif sys.argv[1:2] == ["enqueue"]:
         enqueue()
     elif sys.argv[1:2] == ["apis"]:
         apis()

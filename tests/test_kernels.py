@@ -316,6 +316,10 @@ def test_auto_route_by_rows(monkeypatch):
         ["triton", "cublas", "cublas", "tma", "tma"]
     monkeypatch.setenv("FASTPEFT_TMA_MIN_M", "0")
     assert ops.main_matmul(16384) == "cublas"
+    monkeypatch.setenv("FASTPEFT_TMA_MIN_M", "4k")
+    with pytest.raises(ValueError, match="FASTPEFT_TMA_MIN_M"):
+        ops.main_matmul(16384)
+    monkeypatch.setenv("FASTPEFT_TMA_MIN_M", "0")
     monkeypatch.setenv("FASTPEFT_GEMM", "fast")
     with pytest.raises(ValueError, match="FASTPEFT_GEMM"):
         ops.main_matmul(1)
@@ -369,12 +373,12 @@ def test_shrink_partials_are_summed_by_the_linear(kernel_device):
 
 @pytest.mark.parametrize("consumer", ["linear", "tma"])
 def test_shrink_partials_at_large_m(kernel_device, consumer):
-    """Above 256 rows the shrink splits K too, when its row blocks alone would leave multiprocessors
+    """From 512 rows the shrink splits K too, when its row blocks alone would leave multiprocessors
     idle; the pointer and the TMA matmul both add the partial sums in their epilogue (every output
     column block, the sum kept once), with and without dropout on the shrink's input."""
     if consumer == "tma":
         _tma_device(kernel_device)
-    M, K, N, R = (300, 1104, 24, 8) if kernel_device == "cpu" else (4100, 2056, 520, 16)
+    M, K, N, R = (520, 1104, 24, 8) if kernel_device == "cpu" else (4100, 2056, 520, 16)
     x, w, b, a, bb = _make(M, K, N, R, torch.float16, torch.float32, kernel_device)
     seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=kernel_device)
     t, scale = reference.dropout_threshold(0.1), reference.dropout_scale(0.1)
