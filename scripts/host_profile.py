@@ -41,6 +41,20 @@ def per_call_us(fn, n=300):
     return (time.perf_counter() - t) / n * 1e6
 
 
+def host_us(fn, n=50):
+    """Host time until ``fn`` returns, the GPU idle at each call (synchronized before it)."""
+    for _ in range(5):
+        fn()
+    total = 0.0
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        total += time.perf_counter() - t
+    torch.cuda.synchronize()
+    return total / n * 1e6
+
+
 def main():
     M = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     K = N = 4096
@@ -184,18 +198,6 @@ def enqueue():
     """Host time until each call returns, the GPU idle when it starts (synchronized before each call,
     so no launch waits on a full queue): what each launcher and the layer cost the host alone."""
 
-    def host_us(fn, n=50):
-        for _ in range(5):
-            fn()
-        total = 0.0
-        for _ in range(n):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            total += time.perf_counter() - t
-        torch.cuda.synchronize()
-        return total / n * 1e6
-
     K = N = 4096
     r = 16
     for M in (512, 4096):
@@ -276,18 +278,6 @@ def wait():
         def backward(ctx, g):
             (w,) = ctx.saved_tensors
             return g @ w, None
-
-    def host_us(fn, n=40):
-        for _ in range(5):
-            fn()
-        total = 0.0
-        for _ in range(n):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            total += time.perf_counter() - t
-        torch.cuda.synchronize()
-        return total / n * 1e6
 
     K = N = 4096
     for M in (512, 4096):
