@@ -264,8 +264,9 @@ def wait():
     wait on the GPU, and where? Host time per call (synchronized before each) of forward only and of
     forward+backward for nn.Linear, a Python autograd.Function doing the same math, and fastpeft; each
     with the backward on the autograd engine's device thread (torch's default) and on the calling
-    thread (``torch.autograd.set_multithreading_enabled(False)``). Then the CPU ops of the slowest
-    nn.Linear call that ran longest (profiler), which names the waiting call if there is one."""
+    thread (``torch.autograd.set_multithreading_enabled(False)``). Then nn.Linear's CPU ops by their
+    own time (profiler; the loop's own synchronize is one of them), which names a waiting call if
+    there is one."""
     from torch.profiler import ProfilerActivity, profile
 
     class PyLinear(torch.autograd.Function):
