@@ -536,6 +536,20 @@ def _lora_linear_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
+def _partials(l: torch.Tensor) -> tuple:
+    """(partial, S, one (M, R) slice) of the expand's ``l``, as both matmul launchers take it: the
+    (S, M, R) split-K partial sums of ``lora_shrink(partial=True)``, or a plain (M, R) l (S = 1)."""
+    partial = l.dim() == 3
+    l_split = l.shape[0] if partial else 1
+    return partial, l_split, (l[0] if partial and l_split else l)
+
+
+def _lsum(l: torch.Tensor, partial: bool, l_split: int, M: int, R: int) -> torch.Tensor:
+    """Where the epilogue stores the sum of more than one partial sum (for the backward), else the
+    one (M, R) l itself; the launcher returns it beside out when ``l`` came as partial sums."""
+    return torch.empty((M, R), dtype=l.dtype, device=l.device) if l_split > 1 else (l[0] if partial else l)
+
+
 # Tile configs by M bucket (bench/bench_lora.py --tune, scripts/diag.py small): data, not code.
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); FASTPEFT_LINEAR_CONFIG pins one.
 # H100, K = N = 4096, r = 16 (2026-11-23): M=1 28.5 us, M=16 23.1 us (F.linear 23.2), M=256 33.5 us
@@ -590,11 +604,9 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, l: 
 def _linear_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dtype, shrink_a, mask_output,
                  pdl=False):
     """lora_linear's work for one shape key: the checks, the tiles, the grid, once."""
-    partial = l.dim() == 3
-    l_split = l.shape[0] if partial else 1
+    partial, l_split, l2 = _partials(l)  # l2: one (M, R) slice, the checks and strides
     if partial and (l_split < 1 or shrink_a is not None):
         raise ValueError(f"lora_linear: partial sums l {tuple(l.shape)} need S >= 1 and no fused shrink")
-    l2 = l[0] if partial else l  # one (M, R) slice: the checks and strides
     M, R = l2.shape
     N, Rr = r.shape
     Ma, K = a.shape
@@ -639,7 +651,7 @@ def _linear_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out
 
     def run(a, w, bias, l, r, seed, shrink_a):
         out = torch.empty((M, N), dtype=out_dtype, device=device)
-        lsum = torch.empty((M, R), dtype=l.dtype, device=device) if l_split > 1 else (l[0] if partial else l)
+        lsum = _lsum(l, partial, l_split, M, R)
         if M and N:
             plan.run((a, w, l if bias is None else bias, l, r, out, l if seed is None else seed,
                       l if shrink_a is None else shrink_a, lsum))
@@ -770,9 +782,7 @@ def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dt
     """lora_linear_tma's work for one shape key; each run builds the three descriptors and launches."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    partial = l.dim() == 3
-    l_split = l.shape[0] if partial else 1
-    l2 = l[0] if partial and l_split else l  # one (M, R) slice: the checks and strides
+    partial, l_split, l2 = _partials(l)  # l2: one (M, R) slice, the checks and strides
     M, K = a.shape
     N, R = r.shape
     if tuple(w.shape) != (N, K) or tuple(l2.shape) != (M, R):
@@ -815,7 +825,7 @@ def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dt
 
     def run(a, w, bias, l, r, seed, accumulate):
         out = torch.empty((M, N), dtype=out_dtype, device=device) if accumulate is None else accumulate
-        lsum = torch.empty((M, R), dtype=l.dtype, device=device) if l_split > 1 else (l[0] if partial else l)
+        lsum = _lsum(l, partial, l_split, M, R)
         if M and N:
             args = (TensorDescriptor(a, [M, K], [a.stride(0), 1], a_block),
                     TensorDescriptor(w if kmajor else w.t(), w_shape, [w.stride(0 if kmajor else 1), 1], w_block),

@@ -369,6 +369,12 @@ def test_shrink_partials_are_summed_by_the_linear(kernel_device):
     one = lora_kernels.lora_shrink(x[:, :100], a[:, :100], partial=True)  # one split: S = 1
     assert one.shape[0] == 1
     assert torch.equal(lora_kernels.lora_linear(x[:, :100], w[:, :100], b, one, bb, 2.0)[1], one[0])
+    empty = parts[:0]  # no partial sums at all: named, not read
+    with pytest.raises(ValueError, match="S >= 1"):
+        lora_kernels.lora_linear(x, w, b, empty, bb, 2.0)
+    if kernel_device == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+        with pytest.raises(ValueError, match="S >= 1"):
+            lora_kernels.lora_linear_tma(x, w, b, empty, bb, 2.0)
 
 
 @pytest.mark.parametrize("consumer", ["linear", "tma"])
