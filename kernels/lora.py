@@ -3,8 +3,9 @@
 The LoRA linear y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ and its backward are built from these kernels:
 
 * ``lora_shrink``        small[M, R] = drop(a)[M, K] · p[R, K]ᵀ                          (fp32 out)
-      split over K at small M (partial sums that ``lora_linear`` adds up, or atomics into a zeroed
-      output); the Triton and TMA routes' shrink, and dY·B where dX is not needed.
+      split over K at small M (partial sums that the matmul adds up, or atomics into a zeroed
+      output), and with partial sums from 512 rows where its row blocks alone leave multiprocessors
+      idle; the Triton and TMA routes' shrink, and dY·B where dX is not needed.
 * ``lora_shrink_expand`` small = drop(a)·pᵀ (fp32, written) and out[M, N] = b + s·(small · qᵀ) [⊙ keep]
       in one pass over a block of rows: the cuBLAS route's C, onto which cuBLAS adds a·wᵀ (beta = 1).
       forward: a = x, p = A, q = B, dropout on x;  backward: a = dY, p = Bᵀ, q = Aᵀ, the dropout mask
