@@ -6,7 +6,8 @@ Forward  (x (..., K), W (N, K), A (R, K), B (N, R)), one of three routes by M (`
     cublas: C = b + s·xa·Bᵀ and xa from one pass over x (``lora_shrink_expand``), then cuBLAS adds
             x·Wᵀ onto C in its epilogue (beta = 1): two launches
     tma:    ``lora_shrink``, then the persistent TMA matmul with the same epilogue (``lora_linear_tma``),
-            no M × N intermediate; operands it cannot take (``tma_ok``) go the cuBLAS route
+            no M × N intermediate; operands it cannot take (``tma_ok``) go the cuBLAS route, and so
+            does the auto route's dX with the dropout mask (the TMA matmul's narrow tiles lost there)
 Backward (dY (M, N)), the same routes:
     dX  = dY·W + s·(dyb·A) ⊙ keep/(1-p) with dyb = dY·B   triton: lora_shrink + lora_linear;
                                                          cublas: lora_shrink_expand + addmm;
@@ -42,16 +43,19 @@ from .kernels.launch import env
 CUBLAS_MIN_M = 512
 
 
-# From this many rows up the auto route is the persistent TMA matmul where it takes the operands
-# (0: never). FASTPEFT_TMA_MIN_M moves it. Off: on an H200 (session 8, one run) it gained nothing
-# robust in the eager layer at M = 4096 / 16384 and cost the training step (M = 8192) 4.4 ms at
-# dropout 0.05 (58.6 -> 63.0 ms; 54.9 / 54.7 at dropout 0): bench/NOTES.md.
-TMA_MIN_M = 0
+# From this many rows up the auto route is the persistent TMA matmul where it takes the operands and
+# runs its wide tiles (0: never). FASTPEFT_TMA_MIN_M moves it. On an H200 (session 9, two runs each,
+# bench/NOTES.md), once its launch stopped encoding the weight's and activations' descriptors per
+# call: the training step (M = 8192) 55.6 / 55.5 -> 53.9 / 53.6 ms at dropout 0 and 57.5 / 57.9 ->
+# 56.6 / 57.0 at 0.05; the layer at M = 4096 forward 1.23-1.31 -> 1.09-1.19x F.linear.
+TMA_MIN_M = 4096
 
 
-def main_matmul(M: int) -> str:
+def main_matmul(M: int, wide_tma: bool = True) -> str:
     """'triton' (fused epilogue), 'cublas' (onto a prefilled C) or 'tma' (the persistent TMA matmul with
     the LoRA epilogue, Hopper on; other operands take the cuBLAS route) for an M-row product.
+    ``wide_tma``: whether the TMA matmul would run its wide tiles (a bf16 output without the dropout
+    mask); the auto route takes the narrow ones nowhere, since they lost to cuBLAS (bench/NOTES.md).
 
     FASTPEFT_GEMM=triton|cublas|tma pins one (the cuBLAS path also runs on CPU, via torch's addmm).
     """
@@ -62,7 +66,7 @@ def main_matmul(M: int) -> str:
         tma_min = env("FASTPEFT_TMA_MIN_M", str(TMA_MIN_M))
         if not tma_min.isdigit():
             raise ValueError(f"FASTPEFT_TMA_MIN_M must be a row count (0: never), got {tma_min!r}")
-        return "tma" if 0 < int(tma_min) <= M else "cublas"
+        return "tma" if wide_tma and 0 < int(tma_min) <= M else "cublas"
     if choice not in ("triton", "cublas", "tma"):
         raise ValueError(f"FASTPEFT_GEMM must be auto, triton, cublas or tma, got {choice!r}")
     return choice
@@ -128,7 +132,7 @@ def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
     """(y2 (M, N), xa (M, R) fp32) for a 2-D x; weight None computes the LoRA branch alone."""
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
     M, R = x2.shape[0], lora_a.shape[0]
-    route = main_matmul(M) if weight is not None else "cublas"
+    route = main_matmul(M, x2.dtype == torch.bfloat16) if weight is not None else "cublas"
     if route == "tma":
         w = _as(weight, x2.dtype)
         if K.tma_ok(x2, w):
@@ -156,7 +160,8 @@ def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
     M = dy2.shape[0]
     dx = dyb = da = db = None
-    route = main_matmul(M) if need_dx and weight is not None else "cublas"
+    route = (main_matmul(M, x2.dtype == torch.bfloat16 and seed is None) if need_dx and weight is not None
+             else "cublas")
     wt = _as(weight, dy2.dtype).t() if route == "tma" else None
     if route == "tma" and K.tma_ok(dy2, wt):
         parts = K.lora_shrink(dy2, lora_b.t(), partial=True)

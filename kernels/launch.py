@@ -93,6 +93,40 @@ def _raw_launcher(compiled, tail: tuple):
     return call
 
 
+def descriptor_launcher(compiled, tail: tuple):
+    """For a kernel whose parameters include host tensor descriptors: (call, expand), or None when
+    this Triton's layout is not the known one (3.6's) or the kernel needs what only Triton's path
+    provides. ``expand(i, desc)`` builds the i-th descriptor parameter's launch form (the encoded
+    CUtensorMap, then the shape and strides) once; a launcher keeps it per base pointer, since within
+    one specialization the encoding depends on nothing else. ``call(grid3, stream, args)`` launches
+    with those forms spliced in at the descriptors' places, the other pointers as ints: what Triton's
+    own wrapper does per call, without encoding the descriptors again (42-92 µs of host per launch
+    on the H200 machine, bench/NOTES.md session 8)."""
+    call = _raw_launcher(compiled, tail)
+    inner = getattr(getattr(compiled, "run", None), "launch", None)
+    names = getattr(getattr(inner, "__code__", None), "co_freevars", ())
+    if call is None or not {"launcher", "tensordesc_meta", "tensordesc_indices"} <= set(names):
+        return None
+    free = dict(zip(names, (cell.cell_contents for cell in inner.__closure__)))
+    try:
+        from triton.backends.nvidia.driver import make_tensordesc_arg
+    except ImportError:  # pragma: no cover - another triton layout
+        return None
+    c_launch, meta = free["launcher"], free["tensordesc_meta"]
+    head = (compiled.function, compiled.run.launch_cooperative_grid, compiled.run.launch_pdl, None, None,
+            compiled.packed_metadata, None, None, None)
+    if not meta or len(meta) != len(free["tensordesc_indices"]):
+        return None
+
+    def launch_desc(grid3, stream, args):
+        c_launch(*grid3, stream, *head, *args, *tail)
+
+    def expand(i, desc):
+        return tuple(make_tensordesc_arg(desc, meta[i]))
+
+    return launch_desc, expand
+
+
 def _runner(compiled, tail: tuple):
     def call(grid3, stream, args):
         compiled[grid3](*args, *tail, stream=stream)

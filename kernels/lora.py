@@ -33,6 +33,9 @@ key (``launch.cached``); a repeated call allocates its outputs and runs the kept
 """
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
 import triton
 import triton.language as tl
@@ -54,8 +57,10 @@ except ImportError:  # pragma: no cover - an older triton: the flags that use th
 from .dropout import dropout_keep
 from .launch import INTERPRETING as _INTERPRETING
 from .launch import cdiv as _cdiv
-from .launch import ENABLED, Plan, cached, env
+from .launch import ENABLED, Plan, cached, descriptor_launcher, env
 from .launch import _current_stream
+
+_data_ptr = torch.Tensor.data_ptr
 
 
 # How a tl.dot runs (a constexpr of every kernel, one per product), picked on the host:
@@ -780,7 +785,9 @@ def lora_linear_tma(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
 
 def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dtype, mask_output, accumulate,
               config, pdl=False):
-    """lora_linear_tma's work for one shape key; each run builds the three descriptors and launches."""
+    """lora_linear_tma's work for one shape key. After the first launch (through Triton, which compiles)
+    a run launches the compiled kernel directly, with the descriptors of a, w and out encoded once per
+    base pointer (``launch.descriptor_launcher``)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     partial, l_split, l2 = _partials(l)  # l2: one (M, R) slice, the checks and strides
@@ -819,25 +826,50 @@ def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dt
     n_args = 9 + len(scalars)
     tail = tuple(meta[name] for name in _lora_linear_tma_kernel.arg_names[n_args:])
     grid3 = (programs, 1, 1)
-    kept = []  # the CompiledKernel of the first launch (this plan is one device's), called directly after it
+    direct = []  # after the first launch: descriptor_launcher's (call, expand) for this plan's kernel
+    encoded = ({}, {}, {})  # a, w, out: base pointer -> the descriptor's launch form (descriptor_launcher)
     w_shape = [N, K] if kmajor else [K, N]
     w_block = [BN, BK] if kmajor else [BK, BN]
     a_block, out_block = [BM, BK], [BM, BN]
+
+    def descriptor(i, t):  # a (M, K), w (its K-major or N-major form), out (M, N)
+        if i == 0:
+            return TensorDescriptor(t, [M, K], [t.stride(0), 1], a_block)
+        if i == 1:
+            return TensorDescriptor(t if kmajor else t.t(), w_shape, [t.stride(0 if kmajor else 1), 1], w_block)
+        return TensorDescriptor(t, [M, N], [t.stride(0), 1], out_block)
+
+    def encode(tensors, expand):
+        forms = []
+        for i, t in enumerate(tensors):
+            cache = encoded[i]
+            form = cache.get(t.data_ptr())
+            if form is None:
+                if len(cache) >= 64:
+                    cache.clear()
+                form = cache[t.data_ptr()] = expand(i, descriptor(i, t))
+            forms += form
+        return forms
 
     def run(a, w, bias, l, r, seed, accumulate):
         out = torch.empty((M, N), dtype=out_dtype, device=device) if accumulate is None else accumulate
         lsum = _lsum(l, partial, l_split, M, R)
         if M and N:
-            args = (TensorDescriptor(a, [M, K], [a.stride(0), 1], a_block),
-                    TensorDescriptor(w if kmajor else w.t(), w_shape, [w.stride(0 if kmajor else 1), 1], w_block),
-                    TensorDescriptor(out, [M, N], [out.stride(0), 1], out_block),
-                    l if bias is None else bias, l, r, out, l if seed is None else seed, lsum)
-            if kept and ENABLED:  # not through Triton's JIT dispatch
-                kept[0][grid3](*args, *scalars, *tail, stream=_current_stream(device.index))
-            else:
+            ptrs = tuple(map(_data_ptr, (l if bias is None else bias, l, r, out, l if seed is None else seed, lsum)))
+            if direct and ENABLED and functools.reduce(operator.or_, ptrs, 0) & 15 == 0:
+                call, expand = direct[0]
+                call(grid3, _current_stream(device.index), (*encode((a, w, out), expand), *ptrs, *scalars))
+            else:  # through Triton (the first launch compiles; unaligned pointers re-specialize)
+                args = (*(descriptor(i, t) for i, t in enumerate((a, w, out))), l if bias is None else bias, l, r, out,
+                        l if seed is None else seed, lsum)
                 compiled = kernel(*args, *scalars, **meta)
-                if not kept and hasattr(compiled, "function"):
-                    kept.append(compiled)
+                if not direct and hasattr(compiled, "function") and ENABLED:
+                    fast = descriptor_launcher(compiled, tail)
+                    if fast is None:  # the compiled kernel's runner, which encodes the descriptors per call
+                        runner = compiled[grid3]
+                        fast = (lambda _grid, stream, args: runner(*args, *tail, stream=stream),
+                                lambda _i, desc: (desc,))
+                    direct.append(fast)
         elif l_split > 1:  # no output to compute, the sum still to hand back
             lsum = l.sum(0)
         return (out, lsum) if partial else out

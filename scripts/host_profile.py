@@ -7,6 +7,9 @@
     python scripts/host_profile.py wait       which part of an eager forward+backward waits on the GPU: nn.Linear,
                                               a Python autograd.Function around F.linear, fastpeft, with the
                                               backward on the autograd thread and on the caller's
+    python scripts/host_profile.py threads    where the backward's host time goes on the autograd device thread against the
+                                              caller's: the handoff in and out, each launcher inside, and a trivial
+                                              kernel's launch with the GPU idle and busy
     python scripts/host_profile.py apis       host cost of torch's matmul entry points and of one layer
                                               at shapes whose GPU work is negligible (wall = host)
 
@@ -287,6 +290,11 @@ def wait():
         base, fast, _ = make_layers(K, N, 16, 0.0)
         w = base.weight
         fast_params = [x] + [t for t in fast.parameters() if t.requires_grad]
+        xd, wt, c = x.detach(), w.t(), torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        # the allocation against the launch: does the host cost grow with M without an allocation?
+        print(f"M={M} GPU idle at the call, host us: torch.empty {host_us(lambda: torch.empty(M, N, device='cuda', dtype=torch.bfloat16)):.1f}"
+              f" | torch.mm {host_us(lambda: torch.mm(xd, wt)):.1f} | torch.mm(out=) {host_us(lambda: torch.mm(xd, wt, out=c)):.1f}"
+              f" | c.zero_() {host_us(lambda: c.zero_()):.1f}", flush=True)
         cases = [("nn.Linear", lambda: base(x), lambda: torch.autograd.grad(base(x), [x], g)),
                  ("Function", lambda: PyLinear.apply(x, w), lambda: torch.autograd.grad(PyLinear.apply(x, w), [x], g)),
                  ("fastpeft", lambda: fast(x), lambda: torch.autograd.grad(fast(x), fast_params, g))]
@@ -308,9 +316,110 @@ def wait():
             print(f"   {e.self_cpu_time_total / 3:9.1f} us  {e.count // 3:4d}x  {e.key[:80]}")
 
 
+def threads():
+    """Session 9 saw fastpeft's forward+backward cost the host 666 / 918 µs (M = 512 / 4096, GPU idle at
+    each call) with the backward on the autograd engine's device thread against 580 / 707 on the
+    caller's. Per call, with the GPU idle at it: the time from ``torch.autograd.grad``'s call to the
+    backward's first line (the handoff in), the backward's body, from its return to ``grad``'s
+    (the handoff out), and each launcher's own time inside the body; then one launch of a trivial
+    Triton kernel with the GPU idle and with a long matmul still running on it."""
+    import collections
+    import functools
+
+    import triton
+    import triton.language as tl
+
+    from fastpeft import ops
+
+    stamps = collections.defaultdict(float)
+    counts = collections.defaultdict(int)
+
+    def timed(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stamps[name] += time.perf_counter() - t
+                counts[name] += 1
+        return wrapper
+
+    for name in ("lora_shrink", "lora_shrink_expand", "lora_linear", "lora_linear_tma", "lora_adapter_grads"):
+        setattr(ops.K, name, timed(name, getattr(kl, name)))
+    marks = {}
+    backward = ops.LoraLinearFunction.backward
+
+    def marked_backward(ctx, dy):
+        marks["in"] = time.perf_counter()
+        try:
+            return backward(ctx, dy)
+        finally:
+            marks["out"] = time.perf_counter()
+
+    ops.LoraLinearFunction.backward = staticmethod(marked_backward)
+    K = N = 4096
+    for M in (512, 4096):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        for p in (0.0, 0.05):
+            _, fast, _ = make_layers(K, N, 16, p)
+            params = [x] + [t for t in fast.parameters() if t.requires_grad]
+            for threads_on in (True, False):
+                with torch.autograd.set_multithreading_enabled(threads_on):
+                    for _ in range(5):
+                        torch.autograd.grad(fast(x), params, g)
+                    n = 50
+                    parts = collections.defaultdict(float)
+                    stamps.clear()
+                    counts.clear()
+                    for _ in range(n):
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        y = fast(x)
+                        t1 = time.perf_counter()
+                        torch.autograd.grad(y, params, g)
+                        t2 = time.perf_counter()
+                        parts["forward"] += t1 - t0
+                        parts["handoff in"] += marks["in"] - t1
+                        parts["backward body"] += marks["out"] - marks["in"]
+                        parts["handoff out"] += t2 - marks["out"]
+                    torch.cuda.synchronize()
+                    fwd_calls = {k: v for k, v in stamps.items()}
+                    cells = " | ".join(f"{k} {v / n * 1e6:6.1f}" for k, v in parts.items())
+                    launchers = " | ".join(f"{k} {v / counts[k] * 1e6:5.1f} x{counts[k] // n}"
+                                           for k, v in fwd_calls.items())
+                    print(f"M={M} p={p} {'device thread' if threads_on else 'caller thread'}: {cells}\n"
+                          f"     launchers (forward and backward, us per call): {launchers}", flush=True)
+    ops.LoraLinearFunction.backward = staticmethod(backward)
+
+    @triton.jit
+    def _trivial(p):
+        tl.store(p + tl.program_id(0), 1.0)
+
+    buf = torch.empty(1024, device="cuda")
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    kernel_launch.launch(_trivial, (1,), (buf,), ())
+    idle = busy = 0.0
+    for _ in range(50):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        kernel_launch.launch(_trivial, (1,), (buf,), ())
+        idle += time.perf_counter() - t
+        torch.cuda.synchronize()
+        a @ a  # about 1 ms of GPU work still running at the next launch
+        t = time.perf_counter()
+        kernel_launch.launch(_trivial, (1,), (buf,), ())
+        busy += time.perf_counter() - t
+    torch.cuda.synchronize()
+    print(f"a trivial Triton kernel's launch, host us: GPU idle {idle / 50 * 1e6:.1f} | GPU busy {busy / 50 * 1e6:.1f}")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["wait"]:
         wait()
+    elif sys.argv[1:2] == ["threads"]:
+        threads()
     elif sys.argv[1:2] == ["enqueue"]:
         enqueue()
     elif sys.argv[1:2] == ["apis"]:

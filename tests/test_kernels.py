@@ -309,11 +309,16 @@ def test_main_matmul_paths(kernel_device, gemm, p, monkeypatch):
 
 def test_auto_route_by_rows(monkeypatch):
     """The auto route: the Triton matmul below CUBLAS_MIN_M rows, cuBLAS onto a prefilled C above, the
-    TMA matmul from FASTPEFT_TMA_MIN_M rows up when set (0: never); a bad FASTPEFT_GEMM is named."""
+    TMA matmul from FASTPEFT_TMA_MIN_M rows up when set (0: never) where its wide tiles apply; a bad
+    FASTPEFT_GEMM is named."""
     monkeypatch.delenv("FASTPEFT_GEMM", raising=False)
     monkeypatch.setenv("FASTPEFT_TMA_MIN_M", "4096")
     assert [ops.main_matmul(m) for m in (1, ops.CUBLAS_MIN_M, 4095, 4096, 16384)] == \
         ["triton", "cublas", "cublas", "tma", "tma"]
+    assert ops.main_matmul(16384, wide_tma=False) == "cublas"  # the dropout mask or an fp16 output: not TMA
+    monkeypatch.setenv("FASTPEFT_GEMM", "tma")
+    assert ops.main_matmul(16384, wide_tma=False) == "tma"  # pinned
+    monkeypatch.delenv("FASTPEFT_GEMM")
     monkeypatch.setenv("FASTPEFT_TMA_MIN_M", "0")
     assert ops.main_matmul(16384) == "cublas"
     monkeypatch.setenv("FASTPEFT_TMA_MIN_M", "4k")
@@ -440,6 +445,34 @@ def test_lora_linear_tma_matches_reference(kernel_device, dtype, form):
             again = (lora_kernels.lora_linear_tma(dy, w.t(), None, l, a_t, 1.5, seed, t, scale, mask_output=True)
                      if form == "dx_dropout" else lora_kernels.lora_linear_tma(x, w, b, l, bb, 1.5))
             torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+def test_lora_linear_tma_direct_launch_follows_each_call(gpu, monkeypatch):
+    """After its first launch a TMA plan launches the compiled kernel directly, with the descriptors
+    encoded once per base pointer: new values at a kept pointer, new tensors and an output written
+    into a buffer still give the formula's numbers; on this triton the direct launcher is built."""
+    _tma_device(gpu)
+    import triton
+
+    built = []
+    real = lora_kernels.descriptor_launcher
+    monkeypatch.setattr(lora_kernels, "descriptor_launcher", lambda c, tail: built.append(real(c, tail)) or built[-1])
+    M, K, N, R = 29, 80, 72, 3  # a shape no other test uses: this test builds the plan
+    x, w, b, a, bb = _make(M, K, N, R, torch.bfloat16, torch.float32, gpu)
+    l = torch.randn(M, R, device=gpu)
+    for step in range(4):
+        if step == 1:
+            x.normal_()  # the kept pointer, new values
+        elif step == 2:
+            x = torch.randn_like(x)  # another tensor (possibly another pointer)
+        elif step == 3:
+            w = torch.randn_like(w)
+        out = lora_kernels.lora_linear_tma(x, w, b, l, bb, 1.5)
+        lora = 1.5 * l.double() @ bb.double().t()
+        assert_close(out, x.double() @ w.double().t() + b.double() + lora, F.linear(x, w, b).double() + lora,
+                     torch.bfloat16, f"step {step}")
+    assert len(built) == 1
+    assert built[0] is not None or triton.__version__.split(".")[:2] != ["3", "6"]
 
 
 def test_lora_linear_tma_takes_only_tma_operands(kernel_device):
