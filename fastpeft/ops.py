@@ -7,7 +7,7 @@ Forward  (x (..., K), W (N, K), A (R, K), B (N, R)), one of three routes by M (`
             x·Wᵀ onto C in its epilogue (beta = 1): two launches
     tma:    ``lora_shrink``, then the persistent TMA matmul with the same epilogue (``lora_linear_tma``),
             no M × N intermediate; operands it cannot take (``tma_ok``) go the cuBLAS route, and so
-            does the auto route's dX with the dropout mask (the TMA matmul's narrow tiles lost there)
+            does what the TMA matmul would run on narrow tiles (``tma_wide``), which lost to cuBLAS
 Backward (dY (M, N)), the same routes:
     dX  = dY·W + s·(dyb·A) ⊙ keep/(1-p) with dyb = dY·B   triton: lora_shrink + lora_linear;
                                                          cublas: lora_shrink_expand + addmm;
@@ -132,7 +132,7 @@ def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
     """(y2 (M, N), xa (M, R) fp32) for a 2-D x; weight None computes the LoRA branch alone."""
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
     M, R = x2.shape[0], lora_a.shape[0]
-    route = main_matmul(M, x2.dtype == torch.bfloat16) if weight is not None else "cublas"
+    route = main_matmul(M, K.tma_wide(x2.dtype, False)) if weight is not None else "cublas"
     if route == "tma":
         w = _as(weight, x2.dtype)
         if K.tma_ok(x2, w):
@@ -160,8 +160,7 @@ def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
     M = dy2.shape[0]
     dx = dyb = da = db = None
-    route = (main_matmul(M, x2.dtype == torch.bfloat16 and seed is None) if need_dx and weight is not None
-             else "cublas")
+    route = main_matmul(M, K.tma_wide(x2.dtype, seed is not None)) if need_dx and weight is not None else "cublas"
     wt = _as(weight, dy2.dtype).t() if route == "tma" else None
     if route == "tma" and K.tma_ok(dy2, wt):
         parts = K.lora_shrink(dy2, lora_b.t(), partial=True)

@@ -681,7 +681,7 @@ def _lora_linear_tma_kernel(
     ACCUMULATE: tl.constexpr, MODE: tl.constexpr, EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    PDL_WAIT: tl.constexpr, L_SPLIT: tl.constexpr,
+    PDL_WAIT: tl.constexpr, L_SPLIT: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr,
 ):
     # each program walks tiles pid, pid + NUM_PROGRAMS, ...; a and w come in by TMA (descriptors
     # built on the host), the LoRA expand, mask and bias are added to the tile in registers
@@ -704,42 +704,85 @@ def _lora_linear_tma_kernel(
                 w = w_desc.load([k0, off_n])
             acc = _dot(a, w, acc, MODE, PRECISION)
         rm = off_m + tl.arange(0, BLOCK_M)
-        rn = off_n + tl.arange(0, BLOCK_N)
         m_ok = rm < M
-        n_ok = rn < N
         if PDL_WAIT:  # launched with PDL behind the kernel that writes l: wait for it here, not earlier
             gdc_wait()
-        acc = _lora_epilogue(acc, acc, rm, rn, m_ok, n_ok, off_n, l_ptr, r_ptr, bias_ptr, lsum_ptr, seed, R,
-                             stride_lm, stride_lr, stride_rn, stride_rr, stride_ls, pid_n == 0, scaling, threshold,
-                             drop_scale, HAS_BIAS, OUT_DROPOUT, False, L_SPLIT, EXPAND_MODE, PRECISION,
-                             BLOCK_M, BLOCK_N, BLOCK_R)
-        if ACCUMULATE:  # out += ... (the q/k/v group's dX: one buffer; TMA_STORE is set with it)
-            acc += out_desc.load([off_m, off_n]).to(tl.float32)
-        if TMA_STORE:
-            out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
+        if EPILOGUE_SPLIT:  # the epilogue on two column halves: half the mask's and the LoRA term's registers
+            HALF: tl.constexpr = BLOCK_N // 2
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+            _tma_epilogue_store(acc0, rm, m_ok, off_m, off_n, pid_n == 0, out_desc, bias_ptr, l_ptr, r_ptr, out_ptr,
+                                seed, lsum_ptr, N, R, stride_lm, stride_lr, stride_rn, stride_rr, stride_om,
+                                stride_ls, scaling, threshold, drop_scale, HAS_BIAS, OUT_DROPOUT, TMA_STORE,
+                                ACCUMULATE, EXPAND_MODE, PRECISION, BLOCK_M, HALF, BLOCK_R, L_SPLIT)
+            _tma_epilogue_store(acc1, rm, m_ok, off_m, off_n + HALF, False, out_desc, bias_ptr, l_ptr, r_ptr,
+                                out_ptr, seed, lsum_ptr, N, R, stride_lm, stride_lr, stride_rn, stride_rr,
+                                stride_om, stride_ls, scaling, threshold, drop_scale, HAS_BIAS, OUT_DROPOUT,
+                                TMA_STORE, ACCUMULATE, EXPAND_MODE, PRECISION, BLOCK_M, HALF, BLOCK_R, L_SPLIT)
         else:
-            tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :],
-                     acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            _tma_epilogue_store(acc, rm, m_ok, off_m, off_n, pid_n == 0, out_desc, bias_ptr, l_ptr, r_ptr, out_ptr,
+                                seed, lsum_ptr, N, R, stride_lm, stride_lr, stride_rn, stride_rr, stride_om,
+                                stride_ls, scaling, threshold, drop_scale, HAS_BIAS, OUT_DROPOUT, TMA_STORE,
+                                ACCUMULATE, EXPAND_MODE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, L_SPLIT)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, TMA store, flatten[, warp specialize]),
-# measured on an H200
+@triton.jit
+def _tma_epilogue_store(acc, rm, m_ok, off_m, col0, write_lsum, out_desc, bias_ptr, l_ptr, r_ptr, out_ptr, seed,
+                        lsum_ptr, N, R, stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_ls, scaling,
+                        threshold, drop_scale, HAS_BIAS: tl.constexpr, OUT_DROPOUT: tl.constexpr,
+                        TMA_STORE: tl.constexpr, ACCUMULATE: tl.constexpr, EXPAND_MODE: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_R: tl.constexpr, L_SPLIT: tl.constexpr):
+    """The TMA matmul's epilogue on the output columns col0 .. col0 + BLOCK_N of its tile: the LoRA
+    term (``_lora_epilogue``), the buffer it is added into (ACCUMULATE), the store."""
+    rn = col0 + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    acc = _lora_epilogue(acc, acc, rm, rn, m_ok, n_ok, col0, l_ptr, r_ptr, bias_ptr, lsum_ptr, seed, R,
+                         stride_lm, stride_lr, stride_rn, stride_rr, stride_ls, write_lsum, scaling, threshold,
+                         drop_scale, HAS_BIAS, OUT_DROPOUT, False, L_SPLIT, EXPAND_MODE, PRECISION,
+                         BLOCK_M, BLOCK_N, BLOCK_R)
+    if ACCUMULATE:  # out += ... (the q/k/v group's dX: one buffer; TMA_STORE is set with it)
+        acc += out_desc.load([off_m, col0]).to(tl.float32)
+    if TMA_STORE:
+        out_desc.store([off_m, col0], acc.to(out_desc.dtype))
+    else:
+        tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, TMA store, flatten[, warp specialize[,
+# epilogue on two column halves]]), measured on an H200
 # (scripts/diag.py gemm, M = 16384, K = N = 4096, with the LoRA epilogue): 128 x 256 tiles 772 µs (F.linear
 # 700-800 in the same run); their 128 x 256 fp32 tile cannot take the dropout mask or an fp32 expand
-# (spills: dX with the mask 1288 µs; fp16 outputs ran out of shared memory), which take 128 x 128
-# tiles (dX with the mask 911 µs). FASTPEFT_TMA_CONFIG pins one.
-TMA_CONFIGS = {"wide": (128, 256, 64, 16, 8, 3, True, True), "narrow": (128, 128, 64, 8, 8, 4, True, True)}
+# in one piece (spills: dX with the mask 1288 µs; fp16 outputs ran out of shared memory), so the mask
+# takes them with the epilogue on two 128 x 128 halves ("wide_masked") or takes 128 x 128 tiles
+# ("narrow": dX with the mask 911 µs). FASTPEFT_TMA_CONFIG pins one.
+TMA_CONFIGS = {"wide": (128, 256, 64, 16, 8, 3, True, True),
+               "wide_masked": (128, 256, 64, 16, 8, 3, True, True, False, True),
+               "narrow": (128, 128, 64, 8, 8, 4, True, True)}
+TMA_MASKED_CONFIG = "wide_masked"  # the config of a bf16 output with the dropout mask
 _TMA_INTERPRETER_CONFIG = (16, 32, 32, 4, 4, 1, True, False)
+
+
+def _tma_config_name(out_dtype, has_seed: bool) -> str:
+    if out_dtype != torch.bfloat16:
+        return "narrow"
+    return TMA_MASKED_CONFIG if has_seed else "wide"
+
+
+def tma_wide(out_dtype, has_seed: bool) -> bool:
+    """Whether the TMA matmul runs its 128 x 256 tiles for this output on the GPU (the auto route
+    takes the TMA matmul only then: its narrow tiles lost to cuBLAS onto a prefilled C)."""
+    return TMA_CONFIGS[_tma_config_name(out_dtype, has_seed)][1] == 256
 
 
 def _tma_config(out_dtype, has_seed: bool) -> tuple:
     pinned = env("FASTPEFT_TMA_CONFIG")
     if pinned:
         v = pinned.split(",")
-        return tuple(int(x) for x in v[:6]) + tuple(x.strip().lower() in ("1", "true") for x in v[6:9])
+        return tuple(int(x) for x in v[:6]) + tuple(x.strip().lower() in ("1", "true") for x in v[6:10])
     if _INTERPRETING:
         return _TMA_INTERPRETER_CONFIG
-    return TMA_CONFIGS["wide" if out_dtype == torch.bfloat16 and not has_seed else "narrow"]
+    return TMA_CONFIGS[_tma_config_name(out_dtype, has_seed)]
 
 
 def _tma_aligned(t: torch.Tensor) -> bool:
@@ -808,7 +851,8 @@ def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dt
                                    or accumulate.stride(1) != 1 or not _tma_aligned(accumulate)):
         raise ValueError(f"lora_linear_tma: accumulate must be ({M}, {N}) {out_dtype} with unit stride along N, "
                          f"got {tuple(accumulate.shape)} {accumulate.dtype} strides {accumulate.stride()}")
-    BM, BN, BK, GM, warps, stages, tma_store, flatten, *ws = config or _tma_config(out_dtype, has_seed)
+    BM, BN, BK, GM, warps, stages, tma_store, flatten, *extra = config or _tma_config(out_dtype, has_seed)
+    split = len(extra) > 1 and bool(extra[1])
     device = a.device
     kmajor = w.stride(1) == 1
     tiles = _cdiv(M, BM) * _cdiv(N, BN)
@@ -817,8 +861,8 @@ def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dt
                 TMA_STORE=tma_store or accumulate is not None, ACCUMULATE=accumulate is not None,
                 MODE=_dot_mode(a.dtype, w.dtype), EXPAND_MODE=_expand_mode(out_dtype), PRECISION=_precision(),
                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=_block_r(R, 64), GROUP_M=GM, NUM_PROGRAMS=programs,
-                FLATTEN=flatten, WARP_SPECIALIZE=bool(ws and ws[0]) and not _INTERPRETING, num_warps=warps,
-                num_stages=stages, L_SPLIT=l_split)
+                FLATTEN=flatten, WARP_SPECIALIZE=bool(extra and extra[0]) and not _INTERPRETING, num_warps=warps,
+                num_stages=stages, L_SPLIT=l_split, EPILOGUE_SPLIT=split)
     meta.update(_pdl_meta(pdl))
     scalars = (M, N, K, R, *l2.stride(), *r.stride(), N, l.stride(0) if partial else 0, float(scaling), threshold,
                float(drop_scale))
@@ -830,7 +874,7 @@ def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dt
     encoded = ({}, {}, {})  # a, w, out: base pointer -> the descriptor's launch form (descriptor_launcher)
     w_shape = [N, K] if kmajor else [K, N]
     w_block = [BN, BK] if kmajor else [BK, BN]
-    a_block, out_block = [BM, BK], [BM, BN]
+    a_block, out_block = [BM, BK], [BM, BN // 2 if split else BN]
 
     def descriptor(i, t):  # a (M, K), w (its K-major or N-major form), out (M, N)
         if i == 0:

@@ -172,7 +172,7 @@ def _pinned_linear(configs, us, run, label: str) -> list:
 
 def host():
     """Host time per call at tiny shapes (the GPU idle): F.linear, lora_linear (its kept plan) and
-    lora_linear_tma (three descriptors, then its kept compiled kernel)."""
+    lora_linear_tma (its descriptors encoded once per base pointer, then its compiled kernel)."""
     import time
 
     xs, ws, ls, rs, As = (torch.randn(*s_, device="cuda", dtype=dt) for s_, dt in
@@ -213,8 +213,10 @@ def gemm():
                (128, 256, 64, 16, 8, 3, True, True, True), (128, 256, 64, 16, 4, 3, True, True, True),
                (128, 128, 64, 8, 8, 4, True, True, True), (128, 128, 64, 8, 4, 4, True, True, True),
                (128, 256, 64, 16, 8, 4, True, False, True)]
-    if os.environ.get("FASTPEFT_DIAG_TMA_CONFIGS") == "kept+ws":  # the kept two and the warp-specialized ones
+    if os.environ.get("FASTPEFT_DIAG_TMA_CONFIGS") == "kept+ws":  # the kept ones and the warp-specialized ones
         configs = list(kl.TMA_CONFIGS.values()) + [c for c in configs if len(c) > 8]
+    elif os.environ.get("FASTPEFT_DIAG_TMA_CONFIGS") == "kept":
+        configs = list(kl.TMA_CONFIGS.values())
     for M, K, N in _shapes("16384,4096,4096;4096,4096,4096;8192,2048,2048;8192,2048,256;8192,2048,5632;8192,5632,2048"):
         x, dy, a, bb, xa, (seed, t, sc) = _operands(M, K, N)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
