@@ -54,8 +54,8 @@ TMA_MIN_M = 4096
 def main_matmul(M: int, wide_tma: bool = True) -> str:
     """'triton' (fused epilogue), 'cublas' (onto a prefilled C) or 'tma' (the persistent TMA matmul with
     the LoRA epilogue, Hopper on; other operands take the cuBLAS route) for an M-row product.
-    ``wide_tma``: whether the TMA matmul would run its wide tiles (a bf16 output without the dropout
-    mask); the auto route takes the narrow ones nowhere, since they lost to cuBLAS (bench/NOTES.md).
+    ``wide_tma``: whether the TMA matmul would run its wide tiles (``kernels.lora.tma_wide``: bf16
+    outputs); the auto route takes its narrow ones nowhere, since they lost to cuBLAS (bench/NOTES.md).
 
     FASTPEFT_GEMM=triton|cublas|tma pins one (the cuBLAS path also runs on CPU, via torch's addmm).
     """
