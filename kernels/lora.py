@@ -903,13 +903,13 @@ def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dt
         out = torch.empty((M, N), dtype=out_dtype, device=device) if accumulate is None else accumulate
         lsum = _lsum(l, partial, l_split, M, R)
         if M and N:
-            ptrs = tuple(map(_data_ptr, (l if bias is None else bias, l, r, out, l if seed is None else seed, lsum)))
+            pointers = (l if bias is None else bias, l, r, out, l if seed is None else seed, lsum)
+            ptrs = tuple(map(_data_ptr, pointers))
             if direct and ENABLED and functools.reduce(operator.or_, ptrs, 0) & 15 == 0:
                 call, expand = direct[0]
                 call(grid3, _current_stream(device.index), (*encode((a, w, out), expand), *ptrs, *scalars))
             else:  # through Triton (the first launch compiles; unaligned pointers re-specialize)
-                args = (*(descriptor(i, t) for i, t in enumerate((a, w, out))), l if bias is None else bias, l, r, out,
-                        l if seed is None else seed, lsum)
+                args = (*(descriptor(i, t) for i, t in enumerate((a, w, out))), *pointers)
                 compiled = kernel(*args, *scalars, **meta)
                 if not direct and hasattr(compiled, "function") and ENABLED:
                     fast = descriptor_launcher(compiled, tail)
