@@ -68,9 +68,10 @@ def _hooks_set(knobs) -> bool:
     return any(h is not None and getattr(h, "calls", True) for h in hooks)
 
 
-def _raw_launcher(compiled, tail: tuple):
-    """A call of the compiled kernel's C launcher (triton 3.6's argument layout), or None when the
-    kernel needs what only Triton's own path provides (scratch memory, launch hooks)."""
+def _launch_head(compiled):
+    """(the compiled kernel's C launcher, the arguments it takes before the kernel's own) in triton
+    3.6's layout, or None when the kernel needs what only Triton's own path provides (scratch memory,
+    launch hooks) or this Triton's layout is another."""
     run = getattr(compiled, "run", None)
     c_launch = getattr(run, "launch", None)
     try:
@@ -84,13 +85,22 @@ def _raw_launcher(compiled, tail: tuple):
     if (c_launch is None or not version_ok or hooks or run.global_scratch_size or run.profile_scratch_size
             or not hasattr(compiled, "packed_metadata")):
         return None
-    head = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None, compiled.packed_metadata,
-            None, None, None)
+    return c_launch, (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                      compiled.packed_metadata, None, None, None)
 
+
+def _c_call(c_launch, head: tuple, tail: tuple):
+    """call(grid3, stream, args): ``c_launch`` with the kernel's arguments between head and tail."""
     def call(grid3, stream, args):
         c_launch(*grid3, stream, *head, *args, *tail)
 
     return call
+
+
+def _raw_launcher(compiled, tail: tuple):
+    """A call of the compiled kernel's C launcher, or None where ``_launch_head`` says there is none."""
+    found = _launch_head(compiled)
+    return None if found is None else _c_call(*found, tail)
 
 
 def descriptor_launcher(compiled, tail: tuple):
@@ -102,29 +112,24 @@ def descriptor_launcher(compiled, tail: tuple):
     with those forms spliced in at the descriptors' places, the other pointers as ints: what Triton's
     own wrapper does per call, without encoding the descriptors again (42-92 µs of host per launch
     on the H200 machine, bench/NOTES.md session 8)."""
-    call = _raw_launcher(compiled, tail)
-    inner = getattr(getattr(compiled, "run", None), "launch", None)
+    found = _launch_head(compiled)
+    inner = found and found[0]  # Triton's wrapper: it encodes the descriptors, then calls `launcher`
     names = getattr(getattr(inner, "__code__", None), "co_freevars", ())
-    if call is None or not {"launcher", "tensordesc_meta", "tensordesc_indices"} <= set(names):
+    if not {"launcher", "tensordesc_meta", "tensordesc_indices"} <= set(names):
         return None
     free = dict(zip(names, (cell.cell_contents for cell in inner.__closure__)))
     try:
         from triton.backends.nvidia.driver import make_tensordesc_arg
     except ImportError:  # pragma: no cover - another triton layout
         return None
-    c_launch, meta = free["launcher"], free["tensordesc_meta"]
-    head = (compiled.function, compiled.run.launch_cooperative_grid, compiled.run.launch_pdl, None, None,
-            compiled.packed_metadata, None, None, None)
+    meta = free["tensordesc_meta"]
     if not meta or len(meta) != len(free["tensordesc_indices"]):
         return None
-
-    def launch_desc(grid3, stream, args):
-        c_launch(*grid3, stream, *head, *args, *tail)
 
     def expand(i, desc):
         return tuple(make_tensordesc_arg(desc, meta[i]))
 
-    return launch_desc, expand
+    return _c_call(free["launcher"], found[1], tail), expand
 
 
 def _runner(compiled, tail: tuple):

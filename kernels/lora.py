@@ -707,33 +707,29 @@ def _lora_linear_tma_kernel(
         m_ok = rm < M
         if PDL_WAIT:  # launched with PDL behind the kernel that writes l: wait for it here, not earlier
             gdc_wait()
+        ep = (out_desc, bias_ptr, l_ptr, r_ptr, out_ptr, seed, lsum_ptr, N, R, stride_lm, stride_lr, stride_rn,
+              stride_rr, stride_om, stride_ls, scaling, threshold, drop_scale)
         if EPILOGUE_SPLIT:  # the epilogue on two column halves: half the mask's and the LoRA term's registers
             HALF: tl.constexpr = BLOCK_N // 2
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-            _tma_epilogue_store(acc0, rm, m_ok, off_m, off_n, pid_n == 0, out_desc, bias_ptr, l_ptr, r_ptr, out_ptr,
-                                seed, lsum_ptr, N, R, stride_lm, stride_lr, stride_rn, stride_rr, stride_om,
-                                stride_ls, scaling, threshold, drop_scale, HAS_BIAS, OUT_DROPOUT, TMA_STORE,
+            _tma_epilogue_store(acc0, rm, m_ok, off_m, off_n, pid_n == 0, ep, HAS_BIAS, OUT_DROPOUT, TMA_STORE,
                                 ACCUMULATE, EXPAND_MODE, PRECISION, BLOCK_M, HALF, BLOCK_R, L_SPLIT)
-            _tma_epilogue_store(acc1, rm, m_ok, off_m, off_n + HALF, False, out_desc, bias_ptr, l_ptr, r_ptr,
-                                out_ptr, seed, lsum_ptr, N, R, stride_lm, stride_lr, stride_rn, stride_rr,
-                                stride_om, stride_ls, scaling, threshold, drop_scale, HAS_BIAS, OUT_DROPOUT,
-                                TMA_STORE, ACCUMULATE, EXPAND_MODE, PRECISION, BLOCK_M, HALF, BLOCK_R, L_SPLIT)
+            _tma_epilogue_store(acc1, rm, m_ok, off_m, off_n + HALF, False, ep, HAS_BIAS, OUT_DROPOUT, TMA_STORE,
+                                ACCUMULATE, EXPAND_MODE, PRECISION, BLOCK_M, HALF, BLOCK_R, L_SPLIT)
         else:
-            _tma_epilogue_store(acc, rm, m_ok, off_m, off_n, pid_n == 0, out_desc, bias_ptr, l_ptr, r_ptr, out_ptr,
-                                seed, lsum_ptr, N, R, stride_lm, stride_lr, stride_rn, stride_rr, stride_om,
-                                stride_ls, scaling, threshold, drop_scale, HAS_BIAS, OUT_DROPOUT, TMA_STORE,
+            _tma_epilogue_store(acc, rm, m_ok, off_m, off_n, pid_n == 0, ep, HAS_BIAS, OUT_DROPOUT, TMA_STORE,
                                 ACCUMULATE, EXPAND_MODE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, L_SPLIT)
 
-
 @triton.jit
-def _tma_epilogue_store(acc, rm, m_ok, off_m, col0, write_lsum, out_desc, bias_ptr, l_ptr, r_ptr, out_ptr, seed,
-                        lsum_ptr, N, R, stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_ls, scaling,
-                        threshold, drop_scale, HAS_BIAS: tl.constexpr, OUT_DROPOUT: tl.constexpr,
-                        TMA_STORE: tl.constexpr, ACCUMULATE: tl.constexpr, EXPAND_MODE: tl.constexpr,
-                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_R: tl.constexpr, L_SPLIT: tl.constexpr):
+def _tma_epilogue_store(acc, rm, m_ok, off_m, col0, write_lsum, ep, HAS_BIAS: tl.constexpr,
+                        OUT_DROPOUT: tl.constexpr, TMA_STORE: tl.constexpr, ACCUMULATE: tl.constexpr,
+                        EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, L_SPLIT: tl.constexpr):
     """The TMA matmul's epilogue on the output columns col0 .. col0 + BLOCK_N of its tile: the LoRA
-    term (``_lora_epilogue``), the buffer it is added into (ACCUMULATE), the store."""
+    term (``_lora_epilogue``), the buffer it is added into (ACCUMULATE), the store. ``ep``: the
+    kernel's epilogue operands, one tuple for every call site."""
+    (out_desc, bias_ptr, l_ptr, r_ptr, out_ptr, seed, lsum_ptr, N, R, stride_lm, stride_lr, stride_rn, stride_rr,
+     stride_om, stride_ls, scaling, threshold, drop_scale) = ep
     rn = col0 + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     acc = _lora_epilogue(acc, acc, rm, rn, m_ok, n_ok, col0, l_ptr, r_ptr, bias_ptr, lsum_ptr, seed, R,
@@ -759,7 +755,7 @@ def _tma_epilogue_store(acc, rm, m_ok, off_m, col0, write_lsum, out_desc, bias_p
 # cuBLAS route (M = 8192, K = N = 2048: 131.2 / 127.7 / 139.8); the training step at dropout 0.05 took
 # 58.7 / 57.8 ms with wide_masked's dX against 63.8 / 59.1 with the cuBLAS route's (two rounds).
 # Without the mask the halves cost time (dX 921.1 against 797.0 µs): only the mask takes them.
-# FASTPEFT_TMA_CONFIG pins one.
+# FASTPEFT_TMA_CONFIG pins one (and the auto route takes it at any width: ``tma_wide``).
 TMA_CONFIGS = {"wide": (128, 256, 64, 16, 8, 3, True, True),
                "wide_masked": (128, 256, 64, 16, 8, 3, True, True, False, True),
                "narrow": (128, 128, 64, 8, 8, 4, True, True)}
@@ -775,8 +771,9 @@ def _tma_config_name(out_dtype, has_seed: bool) -> str:
 
 def tma_wide(out_dtype, has_seed: bool) -> bool:
     """Whether the TMA matmul runs its 128 x 256 tiles for this output on the GPU (the auto route
-    takes the TMA matmul only then: its narrow tiles lost to cuBLAS onto a prefilled C)."""
-    return TMA_CONFIGS[_tma_config_name(out_dtype, has_seed)][1] == 256
+    takes the TMA matmul only then: its narrow tiles lost to cuBLAS onto a prefilled C). A config
+    pinned by FASTPEFT_TMA_CONFIG (for measuring) is taken whatever its width."""
+    return bool(env("FASTPEFT_TMA_CONFIG")) or TMA_CONFIGS[_tma_config_name(out_dtype, has_seed)][1] == 256
 
 
 def _tma_config(out_dtype, has_seed: bool) -> tuple:

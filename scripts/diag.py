@@ -426,9 +426,12 @@ def layer():
 
 
 def e2e():
+    """python scripts/diag.py e2e [setup[:p] ...]: the training step's wall time, GPU busy time and
+    largest kernels (default: frozen fastpeft:0.05 fastpeft:0); FASTPEFT_DIAG_GAPS=1 adds the host side."""
     from bench_e2e import training_case
 
-    for setup, drop in (("frozen", None), ("fastpeft", 0.05), ("fastpeft", 0.0)):
+    cases = sys.argv[2:] or ["frozen", "fastpeft:0.05", "fastpeft:0"]
+    for setup, drop in ((c.split(":")[0], float(c.split(":")[1]) if ":" in c else None) for c in cases):
         case, step = training_case(setup, drop)
         _profile(step, 5, f"{setup} p={drop} step")
         case.clear()

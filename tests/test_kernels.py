@@ -318,6 +318,9 @@ def test_auto_route_by_rows(monkeypatch):
     assert ops.main_matmul(16384, wide_tma=False) == "cublas"  # an fp16 output (narrow tiles): not TMA
     assert lora_kernels.tma_wide(torch.bfloat16, False) and lora_kernels.tma_wide(torch.bfloat16, True)
     assert not lora_kernels.tma_wide(torch.float16, False)
+    monkeypatch.setenv("FASTPEFT_TMA_CONFIG", "128,128,64,8,8,4,1,1")  # a pinned config is taken as it is
+    assert lora_kernels.tma_wide(torch.float16, False)
+    monkeypatch.delenv("FASTPEFT_TMA_CONFIG")
     monkeypatch.setenv("FASTPEFT_GEMM", "tma")
     assert ops.main_matmul(16384, wide_tma=False) == "tma"  # pinned
     monkeypatch.delenv("FASTPEFT_GEMM")
