@@ -23,7 +23,7 @@ implementation and registered autograd), so a patched model traces without graph
 
 ``LoraMLPFunction``: a GLU MLP down(act(gate(x)) · up(x)) with LoRA on all three projections, the
 same pieces in one autograd node; it saves g = gate(x) and u = up(x) but not h = act(g) · u, which
-its backward rebuilds (kernels/activation.py) — one M × intermediate tensor less than the frozen
+its backward rebuilds in the pass that computes dg and du (kernels/activation.py) — one M × intermediate tensor less than the frozen
 model keeps for its own activation and product, two less than three separate LoRA layers.
 """
 from __future__ import annotations
@@ -157,16 +157,24 @@ def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p
                   need_dx: bool, need_da: bool, need_db: bool, dx_into=None):
     """(dx2, dA, dB), each None when not needed; dA/dB in the adapters' dtype. With ``dx_into`` (a
     dX of the same input, from another projection) dX is added into it, which is returned."""
+    dx, dyb = backward_dx(dy2, x2.dtype, weight, lora_a, lora_b, scaling, dropout_p, seed, need_dx, need_da,
+                          dx_into)
+    return (dx, *adapter_grads(dy2, x2, dyb, lora_a, lora_b, xa, scaling, dropout_p, seed, need_da, need_db))
+
+
+def backward_dx(dy2, x_dtype, weight, lora_a, lora_b, scaling: float, dropout_p: float, seed, need_dx: bool,
+                need_da: bool, dx_into=None):
+    """backward_impl's first half: (dx2 in ``x_dtype`` or None, dyb = dY·B (M, R) fp32 where dA needs it)."""
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
     M = dy2.shape[0]
-    dx = dyb = da = db = None
-    route = main_matmul(M, K.tma_wide(x2.dtype, seed is not None)) if need_dx and weight is not None else "cublas"
+    dx = dyb = None
+    route = main_matmul(M, K.tma_wide(x_dtype, seed is not None)) if need_dx and weight is not None else "cublas"
     wt = _as(weight, dy2.dtype).t() if route == "tma" else None
     if route == "tma" and K.tma_ok(dy2, wt):
         parts = K.lora_shrink(dy2, lora_b.t(), partial=True)
         into = dx_into is not None and K.tma_ok(dx_into, wt)  # dX added into it by the kernel
         dx, dyb = K.lora_linear_tma(dy2, wt, None, parts, lora_a.t(), scaling, seed, threshold, drop_scale,
-                                    out_dtype=x2.dtype, mask_output=True, accumulate=dx_into if into else None)
+                                    out_dtype=x_dtype, mask_output=True, accumulate=dx_into if into else None)
         dx = dx if dx_into is None or into else dx_into.add_(dx)
     elif need_dx:
         if route == "triton":
@@ -175,22 +183,29 @@ def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p
             overlap = pdl(dy2.device)
             parts = K.lora_shrink(dy2, lora_b.t(), launch_dependents=overlap, partial=True)
             dx, dyb = K.lora_linear(dy2, weight.t(), None, parts, lora_a.t(), scaling, seed, threshold, drop_scale,
-                                    out_dtype=x2.dtype, mask_output=True, pdl=overlap)
+                                    out_dtype=x_dtype, mask_output=True, pdl=overlap)
             dx = dx if dx_into is None else dx_into.add_(dx)
         else:
             dx, dyb = K.lora_shrink_expand(dy2, lora_b.t(), lora_a.t(), None, scaling, seed, threshold, drop_scale,
-                                           mask_output=True, out_dtype=x2.dtype, accumulate=dx_into)
+                                           mask_output=True, out_dtype=x_dtype, accumulate=dx_into)
             if weight is not None:
                 dx.addmm_(dy2, _as(weight, dy2.dtype))
     elif need_da:
         dyb = K.lora_shrink(dy2, lora_b.t())
-    if need_da or need_db:
-        da, db = K.lora_adapter_grads(x2 if need_da else None, dyb if need_da else None,
-                                      dy2 if need_db else None, xa if need_db else None, scaling,
-                                      seed, threshold, drop_scale)
-        da = None if da is None else _as(da, lora_a.dtype)
-        db = None if db is None else _as(db, lora_b.dtype)
-    return dx, da, db
+    return dx, dyb
+
+
+def adapter_grads(dy2, x2, dyb, lora_a, lora_b, xa, scaling: float, dropout_p: float, seed, need_da: bool,
+                  need_db: bool):
+    """backward_impl's second half: (dA, dB) in the adapters' dtypes, each None when not needed; x2 and
+    dyb are read only for dA, dy2 and xa only for dB."""
+    if not (need_da or need_db):
+        return None, None
+    seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
+    da, db = K.lora_adapter_grads(x2 if need_da else None, dyb if need_da else None,
+                                  dy2 if need_db else None, xa if need_db else None, scaling,
+                                  seed, threshold, drop_scale)
+    return (None if da is None else _as(da, lora_a.dtype)), (None if db is None else _as(db, lora_b.dtype))
 
 
 def _forward_nd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
@@ -366,9 +381,9 @@ class LoraMLPFunction(torch.autograd.Function):
 
     Inputs: x, the six adapter matrices (gate A, B, up A, B, down A, B), the three frozen weights and
     biases, the three dropout seeds (None without dropout), and (scalings, dropout ps, act).
-    Saved: x, g, u, the three xa, the seeds. Backward: h rebuilt from g and u for down's dA;
-    dh = dY·W_d + LoRA term; (dg, du) from one elementwise kernel; dX = gate's dX with up's added
-    into it (backward_impl's dx_into).
+    Saved: x, g, u, the three xa, the seeds. Backward: dh = dY·W_d + LoRA term (``backward_dx``);
+    one elementwise kernel gives (dg, du), dg over dh, and h rebuilt from g and u for down's dA
+    (``adapter_grads``); dX = gate's dX with up's added into it (backward_impl's dx_into).
     """
 
     @staticmethod
@@ -388,12 +403,13 @@ class LoraMLPFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         (sg, su, sd), (pg, pu, pd) = ctx.scalings, ctx.ps
         x2 = x.reshape(-1, x.shape[-1])
-        h = A.gated_act(g, u, ctx.act)
-        dh, dda, ddb = backward_impl(dy.reshape(-1, dy.shape[-1]), h, dw, da, db, xa_d, sd, pd, sdd,
-                                     True, need[5], need[6])
-        del h
-        dg, du = A.gated_act_backward(g, u, dh, ctx.act)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dh, dyb_d = backward_dx(dy2, g.dtype, dw, da, db, sd, pd, sdd, True, need[5])
+        # dg over dh; h (for down's dA only) rebuilt by the same pass
+        dg, du, *h = A.gated_act_backward(g, u, dh, ctx.act, with_h=need[5], into_dh=dh.dtype == g.dtype)
         del dh
+        dda, ddb = adapter_grads(dy2, h[0] if h else None, dyb_d, da, db, xa_d, sd, pd, sdd, need[5], need[6])
+        del h
         dxg, dga, dgb = backward_impl(dg, x2, gw, ga, gb, xa_g, sg, pg, sdg, need[0], need[1], need[2])
         dx, dua, dub = backward_impl(du, x2, uw, ua, ub, xa_u, su, pu, sdu, need[0], need[3], need[4], dx_into=dxg)
         dx = dx.reshape(x.shape) if need[0] else None

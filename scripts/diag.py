@@ -197,7 +197,8 @@ def host():
 def gemm():
     """lora_linear_tma's GPU time (do_bench) and error over tile configs against F.linear, the cuBLAS
     route's forward (C pass + addmm) and dX, and the pointer-based Triton matmul.
-    FASTPEFT_DIAG_SHAPES="M,K,N;..." picks the shapes."""
+    FASTPEFT_DIAG_SHAPES="M,K,N;..." picks the shapes, FASTPEFT_DIAG_TMA_CONFIGS=kept|kept+ws|kept+ws-masked
+    the configs (default: a wide sweep)."""
     import inspect
 
     import triton.language as tl
@@ -217,6 +218,10 @@ def gemm():
         configs = list(kl.TMA_CONFIGS.values()) + [c for c in configs if len(c) > 8]
     elif os.environ.get("FASTPEFT_DIAG_TMA_CONFIGS") == "kept":
         configs = list(kl.TMA_CONFIGS.values())
+    elif os.environ.get("FASTPEFT_DIAG_TMA_CONFIGS") == "kept+ws-masked":  # warp-specialized, for the mask
+        configs = list(kl.TMA_CONFIGS.values()) + [(128, 256, 64, 16, 8, 3, True, True, True, True),
+                                                   (128, 256, 64, 16, 8, 3, True, True, True),
+                                                   (128, 128, 64, 8, 8, 4, True, True, True)]
     for M, K, N in _shapes("16384,4096,4096;4096,4096,4096;8192,2048,2048;8192,2048,256;8192,2048,5632;8192,5632,2048"):
         x, dy, a, bb, xa, (seed, t, sc) = _operands(M, K, N)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5

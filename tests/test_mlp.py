@@ -38,6 +38,19 @@ def test_gated_act_matches_reference(kernel_device, act, dtype):
         assert_close(out, e, s, dtype, f"{act} {name}")
 
 
+def test_gated_act_backward_rebuilds_h_and_writes_dg_over_dh(kernel_device):
+    """with_h gives the forward's h bit for bit; into_dh writes dg over dh and nothing else changes."""
+    g, u, dh = (torch.randn(3, 701, device=kernel_device, dtype=torch.bfloat16) * 3 for _ in range(3))
+    dg, du = activation.gated_act_backward(g, u, dh, "silu")
+    dh2 = dh.clone()
+    dg2, du2, h = activation.gated_act_backward(g, u, dh2, "silu", with_h=True, into_dh=True)
+    assert dg2.data_ptr() == dh2.data_ptr()
+    assert torch.equal(dg2, dg) and torch.equal(du2, du)
+    assert torch.equal(h, activation.gated_act(g, u, "silu"))
+    with pytest.raises(ValueError, match="of g's dtype"):
+        activation.gated_act_backward(g, u, dh.float(), "silu", into_dh=True)
+
+
 def test_gated_act_errors(kernel_device):
     g = torch.randn(4, 6, device=kernel_device)
     with pytest.raises(ValueError, match="not supported"):
