@@ -85,9 +85,17 @@ def measure(K, N, M, r, p, dtype=torch.bfloat16):
     if peft_layer is not None:
         impls["peft"] = peft_layer
     modes = ("fwd", "fwdbwd") + (("fwd_graph", "fwdbwd_graph") if M <= GRAPH_MAX_M else ())
+    # Eager timings in two passes, the second in reverse order, each the mean of its two: the GPU's
+    # clock drifts with its power state over a run (F.linear moved by 15% between two consecutive rows
+    # of one run at M = 16384, bench/NOTES.md session 10), and an A B B A order cancels a linear drift
+    # instead of charging it to whichever implementation runs later.
+    order = [(name, mode, make) for name in impls for mode, make in (("fwd", fwd), ("fwdbwd", fwd_bwd))]
+    eager = {}
+    for name, mode, make in order + order[::-1]:
+        eager.setdefault((name, mode), []).append(time_ms(make(impls[name])))
+    for (name, mode), times in eager.items():
+        row[f"{name}_{mode}_ms"] = sum(times) / len(times)
     for name, layer in impls.items():
-        row[f"{name}_fwd_ms"] = time_ms(fwd(layer))
-        row[f"{name}_fwdbwd_ms"] = time_ms(fwd_bwd(layer))
         if M <= GRAPH_MAX_M:
             row[f"{name}_fwd_graph_ms"] = graph_time_ms(fwd(layer))
             row[f"{name}_fwdbwd_graph_ms"] = graph_time_ms(fwd_bwd(layer))
