@@ -9,6 +9,8 @@ between the launches: the layer's forward and forward+backward at M = 1 (the Tri
 M = 512 (the cuBLAS route), next to nn.Linear's at M = 1. The numbers are this CPU's, not the GPU machine's
 (no launch cost, and the backward runs on the calling thread instead of the autograd engine's
 device thread), so they rank host work; they do not predict the GPU machine's absolute times.
+``FASTPEFT_GEMM=tma`` times the TMA route instead (its kernel and C launcher stubbed too; CPU
+tensors rarely reuse an address, so its descriptors are built more often here than on the GPU).
 With ``--profile``, a cProfile of forward+backward follows each row.
 """
 import cProfile
@@ -16,6 +18,7 @@ import os
 import pstats
 import sys
 import time
+import types
 
 os.environ["TRITON_INTERPRET"] = "1"  # before fastpeft.kernels is imported: the kernel path on CPU
 os.environ.setdefault("FASTPEFT_BACKEND", "triton")
@@ -24,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from fastpeft import LoraLinear  # noqa: E402
-from fastpeft.kernels import launch  # noqa: E402
+from fastpeft.kernels import launch, lora  # noqa: E402
 
 
 def per_call_us(fn, n=1000, repeats=5) -> float:
@@ -40,10 +43,25 @@ def per_call_us(fn, n=1000, repeats=5) -> float:
     return best
 
 
+class _StubTmaKernel:
+    """Stands in for the TMA matmul's JIT kernel: its first "launch" hands back a compiled-looking
+    object, and ``descriptor_launcher`` a no-op call, so later runs take the direct path's host work."""
+
+    arg_names = lora._lora_linear_tma_kernel.arg_names
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: types.SimpleNamespace(function=0)
+
+
 def main():
     launch.Plan.run = lambda self, tensors: None
     launch.launch = lambda *args, **kwargs: None
     torch.Tensor.addmm_ = lambda self, *args, **kwargs: self
+    # the TMA route (FASTPEFT_GEMM=tma): the kernel, its C launcher and the stream query stubbed
+    lora._lora_linear_tma_kernel = _StubTmaKernel()
+    lora.descriptor_launcher = lambda compiled, tail: (lambda grid3, stream, args: None, lambda i, desc: (desc,))
+    lora.ENABLED = True
+    lora._current_stream = lambda index: 0
     torch.set_num_threads(1)
     K = N = 64
     for M in (1, 512):
