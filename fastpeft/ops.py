@@ -23,8 +23,9 @@ implementation and registered autograd), so a patched model traces without graph
 
 ``LoraMLPFunction``: a GLU MLP down(act(gate(x)) · up(x)) with LoRA on all three projections, the
 same pieces in one autograd node; it saves g = gate(x) and u = up(x) but not h = act(g) · u, which
-its backward rebuilds in the pass that computes dg and du (kernels/activation.py) — one M × intermediate tensor less than the frozen
-model keeps for its own activation and product, two less than three separate LoRA layers.
+its backward rebuilds in the pass that computes dg and du (kernels/activation.py) — one M ×
+intermediate tensor less than the frozen model keeps for its own activation and product, two less
+than three separate LoRA layers.
 """
 from __future__ import annotations
 

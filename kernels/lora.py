@@ -720,6 +720,7 @@ def _lora_linear_tma_kernel(
             _tma_epilogue_store(acc, rm, m_ok, off_m, off_n, pid_n == 0, ep, HAS_BIAS, OUT_DROPOUT, TMA_STORE,
                                 ACCUMULATE, EXPAND_MODE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, L_SPLIT)
 
+
 @triton.jit
 def _tma_epilogue_store(acc, rm, m_ok, off_m, col0, write_lsum, ep, HAS_BIAS: tl.constexpr,
                         OUT_DROPOUT: tl.constexpr, TMA_STORE: tl.constexpr, ACCUMULATE: tl.constexpr,
