@@ -230,7 +230,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = No
     """
     key = (_lora_shrink_kernel, x.shape, x.stride(), x.dtype, a.shape, a.stride(), a.dtype,
            None if seed is None else seed.dtype, threshold, drop_scale, _precision(), launch_dependents, partial,
-           x.device)
+           x.device, env("FASTPEFT_SHRINK_CONFIG"))
     return cached(key, _shrink_plan, x, a, seed is not None, threshold, drop_scale, launch_dependents, partial)(
         x, a, seed)
 
@@ -267,6 +267,15 @@ def _shrink_plan(x, a, has_dropout: bool, threshold: int, drop_scale: float, lau
         raise ValueError(f"lora_shrink: x is (M={M}, K={K}) but A is (R={R}, K={Ka})")
     BLOCK_R = _block_r(R)
     BLOCK_M, BLOCK_K, split_k = _shrink_grid(M, K, BLOCK_R, partial, _num_sms(x.device))
+    warps, stages = 4, 3
+    pinned = env("FASTPEFT_SHRINK_CONFIG")  # for measuring: BLOCK_M,BLOCK_K,split_k,warps,stages
+    if pinned:
+        try:
+            BLOCK_M, BLOCK_K, split_k, warps, stages = (int(v) for v in pinned.split(","))
+        except ValueError:
+            raise ValueError(f"FASTPEFT_SHRINK_CONFIG must be BLOCK_M,BLOCK_K,split_k,warps,stages, got {pinned!r}") \
+                from None
+        split_k = max(1, min(split_k, MAX_PARTIALS) if partial else split_k)
     n_m = max(1, _cdiv(M, BLOCK_M))
     alloc = torch.zeros if split_k > 1 and not partial else torch.empty
     shape = (split_k, M, R) if partial else (M, R)
@@ -276,7 +285,7 @@ def _shrink_plan(x, a, has_dropout: bool, threshold: int, drop_scale: float, lau
     ), HAS_DROPOUT=has_dropout, MODE=_dot_mode(x.dtype, a.dtype), PRECISION=_precision(), SPLIT_K=split_k,
         PARTIAL=partial, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
         LAUNCH_DEPENDENTS=_pdl_on(launch_dependents),
-        num_warps=4, num_stages=3,
+        num_warps=warps, num_stages=stages,
     )
 
     def run(x, a, seed):

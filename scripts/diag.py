@@ -275,6 +275,35 @@ def gemm():
             print(f"  TMA route: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
+def shrink():
+    """lora_shrink(partial=True) (the TMA route's shrink: bf16 x, fp32 A, r = 16) over tile configs
+    (FASTPEFT_SHRINK_CONFIG = BLOCK_M,BLOCK_K,split_k,warps,stages), µs and the read rate of x, with
+    and without dropout. FASTPEFT_DIAG_SHAPES="M,K;..." picks the shapes."""
+    us = lambda f: time_ms(f) * 1e3  # noqa: E731
+    configs = ["", "64,128,2,4,3", "64,128,2,4,4", "64,128,4,4,3", "32,128,2,4,3", "64,256,2,4,3",
+               "128,128,1,8,3", "128,128,2,8,3", "128,64,2,4,4", "128,256,1,8,2"]
+    for spec in (os.environ.get("FASTPEFT_DIAG_SHAPES") or "16384,4096;8192,2048;8192,5632;4096,4096").split(";"):
+        M, K = (int(v) for v in spec.split(","))
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(16, K, device="cuda") / K**0.5
+        seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device="cuda")
+        drop = (seed, reference.dropout_threshold(0.05), reference.dropout_scale(0.05))
+        want = (x.float() @ a.t())
+        cells = []
+        for cfg in configs:
+            os.environ["FASTPEFT_SHRINK_CONFIG"] = cfg
+            try:
+                err = (kl.lora_shrink(x, a, partial=True).sum(0) - want).abs().max().item()
+                t0 = us(lambda: kl.lora_shrink(x, a, partial=True))
+                t1 = us(lambda: kl.lora_shrink(x, a, *drop, partial=True))
+                cells.append(f"{cfg or 'default'}: {t0:.1f} ({M * K * 2 / t0 / 1e6:.2f} TB/s) / p.05 {t1:.1f} "
+                             f"(err {err:.0e})")
+            except Exception as e:
+                cells.append(f"{cfg}: {type(e).__name__}: {str(e)[:120]}")
+        os.environ.pop("FASTPEFT_SHRINK_CONFIG", None)
+        print(f"M={M} K={K} shrink us: " + " | ".join(cells), flush=True)
+
+
 def pdl():
     """Graph-replayed forward and forward + dX + grads (forward_impl / backward_impl) of one 4096 x 4096
     r = 16 projection at decode and training sizes, FASTPEFT_PDL=0 against 1, routes as ``auto`` picks
@@ -444,4 +473,4 @@ def e2e():
 
 
 if __name__ == "__main__":
-    {"prec": prec, "kernels": kernels, "dropout": dropout, "gemm": gemm, "pdl": pdl, "small": small, "host": host, "eager": eager, "layer": layer, "e2e": e2e}[sys.argv[1]]()
+    {"prec": prec, "kernels": kernels, "dropout": dropout, "gemm": gemm, "shrink": shrink, "pdl": pdl, "small": small, "host": host, "eager": eager, "layer": layer, "e2e": e2e}[sys.argv[1]]()

@@ -362,6 +362,28 @@ def test_routes_match_reference_eager_and_replayed(gpu, gemm, monkeypatch):
         torch.testing.assert_close(out, ops.lora_linear(static, w, b, a, bb, 2.0), rtol=0, atol=0)
 
 
+def test_shrink_pinned_config(kernel_device, monkeypatch):
+    """FASTPEFT_SHRINK_CONFIG (for measuring) pins the shrink's tiles, split and launch options: the
+    same sums as the default's, split or not, partial or atomic, with dropout; a bad pin is named."""
+    M, K, R = 37, 300, 5
+    x = torch.randn(M, K, device=kernel_device, dtype=torch.float16)
+    a = torch.randn(R, K, device=kernel_device, dtype=torch.float32)
+    seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=kernel_device)
+    drop = (seed, reference.dropout_threshold(0.1), reference.dropout_scale(0.1))
+    want = lora_kernels.lora_shrink(x, a), lora_kernels.lora_shrink(x, a, *drop)
+    pins = ["16,32,1,4,1", "16,64,3,4,2"] if kernel_device == "cpu" else ["32,64,1,4,3", "128,128,4,8,3"]
+    for pin in pins:
+        monkeypatch.setenv("FASTPEFT_SHRINK_CONFIG", pin)
+        for d, ref in zip(((), drop), want):
+            torch.testing.assert_close(lora_kernels.lora_shrink(x, a, *d), ref, rtol=1e-4, atol=1e-4)
+            parts = lora_kernels.lora_shrink(x, a, *d, partial=True)
+            assert parts.shape[0] == int(pin.split(",")[2])
+            torch.testing.assert_close(parts.sum(0), ref, rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("FASTPEFT_SHRINK_CONFIG", "64,128")
+    with pytest.raises(ValueError, match="FASTPEFT_SHRINK_CONFIG"):
+        lora_kernels.lora_shrink(x, a)
+
+
 def test_shrink_partials_are_summed_by_the_linear(kernel_device):
     """lora_shrink(partial=True) hands its split-K partial sums (no zero-filled output) to lora_linear,
     which adds them in a fixed order in its epilogue and returns their sum: the same y and xa as the
