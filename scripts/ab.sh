@@ -10,11 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}
 mkdir -p "$OUT"
 : "${AB_VAR:?AB_VAR names the switch to vary}" "${AB_VALUES:?AB_VALUES lists its values}"
-if ls .whl/*.whl >/dev/null 2>&1; then  # bitsandbytes etc., as scripts/gpu.sh installs them
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING" || true
+source scripts/gpu_env.sh  # the wheels in .whl/ (bitsandbytes), fastpeft editable
 export PYTHONUNBUFFERED=1
 eval "bench_args=(${BENCH_ARGS:-})"
 read -r -a files <<< "${BENCH_FILES:-bench/bench_e2e.py bench/bench_lora.py}"

@@ -12,11 +12,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FASTPEFT_BENCH_OUT="$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then  # bitsandbytes etc., fetched by ../shared/gpu/fetch-wheels.sh
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING" || true
+source scripts/gpu_env.sh  # the wheels in .whl/ (bitsandbytes), fastpeft editable
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 eval "test_args=(${TEST_ARGS:-})"
