@@ -2,6 +2,7 @@
 config's registers and stack (a stack means spills), the way ptxas leaves them.
 
     python scripts/aot.py [config name ...]     # default: every config in kernels.lora.TMA_CONFIGS
+    FASTPEFT_AOT_SET="FUSE_SHRINK=1,SHRINK_MODE=2" python scripts/aot.py wide   # constexprs set by hand
 
 For each config: the dX form (W's transpose view, bf16 output, fp32 adapters) without and with the
 dropout mask, and the forward form. It uses this machine's triton and its bundled ptxas and
@@ -36,6 +37,9 @@ def resources(config: tuple, mask: bool, dx: bool) -> str:
                      MODE=0, EXPAND_MODE=3, PRECISION="tf32", BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=16,
                      GROUP_M=GM, NUM_PROGRAMS=132, FLATTEN=flatten, WARP_SPECIALIZE=bool(extra and extra[0]),
                      PDL_WAIT=False, L_SPLIT=2, EPILOGUE_SPLIT=pieces if pieces > 1 else False)
+    for item in filter(None, os.environ.get("FASTPEFT_AOT_SET", "").split(",")):  # NAME=int, a branch's switch
+        name, value = item.split("=")
+        constants[name.strip()] = int(value)
     signature = {}
     for p in fn.params:
         if p.is_constexpr:
