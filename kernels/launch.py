@@ -62,6 +62,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def aligned16(ptrs: tuple) -> bool:
+    """Whether every pointer in ``ptrs`` is 16-byte aligned (what a kept direct launch assumes)."""
+    return functools.reduce(operator.or_, ptrs, 0) & 15 == 0
+
+
 def _hooks_set(knobs) -> bool:
     """Whether a launch hook is installed (triton 3.6 keeps them in HookChains, never None)."""
     hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
@@ -151,7 +156,7 @@ def launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, **meta):
         return None
     ptrs = tuple(map(_data_ptr, tensors))
     device = _current_device()
-    aligned = functools.reduce(operator.or_, ptrs, 0) & 15 == 0
+    aligned = aligned16(ptrs)
     if not aligned:  # rare (odd views): which pointers are aligned is part of the specialization
         aligned = tuple(p & 15 == 0 for p in ptrs)
     key = (kernel, tuple(map(_dtype, tensors)), aligned, scalars, tuple(map(type, scalars)), tuple(meta.items()),
@@ -190,7 +195,7 @@ class Plan:
         if call is not None and ENABLED:  # (scripts switch ENABLED at run time to compare)
             ptrs = tuple(map(_data_ptr, tensors))
             device = _current_device()
-            if functools.reduce(operator.or_, ptrs, 0) & 15 == 0 and device == self.device:
+            if aligned16(ptrs) and device == self.device:
                 call(self.grid3, _current_stream(device), ptrs + self.scalars)
                 return
         self.call = launch(self.kernel, self.grid, tensors, self.scalars, **self.meta)

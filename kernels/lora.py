@@ -33,9 +33,6 @@ key (``launch.cached``); a repeated call allocates its outputs and runs the kept
 """
 from __future__ import annotations
 
-import functools
-import operator
-
 import torch
 import triton
 import triton.language as tl
@@ -58,9 +55,7 @@ from .dropout import dropout_keep
 from .launch import INTERPRETING as _INTERPRETING
 from .launch import cdiv as _cdiv
 from .launch import ENABLED, Plan, cached, descriptor_launcher, env
-from .launch import _current_stream
-
-_data_ptr = torch.Tensor.data_ptr
+from .launch import _current_stream, _data_ptr, aligned16
 
 
 # How a tl.dot runs (a constexpr of every kernel, one per product), picked on the host:
@@ -897,12 +892,12 @@ def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dt
     def encode(tensors, expand):
         forms = []
         for i, t in enumerate(tensors):
-            cache = encoded[i]
-            form = cache.get(t.data_ptr())
+            cache, ptr = encoded[i], _data_ptr(t)
+            form = cache.get(ptr)
             if form is None:
                 if len(cache) >= 64:
                     cache.clear()
-                form = cache[t.data_ptr()] = expand(i, descriptor(i, t))
+                form = cache[ptr] = expand(i, descriptor(i, t))
             forms += form
         return forms
 
@@ -912,7 +907,7 @@ def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dt
         if M and N:
             pointers = (l if bias is None else bias, l, r, out, l if seed is None else seed, lsum)
             ptrs = tuple(map(_data_ptr, pointers))
-            if direct and ENABLED and functools.reduce(operator.or_, ptrs, 0) & 15 == 0:
+            if direct and ENABLED and aligned16(ptrs):
                 call, expand = direct[0]
                 call(grid3, _current_stream(device.index), (*encode((a, w, out), expand), *ptrs, *scalars))
             else:  # through Triton (the first launch compiles; unaligned pointers re-specialize)
