@@ -11,6 +11,8 @@
     python scripts/diag.py eager     the bench layer's eager forward at decode sizes, PDL off and on
     python scripts/diag.py layer M   one layer's wall time against its GPU kernels (profiler)
     python scripts/diag.py e2e       GPU busy time per training step (profiler) vs step time
+    python scripts/diag.py seed      what dropout costs a graph-replayed decode-size forward: the seed's
+                                     draw and the mask, apart
 """
 import os
 import sys
@@ -440,23 +442,24 @@ def _gaps(run, label: str):
 
 
 def layer():
-    """python scripts/diag.py layer M [K N]: one layer's forward and forward+backward, wall time
+    """python scripts/diag.py layer M [K N [r]]: one layer's forward and forward+backward, wall time
     (back-to-back calls, no L2 flush) against GPU busy time, per kernel; fastpeft, PEFT, F.linear."""
     from bench_lora import make_layers
 
     M = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
     K = int(sys.argv[3]) if len(sys.argv) > 3 else 4096
     N = int(sys.argv[4]) if len(sys.argv) > 4 else K
+    r = int(sys.argv[5]) if len(sys.argv) > 5 else 16
     for p in (0.0, 0.05):
-        base, fast, peft_layer = make_layers(K, N, 16, p)
+        base, fast, peft_layer = make_layers(K, N, r, p)
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
         for name, lay in (("linear", base), ("fastpeft", fast), ("peft", peft_layer)):
             if lay is None or (name == "linear" and p):
                 continue
             params = [x] + [t for t in lay.parameters() if t.requires_grad]
-            _profile(lambda: lay(x), 20, f"{name} M={M} p={p} fwd", top=6)
-            _profile(lambda: torch.autograd.grad(lay(x), params, g), 20, f"{name} M={M} p={p} fwd+bwd", top=10)
+            _profile(lambda: lay(x), 20, f"{name} M={M} r={r} p={p} fwd", top=6)
+            _profile(lambda: torch.autograd.grad(lay(x), params, g), 20, f"{name} M={M} r={r} p={p} fwd+bwd", top=10)
 
 
 def e2e():
@@ -472,5 +475,29 @@ def e2e():
         torch.cuda.empty_cache()
 
 
+def seed():
+    """Graph-replayed forward at decode sizes (K = N = 4096, r = 16, bf16), µs: F.linear, the seed's
+    draw alone (torch.randint, one graph node), the fused forward at p = 0, at p = 0.05 with a seed
+    drawn outside the graph (the mask's own cost) and with the seed drawn inside it (what a layer pays)."""
+    from common import graph_time_ms
+
+    from fastpeft.functional import draw_dropout_seed
+
+    us = lambda f: f"{graph_time_ms(f) * 1e3:.1f}"  # noqa: E731
+    dev = torch.device("cuda")
+    for M in (1, 16, 256):
+        x = torch.randn(M, 4096, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16) / 64
+        a = torch.randn(16, 4096, device=dev) / 64
+        bb = torch.randn(4096, 16, device=dev) / 4
+        fixed = draw_dropout_seed(dev)
+        with torch.no_grad():
+            cells = [f"F.linear {us(lambda: F.linear(x, w))}", f"seed draw {us(lambda: draw_dropout_seed(dev))}",
+                     f"fastpeft p0 {us(lambda: ops.lora_linear(x, w, None, a, bb, 2.0))}",
+                     f"p.05 seed outside {us(lambda: ops.lora_linear(x, w, None, a, bb, 2.0, 0.05, fixed))}",
+                     f"p.05 seed inside {us(lambda: ops.lora_linear(x, w, None, a, bb, 2.0, 0.05, draw_dropout_seed(dev)))}"]
+        print(f"M={M}: " + " | ".join(cells) + " us", flush=True)
+
+
 if __name__ == "__main__":
-    {"prec": prec, "kernels": kernels, "dropout": dropout, "gemm": gemm, "shrink": shrink, "pdl": pdl, "small": small, "host": host, "eager": eager, "layer": layer, "e2e": e2e}[sys.argv[1]]()
+    {"prec": prec, "kernels": kernels, "dropout": dropout, "gemm": gemm, "shrink": shrink, "pdl": pdl, "small": small, "host": host, "eager": eager, "layer": layer, "e2e": e2e, "seed": seed}[sys.argv[1]]()
