@@ -9,7 +9,7 @@
     python scripts/diag.py pdl       graph-replayed forward / forward+backward with and without PDL
     python scripts/diag.py small     decode-size main matmul tile configs (pointer and TMA kernels)
     python scripts/diag.py eager     the bench layer's eager forward at decode sizes, PDL off and on
-    python scripts/diag.py layer M   one layer's wall time against its GPU kernels (profiler)
+    python scripts/diag.py layer M [K N [r]]   one layer's wall time against its GPU kernels (profiler)
     python scripts/diag.py e2e       GPU busy time per training step (profiler) vs step time
     python scripts/diag.py seed      what dropout costs a graph-replayed decode-size forward: the seed's
                                      draw and the mask, apart
