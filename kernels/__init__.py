@@ -3,4 +3,24 @@
 Math only: ``@triton.jit`` kernels and the launchers that check shapes and pick the grid.
 One kernel family per file: ``dropout`` (the Philox keep mask), ``lora`` (shrink, fused
 linear + LoRA epilogue, adapter gradients).
+
+The top-level name ``kernels`` belongs to Hugging Face's distribution (transformers >= 5.25 imports
+it). A Python started in the repository root (``python -m ...``, ``python -m pytest``, a notebook)
+has the root on ``sys.path`` and would find this folder under that name first; when that happens,
+the block below hands the import over to whatever ``kernels`` the rest of ``sys.path`` holds, or
+fails as if this folder were not there.
 """
+if __name__ == "kernels":
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds
+    _spec.loader.exec_module(_module)

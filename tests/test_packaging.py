@@ -12,3 +12,38 @@ def test_kernels_import_as_a_subpackage():
     import fastpeft.kernels.lora as lora
 
     assert lora.__name__ == "fastpeft.kernels.lora"
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+_FROM_ROOT = r"""
+import os, sys
+root = {root!r}
+assert os.path.abspath(sys.path[0] or os.curdir) == root, sys.path[:3]
+try:
+    import transformers.activations  # transformers >= 5.25 imports Hugging Face's `kernels` here
+except ImportError as e:
+    if "kernels" in str(e):
+        raise
+import fastpeft, fastpeft.kernels.lora
+try:
+    import kernels
+except ModuleNotFoundError:
+    print("kernels: absent")
+else:
+    print("kernels:", kernels.__file__)
+    ours = os.path.join(root, "kernels") + os.sep  # (a venv inside the checkout is fine)
+    assert not os.path.abspath(kernels.__file__).startswith(ours), kernels.__file__
+"""
+
+
+def test_repository_root_does_not_shadow_hugging_face_kernels():
+    """Python started in the checkout (python -m, python -m pytest, a notebook) has the root first on
+    sys.path, where our kernels/ folder would take the name of Hugging Face's `kernels`."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _FROM_ROOT.format(root=str(ROOT))], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kernels:" in proc.stdout, proc.stdout
