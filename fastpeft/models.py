@@ -1,12 +1,14 @@
 """The one table of model-specific knowledge: default LoRA targets per ``config.model_type``, the
-heads that ``"all-linear"`` leaves out, and the GLU MLPs fastpeft runs as one fused op. Everything
-here is data or follows PEFT's conventions:
+heads that ``"all-linear"`` leaves out, the nn.Linear subclasses that compute nn.Linear's forward, and
+the GLU MLPs fastpeft runs as one fused op. Everything here is data or follows PEFT's conventions:
 
 - ``DEFAULT_TARGET_MODULES`` is PEFT's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``
   (``peft/utils/constants.py``, v0.21): a list (matched exactly or as a ``.``-suffix) or a regex string.
 - ``all_linear_exclusions`` is PEFT's ``_maybe_include_all_linear_layers``: the output embedding of a
   generation model, else (for ``task_type="SEQ_CLS"``) the ``score`` / ``classifier`` head.
 - ``TASK_MODULES_TO_SAVE``: the heads PEFT's task models add to ``modules_to_save``.
+- ``LINEAR_EQUIVALENT_CLASSES``: nn.Linear subclasses (e.g. Falcon's ``FalconLinear``) whose own forward is
+  ``x @ weight.T + bias``, by name, so fastpeft may compute them as nn.Linear.
 - ``GATED_MLP_*``: transformers' LlamaMLP and its copies (Mistral, Qwen2/3, Gemma 1-3, OLMo, Granite,
   Cohere, DeepSeek-V3's dense MLP, ...), recognised by what their forward computes, not by name.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from typing import Optional, Union
 
 import torch.nn as nn
@@ -77,6 +80,36 @@ def linear_classes() -> tuple[type, ...]:
 
     conv1d = conv1d_class()
     return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+# --- nn.Linear subclasses with nn.Linear's math ----------------------------------------------------
+# Subclasses that override forward with exactly nn.Linear's computation, x @ weight.T (+ bias): fastpeft's
+# LoraLinear computes them as nn.Linear (its forward never calls the base layer's). Named "module.class",
+# resolved only in modules already imported (a model that uses one has imported it), so a name missing
+# from an older or newer transformers is no error. Looked at in transformers 4.57 and 5.25 (every
+# nn.Linear subclass in models/ and integrations/) and not listed:
+# - EsmFoldLinear (esm): no forward of its own (only its init differs), so it is an nn.Linear already;
+# - IdeficsDecoupledLinear (idefics): concatenates a second linear's output when out_additional_features > 0;
+# - Llama4Router (llama4), PhimoeTopKRouter (phimoe): top-k routing after the matmul, return a tuple;
+# - DeepseekV4GroupedLinear (deepseek_v4): a block-diagonal grouped matmul (torch.bmm over groups);
+# - DoryLMHead (dory): logits scaled by a learned per-token vector;
+# - ErgoLinearWithFP32Output (ergo): fp32 logits, input cast to the weight's dtype;
+# - Ovis2_5VisualEmbeddingProjection (ovis2_5): an embedding lookup into weight.T with lookup=True;
+# - the quantized layers of transformers.integrations (AutoBitLinear, FP8Linear, FbgemmFp8Linear,
+#   CompressedTensorsFP8Linear, QuantizedLinear, MetalLinear): quantized weights and their own matmul.
+LINEAR_EQUIVALENT_CLASSES = ("transformers.models.falcon.modeling_falcon.FalconLinear",)
+
+
+def has_linear_forward(cls: type) -> bool:
+    """Whether nn.Linear subclass ``cls`` computes nn.Linear's forward: inherited, or a listed class's."""
+    if cls.forward is nn.Linear.forward:
+        return True
+    for path in LINEAR_EQUIVALENT_CLASSES:
+        module_name, _, class_name = path.rpartition(".")
+        known = getattr(sys.modules.get(module_name), class_name, None)
+        if known is not None and cls.forward is known.forward:
+            return True
+    return False
 
 
 def model_type(model: nn.Module) -> Optional[str]:

@@ -174,7 +174,8 @@ _PEFT_ONLY_TYPES = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadA
 
 
 def check_wrappable(name: str, module: nn.Module) -> None:
-    """Raise unless fastpeft's LoraLinear can wrap ``module`` (a float nn.Linear or transformers Conv1D)."""
+    """Raise unless fastpeft's LoraLinear can wrap ``module``: a float nn.Linear (or a subclass computing
+    nn.Linear's forward, models.has_linear_forward) or a transformers Conv1D."""
     cls = f"{type(module).__module__}.{type(module).__qualname__}"
     if isinstance(module, LoraLinear) or is_conv1d(module):
         return
@@ -190,10 +191,11 @@ def check_wrappable(name: str, module: nn.Module) -> None:
                 f"fastpeft cannot apply LoRA to {name!r}: it is a quantized {cls} (weight {weight_cls}); "
                 f"quantized base layers are not supported by fastpeft.patch yet"
             )
-        if type(module).forward is not nn.Linear.forward:
+        if not models.has_linear_forward(type(module)):
             raise NotImplementedError(
                 f"fastpeft cannot apply LoRA to {name!r}: {cls} subclasses nn.Linear with its own forward, "
-                f"which fastpeft would bypass"
+                f"which fastpeft would bypass (fastpeft.models.LINEAR_EQUIVALENT_CLASSES lists the subclasses "
+                f"known to compute nn.Linear's forward)"
             )
         if not module.weight.dtype.is_floating_point:
             raise NotImplementedError(

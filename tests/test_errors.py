@@ -160,14 +160,22 @@ def test_quantized_linear_not_implemented():
         fastpeft.patch(model, LoraConfig(target_modules=["0", "1"]))
 
 
-def test_linear_subclass_with_own_forward():
-    class ScaledLinear(nn.Linear):
+@pytest.mark.parametrize("parent", ["Linear", "FalconLinear"])
+def test_linear_subclass_with_own_forward(parent):
+    """Only the listed classes' own forward counts as nn.Linear's, not a subclass's override of it."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    class ScaledLinear({"Linear": nn.Linear, "FalconLinear": FalconLinear}[parent]):
         def forward(self, x):
             return super().forward(x) * 2
 
-    model = nn.Sequential(ScaledLinear(4, 4))
+    model = nn.Sequential(nn.Linear(4, 4), ScaledLinear(4, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(NotImplementedError, match=r"ScaledLinear subclasses nn.Linear with its own forward"):
-        fastpeft.patch(model, LoraConfig(target_modules=["0"]))
+        fastpeft.patch(model, LoraConfig(target_modules=["0", "1"]))
+    assert [type(m) for m in model] == [nn.Linear, ScaledLinear] and not hasattr(model, "fastpeft_config")
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_unpatch_unpatched():

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 
 import pytest
 import torch
+import torch.nn as nn
 
 import fastpeft
 from fastpeft.layer import LoraLinear
@@ -92,6 +94,20 @@ def test_all_linear_exclusions_equal_peft(case):
     assert lora_module_names(fm) == set(pm.base_model.targeted_module_names)
     assert fm.fastpeft_config["default"].target_modules == pm.peft_config["default"].target_modules
     assert fm.fastpeft_config["default"].modules_to_save == pm.peft_config["default"].modules_to_save
+
+
+# --- nn.Linear subclasses ---------------------------------------------------------------------
+def test_linear_equivalent_names_missing_from_transformers(monkeypatch):
+    """Names of LINEAR_EQUIVALENT_CLASSES absent from the installed transformers are skipped, not imported."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    from fastpeft import models
+
+    gone = "transformers.models.gone_model.modeling_gone_model"
+    monkeypatch.setattr(models, "LINEAR_EQUIVALENT_CLASSES", (
+        f"{gone}.GoneLinear", "transformers.models.falcon.modeling_falcon.NoSuchLinear", *models.LINEAR_EQUIVALENT_CLASSES))
+    assert models.has_linear_forward(FalconLinear) and models.has_linear_forward(nn.Linear)
+    assert gone not in sys.modules
 
 
 # --- numerics vs PEFT ---------------------------------------------------------------------------
