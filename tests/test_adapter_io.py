@@ -1,8 +1,8 @@
 """Adapter files across libraries: fastpeft.save_adapter -> peft.PeftModel.from_pretrained, and
 peft save_pretrained -> fastpeft.load_adapter, give the same outputs; the files fastpeft writes have
 PEFT's tensor keys, shapes and config values. Cases: plain, Conv1D, rsLoRA, rank/alpha patterns,
-bias lora_only / all, modules_to_save (score, classifier, SEQ_CLS task heads), T5, a non-default
-adapter name (subfolder); plus fastpeft round trips, is_trainable and loading into a patched model.
+bias lora_only / all, modules_to_save (score, classifier, SEQ_CLS task heads), T5, Falcon (nn.Linear
+subclasses), a non-default adapter name (subfolder); plus fastpeft round trips, is_trainable and loading into a patched model.
 """
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ CASES = {
     "seq_cls_task_classifier": ("bert", "seq_cls", dict(task_type="SEQ_CLS")),
     "bias_all_with_modules_to_save": ("bert", "seq_cls", dict(task_type="SEQ_CLS", bias="all")),
     "t5": ("t5", "main", dict(task_type="SEQ_2_SEQ_LM")),
+    "falcon_defaults": ("falcon", "main", dict()),
+    "falcon_all_linear": ("falcon", "main", dict(target_modules="all-linear")),
     "adapter_name_other": ("llama", "main", dict(target_modules=["q_proj", "k_proj"])),
 }
 

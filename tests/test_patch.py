@@ -3,7 +3,8 @@
 Checks: default and configured target matching equals PEFT's; logits and the gradients of every
 lora_A / lora_B and of the input embedding equal PEFT's (fp32 closely; bf16 by the flash-attention
 rule against an fp32 reference); patch(peft_model) keeps outputs, grads, save_pretrained and
-merge_and_unload; merge / unmerge / unpatch; trainable flags; dtypes; dropout; a second adapter.
+merge_and_unload; merge / unmerge / unpatch; trainable flags; dtypes; dropout; a second adapter; tiny Falcon
+included (FalconLinear: an nn.Linear subclass with nn.Linear's forward).
 """
 from __future__ import annotations
 
@@ -111,15 +112,18 @@ def test_linear_equivalent_names_missing_from_transformers(monkeypatch):
 
 
 # --- numerics vs PEFT ---------------------------------------------------------------------------
-def _numeric_config(model_type):
-    return dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets_for(model_type) or "all-linear")
+def _numeric_config(model_type, targets="all-linear"):
+    """r=4 adapters with B != 0 on ``targets`` (None: PEFT's defaults), or phi3's explicit targets."""
+    return dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets_for(model_type) or targets)
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_fp32_logits_and_grads_equal_peft(model_type):
+# Falcon also with its default targets: its FalconLinear layers (nn.Linear subclasses) either way.
+@pytest.mark.parametrize("model_type,targets", [(m, "all-linear") for m in MODEL_TYPES] + [("falcon", None)],
+                         ids=[f"{m}-all_linear" for m in MODEL_TYPES] + ["falcon-defaults"])
+def test_fp32_logits_and_grads_equal_peft(model_type, targets):
     base = make_model(model_type)
     inputs = make_inputs(model_type)
-    pm, fm = peft_and_fastpeft(base, _numeric_config(model_type))
+    pm, fm = peft_and_fastpeft(base, _numeric_config(model_type, targets))
     out_p, grads_p = forward_backward(pm, inputs)
     out_f, grads_f = forward_backward(fm, inputs)
     assert set(grads_p) == set(grads_f) and len(grads_f) > 1
@@ -165,7 +169,7 @@ def _count_fastpeft_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "falcon"])
 def test_patch_peft_model_same_numbers_and_save(model_type, tmp_path, monkeypatch):
     base = make_model(model_type)
     inputs = make_inputs(model_type)
@@ -346,11 +350,13 @@ def test_unpatch_without_merge_restores_base(patched_llama):
 
 
 @torch.no_grad()
-def test_merge_and_unload_equals_peft():
-    base = make_model("gpt2")
+@pytest.mark.parametrize("model_type", ["gpt2", "falcon"])
+def test_merge_and_unload_equals_peft(model_type):
+    base = make_model(model_type)
     pm, fm = peft_and_fastpeft(base, dict(r=4, init_lora_weights=False, target_modules="all-linear"))
     a = pm.merge_and_unload()
     b = fastpeft.unpatch(fm, merge=True)
+    assert [type(m) for m in b.modules()] == [type(m) for m in base.modules()]  # the base layers come back
     for (ka, va), (kb, vb) in zip(sorted(a.state_dict().items()), sorted(b.state_dict().items())):
         assert ka == kb
         torch.testing.assert_close(vb, va, rtol=1e-6, atol=1e-7, msg=ka)

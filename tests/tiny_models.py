@@ -55,6 +55,12 @@ TINY_MODELS: dict[str, TinyModel] = {
                                        num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=HIDDEN,
                                        pad_token_id=1),
                      "OPTForCausalLM", "OPTForSequenceClassification", default_targets=("q_proj", "v_proj")),
+    # FalconLinear layers (an nn.Linear subclass with its own forward); bias=True runs its bias branch
+    "falcon": TinyModel("FalconConfig", dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                             num_attention_heads=4, max_position_embeddings=64, pad_token_id=0,
+                                             bias=True),
+                        "FalconForCausalLM", "FalconForSequenceClassification",
+                        default_targets=("query_key_value",)),
     "bert": TinyModel("BertConfig", dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
                                          num_hidden_layers=LAYERS, num_attention_heads=4, max_position_embeddings=64),
                       "BertForMaskedLM", "BertForSequenceClassification", default_targets=("query", "value")),
