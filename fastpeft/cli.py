@@ -120,7 +120,7 @@ def _env(args) -> int:
 
     print(f"fastpeft     {_version('fastpeft')}")
     print(f"python       {platform.python_version()} ({platform.platform()})")
-    for name in ("torch", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors"):
+    for name in ("torch", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "kernels", "numpy"):
         print(f"{name:<12} {_version(name)}")
     if torch.cuda.is_available():
         print(f"device       cuda: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
