@@ -35,9 +35,55 @@ def test_bad_bias():
         LoraConfig(bias="some")
 
 
-def test_bad_dropout():
-    with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\], got 1.5"):
-        LoraConfig(lora_dropout=1.5)
+@pytest.mark.parametrize("p", [1.0, 1.5, -0.1])
+def test_bad_dropout(p):
+    with pytest.raises(ValueError, match=rf"lora_dropout must be in \[0, 1\), got {p}"):
+        LoraConfig(lora_dropout=p)
+
+
+# Values as YAML or argparse hand them over, and other wrong types: PEFT accepts them all, then fails later.
+BAD_TYPES = {
+    "r-str": (dict(r="8"), r"r must be an int, got str '8'"),
+    "r-float": (dict(r=8.0), r"r must be an int, got float 8.0"),
+    "r-bool": (dict(r=True), r"r must be an int, got bool True"),
+    "alpha-str": (dict(lora_alpha="16"), r"lora_alpha must be a number \(int or float\), got str '16'"),
+    "dropout-str": (dict(lora_dropout="0.1"), r"lora_dropout must be a number \(int or float\), got str '0.1'"),
+    "rslora-str": (dict(use_rslora="yes"), r"use_rslora must be True or False, got str 'yes'"),
+    "inference-mode-int": (dict(inference_mode=1), r"inference_mode must be True or False, got int 1"),
+    "rank-pattern-str": (dict(rank_pattern={"q_proj": "4"}), r"rank_pattern\['q_proj'\] must be an int, got str '4'"),
+    "alpha-pattern-str": (dict(alpha_pattern={"q_proj": "4"}),
+                          r"alpha_pattern\['q_proj'\] must be a number \(int or float\), got str '4'"),
+    "rank-pattern-list": (dict(rank_pattern=["q_proj"]), r"rank_pattern must be a dict .*, got list \['q_proj'\]"),
+    "targets-int-entry": (dict(target_modules=["q_proj", 3]),
+                          r"target_modules must be None, a str or a list of str, got list \['q_proj', 3\]"),
+    "modules-to-save-str": (dict(modules_to_save="score"), r"modules_to_save must be None or a list of str, got str 'score'"),
+    "layers-str": (dict(target_modules=["q_proj"], layers_to_transform="0"),
+                   r"layers_to_transform must be None, an int or a list of int, got str '0'"),
+    "base-model-int": (dict(base_model_name_or_path=3), r"base_model_name_or_path must be None or a str, got int 3"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TYPES))
+def test_config_types_checked(case):
+    kwargs, message = BAD_TYPES[case]
+    with pytest.raises(TypeError, match=message):
+        LoraConfig(**kwargs)
+    with pytest.raises(TypeError, match=message):  # a dict (adapter_config.json) goes through the same checks
+        LoraConfig.from_dict({"peft_type": "LORA", **kwargs})
+
+
+def test_config_non_finite_alpha():
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number, got nan"):
+        LoraConfig(lora_alpha=float("nan"))
+
+
+def test_config_numpy_numbers_become_python_numbers():
+    np = pytest.importorskip("numpy")
+    cfg = LoraConfig(r=np.int64(4), lora_alpha=np.float32(8.5), lora_dropout=np.float64(0.25),
+                     target_modules=("q_proj",), layers_to_transform=(np.int64(1),), rank_pattern={"q": np.int32(2)})
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.layers_to_transform, cfg.rank_pattern) == (4, 8.5, 0.25, [1], {"q": 2})
+    assert type(cfg.r) is int and type(cfg.lora_alpha) is float and type(cfg.rank_pattern["q"]) is int
+    assert json.loads(json.dumps(cfg.to_dict()))["r"] == 4
 
 
 def test_bad_task_type():
