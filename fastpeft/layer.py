@@ -236,6 +236,12 @@ class LoraLinear(nn.Module):
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
 
+    def drop_adapter(self, adapter_name: str) -> None:
+        """Undo ``update_layer(adapter_name, ...)``, as much of it as was done (patch's rollback)."""
+        for store in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_dropout, self.lora_A, self.lora_B):
+            if adapter_name in store:
+                del store[adapter_name]
+
     @torch.no_grad()
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights=True) -> None:
         if init_lora_weights is False:

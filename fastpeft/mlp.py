@@ -54,7 +54,8 @@ def install(model: nn.Module) -> None:
         module.__dict__[FUSED_MLP_ATTR] = act
 
 
-def uninstall(model: nn.Module) -> None:
-    for module in model.modules():
+def uninstall(modules) -> None:
+    """Give the fused MLPs among ``modules`` (e.g. ``model.modules()``) their own forward back."""
+    for module in modules:
         if module.__dict__.pop(FUSED_MLP_ATTR, None) is not None:
             module.__dict__.pop("forward", None)

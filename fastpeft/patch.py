@@ -12,10 +12,12 @@ Two entry points share one name:
 
 Either way the GLU MLPs whose three projections carry LoRA get the fused MLP forward (fastpeft/mlp.py).
 
-Everything is checked before anything is changed: an error leaves the model as it was.
+Everything is checked before anything is changed (``plan_patch``, then ``apply_plan``), and a failure
+while changing it undoes what was done: an error leaves the model as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import types
 import warnings
@@ -28,7 +30,7 @@ import torch.nn as nn
 from . import models
 from .config import INCLUDE_LINEAR_LAYERS_SHORTHAND, LoraConfig
 from . import group, mlp
-from .layer import ACCELERATED_ATTR, LoraLinear, is_conv1d, lora_forward, peft_fast_path_ok
+from .layer import ACCELERATED_ATTR, GROUP_ATTR, LoraLinear, is_conv1d, lora_forward, peft_fast_path_ok
 
 CONFIG_ATTR = "fastpeft_config"  # model.fastpeft_config = {adapter_name: LoraConfig}
 _MODULES_TO_SAVE_ATTR = "_fastpeft_modules_to_save"  # {adapter_name: [module names]}
@@ -372,44 +374,75 @@ def _adapter_dtype(weight: torch.Tensor, autocast_adapter_dtype: bool) -> torch.
     return weight.dtype if weight.dtype.is_floating_point else torch.float32
 
 
+_MISSING = object()
+
+
+def _restore_entry(d: dict, key, old) -> None:
+    """Put ``d[key]`` back to ``old`` (``_MISSING``: remove it)."""
+    if old is _MISSING:
+        d.pop(key, None)
+    else:
+        d[key] = old
+
+
+def _restore_flags(flags) -> None:
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+def _install(undo: contextlib.ExitStack, model: nn.Module, part, marker: str) -> None:
+    """``part.install(model)`` (``mlp`` or ``group``), undone by ``undo`` on an error: ``part.uninstall``
+    on every module that did not carry ``marker`` before."""
+    undo.callback(part.uninstall, [m for m in model.modules() if marker not in m.__dict__])
+    part.install(model)
+
+
 def apply_plan(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool = True) -> nn.Module:
+    """Apply ``plan`` (from :func:`plan_patch`) to ``model``: all of it, or on any error none of it."""
     config, name = plan.config, plan.adapter_name
     was_patched = bool(getattr(model, CONFIG_ATTR, None))
     current_active = active_adapters(model) if was_patched else [name]
-    previous_flags = [(p, p.requires_grad) for p in model.parameters()] if was_patched else []
-    for t in plan.targets:
-        if isinstance(t.module, LoraLinear):
-            t.module.update_layer(
-                name, t.r, t.alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights,
-                _adapter_dtype(t.module.base_layer.weight, autocast_adapter_dtype),
-            )
-        else:
-            layer = LoraLinear(
-                t.module, name, t.r, t.alpha, config.lora_dropout, t.fan_in_fan_out, config.use_rslora,
-                config.init_lora_weights, _adapter_dtype(t.module.weight, autocast_adapter_dtype),
-            )
-            layer._active_adapter = list(current_active)
-            parent, child = _get_submodule_parent(model, t.name)
-            setattr(parent, child, layer)
-    configs = dict(getattr(model, CONFIG_ATTR, None) or {})
-    configs[name] = config
-    setattr(model, CONFIG_ATTR, configs)
-    saved = dict(getattr(model, _MODULES_TO_SAVE_ATTR, None) or {})
-    saved[name] = list(plan.modules_to_save)
-    setattr(model, _MODULES_TO_SAVE_ATTR, saved)
+    previous_flags = [(p, p.requires_grad) for p in model.parameters()]
+    with contextlib.ExitStack() as undo:  # each change registers its undo; an error runs them, last first
+        undo.callback(_restore_flags, previous_flags)
+        for t in plan.targets:
+            if isinstance(t.module, LoraLinear):
+                if name not in t.module.lora_A:  # (update_layer refuses an existing name, changing nothing)
+                    undo.callback(t.module.drop_adapter, name)
+                t.module.update_layer(
+                    name, t.r, t.alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights,
+                    _adapter_dtype(t.module.base_layer.weight, autocast_adapter_dtype),
+                )
+            else:
+                layer = LoraLinear(
+                    t.module, name, t.r, t.alpha, config.lora_dropout, t.fan_in_fan_out, config.use_rslora,
+                    config.init_lora_weights, _adapter_dtype(t.module.weight, autocast_adapter_dtype),
+                )
+                layer._active_adapter = list(current_active)
+                parent, child = _get_submodule_parent(model, t.name)
+                setattr(parent, child, layer)
+                undo.callback(setattr, parent, child, t.module)
+        for attr in (CONFIG_ATTR, _MODULES_TO_SAVE_ATTR):
+            undo.callback(_restore_entry, model.__dict__, attr, model.__dict__.get(attr, _MISSING))
+        configs = dict(getattr(model, CONFIG_ATTR, None) or {})
+        configs[name] = config
+        setattr(model, CONFIG_ATTR, configs)
+        saved = dict(getattr(model, _MODULES_TO_SAVE_ATTR, None) or {})
+        saved[name] = list(plan.modules_to_save)
+        setattr(model, _MODULES_TO_SAVE_ATTR, saved)
 
-    mlp.install(model)
-    group.install(model)
-    if not was_patched:
-        mark_trainable(model)
-    else:  # adding an adapter leaves the trainability of everything else as it was (PEFT's add_adapter)
-        for p, flag in previous_flags:
-            p.requires_grad_(flag)
-        for _, layer in _fastpeft_layers(model):
-            if name in layer.lora_A:
-                trainable = name in layer.active_adapters and not config.inference_mode
-                layer.lora_A[name].weight.requires_grad_(trainable)
-                layer.lora_B[name].weight.requires_grad_(trainable)
+        _install(undo, model, mlp, mlp.FUSED_MLP_ATTR)
+        _install(undo, model, group, GROUP_ATTR)
+        if not was_patched:
+            mark_trainable(model)
+        else:  # adding an adapter leaves the trainability of everything else as it was (PEFT's add_adapter)
+            _restore_flags(previous_flags)
+            for _, layer in _fastpeft_layers(model):
+                if name in layer.lora_A:
+                    trainable = name in layer.active_adapters and not config.inference_mode
+                    layer.lora_A[name].weight.requires_grad_(trainable)
+                    layer.lora_B[name].weight.requires_grad_(trainable)
+        undo.pop_all()  # success: keep every change
     return model
 
 
@@ -507,7 +540,7 @@ def _patch_peft_model(peft_model):
         peft_type = getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", None))
         if peft_type != "LORA":
             raise ValueError(f"fastpeft accelerates LoRA adapters only; adapter {name!r} is {peft_type}")
-    skipped, accelerated = [], 0
+    skipped, todo, accelerated = [], [], 0
     for name, layer in peft_model.named_modules():
         if not is_peft_lora_layer(layer):
             continue
@@ -517,29 +550,37 @@ def _patch_peft_model(peft_model):
         reason = _why_not_accelerated(layer)
         if reason is not None:
             skipped.append(f"{name} ({reason})")
-            continue
-        layer.forward = types.MethodType(_accelerated_forward, layer)
-        setattr(layer, ACCELERATED_ATTR, True)
-        accelerated += 1
+        else:
+            todo.append(layer)
+    if not accelerated and not todo and not skipped:
+        raise ValueError(f"fastpeft.patch: {type(peft_model).__name__} has no PEFT LoRA layers to accelerate")
     if skipped:
         warnings.warn(
             f"fastpeft.patch: {len(skipped)} PEFT LoRA layer(s) keep PEFT's forward (not supported by fastpeft): "
             + _shorten_names(skipped, limit=20)
         )
-    if not accelerated and not skipped:
-        raise ValueError(f"fastpeft.patch: {type(peft_model).__name__} has no PEFT LoRA layers to accelerate")
-    mlp.install(peft_model)
-    group.install(peft_model)
-    setattr(peft_model, _PEFT_PATCHED_ATTR, True)
+    with contextlib.ExitStack() as undo:  # as in apply_plan: an error undoes every change
+        for layer in todo:
+            undo.callback(_restore_peft_forward, layer)
+            layer.forward = types.MethodType(_accelerated_forward, layer)
+            setattr(layer, ACCELERATED_ATTR, True)
+        _install(undo, peft_model, mlp, mlp.FUSED_MLP_ATTR)
+        _install(undo, peft_model, group, GROUP_ATTR)
+        setattr(peft_model, _PEFT_PATCHED_ATTR, True)
+        undo.pop_all()
     return peft_model
 
 
+def _restore_peft_forward(layer) -> None:
+    if layer.__dict__.pop(ACCELERATED_ATTR, False):
+        layer.__dict__.pop("forward", None)
+
+
 def _unpatch_peft_model(peft_model) -> None:
-    mlp.uninstall(peft_model)
-    group.uninstall(peft_model)
+    mlp.uninstall(peft_model.modules())
+    group.uninstall(peft_model.modules())
     for _, layer in peft_model.named_modules():
-        if layer.__dict__.pop(ACCELERATED_ATTR, False):
-            layer.__dict__.pop("forward", None)
+        _restore_peft_forward(layer)
     peft_model.__dict__.pop(_PEFT_PATCHED_ATTR, None)
 
 
@@ -559,8 +600,8 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     layers = _fastpeft_layers(model)
     if not layers and not getattr(model, CONFIG_ATTR, None):
         raise ValueError(f"{type(model).__name__} is not patched by fastpeft: nothing to unpatch")
-    mlp.uninstall(model)
-    group.uninstall(model)
+    mlp.uninstall(model.modules())
+    group.uninstall(model.modules())
     for name, layer in layers:
         if merge:
             todo = [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]

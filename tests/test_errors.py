@@ -4,6 +4,7 @@ adapter folder can be wrong when loading (which must leave the model untouched).
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 
@@ -230,6 +231,117 @@ def test_modules_to_save_shared_between_adapters():
     model = fastpeft.patch(make_model("llama", head="seq_cls"), LoraConfig(r=4, modules_to_save=["score"]))
     with pytest.raises(NotImplementedError, match=r"\['score'\] in modules_to_save, already trained by adapter 'default'"):
         fastpeft.patch(model, LoraConfig(r=4, modules_to_save=["score"]), adapter_name="second")
+
+
+# --- a failed patch leaves the model as it was ---------------------------------------------------
+def model_state(model) -> dict:
+    """What patch may change: tensors by value, the parameter objects and their requires_grad, and
+    per module its type, train flag, attribute names, the keys of its dict attributes (children,
+    parameters, per-adapter dicts, hook ids) and its hooks."""
+    return {
+        "tensors": {k: v.clone() for k, v in model.state_dict().items()},
+        "parameters": {n: (id(p), p.requires_grad) for n, p in model.named_parameters()},
+        "modules": {
+            n: (type(m), m.training, sorted(m.__dict__), {k: list(v) for k, v in m.__dict__.items() if isinstance(v, dict)},
+                list(m._forward_pre_hooks.values()), list(m._forward_hooks.values()))
+            for n, m in model.named_modules()
+        },
+    }
+
+
+def assert_same_state(after: dict, before: dict) -> None:
+    assert after["tensors"].keys() == before["tensors"].keys()
+    changed = [k for k, v in before["tensors"].items() if not torch.equal(after["tensors"][k], v)]
+    assert not changed, f"tensors changed: {changed[:5]}"
+    assert after["parameters"] == before["parameters"]
+    assert after["modules"].keys() == before["modules"].keys()
+    for name, entry in before["modules"].items():
+        assert after["modules"][name] == entry, f"module {name!r} changed"
+
+
+def _fail_on_call(monkeypatch, owner, attr: str, n: int = 1) -> None:
+    """Make ``owner.attr`` raise on its n-th call, after doing its work (a failure midway through patch)."""
+    real, calls = getattr(owner, attr), []
+
+    def failing(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(None)
+        if len(calls) == n:
+            raise RuntimeError(f"injected failure in {attr}")
+        return out
+
+    monkeypatch.setattr(owner, attr, failing)
+
+
+def _all_linear(**kwargs):
+    return LoraConfig(r=4, target_modules="all-linear", **kwargs)
+
+
+def _peft():
+    return pytest.importorskip("peft")
+
+
+_patch_module = importlib.import_module("fastpeft.patch")  # (fastpeft.patch is the function)
+
+# name -> (set-up, the failing call given the model and a saved all-linear adapter "new", the error)
+FAILING_PATCHES = {
+    "dropout-str-dict": (None, lambda m, d: fastpeft.patch(m, {"lora_dropout": "0.1"}, "new"), TypeError),
+    "alpha-str-peft-config": (None, lambda m, d: fastpeft.patch(m, _peft().LoraConfig(lora_alpha="16"), "new"),
+                              TypeError),
+    "dropout-1-dict": (None, lambda m, d: fastpeft.patch(m, {"lora_dropout": 1.0}, "new"), ValueError),
+    "nothing-matched": (None, lambda m, d: fastpeft.patch(m, LoraConfig(target_modules=["qq_proj"]), "new"), ValueError),
+    "unsupported-module": (None, lambda m, d: fastpeft.patch(m, LoraConfig(target_modules=["q_proj", "embed_tokens"]),
+                                                             "new"), NotImplementedError),
+    "3rd-update-layer": (lambda mp: _fail_on_call(mp, LoraLinear, "update_layer", 3),
+                         lambda m, d: fastpeft.patch(m, _all_linear(), "new"), RuntimeError),
+    "last-update-layer": (lambda mp: _fail_on_call(mp, LoraLinear, "update_layer", 14),
+                          lambda m, d: fastpeft.patch(m, _all_linear(), "new"), RuntimeError),
+    "mlp-install": (lambda mp: _fail_on_call(mp, fastpeft.mlp, "install"),
+                    lambda m, d: fastpeft.patch(m, _all_linear(), "new"), RuntimeError),
+    "group-install": (lambda mp: _fail_on_call(mp, fastpeft.group, "install"),
+                      lambda m, d: fastpeft.patch(m, _all_linear(), "new"), RuntimeError),
+    "mark-trainable": (lambda mp: _fail_on_call(mp, _patch_module, "mark_trainable"),
+                       lambda m, d: fastpeft.patch(m, _all_linear(bias="all"), "new"), RuntimeError),
+    "load-adapter-group-install": (lambda mp: _fail_on_call(mp, fastpeft.group, "install"),
+                                   lambda m, d: fastpeft.load_adapter(m, d, "new"), RuntimeError),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_all_linear(tmp_path_factory):
+    """An all-linear r=4 adapter saved under the name "new" (for the load_adapter case)."""
+    d = tmp_path_factory.mktemp("all_linear")
+    fastpeft.save_adapter(fastpeft.patch(make_model("llama"), _all_linear(), "new"), d, adapter_name="new")
+    return d
+
+
+@pytest.mark.parametrize("already", ["plain", "patched"], ids=["plain-model", "second-adapter"])
+@pytest.mark.parametrize("case", list(FAILING_PATCHES))
+def test_failed_patch_leaves_model_as_it_was(case, already, monkeypatch, saved_all_linear):
+    setup, call, exc = FAILING_PATCHES[case]
+    if case == "mark-trainable" and already == "patched":
+        pytest.skip("adding an adapter to a patched model does not call mark_trainable")
+    model = make_model("llama")
+    if already == "patched":  # q and v wrapped by adapter "default": the failing call adds to them too
+        fastpeft.patch(model, LoraConfig(r=2, init_lora_weights=False))
+    model.train()
+    before = model_state(model)
+    if setup is not None:
+        setup(monkeypatch)
+    with pytest.raises(exc):
+        call(model, saved_all_linear)
+    assert_same_state(model_state(model), before)
+    monkeypatch.undo()
+    fastpeft.patch(model, _all_linear(), "new")  # and the model takes the adapter once nothing fails
+
+
+def test_failed_patch_of_peft_model_leaves_it_as_it_was(monkeypatch):
+    pm = _peft().get_peft_model(make_model("llama"), _peft().LoraConfig(r=4, target_modules="all-linear"))
+    before = model_state(pm)
+    _fail_on_call(monkeypatch, fastpeft.group, "install")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        fastpeft.patch(pm)
+    assert_same_state(model_state(pm), before)
 
 
 # --- loading ------------------------------------------------------------------------------------
