@@ -39,6 +39,14 @@ MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20  # PEFT condenses longer target lists i
 
 
 # --- model inspection -------------------------------------------------------------------------
+def check_model(model, what: str) -> None:
+    """TypeError unless ``model`` is an nn.Module; ``what`` names the function called."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{what} expects a torch.nn.Module (a transformers model or a peft.PeftModel), got {type(model).__name__}"
+        )
+
+
 def is_peft_model(model) -> bool:
     """True for a ``peft.PeftModel`` (or its ``LoraModel`` tuner), detected without importing peft."""
     for cls in type(model).__mro__:
@@ -264,7 +272,7 @@ def _resolve_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name:
     return names
 
 
-def plan_patch(model: nn.Module, lora_config=None, adapter_name: str = "default") -> PatchPlan:
+def plan_patch(model: nn.Module, lora_config, adapter_name: str = "default") -> PatchPlan:
     """Resolve targets, ranks and modules_to_save for ``patch``; raises on any problem, changes nothing."""
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
@@ -490,11 +498,13 @@ def set_adapter(model: nn.Module, adapter_names) -> None:
 def patch(model: nn.Module, lora_config=None, adapter_name: str = "default", autocast_adapter_dtype: bool = True):
     """Add LoRA adapter ``adapter_name`` to ``model`` in place and return it.
 
-    ``lora_config``: a :class:`fastpeft.LoraConfig`, a ``peft.LoraConfig`` or a dict of its fields
-    (None: the defaults). Patching an already patched model under a new name adds that adapter (to the
-    layers it already wraps and to newly targeted ones), inactive, as PEFT's ``add_adapter`` does; see
+    ``lora_config``: a :class:`fastpeft.LoraConfig`, a ``peft.LoraConfig`` or a dict of its fields;
+    required, as PEFT's ``get_peft_model`` requires one (``fastpeft.LoraConfig()`` for PEFT's defaults).
+    Patching an already patched model under a new name adds that adapter (to the layers it already
+    wraps and to newly targeted ones), inactive, as PEFT's ``add_adapter`` does; see
     :func:`set_adapter`. A ``peft.PeftModel`` is accelerated in place instead (no config allowed).
     """
+    check_model(model, "fastpeft.patch")
     # A PeftModel, or a transformers model with PEFT layers injected (model.add_adapter / load_adapter).
     has_peft_layers = is_peft_model(model) or any(is_peft_lora_layer(m) for m in model.modules())
     if has_peft_layers:
@@ -504,6 +514,12 @@ def patch(model: nn.Module, lora_config=None, adapter_name: str = "default", aut
                 "(add more with peft_model.add_adapter)"
             )
         return _patch_peft_model(model)
+    if lora_config is None:
+        raise TypeError(
+            f"fastpeft.patch needs a lora_config for {type(model).__name__}, which has no PEFT adapters, e.g. "
+            f"fastpeft.LoraConfig(r=16, target_modules='all-linear') (fastpeft.LoraConfig() for PEFT's defaults); "
+            f"only a peft.PeftModel is patched without one"
+        )
     plan = plan_patch(model, lora_config, adapter_name)
     return apply_plan(model, plan, autocast_adapter_dtype)
 
@@ -594,6 +610,7 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     PEFT's unload does). The stored config is dropped. PEFT model: PEFT's own forwards come back
     (nothing is merged; use ``peft_model.merge_and_unload()`` for that).
     """
+    check_model(model, "fastpeft.unpatch")
     if getattr(model, _PEFT_PATCHED_ATTR, False) or is_peft_model(model):
         _unpatch_peft_model(model)  # PEFT's forwards come back; PEFT's layers stay
         return model
@@ -618,6 +635,7 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
 
 def merge(model: nn.Module, safe_merge: bool = False, adapter_names=None) -> None:
     """Merge the active adapters (or ``adapter_names``) into the base weights of every LoRA layer."""
+    check_model(model, "fastpeft.merge")
     if isinstance(adapter_names, str):
         raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
     layers = lora_layers(model)
@@ -629,6 +647,7 @@ def merge(model: nn.Module, safe_merge: bool = False, adapter_names=None) -> Non
 
 def unmerge(model: nn.Module) -> None:
     """Subtract the merged adapters from the base weights of every LoRA layer."""
+    check_model(model, "fastpeft.unmerge")
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to unmerge")

@@ -121,6 +121,25 @@ def test_bad_lora_config_type():
 
 
 # --- patching -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("call", ["patch", "unpatch", "merge", "unmerge", "save_adapter", "load_adapter"])
+@pytest.mark.parametrize("not_a_model,type_name", [({}, "dict"), ("model", "str"), (torch.zeros(2), "Tensor")],
+                         ids=["dict", "str", "tensor"])
+def test_not_a_module(call, not_a_model, type_name, tmp_path):
+    args = (tmp_path,) if call in ("save_adapter", "load_adapter") else ()
+    with pytest.raises(TypeError, match=rf"fastpeft\.{call} expects a torch\.nn\.Module \(a transformers model or a "
+                                        rf"peft\.PeftModel\), got {type_name}$"):
+        getattr(fastpeft, call)(not_a_model, *args)
+
+
+def test_patch_plain_model_needs_a_config():
+    model = make_model("llama")
+    with pytest.raises(TypeError, match=r"fastpeft\.patch needs a lora_config for LlamaForCausalLM, which has no PEFT "
+                                        r"adapters, e\.g\. fastpeft\.LoraConfig\(r=16, .*only a peft\.PeftModel"):
+        fastpeft.patch(model)
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+    assert isinstance(fastpeft.patch(model, LoraConfig()).model.layers[0].self_attn.q_proj, LoraLinear)
+
+
 def test_phi3_without_targets():
     with pytest.raises(ValueError, match=r"no default target modules for model_type 'phi3': pass target_modules"):
         fastpeft.patch(make_model("phi3"), LoraConfig())
@@ -459,8 +478,24 @@ def test_load_corrupt_weights(saved_adapter):
 
 
 def test_load_missing_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="adapter directory not found"):
+    with pytest.raises(FileNotFoundError, match=r"adapter directory not found: .*nope \(fastpeft reads local "
+                                                r"directories only\)"):
         fastpeft.load_adapter(make_model("llama"), tmp_path / "nope")
+
+
+def test_load_hub_id_says_how_to_fetch_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"adapter directory not found: org/name; fastpeft reads local "
+                                                r"directories only: if 'org/name' is a Hugging Face Hub repo id, "
+                                                r"download it first with huggingface_hub\.snapshot_download\('org/name'\) "
+                                                r"and pass the path it returns"):
+        fastpeft.load_adapter(make_model("llama"), "org/name")
+
+
+def test_load_file_instead_of_directory(saved_adapter):
+    base, d = saved_adapter
+    with pytest.raises(NotADirectoryError, match=r"expected an adapter directory, got the file .*adapter_config\.json"):
+        fastpeft.load_adapter(copy.deepcopy(base), d / "adapter_config.json")
 
 
 def test_save_unknown_adapter(tmp_path):
