@@ -295,6 +295,7 @@ def plan_patch(model: nn.Module, lora_config, adapter_name: str = "default") -> 
     if heads:  # PEFT's task models (e.g. PeftModelForSequenceClassification) train the head too
         config.modules_to_save = heads[:] if config.modules_to_save is None else config.modules_to_save + heads
 
+    names_given = isinstance(config.target_modules, set)  # an explicit list, not a regex, "all-linear" or a default
     if config.target_modules is None:
         config.target_modules = models.default_target_modules(model)
 
@@ -312,16 +313,15 @@ def plan_patch(model: nn.Module, lora_config, adapter_name: str = "default") -> 
         if len(minimal) < len(config.target_modules):
             config.target_modules = minimal
 
-    targets, excluded, unmatched = [], [], []
+    targets, excluded, considered = [], [], []
     for key, module in named:
         if not key or any(key.startswith(p) for p in lora_prefixes):
             continue
+        considered.append(key)
         result = target_module_matches(config, key)
         if isinstance(result, _Excluded):
             excluded.append(key)
-        elif not result:
-            unmatched.append(key)
-        else:
+        elif result:
             targets.append((key, module))
 
     if not targets:
@@ -341,6 +341,14 @@ def plan_patch(model: nn.Module, lora_config, adapter_name: str = "default") -> 
             f"fastpeft.patch: {why} ({what}) in {type(model).__name__}; its linear layers are: "
             f"{_shorten_names(_linear_layer_names(model))}"
         )
+    if names_given:  # PEFT raises only when nothing matches; a misspelt name beside others is worth a warning
+        suffixes = {".".join(parts[i:]) for parts in (k.split(".") for k in considered) for i in range(len(parts))}
+        unknown = sorted(asked_for - suffixes)
+        if unknown:
+            warnings.warn(
+                f"target_modules entries {unknown} matched no module of {type(model).__name__} (LoRA goes on the "
+                f"other entries' matches); its linear layers are: {_shorten_names(_linear_layer_names(model))}"
+            )
     if config.exclude_modules and not excluded:
         warnings.warn(
             f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded. "

@@ -7,6 +7,7 @@ import copy
 import importlib
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -160,6 +161,27 @@ def test_nothing_matched_lists_linear_layers():
                                          r"model\.layers\.\*\.self_attn\.q_proj.*lm_head"):
         fastpeft.patch(model, LoraConfig(target_modules=["qq_proj"]))
     assert not any(isinstance(m, LoraLinear) for m in model.modules())
+
+
+def test_target_name_matching_nothing_warns():
+    model = make_model("llama")
+    with pytest.warns(UserWarning, match=r"target_modules entries \['vproj'\] matched no module of LlamaForCausalLM "
+                                         r"\(LoRA goes on the other entries' matches\); its linear layers are: "
+                                         r"model\.layers\.\*\.self_attn\.q_proj"):
+        fastpeft.patch(model, LoraConfig(target_modules=["q_proj", "vproj"]))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LoraLinear)
+
+
+@pytest.mark.parametrize("targets", [
+    ["q_proj", "self_attn.v_proj", "model.layers.1.mlp.up_proj"],  # exact names and dotted suffixes
+    r".*\.(q_proj|vproj)",  # a regex may match fewer names than it spells
+    "all-linear",
+    None,  # the model type's defaults
+], ids=["names", "regex", "all-linear", "default"])
+def test_target_names_that_match_do_not_warn(targets):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastpeft.patch(make_model("llama"), LoraConfig(target_modules=targets))
 
 
 def test_everything_excluded():
