@@ -11,6 +11,8 @@ Two entry points share one name:
   ``save_pretrained``, ``merge_and_unload`` and ``transformers.Trainer`` keep working.
 
 Either way the GLU MLPs whose three projections carry LoRA get the fused MLP forward (fastpeft/mlp.py).
+PEFT's mixed-adapter batches (``adapter_names=``): a PeftModel runs them through PEFT; a plain patched
+model raises ``NotImplementedError`` from its ``forward`` and ``generate`` until multi-LoRA lands.
 
 Everything is checked before anything is changed (``plan_patch``, then ``apply_plan``), and a failure
 while changing it undoes what was done: an error leaves the model as it was.
@@ -30,11 +32,20 @@ import torch.nn as nn
 from . import models
 from .config import INCLUDE_LINEAR_LAYERS_SHORTHAND, LoraConfig
 from . import group, mlp
-from .layer import ACCELERATED_ATTR, GROUP_ATTR, LoraLinear, is_conv1d, lora_forward, peft_fast_path_ok
+from .layer import (
+    ACCELERATED_ATTR,
+    GROUP_ATTR,
+    LoraLinear,
+    is_conv1d,
+    lora_forward,
+    peft_fast_path_ok,
+    reject_adapter_names,
+)
 
 CONFIG_ATTR = "fastpeft_config"  # model.fastpeft_config = {adapter_name: LoraConfig}
 _MODULES_TO_SAVE_ATTR = "_fastpeft_modules_to_save"  # {adapter_name: [module names]}
 _PEFT_PATCHED_ATTR = "_fastpeft_patched_peft"  # set on a PeftModel by patch(peft_model)
+_ADAPTER_NAMES_HOOK_ATTR = "_fastpeft_adapter_names_hook"  # on a patched model: its forward pre-hook's handle
 MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20  # PEFT condenses longer target lists into suffixes
 
 
@@ -449,6 +460,7 @@ def apply_plan(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool =
 
         _install(undo, model, mlp, mlp.FUSED_MLP_ATTR)
         _install(undo, model, group, GROUP_ATTR)
+        _guard_adapter_names(undo, model)
         if not was_patched:
             mark_trainable(model)
         else:  # adding an adapter leaves the trainability of everything else as it was (PEFT's add_adapter)
@@ -460,6 +472,38 @@ def apply_plan(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool =
                     layer.lora_B[name].weight.requires_grad_(trainable)
         undo.pop_all()  # success: keep every change
     return model
+
+
+# --- mixed-adapter batches (PEFT's adapter_names=) ----------------------------------------------
+def _adapter_names_pre_hook(model, args, kwargs):
+    """Forward pre-hook of a patched model: where ``model(..., adapter_names=[...])`` arrives, which
+    transformers would swallow in ``**kwargs``, running every row with the active adapter. The
+    multi-LoRA implementation takes the names from here to the LoRA layers; until then it raises."""
+    reject_adapter_names(kwargs)
+
+
+def _generate(self, *args, **kwargs):
+    """Instance ``generate`` of a patched model: generate checks its kwargs before any forward."""
+    reject_adapter_names(kwargs)
+    return type(self).generate(self, *args, **kwargs)
+
+
+def _guard_adapter_names(undo: contextlib.ExitStack, model: nn.Module) -> None:
+    """Install the pre-hook and the ``generate`` above on ``model`` (once), undone by ``undo`` on an error."""
+    if _ADAPTER_NAMES_HOOK_ATTR in model.__dict__:
+        return
+    undo.callback(_unguard_adapter_names, model)
+    model.__dict__[_ADAPTER_NAMES_HOOK_ATTR] = model.register_forward_pre_hook(_adapter_names_pre_hook, with_kwargs=True)
+    if "generate" not in model.__dict__ and callable(getattr(type(model), "generate", None)):
+        model.generate = types.MethodType(_generate, model)
+
+
+def _unguard_adapter_names(model: nn.Module) -> None:
+    handle = model.__dict__.pop(_ADAPTER_NAMES_HOOK_ATTR, None)
+    if handle is not None:
+        handle.remove()
+    if getattr(model.__dict__.get("generate"), "__func__", None) is _generate:
+        del model.__dict__["generate"]
 
 
 def mark_trainable(model: nn.Module) -> None:
@@ -627,6 +671,7 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
         raise ValueError(f"{type(model).__name__} is not patched by fastpeft: nothing to unpatch")
     mlp.uninstall(model.modules())
     group.uninstall(model.modules())
+    _unguard_adapter_names(model)
     for name, layer in layers:
         if merge:
             todo = [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]
