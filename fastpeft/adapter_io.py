@@ -11,6 +11,7 @@ before copying anything in, so a bad file leaves the model untouched.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,7 @@ from .patch import (
     CONFIG_ATTR,
     _fastpeft_layers,
     apply_plan,
+    check_model,
     is_peft_model,
     mark_trainable,
     plan_patch,
@@ -78,6 +80,7 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     """Write adapter ``adapter_name`` of a fastpeft-patched model in PEFT's format; returns the folder used."""
     from safetensors.torch import save_file
 
+    check_model(model, "fastpeft.save_adapter")
     if is_peft_model(model):
         raise TypeError("this is a PEFT model: save it with peft_model.save_pretrained(directory)")
     tensors = adapter_tensors(model, adapter_name)
@@ -102,9 +105,22 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     return out_dir
 
 
-def _find_adapter_dir(directory: str, adapter_name: str) -> str:
+# A Hugging Face Hub repo id ("org/name"), as a path that does not exist locally might be meant.
+_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*")
+
+
+def _find_adapter_dir(directory, adapter_name: str) -> str:
+    directory = os.fspath(directory)
+    if os.path.isfile(directory):
+        raise NotADirectoryError(f"expected an adapter directory, got the file {directory}")
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"adapter directory not found: {directory}")
+        if _HUB_ID.fullmatch(directory):
+            raise FileNotFoundError(
+                f"adapter directory not found: {directory}; fastpeft reads local directories only: if "
+                f"{directory!r} is a Hugging Face Hub repo id, download it first with "
+                f"huggingface_hub.snapshot_download({directory!r}) and pass the path it returns"
+            )
+        raise FileNotFoundError(f"adapter directory not found: {directory} (fastpeft reads local directories only)")
     if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         return directory
     sub = os.path.join(directory, adapter_name)
@@ -205,6 +221,7 @@ def load_adapter(
     or mis-shaped tensor, or a missing/unreadable config, raises before the model is changed.
     ``is_trainable=False`` (PEFT's default) freezes the loaded adapter and puts the model in eval mode.
     """
+    check_model(model, "fastpeft.load_adapter")
     if is_peft_model(model):
         raise TypeError("this is a PEFT model: load adapters with peft_model.load_adapter(directory, adapter_name)")
     path_dir = _find_adapter_dir(directory, adapter_name)

@@ -2,12 +2,17 @@
 
     fastpeft demo [flags]   train LoRA on a small built-in Llama-shaped model: fastpeft vs reference vs PEFT
     fastpeft env            versions, device and backend, for bug reports
+    fastpeft --version      fastpeft's version
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import tempfile
+
+from . import __version__
 
 
 def _number(kind, ok, expected: str):
@@ -37,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastpeft",
         description="fastpeft: fused Triton kernels for LoRA training on Hugging Face models.",
     )
+    parser.add_argument("--version", action="version", version=f"fastpeft {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     demo = sub.add_parser(
@@ -68,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                       help="model dtype; auto = bfloat16 on CUDA, float32 on CPU (default: auto)")
     demo.add_argument("--output-dir", default="./fastpeft-demo-adapter",
-                      help="where the trained adapter is saved (default: ./fastpeft-demo-adapter)")
+                      help="where the trained adapter is saved, created if missing and checked before training "
+                           "(default: ./fastpeft-demo-adapter)")
     demo.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison even when peft is installed")
     demo.add_argument("--seed", type=int, default=0, help="seed for weights, adapters, data and dropout (default: 0)")
     demo.set_defaults(func=_demo, parser=demo)
@@ -102,13 +109,30 @@ def _resolve_demo_args(args, parser: argparse.ArgumentParser):
     args.dtype = getattr(torch, args.dtype)
     args.device = torch.device(args.device)
     args.intermediate = 16 * math.ceil(2.75 * args.hidden / 16)  # Llama's ~2.7x, a multiple of 16
+    args.output_dir = _writable_dir(args.output_dir, parser)
     return args
 
 
-def _demo(args) -> int:
-    from .demo import run_demo
+def _writable_dir(path: str, parser: argparse.ArgumentParser) -> str:
+    """``path`` made absolute, created if missing and probed with a temporary file, before any training."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        parser.error(f"argument --output-dir: expected a directory, got the file {path}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        parser.error(f"argument --output-dir: cannot write the adapter to {path}: {err.strerror or err}")
+    return path
 
-    return run_demo(_resolve_demo_args(args, args.parser))
+
+def _demo(args) -> int:
+    from .demo import known_noise_hidden, run_demo
+
+    args = _resolve_demo_args(args, args.parser)
+    with known_noise_hidden():
+        return run_demo(args)
 
 
 def _env(args) -> int:

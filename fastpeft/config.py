@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import os
 import re
 import warnings
@@ -82,9 +83,50 @@ def _enum_value(value):
     return getattr(value, "value", value)
 
 
+def _type_error(name: str, expected: str, value) -> TypeError:
+    return TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int(name: str, value) -> int:
+    """``value`` as a Python int (NumPy integers too); anything else, a bool or a str included, raises."""
+    if not _is_int(value):
+        raise _type_error(name, "an int", value)
+    return int(value)
+
+
+def _number(name: str, value):
+    """``value`` as a finite Python int or float (NumPy scalars too); anything else raises."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _type_error(name, "a number (int or float)", value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return int(value) if _is_int(value) else float(value)
+
+
+def _names(name: str, value, str_ok: bool = True):
+    """None, a str (a regex, when ``str_ok``) or a list of str; a tuple or set of str comes back as a list."""
+    if value is None or (str_ok and isinstance(value, str)):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise _type_error(name, "None, a str or a list of str" if str_ok else "None or a list of str", value)
+
+
+_BOOL_FIELDS = ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode")
+_OPTIONAL_STR_FIELDS = ("base_model_name_or_path", "revision", "peft_version")
+
+
 @dataclass
 class LoraConfig:
-    """PEFT's LoRA configuration (the subset of fields fastpeft implements), see ``peft.LoraConfig``."""
+    """PEFT's LoRA configuration (the subset of fields fastpeft implements), see ``peft.LoraConfig``.
+
+    Unlike PEFT, every field's type is checked here: a number given as a string (``r="8"``, as YAML or
+    argparse may hand it over) raises ``TypeError`` naming the field; NumPy numbers become Python ones.
+    """
 
     r: int = 8
     lora_alpha: float = 8
@@ -118,10 +160,21 @@ class LoraConfig:
         self.task_type = _enum_value(self.task_type)
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be one of {', '.join(TASK_TYPES)} or None, got {self.task_type!r}")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+        self.r = _int("r", self.r)
+        if self.r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r}")
-        if not 0.0 <= float(self.lora_dropout) <= 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1], got {self.lora_dropout}")
+        self.lora_alpha = _number("lora_alpha", self.lora_alpha)
+        self.lora_dropout = _number("lora_dropout", self.lora_dropout)
+        if not 0.0 <= self.lora_dropout < 1.0:  # (PEFT accepts 1, which zeroes the LoRA path)
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise _type_error(name, "True or False", getattr(self, name))
+        for name in _OPTIONAL_STR_FIELDS:
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise _type_error(name, "None or a str", getattr(self, name))
+        if not isinstance(self.auto_mapping, (dict, type(None))):
+            raise _type_error("auto_mapping", "None or a dict", self.auto_mapping)
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {', '.join(repr(b) for b in BIAS_CHOICES)}, got {self.bias!r}")
         if self.use_dora:
@@ -130,18 +183,25 @@ class LoraConfig:
             raise NotImplementedError("lora_bias=True is not supported by fastpeft yet")
         self.init_lora_weights = _normalize_init(self.init_lora_weights)
         # PEFT keeps list targets as sets (matching is set membership / suffix); JSON writes them as lists.
-        if isinstance(self.target_modules, (list, tuple, set, frozenset)):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, (list, tuple, set, frozenset)):
-            self.exclude_modules = set(self.exclude_modules)
-        if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str):
-                raise TypeError(f"modules_to_save must be a list of module names, got the string {self.modules_to_save!r}")
-            self.modules_to_save = list(self.modules_to_save)
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
+        for name in ("target_modules", "exclude_modules"):
+            names = _names(name, getattr(self, name))
+            setattr(self, name, set(names) if isinstance(names, list) else names)
+        self.modules_to_save = _names("modules_to_save", self.modules_to_save, str_ok=False)
+        self.layers_pattern = _names("layers_pattern", self.layers_pattern)
+        layers = self.layers_to_transform
+        if isinstance(layers, (list, tuple)) and all(_is_int(i) for i in layers):
+            self.layers_to_transform = [int(i) for i in layers]
+        elif _is_int(layers):
+            self.layers_to_transform = int(layers)
+        elif layers is not None:
+            raise _type_error("layers_to_transform", "None, an int or a list of int", layers)
+        for name, convert in (("rank_pattern", _int), ("alpha_pattern", _number)):
+            patterns = getattr(self, name) or {}
+            if not isinstance(patterns, dict) or not all(isinstance(k, str) for k in patterns):
+                raise _type_error(name, "a dict of module-name patterns (str) to numbers", patterns)
+            setattr(self, name, {k: convert(f"{name}[{k!r}]", v) for k, v in patterns.items()})
         for key, value in self.rank_pattern.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if value <= 0:
                 raise ValueError(f"rank_pattern[{key!r}] should be a positive integer but the value passed is {value}")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")

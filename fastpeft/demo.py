@@ -16,11 +16,13 @@ PEFT's format and loaded back into a fresh model (with PEFT when installed) as a
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import os
 import statistics
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -66,6 +68,40 @@ DEFAULTS = {
     "cpu": dict(hidden=64, layers=2, heads=4, seq_len=64, batch=4, steps=20),
     "cuda": dict(hidden=1024, layers=4, heads=16, seq_len=512, batch=8, steps=30),
 }
+
+
+# Third-party messages a demo user can do nothing about, hidden while the demo runs (never globally):
+# bitsandbytes logs that it could not fetch an optional CPU kernel when peft imports it, and PEFT's
+# get_peft_model reads a transformers property that warns it is deprecated.
+KNOWN_NOISE_LOGS = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community"}
+KNOWN_NOISE_WARNINGS = [(FutureWarning, r"`is_gradient_checkpointing` is deprecated")]
+
+
+class _DropMessages(logging.Filter):
+    """Drops a logger's records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextmanager
+def known_noise_hidden():
+    """Hide KNOWN_NOISE_LOGS and KNOWN_NOISE_WARNINGS for the duration; everything else still shows."""
+    filters = [(logging.getLogger(name), _DropMessages(prefix)) for name, prefix in KNOWN_NOISE_LOGS.items()]
+    with warnings.catch_warnings():
+        for category, message in KNOWN_NOISE_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        for logger, drop in filters:
+            logger.addFilter(drop)
+        try:
+            yield
+        finally:
+            for logger, drop in filters:
+                logger.removeFilter(drop)
 
 
 def encode(text: str) -> list[int]:

@@ -74,6 +74,7 @@ def install(model: nn.Module) -> None:
                 layer.__dict__[GROUP_ATTR] = (group, index)
 
 
-def uninstall(model: nn.Module) -> None:
-    for module in model.modules():
+def uninstall(modules) -> None:
+    """Ungroup the projections among ``modules`` (e.g. ``model.modules()``)."""
+    for module in modules:
         module.__dict__.pop(GROUP_ATTR, None)

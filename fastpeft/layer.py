@@ -100,12 +100,22 @@ def single_lora(layer):
     return (base_weight(layer), base.bias) + _adapter(layer, active[0])
 
 
+def reject_adapter_names(kwargs: dict) -> None:
+    """Mixed-adapter batches (PEFT's ``adapter_names=``, one adapter per row) are not implemented yet:
+    raise rather than give every row the active adapter. ``adapter_names=None`` is no mixed batch."""
+    names = kwargs.get("adapter_names")
+    if names is not None:
+        shown = sorted(set(map(str, names))) if isinstance(names, (list, tuple)) else names
+        raise NotImplementedError(
+            f"mixed-adapter batches (adapter_names=..., one adapter per row) are not supported by fastpeft-patched "
+            f"models yet, got adapter_names naming {shown!r}: run one adapter per batch, or accelerate a "
+            f"peft.PeftModel with fastpeft.patch(peft_model), where PEFT runs mixed batches"
+        )
+
+
 def lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Forward of a LoRA layer, fastpeft's or PEFT's: base + the active adapters, fused when possible."""
-    if kwargs.get("adapter_names") is not None:
-        raise NotImplementedError(
-            "mixed-adapter batches (adapter_names=...) are not supported by fastpeft's LoRA layers yet"
-        )
+    reject_adapter_names(kwargs)
     if not args and not torch.compiler.is_compiling():  # q/k/v computed together (group.py)
         grouped = layer.__dict__.get(GROUP_ATTR)
         if grouped is not None:
@@ -235,6 +245,12 @@ class LoraLinear(nn.Module):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
+
+    def drop_adapter(self, adapter_name: str) -> None:
+        """Undo ``update_layer(adapter_name, ...)``, as much of it as was done (patch's rollback)."""
+        for store in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_dropout, self.lora_A, self.lora_B):
+            if adapter_name in store:
+                del store[adapter_name]
 
     @torch.no_grad()
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights=True) -> None:

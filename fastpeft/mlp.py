@@ -5,8 +5,9 @@
 gate/up/down projections are LoRA layers. With gradients on it runs ``ops.LoraMLPFunction``, which
 keeps gate(x) and up(x) for backward but not act(gate(x))·up(x): the MLP then holds less activation
 memory than the frozen model's own. Anything it does not cover (no grad, several or merged or
-disabled adapters, a trainable base weight or bias, the reference backend, torch.compile,
-FASTPEFT_FUSE_MLP=0) runs the module's own forward, i.e. the three LoRA layers one by one.
+disabled adapters, a trainable base weight or bias, a projection with forward hooks, the reference
+backend, torch.compile, FASTPEFT_FUSE_MLP=0) runs the module's own forward, i.e. the three LoRA layers
+one by one.
 """
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ def fusable(mlp: nn.Module, x: torch.Tensor):
             or env("FASTPEFT_FUSE_MLP", "1") == "0"
             or models.gated_mlp_activation(mlp) != mlp.__dict__[FUSED_MLP_ATTR]):
         return None
-    projections = [single_lora(getattr(mlp, name)) for name in models.GATED_MLP_PROJECTIONS]
+    layers = [getattr(mlp, name) for name in models.GATED_MLP_PROJECTIONS]
+    if any(layer._forward_pre_hooks or layer._forward_hooks for layer in layers):
+        return None  # hooks need the layers called (PEFT passes adapter_names= to its layers through pre-hooks)
+    projections = [single_lora(layer) for layer in layers]
     return None if any(p is None for p in projections) else projections
 
 
@@ -54,7 +58,8 @@ def install(model: nn.Module) -> None:
         module.__dict__[FUSED_MLP_ATTR] = act
 
 
-def uninstall(model: nn.Module) -> None:
-    for module in model.modules():
+def uninstall(modules) -> None:
+    """Give the fused MLPs among ``modules`` (e.g. ``model.modules()``) their own forward back."""
+    for module in modules:
         if module.__dict__.pop(FUSED_MLP_ATTR, None) is not None:
             module.__dict__.pop("forward", None)

@@ -11,11 +11,15 @@ Two entry points share one name:
   ``save_pretrained``, ``merge_and_unload`` and ``transformers.Trainer`` keep working.
 
 Either way the GLU MLPs whose three projections carry LoRA get the fused MLP forward (fastpeft/mlp.py).
+PEFT's mixed-adapter batches (``adapter_names=``): a PeftModel runs them through PEFT; a plain patched
+model raises ``NotImplementedError`` from its ``forward`` and ``generate`` until multi-LoRA lands.
 
-Everything is checked before anything is changed: an error leaves the model as it was.
+Everything is checked before anything is changed (``plan_patch``, then ``apply_plan``), and a failure
+while changing it undoes what was done: an error leaves the model as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import types
 import warnings
@@ -28,15 +32,32 @@ import torch.nn as nn
 from . import models
 from .config import INCLUDE_LINEAR_LAYERS_SHORTHAND, LoraConfig
 from . import group, mlp
-from .layer import ACCELERATED_ATTR, LoraLinear, is_conv1d, lora_forward, peft_fast_path_ok
+from .layer import (
+    ACCELERATED_ATTR,
+    GROUP_ATTR,
+    LoraLinear,
+    is_conv1d,
+    lora_forward,
+    peft_fast_path_ok,
+    reject_adapter_names,
+)
 
 CONFIG_ATTR = "fastpeft_config"  # model.fastpeft_config = {adapter_name: LoraConfig}
 _MODULES_TO_SAVE_ATTR = "_fastpeft_modules_to_save"  # {adapter_name: [module names]}
 _PEFT_PATCHED_ATTR = "_fastpeft_patched_peft"  # set on a PeftModel by patch(peft_model)
+_ADAPTER_NAMES_HOOK_ATTR = "_fastpeft_adapter_names_hook"  # on a patched model: its forward pre-hook's handle
 MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20  # PEFT condenses longer target lists into suffixes
 
 
 # --- model inspection -------------------------------------------------------------------------
+def check_model(model, what: str) -> None:
+    """TypeError unless ``model`` is an nn.Module; ``what`` names the function called."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{what} expects a torch.nn.Module (a transformers model or a peft.PeftModel), got {type(model).__name__}"
+        )
+
+
 def is_peft_model(model) -> bool:
     """True for a ``peft.PeftModel`` (or its ``LoraModel`` tuner), detected without importing peft."""
     for cls in type(model).__mro__:
@@ -264,7 +285,7 @@ def _resolve_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name:
     return names
 
 
-def plan_patch(model: nn.Module, lora_config=None, adapter_name: str = "default") -> PatchPlan:
+def plan_patch(model: nn.Module, lora_config, adapter_name: str = "default") -> PatchPlan:
     """Resolve targets, ranks and modules_to_save for ``patch``; raises on any problem, changes nothing."""
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
@@ -287,6 +308,7 @@ def plan_patch(model: nn.Module, lora_config=None, adapter_name: str = "default"
     if heads:  # PEFT's task models (e.g. PeftModelForSequenceClassification) train the head too
         config.modules_to_save = heads[:] if config.modules_to_save is None else config.modules_to_save + heads
 
+    names_given = isinstance(config.target_modules, set)  # an explicit list, not a regex, "all-linear" or a default
     if config.target_modules is None:
         config.target_modules = models.default_target_modules(model)
 
@@ -304,16 +326,15 @@ def plan_patch(model: nn.Module, lora_config=None, adapter_name: str = "default"
         if len(minimal) < len(config.target_modules):
             config.target_modules = minimal
 
-    targets, excluded, unmatched = [], [], []
+    targets, excluded, considered = [], [], []
     for key, module in named:
         if not key or any(key.startswith(p) for p in lora_prefixes):
             continue
+        considered.append(key)
         result = target_module_matches(config, key)
         if isinstance(result, _Excluded):
             excluded.append(key)
-        elif not result:
-            unmatched.append(key)
-        else:
+        elif result:
             targets.append((key, module))
 
     if not targets:
@@ -333,6 +354,14 @@ def plan_patch(model: nn.Module, lora_config=None, adapter_name: str = "default"
             f"fastpeft.patch: {why} ({what}) in {type(model).__name__}; its linear layers are: "
             f"{_shorten_names(_linear_layer_names(model))}"
         )
+    if names_given:  # PEFT raises only when nothing matches; a misspelt name beside others is worth a warning
+        suffixes = {".".join(parts[i:]) for parts in (k.split(".") for k in considered) for i in range(len(parts))}
+        unknown = sorted(asked_for - suffixes)
+        if unknown:
+            warnings.warn(
+                f"target_modules entries {unknown} matched no module of {type(model).__name__} (LoRA goes on the "
+                f"other entries' matches); its linear layers are: {_shorten_names(_linear_layer_names(model))}"
+            )
     if config.exclude_modules and not excluded:
         warnings.warn(
             f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded. "
@@ -374,45 +403,109 @@ def _adapter_dtype(weight: torch.Tensor, autocast_adapter_dtype: bool) -> torch.
     return weight.dtype if weight.dtype.is_floating_point else torch.float32
 
 
+_MISSING = object()
+
+
+def _restore_entry(d: dict, key, old) -> None:
+    """Put ``d[key]`` back to ``old`` (``_MISSING``: remove it)."""
+    if old is _MISSING:
+        d.pop(key, None)
+    else:
+        d[key] = old
+
+
+def _restore_flags(flags) -> None:
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+def _install(undo: contextlib.ExitStack, model: nn.Module, part, marker: str) -> None:
+    """``part.install(model)`` (``mlp`` or ``group``), undone by ``undo`` on an error: ``part.uninstall``
+    on every module that did not carry ``marker`` before."""
+    undo.callback(part.uninstall, [m for m in model.modules() if marker not in m.__dict__])
+    part.install(model)
+
+
 def apply_plan(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool = True) -> nn.Module:
+    """Apply ``plan`` (from :func:`plan_patch`) to ``model``: all of it, or on any error none of it."""
     config, name = plan.config, plan.adapter_name
     was_patched = bool(getattr(model, CONFIG_ATTR, None))
     current_active = active_adapters(model) if was_patched else [name]
-    previous_flags = [(p, p.requires_grad) for p in model.parameters()] if was_patched else []
-    for t in plan.targets:
-        if isinstance(t.module, LoraLinear):
-            t.module.update_layer(
-                name, t.r, t.alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights,
-                _adapter_dtype(t.module.base_layer.weight, autocast_adapter_dtype),
-            )
-        else:
-            layer = LoraLinear(
-                t.module, name, t.r, t.alpha, config.lora_dropout, t.fan_in_fan_out, config.use_rslora,
-                config.init_lora_weights, _adapter_dtype(t.module.weight, autocast_adapter_dtype),
-            )
-            layer._active_adapter = list(current_active)
-            parent, child = _get_submodule_parent(model, t.name)
-            setattr(parent, child, layer)
-    configs = dict(getattr(model, CONFIG_ATTR, None) or {})
-    configs[name] = config
-    setattr(model, CONFIG_ATTR, configs)
-    saved = dict(getattr(model, _MODULES_TO_SAVE_ATTR, None) or {})
-    saved[name] = list(plan.modules_to_save)
-    setattr(model, _MODULES_TO_SAVE_ATTR, saved)
+    previous_flags = [(p, p.requires_grad) for p in model.parameters()]
+    with contextlib.ExitStack() as undo:  # each change registers its undo; an error runs them, last first
+        undo.callback(_restore_flags, previous_flags)
+        for t in plan.targets:
+            if isinstance(t.module, LoraLinear):
+                if name not in t.module.lora_A:  # (update_layer refuses an existing name, changing nothing)
+                    undo.callback(t.module.drop_adapter, name)
+                t.module.update_layer(
+                    name, t.r, t.alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights,
+                    _adapter_dtype(t.module.base_layer.weight, autocast_adapter_dtype),
+                )
+            else:
+                layer = LoraLinear(
+                    t.module, name, t.r, t.alpha, config.lora_dropout, t.fan_in_fan_out, config.use_rslora,
+                    config.init_lora_weights, _adapter_dtype(t.module.weight, autocast_adapter_dtype),
+                )
+                layer._active_adapter = list(current_active)
+                parent, child = _get_submodule_parent(model, t.name)
+                setattr(parent, child, layer)
+                undo.callback(setattr, parent, child, t.module)
+        for attr in (CONFIG_ATTR, _MODULES_TO_SAVE_ATTR):
+            undo.callback(_restore_entry, model.__dict__, attr, model.__dict__.get(attr, _MISSING))
+        configs = dict(getattr(model, CONFIG_ATTR, None) or {})
+        configs[name] = config
+        setattr(model, CONFIG_ATTR, configs)
+        saved = dict(getattr(model, _MODULES_TO_SAVE_ATTR, None) or {})
+        saved[name] = list(plan.modules_to_save)
+        setattr(model, _MODULES_TO_SAVE_ATTR, saved)
 
-    mlp.install(model)
-    group.install(model)
-    if not was_patched:
-        mark_trainable(model)
-    else:  # adding an adapter leaves the trainability of everything else as it was (PEFT's add_adapter)
-        for p, flag in previous_flags:
-            p.requires_grad_(flag)
-        for _, layer in _fastpeft_layers(model):
-            if name in layer.lora_A:
-                trainable = name in layer.active_adapters and not config.inference_mode
-                layer.lora_A[name].weight.requires_grad_(trainable)
-                layer.lora_B[name].weight.requires_grad_(trainable)
+        _install(undo, model, mlp, mlp.FUSED_MLP_ATTR)
+        _install(undo, model, group, GROUP_ATTR)
+        _guard_adapter_names(undo, model)
+        if not was_patched:
+            mark_trainable(model)
+        else:  # adding an adapter leaves the trainability of everything else as it was (PEFT's add_adapter)
+            _restore_flags(previous_flags)
+            for _, layer in _fastpeft_layers(model):
+                if name in layer.lora_A:
+                    trainable = name in layer.active_adapters and not config.inference_mode
+                    layer.lora_A[name].weight.requires_grad_(trainable)
+                    layer.lora_B[name].weight.requires_grad_(trainable)
+        undo.pop_all()  # success: keep every change
     return model
+
+
+# --- mixed-adapter batches (PEFT's adapter_names=) ----------------------------------------------
+def _adapter_names_pre_hook(model, args, kwargs):
+    """Forward pre-hook of a patched model: where ``model(..., adapter_names=[...])`` arrives, which
+    transformers would swallow in ``**kwargs``, running every row with the active adapter. The
+    multi-LoRA implementation takes the names from here to the LoRA layers; until then it raises."""
+    reject_adapter_names(kwargs)
+
+
+def _generate(self, *args, **kwargs):
+    """Instance ``generate`` of a patched model: generate checks its kwargs before any forward."""
+    reject_adapter_names(kwargs)
+    return type(self).generate(self, *args, **kwargs)
+
+
+def _guard_adapter_names(undo: contextlib.ExitStack, model: nn.Module) -> None:
+    """Install the pre-hook and the ``generate`` above on ``model`` (once), undone by ``undo`` on an error."""
+    if _ADAPTER_NAMES_HOOK_ATTR in model.__dict__:
+        return
+    undo.callback(_unguard_adapter_names, model)
+    model.__dict__[_ADAPTER_NAMES_HOOK_ATTR] = model.register_forward_pre_hook(_adapter_names_pre_hook, with_kwargs=True)
+    if "generate" not in model.__dict__ and callable(getattr(type(model), "generate", None)):
+        model.generate = types.MethodType(_generate, model)
+
+
+def _unguard_adapter_names(model: nn.Module) -> None:
+    handle = model.__dict__.pop(_ADAPTER_NAMES_HOOK_ATTR, None)
+    if handle is not None:
+        handle.remove()
+    if getattr(model.__dict__.get("generate"), "__func__", None) is _generate:
+        del model.__dict__["generate"]
 
 
 def mark_trainable(model: nn.Module) -> None:
@@ -459,11 +552,13 @@ def set_adapter(model: nn.Module, adapter_names) -> None:
 def patch(model: nn.Module, lora_config=None, adapter_name: str = "default", autocast_adapter_dtype: bool = True):
     """Add LoRA adapter ``adapter_name`` to ``model`` in place and return it.
 
-    ``lora_config``: a :class:`fastpeft.LoraConfig`, a ``peft.LoraConfig`` or a dict of its fields
-    (None: the defaults). Patching an already patched model under a new name adds that adapter (to the
-    layers it already wraps and to newly targeted ones), inactive, as PEFT's ``add_adapter`` does; see
+    ``lora_config``: a :class:`fastpeft.LoraConfig`, a ``peft.LoraConfig`` or a dict of its fields;
+    required, as PEFT's ``get_peft_model`` requires one (``fastpeft.LoraConfig()`` for PEFT's defaults).
+    Patching an already patched model under a new name adds that adapter (to the layers it already
+    wraps and to newly targeted ones), inactive, as PEFT's ``add_adapter`` does; see
     :func:`set_adapter`. A ``peft.PeftModel`` is accelerated in place instead (no config allowed).
     """
+    check_model(model, "fastpeft.patch")
     # A PeftModel, or a transformers model with PEFT layers injected (model.add_adapter / load_adapter).
     has_peft_layers = is_peft_model(model) or any(is_peft_lora_layer(m) for m in model.modules())
     if has_peft_layers:
@@ -473,6 +568,12 @@ def patch(model: nn.Module, lora_config=None, adapter_name: str = "default", aut
                 "(add more with peft_model.add_adapter)"
             )
         return _patch_peft_model(model)
+    if lora_config is None:
+        raise TypeError(
+            f"fastpeft.patch needs a lora_config for {type(model).__name__}, which has no PEFT adapters, e.g. "
+            f"fastpeft.LoraConfig(r=16, target_modules='all-linear') (fastpeft.LoraConfig() for PEFT's defaults); "
+            f"only a peft.PeftModel is patched without one"
+        )
     plan = plan_patch(model, lora_config, adapter_name)
     return apply_plan(model, plan, autocast_adapter_dtype)
 
@@ -509,7 +610,7 @@ def _patch_peft_model(peft_model):
         peft_type = getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", None))
         if peft_type != "LORA":
             raise ValueError(f"fastpeft accelerates LoRA adapters only; adapter {name!r} is {peft_type}")
-    skipped, accelerated = [], 0
+    skipped, todo, accelerated = [], [], 0
     for name, layer in peft_model.named_modules():
         if not is_peft_lora_layer(layer):
             continue
@@ -519,29 +620,37 @@ def _patch_peft_model(peft_model):
         reason = _why_not_accelerated(layer)
         if reason is not None:
             skipped.append(f"{name} ({reason})")
-            continue
-        layer.forward = types.MethodType(_accelerated_forward, layer)
-        setattr(layer, ACCELERATED_ATTR, True)
-        accelerated += 1
+        else:
+            todo.append(layer)
+    if not accelerated and not todo and not skipped:
+        raise ValueError(f"fastpeft.patch: {type(peft_model).__name__} has no PEFT LoRA layers to accelerate")
     if skipped:
         warnings.warn(
             f"fastpeft.patch: {len(skipped)} PEFT LoRA layer(s) keep PEFT's forward (not supported by fastpeft): "
             + _shorten_names(skipped, limit=20)
         )
-    if not accelerated and not skipped:
-        raise ValueError(f"fastpeft.patch: {type(peft_model).__name__} has no PEFT LoRA layers to accelerate")
-    mlp.install(peft_model)
-    group.install(peft_model)
-    setattr(peft_model, _PEFT_PATCHED_ATTR, True)
+    with contextlib.ExitStack() as undo:  # as in apply_plan: an error undoes every change
+        for layer in todo:
+            undo.callback(_restore_peft_forward, layer)
+            layer.forward = types.MethodType(_accelerated_forward, layer)
+            setattr(layer, ACCELERATED_ATTR, True)
+        _install(undo, peft_model, mlp, mlp.FUSED_MLP_ATTR)
+        _install(undo, peft_model, group, GROUP_ATTR)
+        setattr(peft_model, _PEFT_PATCHED_ATTR, True)
+        undo.pop_all()
     return peft_model
 
 
+def _restore_peft_forward(layer) -> None:
+    if layer.__dict__.pop(ACCELERATED_ATTR, False):
+        layer.__dict__.pop("forward", None)
+
+
 def _unpatch_peft_model(peft_model) -> None:
-    mlp.uninstall(peft_model)
-    group.uninstall(peft_model)
+    mlp.uninstall(peft_model.modules())
+    group.uninstall(peft_model.modules())
     for _, layer in peft_model.named_modules():
-        if layer.__dict__.pop(ACCELERATED_ATTR, False):
-            layer.__dict__.pop("forward", None)
+        _restore_peft_forward(layer)
     peft_model.__dict__.pop(_PEFT_PATCHED_ATTR, None)
 
 
@@ -555,14 +664,16 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     PEFT's unload does). The stored config is dropped. PEFT model: PEFT's own forwards come back
     (nothing is merged; use ``peft_model.merge_and_unload()`` for that).
     """
+    check_model(model, "fastpeft.unpatch")
     if getattr(model, _PEFT_PATCHED_ATTR, False) or is_peft_model(model):
         _unpatch_peft_model(model)  # PEFT's forwards come back; PEFT's layers stay
         return model
     layers = _fastpeft_layers(model)
     if not layers and not getattr(model, CONFIG_ATTR, None):
         raise ValueError(f"{type(model).__name__} is not patched by fastpeft: nothing to unpatch")
-    mlp.uninstall(model)
-    group.uninstall(model)
+    mlp.uninstall(model.modules())
+    group.uninstall(model.modules())
+    _unguard_adapter_names(model)
     for name, layer in layers:
         if merge:
             todo = [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]
@@ -579,6 +690,7 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
 
 def merge(model: nn.Module, safe_merge: bool = False, adapter_names=None) -> None:
     """Merge the active adapters (or ``adapter_names``) into the base weights of every LoRA layer."""
+    check_model(model, "fastpeft.merge")
     if isinstance(adapter_names, str):
         raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
     layers = lora_layers(model)
@@ -590,6 +702,7 @@ def merge(model: nn.Module, safe_merge: bool = False, adapter_names=None) -> Non
 
 def unmerge(model: nn.Module) -> None:
     """Subtract the merged adapters from the base weights of every LoRA layer."""
+    check_model(model, "fastpeft.unmerge")
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to unmerge")

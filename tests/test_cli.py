@@ -38,6 +38,70 @@ def test_demo_runs_and_passes(tmp_path):
         assert "| PEFT" in proc.stdout and "fastpeft vs PEFT: loss curve, first 5 steps" in proc.stdout, proc.stdout
     assert str(out) in proc.stdout
     _assert_adapter_dir(out)
+    # the first lines a user sees are the demo's: known third-party noise (bitsandbytes' kernel fetch
+    # at peft's import, transformers' deprecation warnings) is hidden; stderr holds the progress bars
+    assert lines[0].startswith("fastpeft demo: LlamaForCausalLM"), proc.stdout
+    for noise in ("kernels-community", "Warning", "warn("):
+        assert noise not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_known_noise_hidden_inside_the_demo_only(caplog):
+    import logging
+    import warnings
+
+    from fastpeft.demo import KNOWN_NOISE_LOGS, KNOWN_NOISE_WARNINGS, known_noise_hidden
+
+    (logger_name, prefix), = KNOWN_NOISE_LOGS.items()
+    logger = logging.getLogger(logger_name)
+    (category, text), = KNOWN_NOISE_WARNINGS  # (a regex that is also the text)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        with known_noise_hidden():
+            logger.warning(prefix + ": inside")
+            logger.warning("another bitsandbytes message: inside")
+            warnings.warn(text + " inside", category)
+            warnings.warn("another FutureWarning: inside", FutureWarning)
+        logger.warning(prefix + ": after")
+        warnings.warn(text + " after", category)
+    assert [r.getMessage() for r in caplog.records] == [
+        "another bitsandbytes message: inside", prefix + ": after"]
+    assert [str(w.message) for w in caught] == ["another FutureWarning: inside", text + " after"]
+
+
+def test_version(capsys):
+    import fastpeft
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"fastpeft {fastpeft.__version__}\n"
+
+
+@pytest.mark.parametrize("case", ["file", "under-a-file", "unwritable"])
+def test_output_dir_checked_before_training(case, tmp_path, monkeypatch, capsys):
+    import errno
+    import tempfile
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    path, message = {
+        "file": (a_file, f"argument --output-dir: expected a directory, got the file {a_file}"),
+        "under-a-file": (a_file / "sub", f"argument --output-dir: cannot write the adapter to {a_file / 'sub'}: "
+                                         f"Not a directory"),
+        "unwritable": (tmp_path / "out", f"argument --output-dir: cannot write the adapter to {tmp_path / 'out'}: "
+                                         f"Permission denied"),
+    }[case]
+    if case == "unwritable":  # (chmod does not stop root, who may run the tests)
+        def refuse(*args, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+        monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", *TINY, "--device", "cpu", "--output-dir", str(path)])
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err, captured.err
+    assert "fastpeft demo: LlamaForCausalLM" not in captured.out  # nothing was trained
 
 
 def _interpreter_broken() -> bool:
@@ -72,7 +136,7 @@ def test_demo_kernels_under_interpreter_match_reference(tmp_path):
 def test_help_lists_commands():
     proc = _run("--help", timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "demo" in proc.stdout and "env" in proc.stdout
+    assert "demo" in proc.stdout and "env" in proc.stdout and "--version" in proc.stdout
 
 
 def test_demo_help_lists_flags(capsys):

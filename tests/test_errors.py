@@ -4,8 +4,10 @@ adapter folder can be wrong when loading (which must leave the model untouched).
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import fastpeft
 from fastpeft import LoraConfig
 from fastpeft.layer import LoraLinear
-from tiny_models import make_model
+from tiny_models import make_inputs, make_model
 
 
 # --- config values ------------------------------------------------------------------------------
@@ -35,9 +37,55 @@ def test_bad_bias():
         LoraConfig(bias="some")
 
 
-def test_bad_dropout():
-    with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\], got 1.5"):
-        LoraConfig(lora_dropout=1.5)
+@pytest.mark.parametrize("p", [1.0, 1.5, -0.1])
+def test_bad_dropout(p):
+    with pytest.raises(ValueError, match=rf"lora_dropout must be in \[0, 1\), got {p}"):
+        LoraConfig(lora_dropout=p)
+
+
+# Values as YAML or argparse hand them over, and other wrong types: PEFT accepts them all, then fails later.
+BAD_TYPES = {
+    "r-str": (dict(r="8"), r"r must be an int, got str '8'"),
+    "r-float": (dict(r=8.0), r"r must be an int, got float 8.0"),
+    "r-bool": (dict(r=True), r"r must be an int, got bool True"),
+    "alpha-str": (dict(lora_alpha="16"), r"lora_alpha must be a number \(int or float\), got str '16'"),
+    "dropout-str": (dict(lora_dropout="0.1"), r"lora_dropout must be a number \(int or float\), got str '0.1'"),
+    "rslora-str": (dict(use_rslora="yes"), r"use_rslora must be True or False, got str 'yes'"),
+    "inference-mode-int": (dict(inference_mode=1), r"inference_mode must be True or False, got int 1"),
+    "rank-pattern-str": (dict(rank_pattern={"q_proj": "4"}), r"rank_pattern\['q_proj'\] must be an int, got str '4'"),
+    "alpha-pattern-str": (dict(alpha_pattern={"q_proj": "4"}),
+                          r"alpha_pattern\['q_proj'\] must be a number \(int or float\), got str '4'"),
+    "rank-pattern-list": (dict(rank_pattern=["q_proj"]), r"rank_pattern must be a dict .*, got list \['q_proj'\]"),
+    "targets-int-entry": (dict(target_modules=["q_proj", 3]),
+                          r"target_modules must be None, a str or a list of str, got list \['q_proj', 3\]"),
+    "modules-to-save-str": (dict(modules_to_save="score"), r"modules_to_save must be None or a list of str, got str 'score'"),
+    "layers-str": (dict(target_modules=["q_proj"], layers_to_transform="0"),
+                   r"layers_to_transform must be None, an int or a list of int, got str '0'"),
+    "base-model-int": (dict(base_model_name_or_path=3), r"base_model_name_or_path must be None or a str, got int 3"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TYPES))
+def test_config_types_checked(case):
+    kwargs, message = BAD_TYPES[case]
+    with pytest.raises(TypeError, match=message):
+        LoraConfig(**kwargs)
+    with pytest.raises(TypeError, match=message):  # a dict (adapter_config.json) goes through the same checks
+        LoraConfig.from_dict({"peft_type": "LORA", **kwargs})
+
+
+def test_config_non_finite_alpha():
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number, got nan"):
+        LoraConfig(lora_alpha=float("nan"))
+
+
+def test_config_numpy_numbers_become_python_numbers():
+    np = pytest.importorskip("numpy")
+    cfg = LoraConfig(r=np.int64(4), lora_alpha=np.float32(8.5), lora_dropout=np.float64(0.25),
+                     target_modules=("q_proj",), layers_to_transform=(np.int64(1),), rank_pattern={"q": np.int32(2)})
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.layers_to_transform, cfg.rank_pattern) == (4, 8.5, 0.25, [1], {"q": 2})
+    assert type(cfg.r) is int and type(cfg.lora_alpha) is float and type(cfg.rank_pattern["q"]) is int
+    assert json.loads(json.dumps(cfg.to_dict()))["r"] == 4
 
 
 def test_bad_task_type():
@@ -74,6 +122,25 @@ def test_bad_lora_config_type():
 
 
 # --- patching -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("call", ["patch", "unpatch", "merge", "unmerge", "save_adapter", "load_adapter"])
+@pytest.mark.parametrize("not_a_model,type_name", [({}, "dict"), ("model", "str"), (torch.zeros(2), "Tensor")],
+                         ids=["dict", "str", "tensor"])
+def test_not_a_module(call, not_a_model, type_name, tmp_path):
+    args = (tmp_path,) if call in ("save_adapter", "load_adapter") else ()
+    with pytest.raises(TypeError, match=rf"fastpeft\.{call} expects a torch\.nn\.Module \(a transformers model or a "
+                                        rf"peft\.PeftModel\), got {type_name}$"):
+        getattr(fastpeft, call)(not_a_model, *args)
+
+
+def test_patch_plain_model_needs_a_config():
+    model = make_model("llama")
+    with pytest.raises(TypeError, match=r"fastpeft\.patch needs a lora_config for LlamaForCausalLM, which has no PEFT "
+                                        r"adapters, e\.g\. fastpeft\.LoraConfig\(r=16, .*only a peft\.PeftModel"):
+        fastpeft.patch(model)
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+    assert isinstance(fastpeft.patch(model, LoraConfig()).model.layers[0].self_attn.q_proj, LoraLinear)
+
+
 def test_phi3_without_targets():
     with pytest.raises(ValueError, match=r"no default target modules for model_type 'phi3': pass target_modules"):
         fastpeft.patch(make_model("phi3"), LoraConfig())
@@ -94,6 +161,27 @@ def test_nothing_matched_lists_linear_layers():
                                          r"model\.layers\.\*\.self_attn\.q_proj.*lm_head"):
         fastpeft.patch(model, LoraConfig(target_modules=["qq_proj"]))
     assert not any(isinstance(m, LoraLinear) for m in model.modules())
+
+
+def test_target_name_matching_nothing_warns():
+    model = make_model("llama")
+    with pytest.warns(UserWarning, match=r"target_modules entries \['vproj'\] matched no module of LlamaForCausalLM "
+                                         r"\(LoRA goes on the other entries' matches\); its linear layers are: "
+                                         r"model\.layers\.\*\.self_attn\.q_proj"):
+        fastpeft.patch(model, LoraConfig(target_modules=["q_proj", "vproj"]))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LoraLinear)
+
+
+@pytest.mark.parametrize("targets", [
+    ["q_proj", "self_attn.v_proj", "model.layers.1.mlp.up_proj"],  # exact names and dotted suffixes
+    r".*\.(q_proj|vproj)",  # a regex may match fewer names than it spells
+    "all-linear",
+    None,  # the model type's defaults
+], ids=["names", "regex", "all-linear", "default"])
+def test_target_names_that_match_do_not_warn(targets):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastpeft.patch(make_model("llama"), LoraConfig(target_modules=targets))
 
 
 def test_everything_excluded():
@@ -122,6 +210,33 @@ def test_two_adapters_with_bias():
 def test_bad_adapter_name(name):
     with pytest.raises(ValueError, match="adapter_name must be a non-empty string"):
         fastpeft.patch(make_model("llama"), LoraConfig(), adapter_name=name)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "t5"])
+def test_mixed_adapter_batch_raises(model_type, tmp_path):
+    """PEFT's adapter_names= never reaches the LoRA layers of a patched transformers model (transformers
+    swallows it in **kwargs): it must raise, not run every row with the active adapter."""
+    base = make_model(model_type)
+    model = copy.deepcopy(base)
+    for name in ("sql", "math", "chat"):
+        fastpeft.save_adapter(fastpeft.patch(copy.deepcopy(base), LoraConfig(r=4, init_lora_weights=False)), tmp_path / name)
+        fastpeft.load_adapter(model, tmp_path / name, adapter_name=name)
+    inputs = make_inputs(model_type, batch=4)
+    names = ["sql", "__base__", "math", "chat"]
+    message = (r"mixed-adapter batches \(adapter_names=\.\.\., one adapter per row\) are not supported by "
+               r"fastpeft-patched models yet, got adapter_names naming \['__base__', 'chat', 'math', 'sql'\]: run one "
+               r"adapter per batch, or accelerate a peft\.PeftModel with fastpeft\.patch\(peft_model\)")
+    with pytest.raises(NotImplementedError, match=message):
+        model(**inputs, adapter_names=names)
+    with pytest.raises(NotImplementedError, match=message):
+        model.generate(inputs["input_ids"], adapter_names=names, max_new_tokens=2)
+    with pytest.raises(NotImplementedError, match=message):  # a copy carries the check
+        copy.deepcopy(model)(**inputs, adapter_names=names)
+    with torch.no_grad():  # adapter_names=None is no mixed batch (PEFT's default)
+        model(**inputs, adapter_names=None)
+        model.generate(inputs["input_ids"], adapter_names=None, max_new_tokens=2, do_sample=False)
+    fastpeft.unpatch(model)
+    assert not model._forward_pre_hooks and "generate" not in model.__dict__
 
 
 class _WithOddLayers(nn.Module):
@@ -192,6 +307,117 @@ def test_modules_to_save_shared_between_adapters():
     model = fastpeft.patch(make_model("llama", head="seq_cls"), LoraConfig(r=4, modules_to_save=["score"]))
     with pytest.raises(NotImplementedError, match=r"\['score'\] in modules_to_save, already trained by adapter 'default'"):
         fastpeft.patch(model, LoraConfig(r=4, modules_to_save=["score"]), adapter_name="second")
+
+
+# --- a failed patch leaves the model as it was ---------------------------------------------------
+def model_state(model) -> dict:
+    """What patch may change: tensors by value, the parameter objects and their requires_grad, and
+    per module its type, train flag, attribute names, the keys of its dict attributes (children,
+    parameters, per-adapter dicts, hook ids) and its hooks."""
+    return {
+        "tensors": {k: v.clone() for k, v in model.state_dict().items()},
+        "parameters": {n: (id(p), p.requires_grad) for n, p in model.named_parameters()},
+        "modules": {
+            n: (type(m), m.training, sorted(m.__dict__), {k: list(v) for k, v in m.__dict__.items() if isinstance(v, dict)},
+                list(m._forward_pre_hooks.values()), list(m._forward_hooks.values()))
+            for n, m in model.named_modules()
+        },
+    }
+
+
+def assert_same_state(after: dict, before: dict) -> None:
+    assert after["tensors"].keys() == before["tensors"].keys()
+    changed = [k for k, v in before["tensors"].items() if not torch.equal(after["tensors"][k], v)]
+    assert not changed, f"tensors changed: {changed[:5]}"
+    assert after["parameters"] == before["parameters"]
+    assert after["modules"].keys() == before["modules"].keys()
+    for name, entry in before["modules"].items():
+        assert after["modules"][name] == entry, f"module {name!r} changed"
+
+
+def _fail_on_call(monkeypatch, owner, attr: str, n: int = 1) -> None:
+    """Make ``owner.attr`` raise on its n-th call, after doing its work (a failure midway through patch)."""
+    real, calls = getattr(owner, attr), []
+
+    def failing(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(None)
+        if len(calls) == n:
+            raise RuntimeError(f"injected failure in {attr}")
+        return out
+
+    monkeypatch.setattr(owner, attr, failing)
+
+
+def _all_linear(**kwargs):
+    return LoraConfig(r=4, target_modules="all-linear", **kwargs)
+
+
+def _peft():
+    return pytest.importorskip("peft")
+
+
+_patch_module = importlib.import_module("fastpeft.patch")  # (fastpeft.patch is the function)
+
+# name -> (set-up, the failing call given the model and a saved all-linear adapter "new", the error)
+FAILING_PATCHES = {
+    "dropout-str-dict": (None, lambda m, d: fastpeft.patch(m, {"lora_dropout": "0.1"}, "new"), TypeError),
+    "alpha-str-peft-config": (None, lambda m, d: fastpeft.patch(m, _peft().LoraConfig(lora_alpha="16"), "new"),
+                              TypeError),
+    "dropout-1-dict": (None, lambda m, d: fastpeft.patch(m, {"lora_dropout": 1.0}, "new"), ValueError),
+    "nothing-matched": (None, lambda m, d: fastpeft.patch(m, LoraConfig(target_modules=["qq_proj"]), "new"), ValueError),
+    "unsupported-module": (None, lambda m, d: fastpeft.patch(m, LoraConfig(target_modules=["q_proj", "embed_tokens"]),
+                                                             "new"), NotImplementedError),
+    "3rd-update-layer": (lambda mp: _fail_on_call(mp, LoraLinear, "update_layer", 3),
+                         lambda m, d: fastpeft.patch(m, _all_linear(), "new"), RuntimeError),
+    "last-update-layer": (lambda mp: _fail_on_call(mp, LoraLinear, "update_layer", 14),
+                          lambda m, d: fastpeft.patch(m, _all_linear(), "new"), RuntimeError),
+    "mlp-install": (lambda mp: _fail_on_call(mp, fastpeft.mlp, "install"),
+                    lambda m, d: fastpeft.patch(m, _all_linear(), "new"), RuntimeError),
+    "group-install": (lambda mp: _fail_on_call(mp, fastpeft.group, "install"),
+                      lambda m, d: fastpeft.patch(m, _all_linear(), "new"), RuntimeError),
+    "mark-trainable": (lambda mp: _fail_on_call(mp, _patch_module, "mark_trainable"),  # after every install
+                       lambda m, d: fastpeft.patch(m, _all_linear(bias="all"), "new"), RuntimeError),
+    "load-adapter-group-install": (lambda mp: _fail_on_call(mp, fastpeft.group, "install"),
+                                   lambda m, d: fastpeft.load_adapter(m, d, "new"), RuntimeError),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_all_linear(tmp_path_factory):
+    """An all-linear r=4 adapter saved under the name "new" (for the load_adapter case)."""
+    d = tmp_path_factory.mktemp("all_linear")
+    fastpeft.save_adapter(fastpeft.patch(make_model("llama"), _all_linear(), "new"), d, adapter_name="new")
+    return d
+
+
+@pytest.mark.parametrize("already", ["plain", "patched"], ids=["plain-model", "second-adapter"])
+@pytest.mark.parametrize("case", list(FAILING_PATCHES))
+def test_failed_patch_leaves_model_as_it_was(case, already, monkeypatch, saved_all_linear):
+    setup, call, exc = FAILING_PATCHES[case]
+    if case == "mark-trainable" and already == "patched":
+        pytest.skip("adding an adapter to a patched model does not call mark_trainable")
+    model = make_model("llama")
+    if already == "patched":  # q and v wrapped by adapter "default": the failing call adds to them too
+        fastpeft.patch(model, LoraConfig(r=2, init_lora_weights=False))
+    model.train()
+    before = model_state(model)
+    if setup is not None:
+        setup(monkeypatch)
+    with pytest.raises(exc):
+        call(model, saved_all_linear)
+    assert_same_state(model_state(model), before)
+    monkeypatch.undo()
+    fastpeft.patch(model, _all_linear(), "new")  # and the model takes the adapter once nothing fails
+
+
+def test_failed_patch_of_peft_model_leaves_it_as_it_was(monkeypatch):
+    pm = _peft().get_peft_model(make_model("llama"), _peft().LoraConfig(r=4, target_modules="all-linear"))
+    before = model_state(pm)
+    _fail_on_call(monkeypatch, fastpeft.group, "install")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        fastpeft.patch(pm)
+    assert_same_state(model_state(pm), before)
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -309,8 +535,24 @@ def test_load_corrupt_weights(saved_adapter):
 
 
 def test_load_missing_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="adapter directory not found"):
+    with pytest.raises(FileNotFoundError, match=r"adapter directory not found: .*nope \(fastpeft reads local "
+                                                r"directories only\)"):
         fastpeft.load_adapter(make_model("llama"), tmp_path / "nope")
+
+
+def test_load_hub_id_says_how_to_fetch_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"adapter directory not found: org/name; fastpeft reads local "
+                                                r"directories only: if 'org/name' is a Hugging Face Hub repo id, "
+                                                r"download it first with huggingface_hub\.snapshot_download\('org/name'\) "
+                                                r"and pass the path it returns"):
+        fastpeft.load_adapter(make_model("llama"), "org/name")
+
+
+def test_load_file_instead_of_directory(saved_adapter):
+    base, d = saved_adapter
+    with pytest.raises(NotADirectoryError, match=r"expected an adapter directory, got the file .*adapter_config\.json"):
+        fastpeft.load_adapter(copy.deepcopy(base), d / "adapter_config.json")
 
 
 def test_save_unknown_adapter(tmp_path):

@@ -207,6 +207,33 @@ def test_patch_peft_model_same_numbers_and_save(model_type, tmp_path, monkeypatc
         torch.testing.assert_close(logits(merged, inputs), out0, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+def test_patch_peft_model_mixed_batch_equals_peft(backend, request):
+    """PEFT's adapter_names= (one adapter per row) on a patched PeftModel gives PEFT's numbers, with
+    gradients on or off: PEFT hands the names to its layers through pre-hooks, so the layers run PEFT's
+    forward for that call, and the fused MLP (which would skip the layers' hooks) steps aside."""
+    if backend == "kernels":
+        request.getfixturevalue("kernels_on")
+    base = make_model("llama")
+    cfg = dict(init_lora_weights=False, target_modules="all-linear")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, **cfg), adapter_name="sql")
+    pm.add_adapter("math", peft.LoraConfig(r=2, **cfg))
+    pm.eval()
+    inputs = make_inputs("llama", batch=4)
+    mixed = dict(inputs, adapter_names=["sql", "__base__", "math", "sql"])
+    generate = dict(mixed, max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        expected, expected_tokens = logits(pm, mixed), pm.generate(**generate)
+        torch.testing.assert_close(expected[1], logits(base, inputs)[1], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(expected[0], expected[2], atol=1e-3)  # rows really got different adapters
+    fastpeft.patch(pm)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(logits(pm, mixed).detach(), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(pm.generate(**generate), expected_tokens)
+
+
 def test_patch_peft_model_unpatch_restores_peft_forward(monkeypatch):
     pm = peft.get_peft_model(make_model("llama"), peft.LoraConfig(r=4, init_lora_weights=False))
     fastpeft.patch(pm)
