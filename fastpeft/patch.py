@@ -480,13 +480,19 @@ def apply_plan(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool =
 def _adapter_names_pre_hook(model, args, kwargs):
     """Forward pre-hook of a patched model: where ``model(..., adapter_names=[...])`` arrives, which
     transformers would swallow in ``**kwargs``, running every row with the active adapter. The
-    multi-LoRA implementation takes the names from here to the LoRA layers; until then it raises."""
+    multi-LoRA implementation takes the names from here to the LoRA layers; until then it raises.
+    ``adapter_names=None`` (no mixed batch) is taken out, as PEFT does, for forwards without **kwargs."""
     reject_adapter_names(kwargs)
+    if "adapter_names" in kwargs:
+        kwargs = {k: v for k, v in kwargs.items() if k != "adapter_names"}
+        return args, kwargs
+    return None
 
 
 def _generate(self, *args, **kwargs):
     """Instance ``generate`` of a patched model: generate checks its kwargs before any forward."""
     reject_adapter_names(kwargs)
+    kwargs.pop("adapter_names", None)
     return type(self).generate(self, *args, **kwargs)
 
 
