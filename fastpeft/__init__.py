@@ -8,6 +8,7 @@
 Importing fastpeft never imports peft.
 """
 from .config import LoraConfig
+from .options import Options, get_options, set_options
 from .layer import LoraLinear
 from .patch import merge, patch, unmerge, unpatch
 from .adapter_io import load_adapter, save_adapter
@@ -17,6 +18,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig",
+    "Options",
+    "get_options",
+    "set_options",
     "LoraLinear",
     "patch",
     "unpatch",

@@ -150,7 +150,7 @@ def _env(args) -> int:
         print(f"device       cuda: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
     else:
         print("device       cpu (no CUDA device)")
-    print(f"backend      FASTPEFT_BACKEND={backend_name()} (auto: kernels on CUDA tensors, reference elsewhere)")
+    print(f"backend      {backend_name()} (auto: kernels on CUDA tensors, reference elsewhere; FASTPEFT_BACKEND seeds it)")
     return 0
 
 

@@ -7,7 +7,7 @@ weights, same batches) are trained with
 
 * **fastpeft**  — ``fastpeft.patch`` with the default backend (the fused Triton kernels on CUDA;
   on CPU the default backend is the reference path, so this row *is* the reference row),
-* **reference** — the same patched model with ``FASTPEFT_BACKEND=reference`` (plain PyTorch),
+* **reference** — the same model patched with ``options=fastpeft.Options(backend="reference")`` (plain PyTorch),
 * **PEFT**      — ``peft.get_peft_model`` with the same LoraConfig, when peft is installed,
 
 and the loss curves must agree within a tolerance for the dtype. The fastpeft adapter is saved in
@@ -178,23 +178,6 @@ def load_adapter_state(model, state, who: str) -> None:
         modules[name].lora_B["default"].weight.copy_(b)
 
 
-@contextmanager
-def backend_env(name: str | None):
-    """Set FASTPEFT_BACKEND for the duration (None: leave it as the user has it)."""
-    if name is None:
-        yield
-        return
-    old = os.environ.get("FASTPEFT_BACKEND")
-    os.environ["FASTPEFT_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FASTPEFT_BACKEND", None)
-        else:
-            os.environ["FASTPEFT_BACKEND"] = old
-
-
 @dataclass
 class Run:
     label: str
@@ -354,12 +337,12 @@ def run_demo(args) -> int:
     # 2. the reference path, only where it differs from the default backend.
     ref = None
     if kernels:
-        with backend_env("reference"):
-            _reset_peak(device)
-            model = fastpeft.patch(build_model(args, device, dtype), lora_config(args))
-            load_adapter_state(model, init_state, "fastpeft (reference)")
-            ref = train(Run("reference", "reference"), model, batches, args, device)
-            del model
+        _reset_peak(device)
+        model = fastpeft.patch(build_model(args, device, dtype), lora_config(args),
+                               options=fastpeft.Options(backend="reference"))
+        load_adapter_state(model, init_state, "fastpeft (reference)")
+        ref = train(Run("reference", "reference"), model, batches, args, device)
+        del model
         runs.append(ref)
 
     # 3. PEFT, same config, same initial adapters, same batches.

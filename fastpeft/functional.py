@@ -23,14 +23,15 @@ def _autocast(x):
     return x
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0, training: bool = False):
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0, training: bool = False,
+                backend=None):
     """y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ; weight (N, K) (a Conv1D weight as its transpose view).
 
-    Dropout applies only in training mode with p > 0.
+    Dropout applies only in training mode with p > 0. ``backend``: a model's option (None: the process's).
     """
     x = _autocast(x)
     seed = draw_dropout_seed(x.device) if (training and dropout_p > 0.0) else None
-    if use_triton(x):
+    if use_triton(x, backend):
         from . import ops
 
         return ops.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p if seed is not None else 0.0, seed)

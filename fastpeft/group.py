@@ -10,16 +10,15 @@ runs the layer alone and drops what was kept, so a module that calls its project
 inputs (cross-attention) still gets exact results. Seeds are drawn in call order (q, k, v), as the
 separate layers draw them, so the masks match the ungrouped path's. Not grouped: no grad, the
 reference backend, torch.compile, any projection that ``layer.single_lora`` does not cover (several,
-merged or disabled adapters, a trainable base), and ``FASTPEFT_GROUP_PROJECTIONS=0``.
+merged or disabled adapters, a trainable base), and the ``group_projections`` option off.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from . import functional, models
+from . import functional, models, options
 from .backend import use_triton
-from .kernels.launch import env
 from .layer import GROUP_ATTR, has_lora, single_lora
 
 
@@ -52,7 +51,8 @@ class ProjectionGroup:
         return ys[0]
 
     def _fusable(self, x: torch.Tensor):
-        if not torch.is_grad_enabled() or not use_triton(x) or env("FASTPEFT_GROUP_PROJECTIONS", "1") == "0":
+        opts = options.of(self.layers[0])
+        if not torch.is_grad_enabled() or not opts.group_projections or not use_triton(x, opts.backend):
             return None
         projections = [single_lora(layer) for layer in self.layers]
         if any(p is None for p in projections):

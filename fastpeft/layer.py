@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from . import functional, reference
+from . import functional, options, reference
 
 
 def conv1d_class():
@@ -133,13 +133,14 @@ def lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not active:
         return base(x, *args, **kwargs)
     weight, bias, training = base_weight(layer), _param(base, "bias"), layer.training
+    backend = options.of(layer).backend
     y = None
     for name in active:
         lora_a, lora_b, scaling, p = _adapter(layer, name)
         if y is None:
-            y = functional.lora_linear(x, weight, bias, lora_a, lora_b, scaling, p, training)
+            y = functional.lora_linear(x, weight, bias, lora_a, lora_b, scaling, p, training, backend)
         else:  # further active adapters (rare): their LoRA branch alone (no base weight)
-            y = y + functional.lora_linear(x, None, None, lora_a, lora_b, scaling, p, training).to(y.dtype)
+            y = y + functional.lora_linear(x, None, None, lora_a, lora_b, scaling, p, training, backend).to(y.dtype)
     return y
 
 

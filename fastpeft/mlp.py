@@ -6,7 +6,7 @@ gate/up/down projections are LoRA layers. With gradients on it runs ``ops.LoraML
 keeps gate(x) and up(x) for backward but not act(gate(x))·up(x): the MLP then holds less activation
 memory than the frozen model's own. Anything it does not cover (no grad, several or merged or
 disabled adapters, a trainable base weight or bias, a projection with forward hooks, the reference
-backend, torch.compile, FASTPEFT_FUSE_MLP=0) runs the module's own forward, i.e. the three LoRA layers
+backend, torch.compile, the ``fuse_mlp`` option off) runs the module's own forward, i.e. the three LoRA layers
 one by one.
 """
 from __future__ import annotations
@@ -16,9 +16,8 @@ import types
 import torch
 import torch.nn as nn
 
-from . import functional, models
+from . import functional, models, options
 from .backend import use_triton
-from .kernels.launch import env
 from .layer import has_lora, single_lora
 
 FUSED_MLP_ATTR = "_fastpeft_fused_mlp"  # on each MLP module: the activation name
@@ -26,8 +25,9 @@ FUSED_MLP_ATTR = "_fastpeft_fused_mlp"  # on each MLP module: the activation nam
 
 def fusable(mlp: nn.Module, x: torch.Tensor):
     """The three projections' (weight, bias, lora_A, lora_B, scaling, p), or None to run unfused."""
-    if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or not use_triton(x)
-            or env("FASTPEFT_FUSE_MLP", "1") == "0"
+    opts = options.of(mlp)
+    if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or not opts.fuse_mlp
+            or not use_triton(x, opts.backend)
             or models.gated_mlp_activation(mlp) != mlp.__dict__[FUSED_MLP_ATTR]):
         return None
     layers = [getattr(mlp, name) for name in models.GATED_MLP_PROJECTIONS]

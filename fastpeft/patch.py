@@ -32,6 +32,7 @@ import torch.nn as nn
 from . import models
 from .config import INCLUDE_LINEAR_LAYERS_SHORTHAND, LoraConfig
 from . import group, mlp
+from .options import OPTIONS_ATTR, Options
 from .layer import (
     ACCELERATED_ATTR,
     GROUP_ATTR,
@@ -555,8 +556,12 @@ def set_adapter(model: nn.Module, adapter_names) -> None:
     mark_trainable(model)
 
 
-def patch(model: nn.Module, lora_config=None, adapter_name: str = "default", autocast_adapter_dtype: bool = True):
+def patch(model: nn.Module, lora_config=None, adapter_name: str = "default", autocast_adapter_dtype: bool = True,
+          options: Optional[Options] = None):
     """Add LoRA adapter ``adapter_name`` to ``model`` in place and return it.
+
+    ``options``: a :class:`fastpeft.Options` (backend, fused MLP, grouped q/k/v) for this model; None
+    keeps the model's earlier ones, else it follows the process's (``fastpeft.set_options``).
 
     ``lora_config``: a :class:`fastpeft.LoraConfig`, a ``peft.LoraConfig`` or a dict of its fields;
     required, as PEFT's ``get_peft_model`` requires one (``fastpeft.LoraConfig()`` for PEFT's defaults).
@@ -565,6 +570,8 @@ def patch(model: nn.Module, lora_config=None, adapter_name: str = "default", aut
     :func:`set_adapter`. A ``peft.PeftModel`` is accelerated in place instead (no config allowed).
     """
     check_model(model, "fastpeft.patch")
+    if options is not None and not isinstance(options, Options):
+        raise TypeError(f"options must be a fastpeft.Options, got {type(options).__name__}")
     # A PeftModel, or a transformers model with PEFT layers injected (model.add_adapter / load_adapter).
     has_peft_layers = is_peft_model(model) or any(is_peft_lora_layer(m) for m in model.modules())
     if has_peft_layers:
@@ -573,7 +580,7 @@ def patch(model: nn.Module, lora_config=None, adapter_name: str = "default", aut
                 "fastpeft.patch(peft_model) takes no lora_config: the PEFT model already has its adapters "
                 "(add more with peft_model.add_adapter)"
             )
-        return _patch_peft_model(model)
+        return _attach_options(_patch_peft_model(model), options)
     if lora_config is None:
         raise TypeError(
             f"fastpeft.patch needs a lora_config for {type(model).__name__}, which has no PEFT adapters, e.g. "
@@ -581,7 +588,23 @@ def patch(model: nn.Module, lora_config=None, adapter_name: str = "default", aut
             f"only a peft.PeftModel is patched without one"
         )
     plan = plan_patch(model, lora_config, adapter_name)
-    return apply_plan(model, plan, autocast_adapter_dtype)
+    return _attach_options(apply_plan(model, plan, autocast_adapter_dtype), options)
+
+
+def _attach_options(model: nn.Module, options: Optional[Options]) -> nn.Module:
+    """Give the model's LoRA layers and fused MLPs its options (``options``, else those it had, if any)."""
+    options = options or model.__dict__.get(OPTIONS_ATTR)
+    if options is not None:
+        for module in model.modules():
+            if module is model or isinstance(module, LoraLinear) or is_peft_lora_layer(module) \
+                    or mlp.FUSED_MLP_ATTR in module.__dict__:
+                module.__dict__[OPTIONS_ATTR] = options
+    return model
+
+
+def _detach_options(model: nn.Module) -> None:
+    for module in model.modules():
+        module.__dict__.pop(OPTIONS_ATTR, None)
 
 
 # --- PEFT models ------------------------------------------------------------------------------
@@ -673,6 +696,7 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     check_model(model, "fastpeft.unpatch")
     if getattr(model, _PEFT_PATCHED_ATTR, False) or is_peft_model(model):
         _unpatch_peft_model(model)  # PEFT's forwards come back; PEFT's layers stay
+        _detach_options(model)
         return model
     layers = _fastpeft_layers(model)
     if not layers and not getattr(model, CONFIG_ATTR, None):
@@ -680,6 +704,7 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     mlp.uninstall(model.modules())
     group.uninstall(model.modules())
     _unguard_adapter_names(model)
+    _detach_options(model)
     for name, layer in layers:
         if merge:
             todo = [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]

@@ -4,6 +4,8 @@ import os
 import pytest
 import torch
 
+import fastpeft
+
 
 @pytest.fixture
 def kernel_device():
@@ -16,9 +18,17 @@ def kernel_device():
 
 
 @pytest.fixture
-def kernels_on(kernel_device, monkeypatch):
-    """kernel_device, with FASTPEFT_BACKEND=triton (the kernels on CPU tensors too)."""
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+def set_options():
+    """``fastpeft.set_options`` for one test: the process's options come back after it."""
+    previous = fastpeft.get_options()
+    yield fastpeft.set_options
+    fastpeft.set_options(previous)
+
+
+@pytest.fixture
+def kernels_on(kernel_device, set_options):
+    """kernel_device, with the triton backend (the kernels on CPU tensors too)."""
+    set_options(backend="triton")
     return kernel_device
 
 

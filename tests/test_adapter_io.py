@@ -22,8 +22,8 @@ from tiny_models import make_inputs, make_model
 peft = pytest.importorskip("peft")
 
 @pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+def _reference_backend(set_options):
+    set_options(backend="reference")
 
 
 CASES = {

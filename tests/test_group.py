@@ -25,7 +25,7 @@ def _count_groups(monkeypatch):
 
 @pytest.mark.parametrize("gemm", ["triton", "cublas"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
-def test_grouped_qkv_matches_separate_layers(kernels_on, monkeypatch, checkpointing, gemm):
+def test_grouped_qkv_matches_separate_layers(kernels_on, set_options, monkeypatch, checkpointing, gemm):
     """Grouped and ungrouped give the same logits and gradients with dropout (the seeds are drawn in
     the layers' order), one group op per attention block; on both main-matmul routes (the cuBLAS
     route's C pass adds each projection's dX into one buffer)."""
@@ -39,7 +39,7 @@ def test_grouped_qkv_matches_separate_layers(kernels_on, monkeypatch, checkpoint
     calls = _count_groups(monkeypatch)
     grouped = train_step(model, inputs)
     assert len(calls) == (4 if checkpointing else 2)  # recomputed in backward under checkpointing
-    monkeypatch.setenv("FASTPEFT_GROUP_PROJECTIONS", "0")
+    set_options(group_projections=False)
     alone = train_step(model, inputs)
     assert len(calls) == (4 if checkpointing else 2)
     torch.testing.assert_close(grouped[0], alone[0], rtol=1e-4, atol=1e-5)
@@ -48,7 +48,7 @@ def test_grouped_qkv_matches_separate_layers(kernels_on, monkeypatch, checkpoint
         torch.testing.assert_close(grouped[1][name], alone[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_other_calling_patterns_run_alone(kernels_on, monkeypatch):
+def test_other_calling_patterns_run_alone(kernels_on, set_options, monkeypatch):
     """k and v called on another tensor (cross-attention), an input changed in place between the
     calls, or k alone: each projection computes its own input; nothing kept is reused."""
     model = _patched().to(kernels_on).train()
@@ -56,9 +56,9 @@ def test_other_calling_patterns_run_alone(kernels_on, monkeypatch):
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
     x = torch.randn(2, 5, q.in_features, device=kernels_on, requires_grad=True)
     y = torch.randn(2, 3, q.in_features, device=kernels_on)
-    monkeypatch.setenv("FASTPEFT_GROUP_PROJECTIONS", "0")
+    set_options(group_projections=False)
     want = {name: layer(t) for name, layer, t in (("qx", q, x), ("ky", k, y), ("vy", v, y), ("kx", k, x))}
-    monkeypatch.delenv("FASTPEFT_GROUP_PROJECTIONS")
+    set_options(group_projections=True)
     calls = _count_groups(monkeypatch)
     got_q, got_k, got_v = q(x), k(y), v(y)  # cross-attention: q of x, k and v of y
     assert len(calls) == 1

@@ -144,7 +144,7 @@ def test_patched_model_runs_the_fused_mlp(kernels_on, family, monkeypatch):
     monkeypatch.setattr(ops.LoraMLPFunction, "forward", staticmethod(lambda *a: (calls.append(1), forward(*a))[1]))
     fused = train_step(model, inputs)
     assert len(calls) == 2
-    monkeypatch.setenv("FASTPEFT_FUSE_MLP", "0")
+    fastpeft.set_options(fuse_mlp=False)
     plain = train_step(model, inputs)
     assert len(calls) == 2
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-5)
@@ -174,7 +174,7 @@ def test_fused_mlp_saves_less_than_three_layers(kernels_on, monkeypatch):
         return sum(n for n in storages.values() if n >= 2 * 7 * 32 * 4)  # the (tokens x features) ones
 
     fused = saved_bytes()
-    monkeypatch.setenv("FASTPEFT_FUSE_MLP", "0")
+    fastpeft.set_options(fuse_mlp=False)
     plain = saved_bytes()
     x_bytes, big = 2 * 7 * 32 * 4, 2 * 7 * 64 * 4  # x, and one (tokens x intermediate) fp32 tensor
     assert fused == x_bytes + 2 * big, (fused, plain)  # x, g, u

@@ -25,9 +25,9 @@ from tolerance import assert_close, rel_err
 peft = pytest.importorskip("peft")
 
 @pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
+def _reference_backend(set_options):
     """These tests check the integration; the kernels have their own tests (test_kernels.py)."""
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    set_options(backend="reference")
 
 
 EXPLICIT_TARGETS = {"phi3": ["qkv_proj", "o_proj"]}  # PEFT has no default for phi3
