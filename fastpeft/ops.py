@@ -1,8 +1,7 @@
 """Autograd for the fused LoRA linear: which kernels run, what is saved for backward.
 
 Forward  (x (..., K), W (N, K), A (R, K), B (N, R)), one of three routes by M (``main_matmul``):
-    triton: xa = drop(x)·Aᵀ (``lora_shrink``), then y = x·Wᵀ + b + s·xa·Bᵀ (``lora_linear``); with
-            ``fused_shrink`` (off by default) xa is computed in the matmul's K loop: one launch
+    triton: xa = drop(x)·Aᵀ (``lora_shrink``), then y = x·Wᵀ + b + s·xa·Bᵀ (``lora_linear``)
     cublas: C = b + s·xa·Bᵀ and xa from one pass over x (``lora_shrink_expand``), then cuBLAS adds
             x·Wᵀ onto C in its epilogue (beta = 1): two launches
     tma:    ``lora_shrink``, then the persistent TMA matmul with the same epilogue (``lora_linear_tma``),
@@ -117,22 +116,10 @@ def _check(x, weight, bias, lora_a, lora_b):
         raise ValueError(f"LoRA tensors are on different devices: {sorted(devices)}")
 
 
-# Up to this many rows the Triton route's forward computes xa inside the main matmul's K loop (one
-# launch instead of three). Off: every output-column program recomputes xa, and on the H100 that
-# doubled the forward's GPU time at M = 1-16 (57 against 29 µs replayed) for no measured eager gain.
-FUSED_SHRINK_MAX_M = 0
-
-
-def fused_shrink(M: int, R: int) -> bool:
-    """Whether the forward's Triton main matmul also computes xa = drop(x)·Aᵀ in its K loop instead of
-    a separate shrink kernel (R <= 64; FASTPEFT_FUSED_SHRINK_MAX_M moves the M bound)."""
-    return R <= 64 and M <= int(env("FASTPEFT_FUSED_SHRINK_MAX_M", FUSED_SHRINK_MAX_M))
-
-
 def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, seed):
     """(y2 (M, N), xa (M, R) fp32) for a 2-D x; weight None computes the LoRA branch alone."""
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
-    M, R = x2.shape[0], lora_a.shape[0]
+    M = x2.shape[0]
     route = main_matmul(M, K.tma_wide(x2.dtype, False)) if weight is not None else "cublas"
     if route == "tma":
         w = _as(weight, x2.dtype)
@@ -140,10 +127,6 @@ def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
             parts = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale, partial=True)
             return K.lora_linear_tma(x2, w, bias, parts, lora_b, scaling)
     if route == "triton":
-        if fused_shrink(M, R):
-            xa = torch.empty((M, R), dtype=torch.float32, device=x2.device)
-            return K.lora_linear(x2, weight, bias, xa, lora_b, scaling, seed, threshold, drop_scale,
-                                 shrink_a=lora_a), xa
         overlap = pdl(x2.device)
         parts = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale, launch_dependents=overlap, partial=True)
         return K.lora_linear(x2, weight, bias, parts, lora_b, scaling, pdl=overlap)
@@ -179,8 +162,6 @@ def backward_dx(dy2, x_dtype, weight, lora_a, lora_b, scaling: float, dropout_p:
         dx = dx if dx_into is None or into else dx_into.add_(dx)
     elif need_dx:
         if route == "triton":
-            # not the K-loop shrink here: with its dot in bf16/fp16 and Bᵀ as the operand it gave wrong
-            # dX on the H100 (triton 3.6) while passing under the interpreter (bench/NOTES.md, run 4)
             overlap = pdl(dy2.device)
             parts = K.lora_shrink(dy2, lora_b.t(), launch_dependents=overlap, partial=True)
             dx, dyb = K.lora_linear(dy2, weight.t(), None, parts, lora_a.t(), scaling, seed, threshold, drop_scale,

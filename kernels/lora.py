@@ -12,11 +12,9 @@ The LoRA linear y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ and its backward are bui
       on the output (m, k) — the same bits the forward used on x; (small = dyb = dY·B).
 * ``lora_linear``        out[M, N] = a[M, K] · w[N, K]ᵀ + b + s·(l[M, R] · r[N, R]ᵀ) [⊙ keep]
       the expand, scaling and bias in the epilogue of a Triton matmul, so no M×N or M×K intermediate
-      is written besides y; with ``shrink_a`` it also computes l = drop(a)·shrink_aᵀ in its K loop
-      (a read once, one launch for the whole forward; off by default: it costs GPU time, see ops.py).
-      It also takes the shrink's split-K partial sums and adds them in its epilogue, and may be
+      is written besides y. It also takes the shrink's split-K partial sums and adds them in its epilogue, and may be
       launched with PDL behind the shrink (its main loop runs while the shrink finishes).
-* ``lora_linear_tma``    the same product and epilogue (no fused shrink) as a persistent matmul whose
+* ``lora_linear_tma``    the same product and epilogue as a persistent matmul whose
       a and w tiles come in by TMA (Hopper on, half-precision operands): the opt-in ``tma`` route.
 * ``lora_adapter_grads`` dA[R, K] = s·dybᵀ·drop(x) and dB[N, R] = s·dYᵀ·xa in one launch
       (each out[C, R] = s · Σ_m big[m, C]ᵀ · small[m, R]; the mask regenerated on x).
@@ -433,15 +431,14 @@ def _shrink_expand_plan(a, p, q, bias, scaling, has_seed, threshold, drop_scale,
 # linear + LoRA epilogue: out[M, N] = a·wᵀ + bias + (s·l·rᵀ) [⊙ keep·scale]
 # ------------------------------------------------------------------------------------------
 @triton.jit
-def _lora_epilogue(acc, xa, rm, rn, m_ok, n_ok, col0, l_ptr, r_ptr, bias_ptr, lsum_ptr, seed, R,
+def _lora_epilogue(acc, rm, rn, m_ok, n_ok, col0, l_ptr, r_ptr, bias_ptr, lsum_ptr, seed, R,
                    stride_lm, stride_lr, stride_rn, stride_rr, stride_ls, write_lsum, scaling, threshold,
-                   drop_scale, HAS_BIAS: tl.constexpr, OUT_DROPOUT: tl.constexpr, FROM_REGS: tl.constexpr,
+                   drop_scale, HAS_BIAS: tl.constexpr, OUT_DROPOUT: tl.constexpr,
                    L_SPLIT: tl.constexpr, EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """acc[BLOCK_M, BLOCK_N] + s·(l·rᵀ) [⊙ keep·scale, the mask of output columns col0 ..] + bias.
 
-    l comes from registers (``xa``, FROM_REGS: the fused shrink, R <= BLOCK_R) or from l_ptr, where
-    it may be L_SPLIT partial sums stride_ls apart, added in order (their sum is stored at lsum_ptr
+    l may be L_SPLIT partial sums stride_ls apart, added in order (their sum is stored at lsum_ptr
     where ``write_lsum``). R runs in chunks of BLOCK_R. Without a mask the product accumulates
     straight into acc (a second fp32 tile would spill the large tiles)."""
     if OUT_DROPOUT:
@@ -450,18 +447,15 @@ def _lora_epilogue(acc, xa, rm, rn, m_ok, n_ok, col0, l_ptr, r_ptr, bias_ptr, ls
         lora = acc
     for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: fp32 chunks would overflow smem
         rr = r0 + tl.arange(0, BLOCK_R)
-        if FROM_REGS:
-            l = xa * scaling
-        else:
-            l_ptrs = l_ptr + rm[:, None].to(tl.int64) * stride_lm + rr[None, :] * stride_lr
-            l_ok = m_ok[:, None] & (rr[None, :] < R)
-            l = tl.load(l_ptrs, mask=l_ok, other=0.0)
-            for s in range(1, L_SPLIT):  # the shrink's split-K partial sums, added in a fixed order
-                l += tl.load(l_ptrs + s * stride_ls, mask=l_ok, other=0.0)
-            if L_SPLIT > 1:
-                if write_lsum:  # their sum, kept for the backward
-                    tl.store(lsum_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], l, mask=l_ok)
-            l = l * scaling
+        l_ptrs = l_ptr + rm[:, None].to(tl.int64) * stride_lm + rr[None, :] * stride_lr
+        l_ok = m_ok[:, None] & (rr[None, :] < R)
+        l = tl.load(l_ptrs, mask=l_ok, other=0.0)
+        for s in range(1, L_SPLIT):  # the shrink's split-K partial sums, added in a fixed order
+            l += tl.load(l_ptrs + s * stride_ls, mask=l_ok, other=0.0)
+        if L_SPLIT > 1:
+            if write_lsum:  # their sum, kept for the backward
+                tl.store(lsum_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], l, mask=l_ok)
+        l = l * scaling
         r = tl.load(r_ptr + rn[None, :].to(tl.int64) * stride_rn + rr[:, None] * stride_rr,
                     mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
         lora = _dot(l, r, lora, EXPAND_MODE, PRECISION)
@@ -487,13 +481,12 @@ def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _lora_linear_kernel(
-    a_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr, seed_ptr, sa_ptr, lsum_ptr,
+    a_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr, seed_ptr, lsum_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_wn, stride_wk,
-    stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on, stride_sar, stride_sak, stride_ls,
+    stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on, stride_ls,
     scaling, threshold, drop_scale,
     HAS_BIAS: tl.constexpr, OUT_DROPOUT: tl.constexpr,
-    FUSE_SHRINK: tl.constexpr, IN_DROPOUT: tl.constexpr, SHRINK_MODE: tl.constexpr,
     MODE: tl.constexpr, EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, L_SPLIT: tl.constexpr, PDL_WAIT: tl.constexpr,
@@ -505,41 +498,25 @@ def _lora_linear_kernel(
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # FUSE_SHRINK: l = drop(a)·saᵀ accumulated in the same K loop (a is read once), kept in
-    # registers for the epilogue and written to l_ptr by the pid_n == 0 programs (R <= BLOCK_R)
-    rs = tl.arange(0, BLOCK_R)
-    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    seed = tl.load(seed_ptr) if IN_DROPOUT or OUT_DROPOUT else 0
+    seed = tl.load(seed_ptr) if OUT_DROPOUT else 0
 
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
     w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk
-    sa_ptrs = sa_ptr + rs[None, :] * stride_sar + rk[:, None] * stride_sak
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + rk) < K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _dot(a, w, acc, MODE, PRECISION)
-        if FUSE_SHRINK:
-            sa = tl.load(sa_ptrs, mask=k_ok[:, None] & (rs[None, :] < R), other=0.0)
-            xa = _shrink_step(xa, a, sa, seed, rm, k0, threshold, IN_DROPOUT, SHRINK_MODE, PRECISION,
-                              BLOCK_M, BLOCK_K)
-            sa_ptrs += BLOCK_K * stride_sak
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
-    if FUSE_SHRINK:
-        if IN_DROPOUT:
-            xa = xa * drop_scale
-        if pid_n == 0:
-            tl.store(l_ptr + rm[:, None].to(tl.int64) * stride_lm + rs[None, :] * stride_lr, xa,
-                     mask=m_ok[:, None] & (rs[None, :] < R))
 
-    # the LoRA expand, mask and bias in the epilogue (the fused shrink's xa from registers)
+    # the LoRA expand, mask and bias in the epilogue
     if PDL_WAIT:  # launched with PDL behind the shrink that writes l: wait for it here, not earlier
         gdc_wait()
-    acc = _lora_epilogue(acc, xa, rm, rn, m_ok, n_ok, pid_n * BLOCK_N, l_ptr, r_ptr, bias_ptr, lsum_ptr, seed, R,
+    acc = _lora_epilogue(acc, rm, rn, m_ok, n_ok, pid_n * BLOCK_N, l_ptr, r_ptr, bias_ptr, lsum_ptr, seed, R,
                          stride_lm, stride_lr, stride_rn, stride_rr, stride_ls, pid_n == 0, scaling, threshold,
-                         drop_scale, HAS_BIAS, OUT_DROPOUT, FUSE_SHRINK, L_SPLIT, EXPAND_MODE, PRECISION,
+                         drop_scale, HAS_BIAS, OUT_DROPOUT, L_SPLIT, EXPAND_MODE, PRECISION,
                          BLOCK_M, BLOCK_N, BLOCK_R)
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
     omask = m_ok[:, None] & n_ok[None, :]
@@ -590,33 +567,28 @@ def _linear_config(M: int) -> tuple:
 def lora_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, l: torch.Tensor,
                 r: torch.Tensor, scaling: float,
                 seed: torch.Tensor | None = None, threshold: int = 0, drop_scale: float = 1.0,
-                out_dtype: torch.dtype | None = None, shrink_a: torch.Tensor | None = None,
-                mask_output: bool = False, pdl: bool = False) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, mask_output: bool = False, pdl: bool = False) -> torch.Tensor:
     """out = a·wᵀ + bias + s·(l·rᵀ) [⊙ keep·scale].
 
     a (M, K), w (N, K), bias (N,) or None, l (M, R), r (N, R); any strides. ``l`` may be the (S, M, R)
     partial sums of ``lora_shrink(partial=True)``: the epilogue adds them up, and the call returns
-    (out, their sum (M, R)). With ``shrink_a`` (R, K), R <= 64, unit stride along K, the kernel
-    computes l = drop(a)·shrink_aᵀ itself in its main loop (a read once) and writes it into ``l`` (fp32). With ``seed`` the dropout
-    mask applies to ``a`` inside that shrink, or, with ``mask_output`` (not with ``shrink_a``), to the
-    LoRA term of output element (m, n). ``pdl``: launched with programmatic dependent launch behind
-    the kernel that writes l (see lora_linear_tma); not with ``shrink_a``.
+    (out, their sum (M, R)). With ``seed`` (and ``mask_output``, which it needs) the dropout mask
+    applies to the LoRA term of output element (m, n). ``pdl``: launched with programmatic dependent
+    launch behind the kernel that writes l (see lora_linear_tma).
     """
     key = (_lora_linear_kernel, a.shape, a.stride(), a.dtype, w.shape, w.stride(), w.dtype,
            None if bias is None else (bias.shape, bias.dtype), l.shape, l.stride(), l.dtype, r.shape, r.stride(),
-           r.dtype, None if seed is None else seed.dtype, threshold, drop_scale, out_dtype, mask_output,
-           None if shrink_a is None else (shrink_a.shape, shrink_a.stride(), shrink_a.dtype), scaling,
+           r.dtype, None if seed is None else seed.dtype, threshold, drop_scale, out_dtype, mask_output, scaling,
            _precision(), env("FASTPEFT_LINEAR_CONFIG"), pdl, a.device)
     return cached(key, _linear_plan, a, w, bias, l, r, scaling, seed is not None, threshold, drop_scale, out_dtype,
-                  shrink_a, mask_output, pdl)(a, w, bias, l, r, seed, shrink_a)
+                  mask_output, pdl)(a, w, bias, l, r, seed)
 
 
-def _linear_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dtype, shrink_a, mask_output,
-                 pdl=False):
+def _linear_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dtype, mask_output, pdl=False):
     """lora_linear's work for one shape key: the checks, the tiles, the grid, once."""
     partial, l_split, l2 = _partials(l)  # l2: one (M, R) slice, the checks and strides
-    if partial and (l_split < 1 or shrink_a is not None):
-        raise ValueError(f"lora_linear: partial sums l {tuple(l.shape)} need S >= 1 and no fused shrink")
+    if partial and l_split < 1:
+        raise ValueError(f"lora_linear: partial sums l {tuple(l.shape)} need S >= 1")
     M, R = l2.shape
     N, Rr = r.shape
     Ma, K = a.shape
@@ -624,18 +596,8 @@ def _linear_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out
     if Rr != R or Ma != M or Nw != N or Kw != K:
         raise ValueError(f"lora_linear: a {tuple(a.shape)}, w {tuple(w.shape)}, l {tuple(l.shape)} and r "
                          f"{tuple(r.shape)} do not fit a (M, K), w (N, K), l (M, R), r (N, R)")
-    fuse = shrink_a is not None
-    if fuse and (tuple(shrink_a.shape) != (R, K) or R > 64 or l.dtype != torch.float32):
-        raise ValueError(f"lora_linear: the fused shrink needs shrink_a ({R}, {K}) with R <= 64 and an fp32 l; "
-                         f"got shrink_a {tuple(shrink_a.shape)}, l {l.dtype}")
-    # What the GPU verified: the forward's form. With shrink_a = Bᵀ (unit stride along R) and the
-    # output mask (the dX form) the H100 gave wrong results for half-precision products (triton 3.6).
-    if fuse and (shrink_a.stride(1) != 1 or mask_output):
-        raise ValueError(f"lora_linear: the fused shrink needs shrink_a with unit stride along K and no output "
-                         f"mask; got strides {shrink_a.stride()}, mask_output={mask_output}")
-    if has_seed and not fuse and not mask_output:
-        raise ValueError("lora_linear: dropout on the input needs the fused shrink (shrink_a); "
-                         "pass mask_output=True to mask the LoRA term instead")
+    if has_seed and not mask_output:
+        raise ValueError("lora_linear: dropout applies to the output's LoRA term only (mask_output=True)")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         raise ValueError(f"lora_linear: bias must be ({N},), got {tuple(bias.shape)}")
     out_dtype = out_dtype or a.dtype
@@ -643,28 +605,22 @@ def _linear_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out
     BM, BN, BK, GM, warps, stages = _linear_config(M)
     BLOCK_R = _block_r(R, 64)
     # fp32 operands take twice the shared memory per stage: drop stages to fit (H100: 227 KiB)
-    stage_bytes = (BM + BN) * BK * max(a.element_size(), w.element_size())
-    stage_bytes += BK * BLOCK_R * shrink_a.element_size() if fuse else 0
-    stages = _fit_stages(stages, stage_bytes, 200 * 1024)
-    sa_stride = shrink_a.stride() if fuse else l2.stride()
+    stages = _fit_stages(stages, (BM + BN) * BK * max(a.element_size(), w.element_size()), 200 * 1024)
     plan = Plan(_lora_linear_kernel, (_cdiv(M, BM) * _cdiv(N, BN),), (
-        M, N, K, R, *a.stride(), *w.stride(), *l2.stride(), *r.stride(), N, 1, *sa_stride,
+        M, N, K, R, *a.stride(), *w.stride(), *l2.stride(), *r.stride(), N, 1,
         l.stride(0) if partial else 0, float(scaling), threshold, float(drop_scale),
-    ), HAS_BIAS=bias is not None, OUT_DROPOUT=has_seed and mask_output, FUSE_SHRINK=fuse,
-        IN_DROPOUT=has_seed and not mask_output,
-        SHRINK_MODE=_dot_mode(a.dtype, shrink_a.dtype) if fuse else NATIVE,
+    ), HAS_BIAS=bias is not None, OUT_DROPOUT=has_seed,
         MODE=_dot_mode(a.dtype, w.dtype), EXPAND_MODE=_expand_mode(out_dtype),
         PRECISION=_precision(),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BLOCK_R, GROUP_M=GM, L_SPLIT=l_split,
-        num_warps=warps, num_stages=stages, **_pdl_meta(pdl and not fuse),
+        num_warps=warps, num_stages=stages, **_pdl_meta(pdl),
     )
 
-    def run(a, w, bias, l, r, seed, shrink_a):
+    def run(a, w, bias, l, r, seed):
         out = torch.empty((M, N), dtype=out_dtype, device=device)
         lsum = _lsum(l, partial, l_split, M, R)
         if M and N:
-            plan.run((a, w, l if bias is None else bias, l, r, out, l if seed is None else seed,
-                      l if shrink_a is None else shrink_a, lsum))
+            plan.run((a, w, l if bias is None else bias, l, r, out, l if seed is None else seed, lsum))
         elif l_split > 1:  # no output to compute, the sum still to hand back
             lsum = l.sum(0)
         return (out, lsum) if partial else out
@@ -737,9 +693,9 @@ def _tma_epilogue_store(acc, rm, m_ok, off_m, col0, write_lsum, ep, HAS_BIAS: tl
      stride_om, stride_ls, scaling, threshold, drop_scale) = ep
     rn = col0 + tl.arange(0, BLOCK_N)
     n_ok = rn < N
-    acc = _lora_epilogue(acc, acc, rm, rn, m_ok, n_ok, col0, l_ptr, r_ptr, bias_ptr, lsum_ptr, seed, R,
+    acc = _lora_epilogue(acc, rm, rn, m_ok, n_ok, col0, l_ptr, r_ptr, bias_ptr, lsum_ptr, seed, R,
                          stride_lm, stride_lr, stride_rn, stride_rr, stride_ls, write_lsum, scaling, threshold,
-                         drop_scale, HAS_BIAS, OUT_DROPOUT, False, L_SPLIT, EXPAND_MODE, PRECISION,
+                         drop_scale, HAS_BIAS, OUT_DROPOUT, L_SPLIT, EXPAND_MODE, PRECISION,
                          BLOCK_M, BLOCK_N, BLOCK_R)
     if ACCUMULATE:  # out += ... (the q/k/v group's dX: one buffer; TMA_STORE is set with it)
         acc += out_desc.load([off_m, col0]).to(tl.float32)
@@ -812,7 +768,7 @@ def lora_linear_tma(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                     drop_scale: float = 1.0, out_dtype: torch.dtype | None = None, mask_output: bool = False,
                     accumulate: torch.Tensor | None = None, config: tuple | None = None,
                     pdl: bool = False) -> torch.Tensor:
-    """lora_linear's product, without the fused shrink, as a persistent TMA matmul: out = a·wᵀ + bias +
+    """lora_linear's product as a persistent TMA matmul: out = a·wᵀ + bias +
     s·(l·rᵀ) [⊙ keep·scale, with ``mask_output``], added into ``accumulate`` (M, N) when given.
 
     a (M, K), w (N, K) with unit stride along K or along N (the dX form passes W's transpose view),

@@ -79,7 +79,6 @@ def main():
         ("lora_shrink", lambda: kl.lora_shrink(xd, a)),
         ("lora_shrink dropout", lambda: kl.lora_shrink(xd, a, seed, 3277, 1.05)),
         ("lora_linear", lambda: kl.lora_linear(xd, w, None, xa, b, 2.0)),
-        ("lora_linear fused shrink", lambda: kl.lora_linear(xd, w, None, xa, b, 2.0, shrink_a=a)),
         ("lora_shrink_expand", lambda: kl.lora_shrink_expand(xd, a, b, None, 2.0)),
         ("lora_adapter_grads", lambda: kl.lora_adapter_grads(xd, xa, g.detach(), xa, 2.0)),
     ]:
