@@ -135,19 +135,20 @@ def compare_gemm(K, N, M, r, p):
 
 def tune_linear(K, N, M, configs):
     """Development: forward-kernel time of each tile config (FASTPEFT_LINEAR_CONFIG pins one)."""
-    from fastpeft.kernels import lora as kl
+    from fastpeft.kernels.linear import lora_linear
+    from fastpeft.kernels.shrink import lora_shrink
 
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
     a = torch.randn(16, K, device="cuda", dtype=torch.float32)
     b = torch.randn(N, 16, device="cuda", dtype=torch.float32)
-    xa = kl.lora_shrink(x, a)
+    xa = lora_shrink(x, a)
     floor = time_ms(lambda: F.linear(x, w))
     res = []
     for cfg in configs:
         os.environ["FASTPEFT_LINEAR_CONFIG"] = ",".join(map(str, cfg))
         try:
-            t = time_ms(lambda: kl.lora_linear(x, w, None, xa, b, 2.0))
+            t = time_ms(lambda: lora_linear(x, w, None, xa, b, 2.0))
         except Exception as e:  # out of shared memory etc.
             t = float("nan")
             print("config", cfg, "failed:", type(e).__name__, str(e)[:100])
