@@ -135,6 +135,7 @@ def compare_gemm(K, N, M, r, p):
 
 def tune_linear(K, N, M, configs):
     """Development: forward-kernel time of each tile config (FASTPEFT_LINEAR_CONFIG pins one)."""
+    from fastpeft.kernels import tuning
     from fastpeft.kernels.linear import lora_linear
     from fastpeft.kernels.shrink import lora_shrink
 
@@ -148,12 +149,14 @@ def tune_linear(K, N, M, configs):
     for cfg in configs:
         os.environ["FASTPEFT_LINEAR_CONFIG"] = ",".join(map(str, cfg))
         try:
+            tuning.reload()  # the switches are read once
             t = time_ms(lambda: lora_linear(x, w, None, xa, b, 2.0))
         except Exception as e:  # out of shared memory etc.
             t = float("nan")
             print("config", cfg, "failed:", type(e).__name__, str(e)[:100])
         res.append((t, cfg))
     os.environ.pop("FASTPEFT_LINEAR_CONFIG", None)
+    tuning.reload()
     res.sort(key=lambda v: (v[0] != v[0], v[0]))
     print(f"M={M} K={K} N={N}: F.linear {floor:.4f} ms; best", [(f"{t:.4f}", c) for t, c in res[:4]], flush=True)
     return res

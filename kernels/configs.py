@@ -3,8 +3,7 @@
 A table maps a GPU family (``family(device)``) to its configs: "sm90" (Hopper, where these were
 measured: bench/bench_lora.py --tune, scripts/diag.py) and "interpreter" (TRITON_INTERPRET=1: small
 tiles, so the CPU tests stay quick and still cross tile edges). A GPU without an entry of its own
-takes DEFAULT_FAMILY's. FASTPEFT_LINEAR_CONFIG and FASTPEFT_TMA_CONFIG pin one config in place of a
-table, for measuring.
+takes DEFAULT_FAMILY's. The switches in tuning.py pin one config in place of a table, for measuring.
 The other kernels pick their tiles by rules beside them (``_shrink_grid``, ``_shrink_expand_grid``,
 ``_grad_grid``), which size the grid from the multiprocessor count.
 """

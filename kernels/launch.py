@@ -44,8 +44,8 @@ _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 # os.environ's own mapping (bytes keys on POSIX): os.environ.get encodes the key and decodes the value
-# on every call, and the hot path reads its switches at every call (they are not cached: tests and
-# scripts change them at run time)
+# on every call. fastpeft's switches (FASTPEFT_BACKEND, FASTPEFT_GEMM, ...) are read through env() at
+# every call (tests and scripts change them at run time); the kernels' own are read once (tuning.py).
 _ENV_DATA = os.environ._data if os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict) else None
 _ENV_KEYS: dict = {}
 

@@ -19,11 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .common import (block_r, device_props, dot, dot_mode, expand_mode, fit_stages, fp32_precision, gdc_wait,
                      num_sms, pdl_meta)
 from .configs import DEFAULT_FAMILY, TMA_CONFIGS, for_device, linear_config, tma_config_name
 from .dropout import dropout_keep
-from .launch import INTERPRETING, DescriptorPlan, Plan, cached, cdiv, env
+from .launch import INTERPRETING, DescriptorPlan, Plan, cached, cdiv
 
 
 @triton.jit
@@ -151,7 +152,7 @@ def lora_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, l: 
     key = (_lora_linear_kernel, a.shape, a.stride(), a.dtype, w.shape, w.stride(), w.dtype,
            None if bias is None else (bias.shape, bias.dtype), l.shape, l.stride(), l.dtype, r.shape, r.stride(),
            r.dtype, None if seed is None else seed.dtype, threshold, drop_scale, out_dtype, mask_output, scaling,
-           fp32_precision(), env("FASTPEFT_LINEAR_CONFIG"), pdl, a.device)
+           fp32_precision(), pdl, a.device)
     return cached(key, _linear_plan, a, w, bias, l, r, scaling, seed is not None, threshold, drop_scale, out_dtype,
                   mask_output, pdl)(a, w, bias, l, r, seed)
 
@@ -174,8 +175,7 @@ def _linear_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out
         raise ValueError(f"lora_linear: bias must be ({N},), got {tuple(bias.shape)}")
     out_dtype = out_dtype or a.dtype
     device = l.device
-    pinned = env("FASTPEFT_LINEAR_CONFIG")  # for measuring: BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,warps,stages
-    BM, BN, BK, GM, warps, stages = tuple(int(v) for v in pinned.split(",")) if pinned else linear_config(M, device)
+    BM, BN, BK, GM, warps, stages = tuning.pinned(tuning.LINEAR) or linear_config(M, device)
     BLOCK_R = block_r(R, 64)
     # fp32 operands take twice the shared memory per stage: drop stages to fit (H100: 227 KiB)
     stages = fit_stages(stages, (BM + BN) * BK * max(a.element_size(), w.element_size()), 200 * 1024)
@@ -287,17 +287,8 @@ def tma_wide(out_dtype, has_seed: bool) -> bool:
     takes the TMA matmul only then: its narrow tiles lost to cuBLAS onto a prefilled C). A config
     pinned by FASTPEFT_TMA_CONFIG (for measuring) is taken whatever its width."""
     # DEFAULT_FAMILY's table: the GPU's, also under the interpreter (whose tiles say nothing of it)
-    return (bool(env("FASTPEFT_TMA_CONFIG"))
+    return (tuning.pinned(tuning.TMA) is not None
             or TMA_CONFIGS[DEFAULT_FAMILY][tma_config_name(out_dtype, has_seed)][1] == 256)
-
-
-def _tma_pinned() -> tuple | None:
-    """The config FASTPEFT_TMA_CONFIG pins (for measuring), or None."""
-    pinned = env("FASTPEFT_TMA_CONFIG")
-    if not pinned:
-        return None
-    v = pinned.split(",")
-    return tuple(int(x) for x in v[:6]) + tuple(x.strip().lower() in ("1", "true") for x in v[6:10])
 
 
 def _tma_aligned(t: torch.Tensor) -> bool:
@@ -336,7 +327,7 @@ def lora_linear_tma(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
            None if bias is None else (bias.shape, bias.dtype), l.shape, l.stride(), l.dtype, r.shape, r.stride(),
            r.dtype, None if seed is None else seed.dtype, threshold, drop_scale, out_dtype, mask_output,
            None if accumulate is None else (accumulate.shape, accumulate.stride(), accumulate.dtype), scaling,
-           fp32_precision(), config, env("FASTPEFT_TMA_CONFIG"), pdl, a.device)
+           fp32_precision(), config, pdl, a.device)
     return cached(key, _tma_plan, a, w, bias, l, r, scaling, seed is not None, threshold, drop_scale, out_dtype,
                   mask_output, accumulate, config, pdl)(a, w, bias, l, r, seed, accumulate)
 
@@ -364,7 +355,8 @@ def _tma_plan(a, w, bias, l, r, scaling, has_seed, threshold, drop_scale, out_dt
         raise ValueError(f"lora_linear_tma: accumulate must be ({M}, {N}) {out_dtype} with unit stride along N, "
                          f"got {tuple(accumulate.shape)} {accumulate.dtype} strides {accumulate.stride()}")
     device = a.device
-    config = config or _tma_pinned() or for_device(TMA_CONFIGS, device)[tma_config_name(out_dtype, has_seed)]
+    config = (config or tuning.pinned(tuning.TMA)
+              or for_device(TMA_CONFIGS, device)[tma_config_name(out_dtype, has_seed)])
     BM, BN, BK, GM, warps, stages, tma_store, flatten, *extra = config
     split = len(extra) > 1 and bool(extra[1])
     kmajor = w.stride(1) == 1

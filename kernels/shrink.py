@@ -11,9 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .common import block_r, dot, dot_mode, fp32_precision, gdc_launch_dependents, num_sms, pdl_on
 from .dropout import dropout_keep
-from .launch import INTERPRETING, Plan, cached, cdiv, env
+from .launch import INTERPRETING, Plan, cached, cdiv
 
 
 @triton.jit
@@ -80,7 +81,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None = No
     """
     key = (_lora_shrink_kernel, x.shape, x.stride(), x.dtype, a.shape, a.stride(), a.dtype,
            None if seed is None else seed.dtype, threshold, drop_scale, fp32_precision(), launch_dependents, partial,
-           x.device, env("FASTPEFT_SHRINK_CONFIG"))
+           x.device)
     return cached(key, _shrink_plan, x, a, seed is not None, threshold, drop_scale, launch_dependents, partial)(
         x, a, seed)
 
@@ -115,13 +116,9 @@ def _shrink_plan(x, a, has_dropout: bool, threshold: int, drop_scale: float, lau
     BLOCK_R = block_r(R)
     BLOCK_M, BLOCK_K, split_k = _shrink_grid(M, K, BLOCK_R, partial, num_sms(x.device))
     warps, stages = 4, 3
-    pinned = env("FASTPEFT_SHRINK_CONFIG")  # for measuring: BLOCK_M,BLOCK_K,split_k,warps,stages
+    pinned = tuning.pinned(tuning.SHRINK)
     if pinned:
-        try:
-            BLOCK_M, BLOCK_K, split_k, warps, stages = (int(v) for v in pinned.split(","))
-        except ValueError:
-            raise ValueError(f"FASTPEFT_SHRINK_CONFIG must be BLOCK_M,BLOCK_K,split_k,warps,stages, got {pinned!r}") \
-                from None
+        BLOCK_M, BLOCK_K, split_k, warps, stages = pinned
         split_k = max(1, min(split_k, MAX_PARTIALS) if partial else split_k)
     n_m = max(1, cdiv(M, BLOCK_M))
     alloc = torch.zeros if split_k > 1 and not partial else torch.empty

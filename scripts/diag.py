@@ -28,6 +28,7 @@ from fastpeft import ops, reference  # noqa: E402
 from fastpeft.kernels import launch as kernel_launch  # noqa: E402
 from fastpeft.kernels import grads as grads_kernels  # noqa: E402
 from fastpeft.kernels import shrink_expand as shrink_expand_kernels  # noqa: E402
+from fastpeft.kernels import tuning  # noqa: E402
 from fastpeft.kernels.configs import TMA_CONFIGS  # noqa: E402
 from fastpeft.kernels.grads import lora_adapter_grads  # noqa: E402
 from fastpeft.kernels.linear import lora_linear, lora_linear_tma  # noqa: E402
@@ -171,10 +172,12 @@ def _pinned_linear(configs, us, run, label: str) -> list:
     for cfg in configs:
         os.environ["FASTPEFT_LINEAR_CONFIG"] = ",".join(map(str, cfg))
         try:
+            tuning.reload()  # the switches are read once
             cells.append(f"{label} {cfg} {us(run)}")
         except Exception as e:
             cells.append(f"{label} {cfg} {type(e).__name__}")
     os.environ.pop("FASTPEFT_LINEAR_CONFIG", None)
+    tuning.reload()
     return cells
 
 
@@ -301,6 +304,7 @@ def shrink():
         for cfg in configs:
             os.environ["FASTPEFT_SHRINK_CONFIG"] = cfg
             try:
+                tuning.reload()  # the switches are read once
                 err = (lora_shrink(x, a, partial=True).sum(0) - want).abs().max().item()
                 t0 = us(lambda: lora_shrink(x, a, partial=True))
                 t1 = us(lambda: lora_shrink(x, a, *drop, partial=True))
@@ -309,6 +313,7 @@ def shrink():
             except Exception as e:
                 cells.append(f"{cfg}: {type(e).__name__}: {str(e)[:120]}")
         os.environ.pop("FASTPEFT_SHRINK_CONFIG", None)
+        tuning.reload()
         print(f"M={M} K={K} shrink us: " + " | ".join(cells), flush=True)
 
 

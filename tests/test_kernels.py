@@ -4,13 +4,15 @@ Every case draws fresh random data; shapes are odd (not multiples of any block s
 strided, 3-D, transposed (fan_in_fan_out); every requires_grad combination; dropout with the same
 Philox mask as the reference, so forward and backward are compared exactly, not statistically.
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastpeft import ops, reference
 from fastpeft.kernels import dropout as dropout_kernels
-from fastpeft.kernels import launch
+from fastpeft.kernels import launch, tuning
 from fastpeft.kernels.common import num_sms
 from fastpeft.kernels.configs import TMA_CONFIGS
 from fastpeft.kernels.grads import _grad_grid, lora_adapter_grads
@@ -285,7 +287,7 @@ def test_main_matmul_paths(kernel_device, gemm, p, monkeypatch):
             _check_against_reference(x, w, b, a, bb, 2.0, p, (True, True, True), dtype)
 
 
-def test_auto_route_by_rows(monkeypatch):
+def test_auto_route_by_rows(monkeypatch, pin_config):
     """The auto route: the Triton matmul below CUBLAS_MIN_M rows, cuBLAS onto a prefilled C above, the
     TMA matmul from FASTPEFT_TMA_MIN_M rows up when set (0: never) where its wide tiles apply; a bad
     FASTPEFT_GEMM is named."""
@@ -296,9 +298,9 @@ def test_auto_route_by_rows(monkeypatch):
     assert ops.main_matmul(16384, wide_tma=False) == "cublas"  # an fp16 output (narrow tiles): not TMA
     assert tma_wide(torch.bfloat16, False) and tma_wide(torch.bfloat16, True)
     assert not tma_wide(torch.float16, False)
-    monkeypatch.setenv("FASTPEFT_TMA_CONFIG", "128,128,64,8,8,4,1,1")  # a pinned config is taken as it is
+    pin_config("FASTPEFT_TMA_CONFIG", "128,128,64,8,8,4,1,1")  # a pinned config is taken as it is
     assert tma_wide(torch.float16, False)
-    monkeypatch.delenv("FASTPEFT_TMA_CONFIG")
+    pin_config("FASTPEFT_TMA_CONFIG", None)
     monkeypatch.setenv("FASTPEFT_GEMM", "tma")
     assert ops.main_matmul(16384, wide_tma=False) == "tma"  # pinned
     monkeypatch.delenv("FASTPEFT_GEMM")
@@ -340,7 +342,7 @@ def test_routes_match_reference_eager_and_replayed(gpu, gemm, monkeypatch):
         torch.testing.assert_close(out, ops.lora_linear(static, w, b, a, bb, 2.0), rtol=0, atol=0)
 
 
-def test_shrink_pinned_config(kernel_device, monkeypatch):
+def test_shrink_pinned_config(kernel_device, pin_config):
     """FASTPEFT_SHRINK_CONFIG (for measuring) pins the shrink's tiles, split and launch options: the
     same sums as the default's, split or not, partial or atomic, with dropout; a bad pin is named."""
     M, K, R = 37, 300, 5
@@ -351,15 +353,30 @@ def test_shrink_pinned_config(kernel_device, monkeypatch):
     want = lora_shrink(x, a), lora_shrink(x, a, *drop)
     pins = ["16,32,1,4,1", "16,64,3,4,2"] if kernel_device == "cpu" else ["32,64,1,4,3", "128,128,4,8,3"]
     for pin in pins:
-        monkeypatch.setenv("FASTPEFT_SHRINK_CONFIG", pin)
+        pin_config("FASTPEFT_SHRINK_CONFIG", pin)
         for d, ref in zip(((), drop), want):
             torch.testing.assert_close(lora_shrink(x, a, *d), ref, rtol=1e-4, atol=1e-4)
             parts = lora_shrink(x, a, *d, partial=True)
             assert parts.shape[0] == int(pin.split(",")[2])
             torch.testing.assert_close(parts.sum(0), ref, rtol=1e-4, atol=1e-4)
-    monkeypatch.setenv("FASTPEFT_SHRINK_CONFIG", "64,128")
-    with pytest.raises(ValueError, match="FASTPEFT_SHRINK_CONFIG"):
-        lora_shrink(x, a)
+    with pytest.raises(ValueError, match="FASTPEFT_SHRINK_CONFIG"):  # named when the switches are read
+        pin_config("FASTPEFT_SHRINK_CONFIG", "64,128")
+
+
+def test_tuning_switches_are_read_once(pin_config):
+    """The kernels' tuning switches are parsed at first use and again only at tuning.reload() (not at
+    every call); a malformed one is named."""
+    pin_config(tuning.LINEAR, "16,32,32,4,4,1")
+    assert tuning.pinned(tuning.LINEAR) == (16, 32, 32, 4, 4, 1) and tuning.pinned(tuning.SHRINK) is None
+    os.environ[tuning.LINEAR] = "32,32,32,4,4,1"  # (pin_config restores every switch after the test)
+    assert tuning.pinned(tuning.LINEAR) == (16, 32, 32, 4, 4, 1)
+    pin_config(tuning.TMA, "128,256,64,16,8,3,1,true,0,1")
+    assert tuning.pinned(tuning.TMA) == (128, 256, 64, 16, 8, 3, True, True, False, True)
+    assert tuning.pinned(tuning.LINEAR) == (32, 32, 32, 4, 4, 1)
+    for name, bad in ((tuning.SHRINK, "64,128"), (tuning.LINEAR, "16,32,x,4,4,1"), (tuning.TMA, "128,256,64,16,8,3")):
+        with pytest.raises(ValueError, match=name):
+            pin_config(name, bad)
+        pin_config(name, None)
 
 
 def test_shrink_partials_are_summed_by_the_linear(kernel_device):
