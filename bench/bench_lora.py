@@ -115,8 +115,7 @@ def test_lora_linear(K, N, M, r, p, bench_record, benchmark):
 
 def compare_gemm(K, N, M, r, p):
     """Development: the main-matmul routes on the same layer: the Triton matmul with the LoRA
-    epilogue after a separate shrink ("triton"), cuBLAS onto a prefilled C ("cublas"), and for
-    M <= 256 the Triton matmul that also does the shrink in its K loop ("fused")."""
+    epilogue after a separate shrink ("triton") and cuBLAS onto a prefilled C ("cublas")."""
     base, fast, _ = make_layers(K, N, r, p)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
@@ -124,41 +123,40 @@ def compare_gemm(K, N, M, r, p):
     out = {"M": M, "K": K, "N": N, "r": r, "p": p,
            "linear_fwd": time_ms(lambda: base(x)),
            "linear_fwdbwd": time_ms(lambda: torch.autograd.grad(base(x), [x], g))}
-    variants = [("triton", "triton", "0"), ("cublas", "cublas", "0")]
-    if M <= GRAPH_MAX_M:  # the shrink inside the Triton matmul's K loop (one launch forward)
-        variants.append(("fused", "triton", str(M)))
-    for name, gemm, fused_max_m in variants:
-        os.environ["FASTPEFT_GEMM"] = gemm
-        os.environ["FASTPEFT_FUSED_SHRINK_MAX_M"] = fused_max_m
+    for name in ("triton", "cublas"):
+        os.environ["FASTPEFT_GEMM"] = name
         out[f"{name}_fwd"] = time_ms(lambda: fast(x))
         out[f"{name}_fwdbwd"] = time_ms(lambda: torch.autograd.grad(fast(x), params, g))
         if M <= GRAPH_MAX_M:
             out[f"{name}_fwd_graph"] = graph_time_ms(lambda: fast(x))
     os.environ.pop("FASTPEFT_GEMM")
-    os.environ.pop("FASTPEFT_FUSED_SHRINK_MAX_M")
     return out
 
 
 def tune_linear(K, N, M, configs):
     """Development: forward-kernel time of each tile config (FASTPEFT_LINEAR_CONFIG pins one)."""
-    from fastpeft.kernels import lora as kl
+    from fastpeft.kernels import tuning
+    from fastpeft.kernels.linear import lora_linear
+    from fastpeft.kernels.shrink import lora_shrink
 
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
     a = torch.randn(16, K, device="cuda", dtype=torch.float32)
     b = torch.randn(N, 16, device="cuda", dtype=torch.float32)
-    xa = kl.lora_shrink(x, a)
+    xa = lora_shrink(x, a)
     floor = time_ms(lambda: F.linear(x, w))
     res = []
     for cfg in configs:
         os.environ["FASTPEFT_LINEAR_CONFIG"] = ",".join(map(str, cfg))
         try:
-            t = time_ms(lambda: kl.lora_linear(x, w, None, xa, b, 2.0))
+            tuning.reload()  # the switches are read once
+            t = time_ms(lambda: lora_linear(x, w, None, xa, b, 2.0))
         except Exception as e:  # out of shared memory etc.
             t = float("nan")
             print("config", cfg, "failed:", type(e).__name__, str(e)[:100])
         res.append((t, cfg))
     os.environ.pop("FASTPEFT_LINEAR_CONFIG", None)
+    tuning.reload()
     res.sort(key=lambda v: (v[0] != v[0], v[0]))
     print(f"M={M} K={K} N={N}: F.linear {floor:.4f} ms; best", [(f"{t:.4f}", c) for t, c in res[:4]], flush=True)
     return res

@@ -1,8 +1,7 @@
 """Autograd for the fused LoRA linear: which kernels run, what is saved for backward.
 
 Forward  (x (..., K), W (N, K), A (R, K), B (N, R)), one of three routes by M (``main_matmul``):
-    triton: xa = drop(x)·Aᵀ (``lora_shrink``), then y = x·Wᵀ + b + s·xa·Bᵀ (``lora_linear``); with
-            ``fused_shrink`` (off by default) xa is computed in the matmul's K loop: one launch
+    triton: xa = drop(x)·Aᵀ (``lora_shrink``), then y = x·Wᵀ + b + s·xa·Bᵀ (``lora_linear``)
     cublas: C = b + s·xa·Bᵀ and xa from one pass over x (``lora_shrink_expand``), then cuBLAS adds
             x·Wᵀ onto C in its epilogue (beta = 1): two launches
     tma:    ``lora_shrink``, then the persistent TMA matmul with the same epilogue (``lora_linear_tma``),
@@ -35,8 +34,13 @@ import torch
 
 from . import reference
 from .kernels import activation as A
-from .kernels import lora as K
+from .kernels.common import pdl_ok
+from .kernels.grads import lora_adapter_grads
 from .kernels.launch import env
+from .kernels.linear import lora_linear as lora_linear_kernel
+from .kernels.linear import lora_linear_tma, tma_ok, tma_wide
+from .kernels.shrink import lora_shrink
+from .kernels.shrink_expand import lora_shrink_expand
 
 # From this many rows up cuBLAS onto a prefilled C beats the fused Triton matmul. Measured on an H100
 # (bench/NOTES.md): Triton's best tile reached 69% of cuBLAS at M = 16384; at M = 256 the Triton
@@ -55,7 +59,7 @@ TMA_MIN_M = 4096
 def main_matmul(M: int, wide_tma: bool = True) -> str:
     """'triton' (fused epilogue), 'cublas' (onto a prefilled C) or 'tma' (the persistent TMA matmul with
     the LoRA epilogue, Hopper on; other operands take the cuBLAS route) for an M-row product.
-    ``wide_tma``: whether the TMA matmul would run its wide tiles (``kernels.lora.tma_wide``: bf16
+    ``wide_tma``: whether the TMA matmul would run its wide tiles (``kernels.linear.tma_wide``: bf16
     outputs); the auto route takes its narrow ones nowhere, since they lost to cuBLAS (bench/NOTES.md).
 
     FASTPEFT_GEMM=triton|cublas|tma pins one (the cuBLAS path also runs on CPU, via torch's addmm).
@@ -79,7 +83,7 @@ def pdl(device: torch.device) -> bool:
     before its epilogue. Measured on an H200 (scripts/diag.py pdl, graph replay, K = N = 4096, r = 16):
     forward at M = 1 / 16 / 256 24.9 / 25.3 / 36.3 -> 23.8 / 23.6 / 33.6 µs. Not on the TMA route,
     where it measured no gain (M >= 4096). FASTPEFT_PDL=0 turns it off."""
-    return env("FASTPEFT_PDL", "1") == "1" and K.pdl_ok(device)
+    return env("FASTPEFT_PDL", "1") == "1" and pdl_ok(device)
 
 
 _DROPOUT_ARGS: dict = {}  # p -> (threshold, scale)
@@ -117,38 +121,22 @@ def _check(x, weight, bias, lora_a, lora_b):
         raise ValueError(f"LoRA tensors are on different devices: {sorted(devices)}")
 
 
-# Up to this many rows the Triton route's forward computes xa inside the main matmul's K loop (one
-# launch instead of three). Off: every output-column program recomputes xa, and on the H100 that
-# doubled the forward's GPU time at M = 1-16 (57 against 29 µs replayed) for no measured eager gain.
-FUSED_SHRINK_MAX_M = 0
-
-
-def fused_shrink(M: int, R: int) -> bool:
-    """Whether the forward's Triton main matmul also computes xa = drop(x)·Aᵀ in its K loop instead of
-    a separate shrink kernel (R <= 64; FASTPEFT_FUSED_SHRINK_MAX_M moves the M bound)."""
-    return R <= 64 and M <= int(env("FASTPEFT_FUSED_SHRINK_MAX_M", FUSED_SHRINK_MAX_M))
-
-
 def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, seed):
     """(y2 (M, N), xa (M, R) fp32) for a 2-D x; weight None computes the LoRA branch alone."""
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
-    M, R = x2.shape[0], lora_a.shape[0]
-    route = main_matmul(M, K.tma_wide(x2.dtype, False)) if weight is not None else "cublas"
+    M = x2.shape[0]
+    route = main_matmul(M, tma_wide(x2.dtype, False)) if weight is not None else "cublas"
     if route == "tma":
         w = _as(weight, x2.dtype)
-        if K.tma_ok(x2, w):
-            parts = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale, partial=True)
-            return K.lora_linear_tma(x2, w, bias, parts, lora_b, scaling)
+        if tma_ok(x2, w):
+            parts = lora_shrink(x2, lora_a, seed, threshold, drop_scale, partial=True)
+            return lora_linear_tma(x2, w, bias, parts, lora_b, scaling)
     if route == "triton":
-        if fused_shrink(M, R):
-            xa = torch.empty((M, R), dtype=torch.float32, device=x2.device)
-            return K.lora_linear(x2, weight, bias, xa, lora_b, scaling, seed, threshold, drop_scale,
-                                 shrink_a=lora_a), xa
         overlap = pdl(x2.device)
-        parts = K.lora_shrink(x2, lora_a, seed, threshold, drop_scale, launch_dependents=overlap, partial=True)
-        return K.lora_linear(x2, weight, bias, parts, lora_b, scaling, pdl=overlap)
+        parts = lora_shrink(x2, lora_a, seed, threshold, drop_scale, launch_dependents=overlap, partial=True)
+        return lora_linear_kernel(x2, weight, bias, parts, lora_b, scaling, pdl=overlap)
     # C = b + s·drop(x)Aᵀ·Bᵀ in one pass; then (with a base) cuBLAS adds x·Wᵀ onto it (beta = 1)
-    y, xa = K.lora_shrink_expand(x2, lora_a, lora_b, bias, scaling, seed, threshold, drop_scale)
+    y, xa = lora_shrink_expand(x2, lora_a, lora_b, bias, scaling, seed, threshold, drop_scale)
     if weight is not None:
         y.addmm_(x2, _as(weight.t(), x2.dtype))
     return y, xa
@@ -169,30 +157,28 @@ def backward_dx(dy2, x_dtype, weight, lora_a, lora_b, scaling: float, dropout_p:
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
     M = dy2.shape[0]
     dx = dyb = None
-    route = main_matmul(M, K.tma_wide(x_dtype, seed is not None)) if need_dx and weight is not None else "cublas"
+    route = main_matmul(M, tma_wide(x_dtype, seed is not None)) if need_dx and weight is not None else "cublas"
     wt = _as(weight, dy2.dtype).t() if route == "tma" else None
-    if route == "tma" and K.tma_ok(dy2, wt):
-        parts = K.lora_shrink(dy2, lora_b.t(), partial=True)
-        into = dx_into is not None and K.tma_ok(dx_into, wt)  # dX added into it by the kernel
-        dx, dyb = K.lora_linear_tma(dy2, wt, None, parts, lora_a.t(), scaling, seed, threshold, drop_scale,
-                                    out_dtype=x_dtype, mask_output=True, accumulate=dx_into if into else None)
+    if route == "tma" and tma_ok(dy2, wt):
+        parts = lora_shrink(dy2, lora_b.t(), partial=True)
+        into = dx_into is not None and tma_ok(dx_into, wt)  # dX added into it by the kernel
+        dx, dyb = lora_linear_tma(dy2, wt, None, parts, lora_a.t(), scaling, seed, threshold, drop_scale,
+                                  out_dtype=x_dtype, mask_output=True, accumulate=dx_into if into else None)
         dx = dx if dx_into is None or into else dx_into.add_(dx)
     elif need_dx:
         if route == "triton":
-            # not the K-loop shrink here: with its dot in bf16/fp16 and Bᵀ as the operand it gave wrong
-            # dX on the H100 (triton 3.6) while passing under the interpreter (bench/NOTES.md, run 4)
             overlap = pdl(dy2.device)
-            parts = K.lora_shrink(dy2, lora_b.t(), launch_dependents=overlap, partial=True)
-            dx, dyb = K.lora_linear(dy2, weight.t(), None, parts, lora_a.t(), scaling, seed, threshold, drop_scale,
-                                    out_dtype=x_dtype, mask_output=True, pdl=overlap)
+            parts = lora_shrink(dy2, lora_b.t(), launch_dependents=overlap, partial=True)
+            dx, dyb = lora_linear_kernel(dy2, weight.t(), None, parts, lora_a.t(), scaling, seed, threshold,
+                                         drop_scale, out_dtype=x_dtype, mask_output=True, pdl=overlap)
             dx = dx if dx_into is None else dx_into.add_(dx)
         else:
-            dx, dyb = K.lora_shrink_expand(dy2, lora_b.t(), lora_a.t(), None, scaling, seed, threshold, drop_scale,
-                                           mask_output=True, out_dtype=x_dtype, accumulate=dx_into)
+            dx, dyb = lora_shrink_expand(dy2, lora_b.t(), lora_a.t(), None, scaling, seed, threshold, drop_scale,
+                                         mask_output=True, out_dtype=x_dtype, accumulate=dx_into)
             if weight is not None:
                 dx.addmm_(dy2, _as(weight, dy2.dtype))
     elif need_da:
-        dyb = K.lora_shrink(dy2, lora_b.t())
+        dyb = lora_shrink(dy2, lora_b.t())
     return dx, dyb
 
 
@@ -203,9 +189,9 @@ def adapter_grads(dy2, x2, dyb, lora_a, lora_b, xa, scaling: float, dropout_p: f
     if not (need_da or need_db):
         return None, None
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
-    da, db = K.lora_adapter_grads(x2 if need_da else None, dyb if need_da else None,
-                                  dy2 if need_db else None, xa if need_db else None, scaling,
-                                  seed, threshold, drop_scale)
+    da, db = lora_adapter_grads(x2 if need_da else None, dyb if need_da else None,
+                                dy2 if need_db else None, xa if need_db else None, scaling,
+                                seed, threshold, drop_scale)
     return (None if da is None else _as(da, lora_a.dtype)), (None if db is None else _as(db, lora_b.dtype))
 
 

@@ -17,16 +17,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .kernels.dropout import DROPOUT_ROUNDS  # the rounds are the kernels' (the choice is explained there)
+
 _M32 = 0xFFFFFFFF
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 DROPOUT_GROUP = 8  # columns sharing one Philox call (4 words x 2 lanes of 16 bits)
-# Philox rounds of the dropout mask. Salmon et al. (SC'11, Random123) chose 10 for Philox-4x32 as a
-# safety margin above the fewest rounds that pass TestU01's BigCrush; no statistical defect is known
-# at 7 (Ascend's PhiloxRandom defaults to it). The mask's Philox work is most of what dropout costs in
-# the kernels, which regenerate it three times per layer and step: 7 rounds cut that by 17-32% per
-# kernel on an H200 (bench/NOTES.md, session 6).
-DROPOUT_ROUNDS = 7
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:

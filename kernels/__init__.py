@@ -1,8 +1,11 @@
 """Triton kernels of fastpeft, installed as ``fastpeft.kernels`` (never as a top-level ``kernels``).
 
-Math only: ``@triton.jit`` kernels and the launchers that check shapes and pick the grid.
-One kernel family per file: ``dropout`` (the Philox keep mask), ``lora`` (shrink, fused
-linear + LoRA epilogue, adapter gradients).
+Math only: ``@triton.jit`` kernels and the launchers that check shapes and pick the grid. One
+kernel family per file, its launcher beside it: ``shrink``, ``shrink_expand``, ``linear`` (the matmul
+with the LoRA epilogue, Triton and TMA), ``grads`` (the adapter gradients), ``activation`` (the GLU
+MLP's), ``dropout`` (the Philox keep mask). Shared: ``common`` (dot modes, precision, PDL, device
+properties), ``configs`` (tile tables per GPU family), ``launch`` (direct launches, kept plans, TMA
+descriptors). Nothing here imports from ``fastpeft``.
 
 The top-level name ``kernels`` belongs to Hugging Face's distribution (transformers >= 5.25 imports
 it). A Python started in the repository root (``python -m ...``, ``python -m pytest``, a notebook)

@@ -1,27 +1,28 @@
 """Dropout keep mask regenerated from a Philox seed, never stored.
 
-The mask of element (m, k) of a 2-D activation comes from Philox-4x32 (7 rounds:
-reference.DROPOUT_ROUNDS, where the choice is explained) with key = the 64-bit seed and counter
-(k // 8, m, 0, 0): one call gives four 32-bit words = eight 16-bit lanes, one per column
-of the 8-column group. An element is kept when its lane is >= ``threshold`` = round(p · 65536), and
-kept values are scaled by 65536 / (65536 - threshold). Counters are (column group, row) pairs, so
-no 64-bit element offset is ever formed and a tile of any shape regenerates exactly its own bits.
+The mask of element (m, k) of a 2-D activation comes from Philox-4x32 (``DROPOUT_ROUNDS`` rounds)
+with key = the 64-bit seed and counter (k // 8, m, 0, 0): one call gives four 32-bit words = eight
+16-bit lanes, one per column of the 8-column group. An element is kept when its lane is >= ``threshold``
+= round(p · 65536), and kept values are scaled by 65536 / (65536 - threshold). Counters are (column
+group, row) pairs, so no 64-bit element offset is ever formed and a tile of any shape regenerates
+exactly its own bits.
 ``fastpeft.reference.dropout_mask`` is the same function in PyTorch (the oracle for tests).
 """
 import triton
 import triton.language as tl
 
-from ..reference import DROPOUT_ROUNDS
-
+# Philox rounds of the mask (fastpeft.reference imports it). Random123 (Salmon et al., SC'11) chose 10
+# for Philox-4x32 as a margin above the fewest rounds that pass TestU01's BigCrush; no statistical
+# defect is known at 7 (Ascend's PhiloxRandom defaults to it), and the mask's Philox work is most of
+# what dropout costs in the kernels.
+DROPOUT_ROUNDS = 7
 _ROUNDS = tl.constexpr(DROPOUT_ROUNDS)
 
 
 @triton.jit
 def _keep_lo_hi(w, t):
     """The keep bits of the two 16-bit lanes of Philox word w: each lane compared as it comes, so no
-    int32 tile of all the lanes is ever live (compiled for sm_90: the grads kernel's dA with the mask
-    147 registers a thread instead of 212; the TMA matmul's masked dX on halves a 288-byte stack
-    instead of 472)."""
+    int32 tile of all the lanes is ever live (fewer registers and spills in the kernels that mask)."""
     return tl.join((w & 0xFFFF).to(tl.int32) >= t, (w >> 16).to(tl.int32) >= t)
 
 

@@ -2,9 +2,8 @@
 
 Triton's ``JITFunction.run`` re-derives, on every call, each argument's specialization, the cache
 key and the launch options, and its C launcher asks the driver about every tensor pointer
-(``cuPointerGetAttribute``). On the H100 machine's host a launcher call cost 65-107 µs that way
-(a cuBLAS ``F.linear``: 25 µs), and a LoRA layer launches several kernels, so at decode sizes and
-in a whole training step the host, not the GPU, set the pace (bench/NOTES.md).
+(``cuPointerGetAttribute``): host time that, at decode sizes and in a whole training step, set the
+pace rather than the GPU (bench/NOTES.md), since a LoRA layer launches several kernels.
 
 ``launch(kernel, grid, tensors, scalars, **meta)`` is ``kernel[grid](*tensors, *scalars, **meta)``
 for a kernel whose parameters are its pointers, then its scalars, then its constexprs. The first
@@ -16,6 +15,10 @@ Triton's path once; the table is cleared when it grows past ``MAX_KEYS``), the c
 options, and the device. ``FASTPEFT_FAST_LAUNCH=0`` (read at import) sends every launch through
 Triton, as does the Triton interpreter. Launch hooks (profilers) set after a key's first launch are
 not called on the direct path.
+
+A launcher keeps what it works out per shape key (``cached``): a ``Plan`` (the launch with
+everything but the pointers fixed), or for a kernel that takes TMA descriptors a ``DescriptorPlan``,
+which also builds the descriptors and keeps each one's encoding per base pointer.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import operator
 import os
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Read once, as triton.jit itself does when it decorates a kernel (the kernel modules use it too).
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -40,8 +44,8 @@ _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 # os.environ's own mapping (bytes keys on POSIX): os.environ.get encodes the key and decodes the value
-# on every call, a few µs each on the GPU machine's host, and the hot path reads its switches at every
-# call (they are not cached: tests and scripts change them at run time)
+# on every call. fastpeft's switches (FASTPEFT_BACKEND, FASTPEFT_GEMM, ...) are read through env() at
+# every call (tests and scripts change them at run time); the kernels' own are read once (tuning.py).
 _ENV_DATA = os.environ._data if os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict) else None
 _ENV_KEYS: dict = {}
 
@@ -115,8 +119,7 @@ def descriptor_launcher(compiled, tail: tuple):
     CUtensorMap, then the shape and strides) once; a launcher keeps it per base pointer, since within
     one specialization the encoding depends on nothing else. ``call(grid3, stream, args)`` launches
     with those forms spliced in at the descriptors' places, the other pointers as ints: what Triton's
-    own wrapper does per call, without encoding the descriptors again (42-92 µs of host per launch
-    on the H200 machine, bench/NOTES.md session 8)."""
+    own wrapper does per call, without encoding the descriptors again."""
     found = _launch_head(compiled)
     inner = found and found[0]  # Triton's wrapper: it encodes the descriptors, then calls `launcher`
     names = getattr(getattr(inner, "__code__", None), "co_freevars", ())
@@ -201,6 +204,66 @@ class Plan:
         self.call = launch(self.kernel, self.grid, tensors, self.scalars, **self.meta)
         if self.call is not None:
             self.device = _current_device()
+
+
+class DescriptorPlan:
+    """A ``Plan`` for a kernel whose leading parameters are host TMA descriptors, then pointers,
+    scalars and constexprs. ``descriptors`` gives each descriptor parameter's (shape, block,
+    transposed): the descriptor of tensor t covers ``t.t()`` where transposed, else t, with that
+    view's row stride and unit inner stride. The first run goes through Triton (which compiles); later
+    runs whose pointers are all 16-byte aligned launch the compiled kernel directly
+    (``descriptor_launcher``), each descriptor encoded once per base pointer (within one plan's
+    shapes, strides and tiles the encoding depends on nothing else); any other run goes through
+    Triton again (unaligned pointers re-specialize)."""
+
+    __slots__ = ("kernel", "launcher", "grid3", "descriptors", "scalars", "meta", "stream_index", "direct",
+                 "encoded")
+
+    def __init__(self, kernel, grid: tuple, descriptors: tuple, scalars: tuple, device: torch.device, **meta):
+        self.kernel, self.launcher = kernel, kernel[grid]
+        self.grid3 = grid + (1,) * (3 - len(grid))
+        self.descriptors, self.scalars, self.meta = descriptors, scalars, meta
+        self.stream_index = device.index
+        self.direct = None  # after the first launch: descriptor_launcher's (call, expand)
+        self.encoded = tuple({} for _ in descriptors)  # per descriptor: base pointer -> its launch form
+
+    def describe(self, i: int, t: torch.Tensor):
+        """The TensorDescriptor of the i-th descriptor parameter over tensor ``t``."""
+        shape, block, transposed = self.descriptors[i]
+        view = t.t() if transposed else t
+        return TensorDescriptor(view, shape, [view.stride(0), 1], block)
+
+    def _encode(self, tensors: tuple, expand) -> list:
+        forms = []
+        for i, t in enumerate(tensors):
+            cache, ptr = self.encoded[i], _data_ptr(t)
+            form = cache.get(ptr)
+            if form is None:
+                if len(cache) >= 64:
+                    cache.clear()
+                form = cache[ptr] = expand(i, self.describe(i, t))
+            forms += form
+        return forms
+
+    def run(self, descriptor_tensors: tuple, tensors: tuple) -> None:
+        """Launch on ``descriptor_tensors`` (one per descriptor parameter) and the pointer ``tensors``."""
+        ptrs = tuple(map(_data_ptr, tensors))
+        direct = self.direct
+        if direct is not None and ENABLED and aligned16(ptrs):
+            call, expand = direct
+            call(self.grid3, _current_stream(self.stream_index),
+                 (*self._encode(descriptor_tensors, expand), *ptrs, *self.scalars))
+            return
+        args = (*(self.describe(i, t) for i, t in enumerate(descriptor_tensors)), *tensors)
+        compiled = self.launcher(*args, *self.scalars, **self.meta)
+        if direct is None and hasattr(compiled, "function") and ENABLED:
+            n_args = len(args) + len(self.scalars)
+            tail = tuple(self.meta[name] for name in self.kernel.arg_names[n_args:])
+            fast = descriptor_launcher(compiled, tail)
+            if fast is None:  # the compiled kernel's runner, which encodes the descriptors per call
+                runner = compiled[self.grid3]
+                fast = (lambda _grid, stream, args: runner(*args, *tail, stream=stream), lambda _i, desc: (desc,))
+            self.direct = fast
 
 
 _plans: dict = {}  # a launcher's shape key -> what it built for that key (a closure holding Plans)

@@ -1,8 +1,8 @@
 """Development, CPU only: compile the persistent TMA matmul for sm_90 without a GPU and print each
 config's registers and stack (a stack means spills), the way ptxas leaves them.
 
-    python scripts/aot.py [config name ...]     # default: every config in kernels.lora.TMA_CONFIGS
-    FASTPEFT_AOT_SET="FUSE_SHRINK=1,SHRINK_MODE=2" python scripts/aot.py wide   # constexprs set by hand
+    python scripts/aot.py [config name ...]     # default: every config in kernels/configs.py's TMA_CONFIGS["sm90"]
+    FASTPEFT_AOT_SET="ACCUMULATE=1,EXPAND_MODE=1" python scripts/aot.py wide   # constexprs set by hand
 
 For each config: the dX form (W's transpose view, bf16 output, fp32 adapters) without and with the
 dropout mask, and the forward form. It uses this machine's triton and its bundled ptxas and
@@ -21,7 +21,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastpeft.kernels import lora as kl  # noqa: E402
+from fastpeft.kernels.configs import TMA_CONFIGS  # noqa: E402
+from fastpeft.kernels.linear import _lora_linear_tma_kernel  # noqa: E402
 
 SCALARS_FP32 = ("scaling", "drop_scale")
 POINTER_TYPES = {"bias_ptr": "*bf16", "out_ptr": "*bf16", "seed_ptr": "*i64"}  # the others: *fp32
@@ -29,7 +30,7 @@ POINTER_TYPES = {"bias_ptr": "*bf16", "out_ptr": "*bf16", "seed_ptr": "*i64"}  #
 
 def resources(config: tuple, mask: bool, dx: bool) -> str:
     """'REG:.. STACK:..' of the TMA kernel compiled for sm_90 with ``config``."""
-    fn = kl._lora_linear_tma_kernel
+    fn = _lora_linear_tma_kernel
     BM, BN, BK, GM, warps, stages, tma_store, flatten, *extra = config
     pieces = (4 if extra[1] == 4 else 2 if extra[1] else 1) if len(extra) > 1 else 1
     w_block = [BK, BN] if dx else [BN, BK]
@@ -63,9 +64,9 @@ def resources(config: tuple, mask: bool, dx: bool) -> str:
 
 
 def main():
-    names = sys.argv[1:] or list(kl.TMA_CONFIGS)
+    names = sys.argv[1:] or list(TMA_CONFIGS["sm90"])
     for name in names:
-        config = kl.TMA_CONFIGS[name]
+        config = TMA_CONFIGS["sm90"][name]
         cells = [f"{form} {resources(config, mask, dx)}"
                  for form, mask, dx in (("forward", False, False), ("dX", False, True), ("dX with mask", True, True))]
         print(f"{name} {config}: " + " | ".join(cells), flush=True)

@@ -26,7 +26,14 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from fastpeft import ops, reference  # noqa: E402
 from fastpeft.kernels import launch as kernel_launch  # noqa: E402
-from fastpeft.kernels import lora as kl  # noqa: E402
+from fastpeft.kernels import grads as grads_kernels  # noqa: E402
+from fastpeft.kernels import shrink_expand as shrink_expand_kernels  # noqa: E402
+from fastpeft.kernels import tuning  # noqa: E402
+from fastpeft.kernels.configs import TMA_CONFIGS  # noqa: E402
+from fastpeft.kernels.grads import lora_adapter_grads  # noqa: E402
+from fastpeft.kernels.linear import lora_linear, lora_linear_tma  # noqa: E402
+from fastpeft.kernels.shrink import lora_shrink  # noqa: E402
+from fastpeft.kernels.shrink_expand import lora_shrink_expand  # noqa: E402
 from fastpeft.kernels.launch import cdiv  # noqa: E402
 from common import time_ms  # noqa: E402
 
@@ -88,9 +95,9 @@ def kernels():
                 f"dX mm {time_ms(lambda: dy @ w) * 1e3:.1f}"]
         c = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
         line.append(f"addmm_ {time_ms(lambda: c.addmm_(x, w.t())) * 1e3:.1f}")
-        line.append(f"shrink {time_ms(lambda: kl.lora_shrink(x, a)) * 1e3:.1f}")
+        line.append(f"shrink {time_ms(lambda: lora_shrink(x, a)) * 1e3:.1f}")
         print(" ".join(line), flush=True)
-        real_grid = kl._shrink_expand_grid
+        real_grid = shrink_expand_kernels._shrink_expand_grid
         variants = [  # (label, (BM, BK, BN, n_split) -> the same)
             ("auto", None),
             ("BK 64", lambda g: (g[0], 64, g[2], g[3])),
@@ -105,36 +112,36 @@ def kernels():
                     g = change(g)
                     g = g[:3] + (max(1, min(cdiv(N_, g[2]), g[3])),)
                 return g
-            kl._shrink_expand_grid = grid
+            shrink_expand_kernels._shrink_expand_grid = grid
             kernel_launch._plans.clear()  # the launchers keep the grid they planned per shape
             try:
-                f0 = time_ms(lambda: kl.lora_shrink_expand(x, a, bb, None, 2.0))
-                f1 = time_ms(lambda: kl.lora_shrink_expand(x, a, bb, None, 2.0, seed, t, sc))
-                b0 = time_ms(lambda: kl.lora_shrink_expand(dy, bb.t(), a.t(), None, 2.0))
-                b1 = time_ms(lambda: kl.lora_shrink_expand(dy, bb.t(), a.t(), None, 2.0, seed, t, sc, mask_output=True))
+                f0 = time_ms(lambda: lora_shrink_expand(x, a, bb, None, 2.0))
+                f1 = time_ms(lambda: lora_shrink_expand(x, a, bb, None, 2.0, seed, t, sc))
+                b0 = time_ms(lambda: lora_shrink_expand(dy, bb.t(), a.t(), None, 2.0))
+                b1 = time_ms(lambda: lora_shrink_expand(dy, bb.t(), a.t(), None, 2.0, seed, t, sc, mask_output=True))
             except Exception as e:
                 print(f"  shrink_expand {label}: {type(e).__name__}", flush=True)
                 continue
             print(f"  shrink_expand {label} {grid(M, N, 16, 132)} (p.05 {grid(M, N, 16, 132, True)}) / dX "
                   f"{grid(M, K, 16, 132)}: fwd {f0 * 1e3:.1f} / p.05 {f1 * 1e3:.1f}; dX {b0 * 1e3:.1f} / p.05 "
                   f"{b1 * 1e3:.1f} us", flush=True)
-        kl._shrink_expand_grid = real_grid
+        shrink_expand_kernels._shrink_expand_grid = real_grid
         kernel_launch._plans.clear()
-        real_gg = kl._grad_grid
+        real_gg = grads_kernels._grad_grid
         for cfg in (None, (128, 64, 1), (128, 64, 2), (128, 64, 4), (64, 64, 2)):
             def gg(Cs, M_, n_r, sms, cfg=cfg):
                 if cfg is None:
                     return real_gg(Cs, M_, n_r, sms)
                 bm, bc, split = cfg
                 return bm, bc, [cdiv(C, bc) for C in Cs], split
-            kl._grad_grid = gg
+            grads_kernels._grad_grid = gg
             kernel_launch._plans.clear()
-            g0 = time_ms(lambda: kl.lora_adapter_grads(x, xa, dy, xa, 2.0))
-            g1 = time_ms(lambda: kl.lora_adapter_grads(x, xa, dy, xa, 2.0, seed, t, sc))
+            g0 = time_ms(lambda: lora_adapter_grads(x, xa, dy, xa, 2.0))
+            g1 = time_ms(lambda: lora_adapter_grads(x, xa, dy, xa, 2.0, seed, t, sc))
             shown = gg([K, N], M, 1, 132)
             print(f"  adapter_grads (BM, BC, blocks, split)={shown}{'' if cfg else ' auto'}: "
                   f"{g0 * 1e3:.1f} / p.05 {g1 * 1e3:.1f} us", flush=True)
-        kl._grad_grid = real_gg
+        grads_kernels._grad_grid = real_gg
         kernel_launch._plans.clear()
 
 
@@ -148,15 +155,15 @@ def dropout():
     print(f"Philox rounds: {reference.DROPOUT_ROUNDS}", flush=True)
     for M, K, N in _shapes("8192,2048,2048;8192,2048,256;8192,2048,5632;8192,5632,2048;16384,4096,4096"):
         x, dy, a, bb, xa, drop = _operands(M, K, N)
-        dyb = kl.lora_shrink(dy, bb.t())
+        dyb = lora_shrink(dy, bb.t())
         cells = []
         for args in ((None, 0, 1.0), drop):
-            cells.append("/".join((us(lambda: kl.lora_shrink_expand(x, a, bb, None, 2.0, *args)),
-                                   us(lambda: kl.lora_shrink_expand(dy, bb.t(), a.t(), None, 2.0, *args,
-                                                                    mask_output=True)),
-                                   us(lambda: kl.lora_adapter_grads(x, dyb, dy, xa, 2.0, *args)))))
+            cells.append("/".join((us(lambda: lora_shrink_expand(x, a, bb, None, 2.0, *args)),
+                                   us(lambda: lora_shrink_expand(dy, bb.t(), a.t(), None, 2.0, *args,
+                                                                 mask_output=True)),
+                                   us(lambda: lora_adapter_grads(x, dyb, dy, xa, 2.0, *args)))))
         print(f"M={M} K={K} N={N}: fwd C pass / dX C pass / grads, p=0: {cells[0]}, p=0.05: {cells[1]} us; "
-              f"shrink dY·B {us(lambda: kl.lora_shrink(dy, bb.t()))} us", flush=True)
+              f"shrink dY·B {us(lambda: lora_shrink(dy, bb.t()))} us", flush=True)
 
 
 def _pinned_linear(configs, us, run, label: str) -> list:
@@ -165,10 +172,12 @@ def _pinned_linear(configs, us, run, label: str) -> list:
     for cfg in configs:
         os.environ["FASTPEFT_LINEAR_CONFIG"] = ",".join(map(str, cfg))
         try:
+            tuning.reload()  # the switches are read once
             cells.append(f"{label} {cfg} {us(run)}")
         except Exception as e:
             cells.append(f"{label} {cfg} {type(e).__name__}")
     os.environ.pop("FASTPEFT_LINEAR_CONFIG", None)
+    tuning.reload()
     return cells
 
 
@@ -181,10 +190,10 @@ def host():
                           (((64, 512), torch.bfloat16), ((512, 512), torch.bfloat16), ((64, 16), torch.float32),
                            ((512, 16), torch.float32), ((16, 512), torch.float32)))
     for name, f in (("F.linear", lambda: F.linear(xs, ws)),
-                    ("lora_linear", lambda: kl.lora_linear(xs, ws, None, ls, rs, 2.0)),
-                    ("lora_linear pdl", lambda: kl.lora_linear(xs, ws, None, ls, rs, 2.0, pdl=True)),
-                    ("lora_shrink", lambda: kl.lora_shrink(xs, As)),
-                    ("lora_linear_tma", lambda: kl.lora_linear_tma(xs, ws, None, ls, rs, 2.0))):
+                    ("lora_linear", lambda: lora_linear(xs, ws, None, ls, rs, 2.0)),
+                    ("lora_linear pdl", lambda: lora_linear(xs, ws, None, ls, rs, 2.0, pdl=True)),
+                    ("lora_shrink", lambda: lora_shrink(xs, As)),
+                    ("lora_linear_tma", lambda: lora_linear_tma(xs, ws, None, ls, rs, 2.0))):
         for _ in range(20):
             f()
         torch.cuda.synchronize()
@@ -217,13 +226,13 @@ def gemm():
                (128, 128, 64, 8, 8, 4, True, True, True), (128, 128, 64, 8, 4, 4, True, True, True),
                (128, 256, 64, 16, 8, 4, True, False, True)]
     if os.environ.get("FASTPEFT_DIAG_TMA_CONFIGS") == "kept+ws":  # the kept ones and the warp-specialized ones
-        configs = list(kl.TMA_CONFIGS.values()) + [c for c in configs if len(c) > 8]
+        configs = list(TMA_CONFIGS["sm90"].values()) + [c for c in configs if len(c) > 8]
     elif os.environ.get("FASTPEFT_DIAG_TMA_CONFIGS") == "kept":
-        configs = list(kl.TMA_CONFIGS.values())
+        configs = list(TMA_CONFIGS["sm90"].values())
     elif os.environ.get("FASTPEFT_DIAG_TMA_CONFIGS") == "kept+ws-masked":  # warp-specialized, for the mask
-        configs = list(kl.TMA_CONFIGS.values()) + [(128, 256, 64, 16, 8, 3, True, True, True, True),
-                                                   (128, 256, 64, 16, 8, 3, True, True, True),
-                                                   (128, 128, 64, 8, 8, 4, True, True, True)]
+        configs = list(TMA_CONFIGS["sm90"].values()) + [(128, 256, 64, 16, 8, 3, True, True, True, True),
+                                                        (128, 256, 64, 16, 8, 3, True, True, True),
+                                                        (128, 128, 64, 8, 8, 4, True, True, True)]
     for M, K, N in _shapes("16384,4096,4096;4096,4096,4096;8192,2048,2048;8192,2048,256;8192,2048,5632;8192,5632,2048"):
         x, dy, a, bb, xa, (seed, t, sc) = _operands(M, K, N)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
@@ -239,19 +248,19 @@ def gemm():
                 f"p.05 {us(lambda: ops.backward_impl(dy, x, w, a, bb, xa, 2.0, 0.05, seed, True, False, False))}"]
         os.environ.pop("FASTPEFT_GEMM")
         line += _pinned_linear(((128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3)), us,
-                               lambda: kl.lora_linear(x, w, bias, xa, bb, 2.0), "pointer")
-        line.append(f"shrink {us(lambda: kl.lora_shrink(x, a))}")
+                               lambda: lora_linear(x, w, bias, xa, bb, 2.0), "pointer")
+        line.append(f"shrink {us(lambda: lora_shrink(x, a))}")
         print(" | ".join(line) + " us", flush=True)
         for cfg in configs:
             try:
-                out = kl.lora_linear_tma(x, w, bias, xa, bb, 2.0, config=cfg)
+                out = lora_linear_tma(x, w, bias, xa, bb, 2.0, config=cfg)
                 err = ((out.float() - want).abs().max() / want.abs().max()).item()
-                fwd = us(lambda: kl.lora_linear_tma(x, w, bias, xa, bb, 2.0, config=cfg))
-                dx = kl.lora_linear_tma(dy, w.t(), None, dyb, a.t(), 2.0, config=cfg)
+                fwd = us(lambda: lora_linear_tma(x, w, bias, xa, bb, 2.0, config=cfg))
+                dx = lora_linear_tma(dy, w.t(), None, dyb, a.t(), 2.0, config=cfg)
                 err_dx = ((dx.float() - want_dx).abs().max() / want_dx.abs().max()).item()
-                bwd = us(lambda: kl.lora_linear_tma(dy, w.t(), None, dyb, a.t(), 2.0, config=cfg))
-                bwd1 = us(lambda: kl.lora_linear_tma(dy, w.t(), None, dyb, a.t(), 2.0, seed, t, sc,
-                                                     mask_output=True, config=cfg))
+                bwd = us(lambda: lora_linear_tma(dy, w.t(), None, dyb, a.t(), 2.0, config=cfg))
+                bwd1 = us(lambda: lora_linear_tma(dy, w.t(), None, dyb, a.t(), 2.0, seed, t, sc,
+                                                  mask_output=True, config=cfg))
                 print(f"  tma {cfg}: fwd {fwd} (err {err:.1e}), dX {bwd} / p.05 {bwd1} us (err {err_dx:.1e})",
                       flush=True)
             except Exception as e:
@@ -260,13 +269,13 @@ def gemm():
         from common import graph_time_ms
 
         def fwd(pdl, p=False):
-            xa_ = kl.lora_shrink(x, a, *((seed, t, sc) if p else ()), launch_dependents=pdl)
-            return kl.lora_linear_tma(x, w, bias, xa_, bb, 2.0, pdl=pdl)
+            xa_ = lora_shrink(x, a, *((seed, t, sc) if p else ()), launch_dependents=pdl)
+            return lora_linear_tma(x, w, bias, xa_, bb, 2.0, pdl=pdl)
 
         def dx(pdl, p=False):
-            dyb_ = kl.lora_shrink(dy, bb.t(), launch_dependents=pdl)
-            return kl.lora_linear_tma(dy, w.t(), None, dyb_, a.t(), 2.0, *((seed, t, sc) if p else ()),
-                                      mask_output=True, pdl=pdl)
+            dyb_ = lora_shrink(dy, bb.t(), launch_dependents=pdl)
+            return lora_linear_tma(dy, w.t(), None, dyb_, a.t(), 2.0, *((seed, t, sc) if p else ()),
+                                   mask_output=True, pdl=pdl)
         try:
             same = (fwd(True) - fwd(False)).abs().max().item(), (dx(True, True) - dx(False, True)).abs().max().item()
             cells = [f"{name}{' p.05' if p else ''}{' PDL' if pdl else ''} {us(lambda: f(pdl, p))} / graph {graph_time_ms(lambda: f(pdl, p)) * 1e3:.1f}"
@@ -295,14 +304,16 @@ def shrink():
         for cfg in configs:
             os.environ["FASTPEFT_SHRINK_CONFIG"] = cfg
             try:
-                err = (kl.lora_shrink(x, a, partial=True).sum(0) - want).abs().max().item()
-                t0 = us(lambda: kl.lora_shrink(x, a, partial=True))
-                t1 = us(lambda: kl.lora_shrink(x, a, *drop, partial=True))
+                tuning.reload()  # the switches are read once
+                err = (lora_shrink(x, a, partial=True).sum(0) - want).abs().max().item()
+                t0 = us(lambda: lora_shrink(x, a, partial=True))
+                t1 = us(lambda: lora_shrink(x, a, *drop, partial=True))
                 cells.append(f"{cfg or 'default'}: {t0:.1f} ({M * K * 2 / t0 / 1e6:.2f} TB/s) / p.05 {t1:.1f} "
                              f"(err {err:.0e})")
             except Exception as e:
                 cells.append(f"{cfg}: {type(e).__name__}: {str(e)[:120]}")
         os.environ.pop("FASTPEFT_SHRINK_CONFIG", None)
+        tuning.reload()
         print(f"M={M} K={K} shrink us: " + " | ".join(cells), flush=True)
 
 
@@ -354,10 +365,10 @@ def small():
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
         cells = [f"M={M} K={K} N={N}: F.linear {us(lambda: F.linear(x, w))}"]
         cells += _pinned_linear([c for c in pointer if c[0] <= 16 * max(1, M)], us,
-                                lambda: kl.lora_linear(x, w, None, xa, bb, 2.0), "ptr")
+                                lambda: lora_linear(x, w, None, xa, bb, 2.0), "ptr")
         for cfg in tma:
             try:
-                cells.append(f"tma {cfg[:6]} {us(lambda: kl.lora_linear_tma(x, w, None, xa, bb, 2.0, config=cfg))}")
+                cells.append(f"tma {cfg[:6]} {us(lambda: lora_linear_tma(x, w, None, xa, bb, 2.0, config=cfg))}")
             except Exception as e:
                 cells.append(f"tma {cfg[:6]} {type(e).__name__}")
         print(" | ".join(cells) + " us", flush=True)

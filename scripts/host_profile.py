@@ -30,7 +30,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from bench_lora import make_layers  # noqa: E402
 
 from fastpeft.kernels import launch as kernel_launch  # noqa: E402
-from fastpeft.kernels import lora as kl  # noqa: E402
+from fastpeft.kernels.grads import _lora_weight_grad_kernel, lora_adapter_grads  # noqa: E402
+from fastpeft.kernels.linear import (_lora_linear_kernel, _lora_linear_tma_kernel, lora_linear,  # noqa: E402
+                                     lora_linear_tma)
+from fastpeft.kernels.shrink import _lora_shrink_kernel, lora_shrink  # noqa: E402
+from fastpeft.kernels.shrink_expand import _lora_shrink_expand_kernel, lora_shrink_expand  # noqa: E402
 
 
 def per_call_us(fn, n=300):
@@ -69,19 +73,18 @@ def main():
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
     seed = torch.randint(0, 2**62, (1,), device="cuda")
     xd = x.detach()
-    xa = kl.lora_shrink(xd, a)
+    xa = lora_shrink(xd, a)
     print(f"M={M}: per-call wall time, us (direct launch on / through Triton's run)")
     for name, fn in [
         ("torch.empty", lambda: torch.empty(M, N, device="cuda", dtype=torch.bfloat16)),
         ("torch.zeros", lambda: torch.zeros(M, r, device="cuda")),
         ("torch.randint seed", lambda: torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device="cuda")),
         ("F.linear", lambda: torch.nn.functional.linear(xd, w)),
-        ("lora_shrink", lambda: kl.lora_shrink(xd, a)),
-        ("lora_shrink dropout", lambda: kl.lora_shrink(xd, a, seed, 3277, 1.05)),
-        ("lora_linear", lambda: kl.lora_linear(xd, w, None, xa, b, 2.0)),
-        ("lora_linear fused shrink", lambda: kl.lora_linear(xd, w, None, xa, b, 2.0, shrink_a=a)),
-        ("lora_shrink_expand", lambda: kl.lora_shrink_expand(xd, a, b, None, 2.0)),
-        ("lora_adapter_grads", lambda: kl.lora_adapter_grads(xd, xa, g.detach(), xa, 2.0)),
+        ("lora_shrink", lambda: lora_shrink(xd, a)),
+        ("lora_shrink dropout", lambda: lora_shrink(xd, a, seed, 3277, 1.05)),
+        ("lora_linear", lambda: lora_linear(xd, w, None, xa, b, 2.0)),
+        ("lora_shrink_expand", lambda: lora_shrink_expand(xd, a, b, None, 2.0)),
+        ("lora_adapter_grads", lambda: lora_adapter_grads(xd, xa, g.detach(), xa, 2.0)),
     ]:
         kernel_launch.ENABLED = False
         slow = per_call_us(fn)
@@ -211,19 +214,19 @@ def enqueue():
         b = torch.randn(N, r, device="cuda")
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         c = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
-        xa = kl.lora_shrink(xd, a)
-        parts = kl.lora_shrink(xd, a, partial=True)
+        xa = lora_shrink(xd, a)
+        parts = lora_shrink(xd, a, partial=True)
         cells = []
         for name, fn in [
             ("torch.empty", lambda: torch.empty(M, N, device="cuda", dtype=torch.bfloat16)),
             ("F.linear", lambda: torch.nn.functional.linear(xd, w)),
             ("c.addmm_", lambda: c.addmm_(xd, w.t())),
-            ("lora_shrink", lambda: kl.lora_shrink(xd, a)),
-            ("lora_shrink partial", lambda: kl.lora_shrink(xd, a, partial=True)),
-            ("lora_shrink_expand", lambda: kl.lora_shrink_expand(xd, a, b, None, 2.0)),
-            ("lora_linear_tma", lambda: kl.lora_linear_tma(xd, w, None, xa, b, 2.0)),
-            ("lora_linear_tma partial", lambda: kl.lora_linear_tma(xd, w, None, parts, b, 2.0)),
-            ("lora_adapter_grads", lambda: kl.lora_adapter_grads(xd, xa, g, xa, 2.0)),
+            ("lora_shrink", lambda: lora_shrink(xd, a)),
+            ("lora_shrink partial", lambda: lora_shrink(xd, a, partial=True)),
+            ("lora_shrink_expand", lambda: lora_shrink_expand(xd, a, b, None, 2.0)),
+            ("lora_linear_tma", lambda: lora_linear_tma(xd, w, None, xa, b, 2.0)),
+            ("lora_linear_tma partial", lambda: lora_linear_tma(xd, w, None, parts, b, 2.0)),
+            ("lora_adapter_grads", lambda: lora_adapter_grads(xd, xa, g, xa, 2.0)),
         ]:
             cells.append(f"{name} {host_us(fn):.1f}")
         print(f"M={M}: host us per call, GPU idle at the call: " + " | ".join(cells), flush=True)
@@ -249,8 +252,8 @@ def enqueue():
 
 def compiled_kernels() -> None:
     """Registers, spills and shared memory of every compiled fastpeft kernel (Triton's JIT caches)."""
-    for fn in (kl._lora_shrink_kernel, kl._lora_shrink_expand_kernel, kl._lora_linear_kernel,
-               kl._lora_linear_tma_kernel, kl._lora_weight_grad_kernel):
+    for fn in (_lora_shrink_kernel, _lora_shrink_expand_kernel, _lora_linear_kernel, _lora_linear_tma_kernel,
+               _lora_weight_grad_kernel):
         for cache in getattr(fn, "device_caches", {}).values():
             for compiled in (cache[0].values() if isinstance(cache, tuple) else ()):
                 try:
@@ -345,8 +348,8 @@ def threads():
                 counts[name] += 1
         return wrapper
 
-    for name in ("lora_shrink", "lora_shrink_expand", "lora_linear", "lora_linear_tma", "lora_adapter_grads"):
-        setattr(ops.K, name, timed(name, getattr(kl, name)))
+    for name in ("lora_shrink", "lora_shrink_expand", "lora_linear_kernel", "lora_linear_tma", "lora_adapter_grads"):
+        setattr(ops, name, timed(name, getattr(ops, name)))  # the launchers as fastpeft.ops calls them
     marks = {}
     backward = ops.LoraLinearFunction.backward
 

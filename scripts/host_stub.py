@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from fastpeft import LoraLinear  # noqa: E402
-from fastpeft.kernels import launch, lora  # noqa: E402
+from fastpeft.kernels import launch, linear  # noqa: E402
 
 
 def per_call_us(fn, n=1000, repeats=5) -> float:
@@ -47,7 +47,7 @@ class _StubTmaKernel:
     """Stands in for the TMA matmul's JIT kernel: its first "launch" hands back a compiled-looking
     object, and ``descriptor_launcher`` a no-op call, so later runs take the direct path's host work."""
 
-    arg_names = lora._lora_linear_tma_kernel.arg_names
+    arg_names = linear._lora_linear_tma_kernel.arg_names
 
     def __getitem__(self, grid):
         return lambda *args, **meta: types.SimpleNamespace(function=0)
@@ -58,10 +58,10 @@ def main():
     launch.launch = lambda *args, **kwargs: None
     torch.Tensor.addmm_ = lambda self, *args, **kwargs: self
     # the TMA route (FASTPEFT_GEMM=tma): the kernel, its C launcher and the stream query stubbed
-    lora._lora_linear_tma_kernel = _StubTmaKernel()
-    lora.descriptor_launcher = lambda compiled, tail: (lambda grid3, stream, args: None, lambda i, desc: (desc,))
-    lora.ENABLED = True
-    lora._current_stream = lambda index: 0
+    linear._lora_linear_tma_kernel = _StubTmaKernel()
+    launch.descriptor_launcher = lambda compiled, tail: (lambda grid3, stream, args: None, lambda i, desc: (desc,))
+    launch.ENABLED = True
+    launch._current_stream = lambda index: 0
     torch.set_num_threads(1)
     K = N = 64
     for M in (1, 512):

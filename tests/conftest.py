@@ -33,6 +33,30 @@ def kernels_on(kernel_device, set_options):
 
 
 @pytest.fixture
+def pin_config():
+    """pin_config(switch, value): set one of the kernels' tuning switches (FASTPEFT_*_CONFIG; None
+    unsets it) and re-read them (kernels/tuning.py reads them once); restored after the test."""
+    from fastpeft.kernels import tuning
+
+    saved = {name: os.environ.get(name) for name in tuning.SWITCHES}
+
+    def pin(name, value):
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+        tuning.reload()
+
+    yield pin
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    tuning.reload()
+
+
+@pytest.fixture
 def gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")

@@ -4,13 +4,21 @@ Every case draws fresh random data; shapes are odd (not multiples of any block s
 strided, 3-D, transposed (fan_in_fan_out); every requires_grad combination; dropout with the same
 Philox mask as the reference, so forward and backward are compared exactly, not statistically.
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastpeft import ops, reference
 from fastpeft.kernels import dropout as dropout_kernels
-from fastpeft.kernels import lora as lora_kernels
+from fastpeft.kernels import launch, tuning
+from fastpeft.kernels.common import num_sms
+from fastpeft.kernels.configs import TMA_CONFIGS
+from fastpeft.kernels.grads import _grad_grid, lora_adapter_grads
+from fastpeft.kernels.linear import lora_linear, lora_linear_tma, tma_ok, tma_wide
+from fastpeft.kernels.shrink import lora_shrink
+from fastpeft.kernels.shrink_expand import lora_shrink_expand
 from tolerance import assert_close
 
 CPU_SHAPES = [(1, 64, 48, 4), (37, 45, 29, 5), (70, 130, 100, 17), (0, 32, 16, 4)]
@@ -117,7 +125,7 @@ def test_split_grads_accumulate_into_dot_grad(kernel_device):
     torch.compile path) returns them too, as outputs that alias nothing (torch checks)."""
     M = 300 if kernel_device == "cpu" else 3000
     x, w, b, a, bb = _make(M, 40, 24, 3, torch.float32, torch.float32, kernel_device)
-    assert lora_kernels._grad_grid([40, 24], M, 1, lora_kernels._num_sms(x.device))[3] > 1
+    assert _grad_grid([40, 24], M, 1, num_sms(x.device))[3] > 1
     g = torch.randn(M, 24, device=kernel_device)
     grads = []
     for fn in (ops.lora_linear, reference.lora_linear):
@@ -161,14 +169,14 @@ def test_shrink_expand_accumulates_into_a_buffer(kernel_device, mask_output):
     t, scale = reference.dropout_threshold(0.2), reference.dropout_scale(0.2)
     buf = torch.randn(M, N, device=kernel_device, dtype=torch.float16)
     old = buf.clone()
-    plain, small = lora_kernels.lora_shrink_expand(x, a, bb, None, 1.5, seed, t, scale, mask_output=mask_output)
-    out, small2 = lora_kernels.lora_shrink_expand(x, a, bb, None, 1.5, seed, t, scale, mask_output=mask_output,
-                                                  accumulate=buf)
+    plain, small = lora_shrink_expand(x, a, bb, None, 1.5, seed, t, scale, mask_output=mask_output)
+    out, small2 = lora_shrink_expand(x, a, bb, None, 1.5, seed, t, scale, mask_output=mask_output,
+                                     accumulate=buf)
     assert out is buf
     torch.testing.assert_close(small2, small)
     torch.testing.assert_close(out.float(), old.float() + plain.float(), rtol=2e-3, atol=2e-3)
     with pytest.raises(ValueError, match="accumulate must be"):
-        lora_kernels.lora_shrink_expand(x, a, bb, None, 1.5, accumulate=buf[:, :5])
+        lora_shrink_expand(x, a, bb, None, 1.5, accumulate=buf[:, :5])
 
 
 @pytest.mark.parametrize("dtypes", DTYPES, ids=_name)
@@ -191,8 +199,8 @@ def test_shrink_expand_matches_reference(kernel_device, dtypes, mode):
         elif mode == "backward_dropout":
             keep_out = reference.dropout_mask(seed, M, N, p, x.device).double() * scale
             b = None
-        out, small = lora_kernels.lora_shrink_expand(x, a, bb, b, 1.5, seed, t, scale,
-                                                     mask_output=mode == "backward_dropout")
+        out, small = lora_shrink_expand(x, a, bb, b, 1.5, seed, t, scale,
+                                        mask_output=mode == "backward_dropout")
         bias = 0.0 if b is None else b.double()
         small_ref = (x.double() * keep_in) @ a.double().t()
         out_ref = bias + 1.5 * (small_ref @ bb.double().t()) * keep_out
@@ -244,28 +252,17 @@ def test_shape_errors_name_the_problem(kernel_device):
     with pytest.raises(ValueError, match="bias"):
         ops.lora_linear(x, w, b[:3], a, bb, 1.0)
     with pytest.raises(ValueError, match="lora_shrink"):
-        lora_kernels.lora_shrink(x, a[:, :3])
+        lora_shrink(x, a[:, :3])
     xa = torch.empty(4, 2, device=kernel_device)
-    with pytest.raises(ValueError, match="fused shrink"):  # shrink_a not (R, K)
-        lora_kernels.lora_linear(x, w, b, xa, bb, 1.0, shrink_a=a[:, :8])
-    with pytest.raises(ValueError, match="fused shrink"):  # xa must be fp32
-        lora_kernels.lora_linear(x, w, b, xa.half(), bb, 1.0, shrink_a=a)
-    with pytest.raises(ValueError, match="unit stride along K"):  # the dX form (Bᵀ): wrong on the H100
-        lora_kernels.lora_linear(x, w, b, xa, bb, 1.0, shrink_a=a.t().contiguous().t())
-    with pytest.raises(ValueError, match="no output mask"):
-        lora_kernels.lora_linear(x, w, b, xa, bb, 1.0, torch.tensor([3], device=kernel_device), 100, 1.1,
-                                 shrink_a=a, mask_output=True)
     seed = torch.tensor([3], dtype=torch.int64, device=kernel_device)
-    with pytest.raises(ValueError, match="needs the fused shrink"):  # dropout on x needs the shrink inside
-        lora_kernels.lora_linear(x, w, b, xa, bb, 1.0, seed, 100, 1.1)
-    with pytest.raises(ValueError, match="partial sums"):  # a shrink's partial sums and the fused shrink
-        lora_kernels.lora_linear(x, w, b, xa[None], bb, 1.0, shrink_a=a)
+    with pytest.raises(ValueError, match="mask_output"):  # the mask applies to the LoRA term of the output
+        lora_linear(x, w, b, xa, bb, 1.0, seed, 100, 1.1)
     with pytest.raises(ValueError, match="lora_shrink_expand"):
-        lora_kernels.lora_shrink_expand(x, a[:, :8], bb, b, 1.0)
+        lora_shrink_expand(x, a[:, :8], bb, b, 1.0)
     with pytest.raises(ValueError, match="lora_shrink_expand: bias"):
-        lora_kernels.lora_shrink_expand(x, a, bb, b[:3], 1.0)
+        lora_shrink_expand(x, a, bb, b[:3], 1.0)
     with pytest.raises(ValueError, match="lora_adapter_grads"):
-        lora_kernels.lora_adapter_grads(x, xa[:3], None, None, 1.0)
+        lora_adapter_grads(x, xa[:3], None, None, 1.0)
 
 
 def test_custom_op_opcheck(kernel_device):
@@ -274,23 +271,6 @@ def test_custom_op_opcheck(kernel_device):
     args = (x.requires_grad_(), w, b, a.requires_grad_(), bb.requires_grad_(), 2.0, 0.0, None)
     torch.library.opcheck(torch.ops.fastpeft.lora_linear.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-
-
-@pytest.mark.parametrize("dtypes", DTYPES, ids=_name)
-@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
-def test_fused_shrink_matches_reference(kernel_device, dtypes, p, monkeypatch):
-    """The shrink inside the main matmul's K loop (FASTPEFT_FUSED_SHRINK_MAX_M): same y, same saved
-    xa (so dB), same dropout mask; R > 64 falls back to the separate shrink."""
-    monkeypatch.setenv("FASTPEFT_GEMM", "triton")
-    monkeypatch.setenv("FASTPEFT_FUSED_SHRINK_MAX_M", "100000")
-    dtype, adapter_dtype = dtypes
-    shapes = [(1, 64, 48, 4), (37, 45, 29, 5), (20, 70, 33, 64), (9, 40, 24, 65)]
-    if kernel_device == "cuda":
-        shapes += [(16, 4096, 4096, 16), (64, 1000, 2000, 64), (250, 1024, 520, 8)]
-    for M, K, N, R in shapes:
-        x, w, b, a, bb = _make(M, K, N, R, dtype, adapter_dtype, kernel_device, layout="strided",
-                               fan_in_fan_out=M == 37)
-        _check_against_reference(x, w, b, a, bb, 2.0, p, (True, True, True), dtype)
 
 
 @pytest.mark.parametrize("gemm", ["triton", "cublas", "tma"])
@@ -307,7 +287,7 @@ def test_main_matmul_paths(kernel_device, gemm, p, monkeypatch):
             _check_against_reference(x, w, b, a, bb, 2.0, p, (True, True, True), dtype)
 
 
-def test_auto_route_by_rows(monkeypatch):
+def test_auto_route_by_rows(monkeypatch, pin_config):
     """The auto route: the Triton matmul below CUBLAS_MIN_M rows, cuBLAS onto a prefilled C above, the
     TMA matmul from FASTPEFT_TMA_MIN_M rows up when set (0: never) where its wide tiles apply; a bad
     FASTPEFT_GEMM is named."""
@@ -316,11 +296,11 @@ def test_auto_route_by_rows(monkeypatch):
     assert [ops.main_matmul(m) for m in (1, ops.CUBLAS_MIN_M, 4095, 4096, 16384)] == \
         ["triton", "cublas", "cublas", "tma", "tma"]
     assert ops.main_matmul(16384, wide_tma=False) == "cublas"  # an fp16 output (narrow tiles): not TMA
-    assert lora_kernels.tma_wide(torch.bfloat16, False) and lora_kernels.tma_wide(torch.bfloat16, True)
-    assert not lora_kernels.tma_wide(torch.float16, False)
-    monkeypatch.setenv("FASTPEFT_TMA_CONFIG", "128,128,64,8,8,4,1,1")  # a pinned config is taken as it is
-    assert lora_kernels.tma_wide(torch.float16, False)
-    monkeypatch.delenv("FASTPEFT_TMA_CONFIG")
+    assert tma_wide(torch.bfloat16, False) and tma_wide(torch.bfloat16, True)
+    assert not tma_wide(torch.float16, False)
+    pin_config("FASTPEFT_TMA_CONFIG", "128,128,64,8,8,4,1,1")  # a pinned config is taken as it is
+    assert tma_wide(torch.float16, False)
+    pin_config("FASTPEFT_TMA_CONFIG", None)
     monkeypatch.setenv("FASTPEFT_GEMM", "tma")
     assert ops.main_matmul(16384, wide_tma=False) == "tma"  # pinned
     monkeypatch.delenv("FASTPEFT_GEMM")
@@ -362,7 +342,7 @@ def test_routes_match_reference_eager_and_replayed(gpu, gemm, monkeypatch):
         torch.testing.assert_close(out, ops.lora_linear(static, w, b, a, bb, 2.0), rtol=0, atol=0)
 
 
-def test_shrink_pinned_config(kernel_device, monkeypatch):
+def test_shrink_pinned_config(kernel_device, pin_config):
     """FASTPEFT_SHRINK_CONFIG (for measuring) pins the shrink's tiles, split and launch options: the
     same sums as the default's, split or not, partial or atomic, with dropout; a bad pin is named."""
     M, K, R = 37, 300, 5
@@ -370,18 +350,33 @@ def test_shrink_pinned_config(kernel_device, monkeypatch):
     a = torch.randn(R, K, device=kernel_device, dtype=torch.float32)
     seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=kernel_device)
     drop = (seed, reference.dropout_threshold(0.1), reference.dropout_scale(0.1))
-    want = lora_kernels.lora_shrink(x, a), lora_kernels.lora_shrink(x, a, *drop)
+    want = lora_shrink(x, a), lora_shrink(x, a, *drop)
     pins = ["16,32,1,4,1", "16,64,3,4,2"] if kernel_device == "cpu" else ["32,64,1,4,3", "128,128,4,8,3"]
     for pin in pins:
-        monkeypatch.setenv("FASTPEFT_SHRINK_CONFIG", pin)
+        pin_config("FASTPEFT_SHRINK_CONFIG", pin)
         for d, ref in zip(((), drop), want):
-            torch.testing.assert_close(lora_kernels.lora_shrink(x, a, *d), ref, rtol=1e-4, atol=1e-4)
-            parts = lora_kernels.lora_shrink(x, a, *d, partial=True)
+            torch.testing.assert_close(lora_shrink(x, a, *d), ref, rtol=1e-4, atol=1e-4)
+            parts = lora_shrink(x, a, *d, partial=True)
             assert parts.shape[0] == int(pin.split(",")[2])
             torch.testing.assert_close(parts.sum(0), ref, rtol=1e-4, atol=1e-4)
-    monkeypatch.setenv("FASTPEFT_SHRINK_CONFIG", "64,128")
-    with pytest.raises(ValueError, match="FASTPEFT_SHRINK_CONFIG"):
-        lora_kernels.lora_shrink(x, a)
+    with pytest.raises(ValueError, match="FASTPEFT_SHRINK_CONFIG"):  # named when the switches are read
+        pin_config("FASTPEFT_SHRINK_CONFIG", "64,128")
+
+
+def test_tuning_switches_are_read_once(pin_config):
+    """The kernels' tuning switches are parsed at first use and again only at tuning.reload() (not at
+    every call); a malformed one is named."""
+    pin_config(tuning.LINEAR, "16,32,32,4,4,1")
+    assert tuning.pinned(tuning.LINEAR) == (16, 32, 32, 4, 4, 1) and tuning.pinned(tuning.SHRINK) is None
+    os.environ[tuning.LINEAR] = "32,32,32,4,4,1"  # (pin_config restores every switch after the test)
+    assert tuning.pinned(tuning.LINEAR) == (16, 32, 32, 4, 4, 1)
+    pin_config(tuning.TMA, "128,256,64,16,8,3,1,true,0,1")
+    assert tuning.pinned(tuning.TMA) == (128, 256, 64, 16, 8, 3, True, True, False, True)
+    assert tuning.pinned(tuning.LINEAR) == (32, 32, 32, 4, 4, 1)
+    for name, bad in ((tuning.SHRINK, "64,128"), (tuning.LINEAR, "16,32,x,4,4,1"), (tuning.TMA, "128,256,64,16,8,3")):
+        with pytest.raises(ValueError, match=name):
+            pin_config(name, bad)
+        pin_config(name, None)
 
 
 def test_shrink_partials_are_summed_by_the_linear(kernel_device):
@@ -390,23 +385,23 @@ def test_shrink_partials_are_summed_by_the_linear(kernel_device):
     shrink's own sum, bit for bit from run to run."""
     M, K, N, R = 5, 600, 48, 6
     x, w, b, a, bb = _make(M, K, N, R, torch.float16, torch.float32, kernel_device)
-    parts = lora_kernels.lora_shrink(x, a, partial=True)
+    parts = lora_shrink(x, a, partial=True)
     assert parts.dim() == 3 and parts.shape[1:] == (M, R) and parts.shape[0] > 1
-    y, xa = lora_kernels.lora_linear(x, w, b, parts, bb, 2.0)
+    y, xa = lora_linear(x, w, b, parts, bb, 2.0)
     torch.testing.assert_close(xa, parts.sum(0), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(xa, lora_kernels.lora_shrink(x, a), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y, lora_kernels.lora_linear(x, w, b, xa, bb, 2.0), rtol=1e-3, atol=1e-3)
-    y2, xa2 = lora_kernels.lora_linear(x, w, b, lora_kernels.lora_shrink(x, a, partial=True), bb, 2.0)
+    torch.testing.assert_close(xa, lora_shrink(x, a), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, lora_linear(x, w, b, xa, bb, 2.0), rtol=1e-3, atol=1e-3)
+    y2, xa2 = lora_linear(x, w, b, lora_shrink(x, a, partial=True), bb, 2.0)
     assert torch.equal(xa2, xa) and torch.equal(y2, y)
-    one = lora_kernels.lora_shrink(x[:, :100], a[:, :100], partial=True)  # one split: S = 1
+    one = lora_shrink(x[:, :100], a[:, :100], partial=True)  # one split: S = 1
     assert one.shape[0] == 1
-    assert torch.equal(lora_kernels.lora_linear(x[:, :100], w[:, :100], b, one, bb, 2.0)[1], one[0])
+    assert torch.equal(lora_linear(x[:, :100], w[:, :100], b, one, bb, 2.0)[1], one[0])
     empty = parts[:0]  # no partial sums at all: named, not read
     with pytest.raises(ValueError, match="S >= 1"):
-        lora_kernels.lora_linear(x, w, b, empty, bb, 2.0)
+        lora_linear(x, w, b, empty, bb, 2.0)
     if kernel_device == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
         with pytest.raises(ValueError, match="S >= 1"):
-            lora_kernels.lora_linear_tma(x, w, b, empty, bb, 2.0)
+            lora_linear_tma(x, w, b, empty, bb, 2.0)
 
 
 @pytest.mark.parametrize("consumer", ["linear", "tma", "tma_halves"])
@@ -423,15 +418,15 @@ def test_shrink_partials_at_large_m(kernel_device, consumer):
     seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=kernel_device)
     t, scale = reference.dropout_threshold(0.1), reference.dropout_scale(0.1)
     halves = (16, 32, 32, 4, 4, 1, True, False, False, True) if kernel_device == "cpu" else \
-        lora_kernels.TMA_CONFIGS["wide_masked"]
-    matmul = {"linear": lora_kernels.lora_linear, "tma": lora_kernels.lora_linear_tma,
-              "tma_halves": lambda *args: lora_kernels.lora_linear_tma(*args, config=halves)}[consumer]
+        TMA_CONFIGS["sm90"]["wide_masked"]
+    matmul = {"linear": lora_linear, "tma": lora_linear_tma,
+              "tma_halves": lambda *args: lora_linear_tma(*args, config=halves)}[consumer]
     for drop in ((), (seed, t, scale)):
-        parts = lora_kernels.lora_shrink(x, a, *drop, partial=True)
+        parts = lora_shrink(x, a, *drop, partial=True)
         assert parts.shape[0] > 1, "no split at this size"
         y, xa = matmul(x, w, b, parts, bb, 2.0)
         torch.testing.assert_close(xa, parts.sum(0), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(xa, lora_kernels.lora_shrink(x, a, *drop), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(xa, lora_shrink(x, a, *drop), rtol=1e-4, atol=1e-4)
         lora = 2.0 * xa.double() @ bb.double().t()
         assert_close(y, x.double() @ w.double().t() + b.double() + lora, F.linear(x, w, b).double() + lora, dtype,
                      f"{consumer} dropout {bool(drop)}")
@@ -455,7 +450,7 @@ def test_lora_linear_tma_matches_reference(kernel_device, dtype, form, epilogue)
         if kernel_device == "cuda" and dtype != torch.bfloat16:
             pytest.skip("the wide tiles take bf16 outputs")
         config = (16, 32, 32, 4, 4, 1, True, False, False, True) if kernel_device == "cpu" else \
-            lora_kernels.TMA_CONFIGS["wide_masked"]
+            TMA_CONFIGS["sm90"]["wide_masked"]
     shapes = [(37, 48, 40, 5), (1, 32, 24, 3)] if kernel_device == "cpu" else \
         [(37, 48, 40, 5), (300, 1024, 2056, 64), (4100, 1032, 520, 8)]
     for M, K, N, R in shapes:
@@ -467,15 +462,15 @@ def test_lora_linear_tma_matches_reference(kernel_device, dtype, form, epilogue)
         if form == "dx_dropout":  # out = dY·W: the kernel's w is W's transpose view (K rows of N)
             dy = torch.randn(M, N, device=kernel_device, dtype=dtype)
             a_t = a.t()[:, :R]  # (K, R) view
-            out = lora_kernels.lora_linear_tma(dy, w.t(), None, l, a_t, 1.5, seed, t, scale, mask_output=True,
-                                               config=config)
+            out = lora_linear_tma(dy, w.t(), None, l, a_t, 1.5, seed, t, scale, mask_output=True,
+                                  config=config)
             keep = reference.dropout_mask(seed, M, K, 0.2, kernel_device)
             want = dy.double() @ w.double() + torch.where(keep, 1.5 * l.double() @ a_t.double().t() * scale, 0.0)
             same = (dy @ w).double() + torch.where(keep, 1.5 * l.double() @ a_t.double().t() * scale, 0.0)
         else:
             buf = torch.randn(M, N, device=kernel_device, dtype=dtype) if form == "accumulate" else None
             old = None if buf is None else buf.clone()
-            out = lora_kernels.lora_linear_tma(x, w, b, l, bb, 1.5, accumulate=buf, config=config)
+            out = lora_linear_tma(x, w, b, l, bb, 1.5, accumulate=buf, config=config)
             want = x.double() @ w.double().t() + b.double() + lora
             same = F.linear(x, w, b).double() + lora
             if buf is not None:
@@ -483,9 +478,9 @@ def test_lora_linear_tma_matches_reference(kernel_device, dtype, form, epilogue)
                 want, same = want + old.double(), same + old.double()
         assert_close(out, want, same, dtype, f"{form} {M, K, N, R}")
         if form != "accumulate":  # the second call of a shape takes the kept kernel's direct launch
-            again = (lora_kernels.lora_linear_tma(dy, w.t(), None, l, a_t, 1.5, seed, t, scale, mask_output=True,
-                                                  config=config)
-                     if form == "dx_dropout" else lora_kernels.lora_linear_tma(x, w, b, l, bb, 1.5, config=config))
+            again = (lora_linear_tma(dy, w.t(), None, l, a_t, 1.5, seed, t, scale, mask_output=True,
+                                     config=config)
+                     if form == "dx_dropout" else lora_linear_tma(x, w, b, l, bb, 1.5, config=config))
             torch.testing.assert_close(again, out, rtol=0, atol=0)
 
 
@@ -497,8 +492,8 @@ def test_lora_linear_tma_direct_launch_follows_each_call(gpu, monkeypatch):
     import triton
 
     built = []
-    real = lora_kernels.descriptor_launcher
-    monkeypatch.setattr(lora_kernels, "descriptor_launcher", lambda c, tail: built.append(real(c, tail)) or built[-1])
+    real = launch.descriptor_launcher
+    monkeypatch.setattr(launch, "descriptor_launcher", lambda c, tail: built.append(real(c, tail)) or built[-1])
     M, K, N, R = 29, 80, 72, 3  # a shape no other test uses: this test builds the plan
     x, w, b, a, bb = _make(M, K, N, R, torch.bfloat16, torch.float32, gpu)
     l = torch.randn(M, R, device=gpu)
@@ -509,7 +504,7 @@ def test_lora_linear_tma_direct_launch_follows_each_call(gpu, monkeypatch):
             x = torch.randn_like(x)  # another tensor (possibly another pointer)
         elif step == 3:
             w = torch.randn_like(w)
-        out = lora_kernels.lora_linear_tma(x, w, b, l, bb, 1.5)
+        out = lora_linear_tma(x, w, b, l, bb, 1.5)
         lora = 1.5 * l.double() @ bb.double().t()
         assert_close(out, x.double() @ w.double().t() + b.double() + lora, F.linear(x, w, b).double() + lora,
                      torch.bfloat16, f"step {step}")
@@ -522,19 +517,19 @@ def test_lora_linear_tma_takes_only_tma_operands(kernel_device):
     _tma_device(kernel_device)
     x, w, b, a, bb = _make(5, 48, 40, 3, torch.float16, torch.float32, kernel_device)
     l = torch.randn(5, 3, device=kernel_device)
-    assert lora_kernels.tma_ok(x, w) and lora_kernels.tma_ok(x, w.t().contiguous().t())
-    assert not lora_kernels.tma_ok(x.float(), w.float())  # fp32
-    assert not lora_kernels.tma_ok(x, w.bfloat16())  # two dtypes
-    assert not lora_kernels.tma_ok(x[:, :45].contiguous(), w[:, :45].contiguous())  # rows not 16-byte aligned
-    assert lora_kernels.tma_ok(x[:, :45], w[:, :45])  # views of aligned rows are fine
-    assert not lora_kernels.tma_ok(torch.randn(48, 5, device=kernel_device, dtype=torch.float16).t(), w)
-    assert not lora_kernels.tma_ok(x[:1].expand(5, 48), w)  # a zero row stride (the dY of a sum)
+    assert tma_ok(x, w) and tma_ok(x, w.t().contiguous().t())
+    assert not tma_ok(x.float(), w.float())  # fp32
+    assert not tma_ok(x, w.bfloat16())  # two dtypes
+    assert not tma_ok(x[:, :45].contiguous(), w[:, :45].contiguous())  # rows not 16-byte aligned
+    assert tma_ok(x[:, :45], w[:, :45])  # views of aligned rows are fine
+    assert not tma_ok(torch.randn(48, 5, device=kernel_device, dtype=torch.float16).t(), w)
+    assert not tma_ok(x[:1].expand(5, 48), w)  # a zero row stride (the dY of a sum)
     with pytest.raises(ValueError, match="not TMA operands"):
-        lora_kernels.lora_linear_tma(x.float(), w.float(), None, l, bb, 1.0)
+        lora_linear_tma(x.float(), w.float(), None, l, bb, 1.0)
     with pytest.raises(ValueError, match="do not fit"):
-        lora_kernels.lora_linear_tma(x, w, None, l[:, :2], bb, 1.0)
+        lora_linear_tma(x, w, None, l[:, :2], bb, 1.0)
     with pytest.raises(ValueError, match="mask_output"):
-        lora_kernels.lora_linear_tma(x, w, None, l, bb, 1.0, torch.zeros(1, dtype=torch.int64, device=kernel_device))
+        lora_linear_tma(x, w, None, l, bb, 1.0, torch.zeros(1, dtype=torch.int64, device=kernel_device))
 
 
 def test_autocast(kernel_device):
@@ -613,26 +608,26 @@ def test_adapter_grads_one_launch(kernel_device, which, request):
     M, K, N, R = {"split_m": (2000, 9, 8, 3), "halves": (1100, 300, 200, 5),
                   "quarters": (2100, 300, 200, 5)}.get(which, (37, 45, 29, 5))
     if which in ("halves", "quarters"):
-        sms = lora_kernels._num_sms(torch.device(kernel_device))
-        assert lora_kernels._grad_grid([K, N], M, 1, sms, True, which == "halves")[3] == (2 if which == "halves" else 4)
+        sms = num_sms(torch.device(kernel_device))
+        assert _grad_grid([K, N], M, 1, sms, True, which == "halves")[3] == (2 if which == "halves" else 4)
         torch.use_deterministic_algorithms(which == "halves")
         request.addfinalizer(lambda: torch.use_deterministic_algorithms(False))
     x = torch.randn(M, K, device=kernel_device, dtype=torch.float16)
     dy = torch.randn(M, N, device=kernel_device, dtype=torch.float32 if which == "mixed_dtypes" else torch.float16)
     if which == "split_m":
         Cs = [K, N]
-        assert lora_kernels._grad_grid(Cs, M, 1, lora_kernels._num_sms(x.device))[3] > 1
+        assert _grad_grid(Cs, M, 1, num_sms(x.device))[3] > 1
     dyb = torch.randn(M, R, device=kernel_device)
     xa = torch.randn(M, R, device=kernel_device)
     seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=kernel_device)
     p = 0.25
     t, scale = reference.dropout_threshold(p), reference.dropout_scale(p)
-    da, db = lora_kernels.lora_adapter_grads(x if which != "dB" else None, dyb if which != "dB" else None,
-                                             dy if which != "dA" else None, xa if which != "dA" else None,
-                                             1.5, seed, t, scale)
+    da, db = lora_adapter_grads(x if which != "dB" else None, dyb if which != "dB" else None,
+                                dy if which != "dA" else None, xa if which != "dA" else None,
+                                1.5, seed, t, scale)
     keep = reference.dropout_mask(seed, M, K, p, x.device).to(torch.float32)
     if which == "halves":
-        again = lora_kernels.lora_adapter_grads(x, dyb, dy, xa, 1.5, seed, t, scale)
+        again = lora_adapter_grads(x, dyb, dy, xa, 1.5, seed, t, scale)
         assert torch.equal(again[0], da) and torch.equal(again[1], db)
     if which in ("halves", "quarters"):  # separate tensors (the compile path's custom op may not alias)
         assert da.untyped_storage().data_ptr() != db.untyped_storage().data_ptr()

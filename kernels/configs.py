@@ -1,0 +1,69 @@
+"""Tile configs of the two matmul kernels, as data: per GPU family, then per row bucket or by name.
+
+A table maps a GPU family (``family(device)``) to its configs: "sm90" (Hopper, where these were
+measured: bench/bench_lora.py --tune, scripts/diag.py) and "interpreter" (TRITON_INTERPRET=1: small
+tiles, so the CPU tests stay quick and still cross tile edges). A GPU without an entry of its own
+takes DEFAULT_FAMILY's. The switches in tuning.py pin one config in place of a table, for measuring.
+The other kernels pick their tiles by rules beside them (``_shrink_grid``, ``_shrink_expand_grid``,
+``_grad_grid``), which size the grid from the multiprocessor count.
+"""
+from __future__ import annotations
+
+import torch
+
+from .common import device_props
+from .launch import INTERPRETING
+
+DEFAULT_FAMILY = "sm90"  # the one family measured: other GPUs take its tiles
+
+# lora_linear: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), each for up to its row
+# count (None: any); small M takes long K steps, since few row blocks leave the K loop to set the pace
+LINEAR_CONFIGS = {
+    "sm90": ((16, (16, 32, 256, 8, 4, 4)),
+             (64, (64, 64, 128, 8, 4, 4)),
+             (256, (64, 128, 128, 8, 4, 3)),
+             (None, (128, 128, 64, 8, 8, 4))),
+    "interpreter": ((None, (16, 32, 32, 4, 4, 1)),),
+}
+
+# lora_linear_tma: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, TMA store, flatten[,
+# warp specialize[, epilogue on two column halves]]) by name (``tma_config_name``). The 128 x 256 fp32
+# tile cannot take the dropout mask or an fp32 expand in one piece (it spills), so with the mask bf16
+# outputs take the epilogue on two 128 x 128 halves ("wide_masked") and other outputs 128 x 128 tiles
+# ("narrow"); without the mask the halves only cost time.
+TMA_CONFIGS = {
+    "sm90": {"wide": (128, 256, 64, 16, 8, 3, True, True),
+             "wide_masked": (128, 256, 64, 16, 8, 3, True, True, False, True),
+             "narrow": (128, 128, 64, 8, 8, 4, True, True)},
+    "interpreter": dict.fromkeys(("wide", "wide_masked", "narrow"), (16, 32, 32, 4, 4, 1, True, False)),
+}
+
+
+def family(device: torch.device) -> str:
+    """The GPU family whose tables ``device`` takes: "interpreter" under the Triton interpreter, else
+    "sm<major>0" by compute capability ("sm90": Hopper)."""
+    if INTERPRETING:
+        return "interpreter"
+    return f"sm{device_props(device)[1]}0"
+
+
+def for_device(table: dict, device: torch.device):
+    """``table``'s entry for ``device``'s family, or DEFAULT_FAMILY's."""
+    found = table.get(family(device))
+    return table[DEFAULT_FAMILY] if found is None else found
+
+
+def linear_config(M: int, device: torch.device) -> tuple:
+    """lora_linear's tile config for an M-row product on ``device``."""
+    for bound, config in for_device(LINEAR_CONFIGS, device):
+        if bound is None or M <= bound:
+            return config
+    raise AssertionError("a LINEAR_CONFIGS table ends with a None bound")
+
+
+def tma_config_name(out_dtype, has_seed: bool) -> str:
+    """The TMA config of an output: bf16 the wide tiles (on two halves with the dropout mask), any
+    other dtype the narrow ones."""
+    if out_dtype != torch.bfloat16:
+        return "narrow"
+    return "wide_masked" if has_seed else "wide"
