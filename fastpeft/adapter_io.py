@@ -18,16 +18,9 @@ import torch.nn as nn
 
 from .config import CONFIG_NAME, LoraConfig
 from .layer import LoraLinear
-from .patch import (
-    _MODULES_TO_SAVE_ATTR,
-    CONFIG_ATTR,
-    _fastpeft_layers,
-    apply_plan,
-    check_model,
-    is_peft_model,
-    mark_trainable,
-    plan_patch,
-)
+from .model_state import adapter_configs, check_model, fastpeft_layers, is_peft_model, modules_to_save
+from .patch import apply_plan, mark_trainable
+from .targets import plan_patch
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -47,7 +40,7 @@ def _bias_entries(model: nn.Module, config: LoraConfig) -> dict[str, nn.Paramete
     if config.bias == "lora_only":
         return {
             f"{name}.base_layer.bias": layer.base_layer.bias
-            for name, layer in _fastpeft_layers(model)
+            for name, layer in fastpeft_layers(model)
             if layer.base_layer.bias is not None
         }
     return {}
@@ -55,16 +48,16 @@ def _bias_entries(model: nn.Module, config: LoraConfig) -> dict[str, nn.Paramete
 
 def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """{PEFT checkpoint key: live tensor} of one adapter of a fastpeft-patched model (shared by save and load)."""
-    configs = getattr(model, CONFIG_ATTR, None) or {}
+    configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"model has no fastpeft adapter {adapter_name!r}; it has {sorted(configs) or 'none'}")
     config = configs[adapter_name]
     out: dict[str, torch.Tensor] = {}
-    for name, layer in _fastpeft_layers(model):
+    for name, layer in fastpeft_layers(model):
         if adapter_name in layer.lora_A:
             out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
             out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
-    for module_name in (getattr(model, _MODULES_TO_SAVE_ATTR, None) or {}).get(adapter_name, []):
+    for module_name in modules_to_save(model).get(adapter_name, []):
         sd = model.get_submodule(module_name).state_dict(keep_vars=True)
         out.update({f"{PREFIX}{module_name}.{k}": v for k, v in sd.items()})
     for k, v in _bias_entries(model, config).items():
@@ -84,7 +77,7 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     if is_peft_model(model):
         raise TypeError("this is a PEFT model: save it with peft_model.save_pretrained(directory)")
     tensors = adapter_tensors(model, adapter_name)
-    config = getattr(model, CONFIG_ATTR)[adapter_name].copy()
+    config = adapter_configs(model)[adapter_name].copy()
     out_dir = _adapter_dir(directory, adapter_name)
     if os.path.isfile(out_dir):
         raise ValueError(f"expected a directory to save the adapter in, got the file {out_dir}")
@@ -193,7 +186,7 @@ def _expected_after_patch(model: nn.Module, plan) -> dict[str, torch.Tensor]:
             base = t.module.base_layer if isinstance(t.module, LoraLinear) else t.module
             if base.bias is not None:
                 out[f"{PREFIX}{t.name}.base_layer.bias"] = base.bias
-        for n, layer in _fastpeft_layers(model):  # layers of earlier adapters count too (PEFT: every LoRA layer)
+        for n, layer in fastpeft_layers(model):  # layers of earlier adapters count too (PEFT: every LoRA layer)
             if layer.base_layer.bias is not None:
                 out.setdefault(f"{PREFIX}{n}.base_layer.bias", layer.base_layer.bias)
     return out
@@ -228,12 +221,12 @@ def load_adapter(
     config = LoraConfig.from_pretrained(path_dir)
     loaded = _read_weights(path_dir)
     where = os.path.join(path_dir, WEIGHTS_NAME)
-    configs = getattr(model, CONFIG_ATTR, None) or {}
+    configs = adapter_configs(model)
 
     was_patched = bool(configs)
     if adapter_name in configs:  # load into the existing adapter
         expected = adapter_tensors(model, adapter_name)
-        mts = (getattr(model, _MODULES_TO_SAVE_ATTR, None) or {}).get(adapter_name, [])
+        mts = modules_to_save(model).get(adapter_name, [])
         _check_state(expected, loaded, where, configs[adapter_name], mts)
         plan = None
     else:
@@ -255,7 +248,7 @@ def load_adapter(
         configs[adapter_name].inference_mode = not is_trainable
         mark_trainable(model)
     elif was_patched and is_trainable:  # PEFT's load_adapter(is_trainable=True): the new adapter trains
-        for _, layer in _fastpeft_layers(model):
+        for _, layer in fastpeft_layers(model):
             if adapter_name in layer.lora_A:
                 layer.lora_A[adapter_name].weight.requires_grad_(True)
                 layer.lora_B[adapter_name].weight.requires_grad_(True)

@@ -68,7 +68,7 @@ def forward_backward(model, inputs, seed: int = 5):
 
 def lora_module_names(model) -> set[str]:
     """Names (relative to the plain model) of every LoRA layer, fastpeft's or PEFT's."""
-    from fastpeft.patch import lora_layers
+    from fastpeft.model_state import lora_layers
 
     return {n.removeprefix("base_model.model.") for n, _ in lora_layers(model)}
 
