@@ -76,8 +76,11 @@ def _restore_flags(flags) -> None:
         p.requires_grad_(flag)
 
 
-def apply_plan(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool = True) -> nn.Module:
-    """Apply ``plan`` (from :func:`fastpeft.targets.plan_patch`) to ``model``: all of it, or on any error none of it."""
+@contextlib.contextmanager
+def plan_applied(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool = True):
+    """Apply ``plan`` (from :func:`fastpeft.targets.plan_patch`) to ``model`` for a ``with`` block: an error
+    while applying it, or one raised in the block, undoes every change; the block ending keeps them
+    (load_adapter checks a file against the patched model inside one)."""
     config, name = plan.config, plan.adapter_name
     was_patched = bool(adapter_configs(model))
     current_active = active_adapters(model) if was_patched else [name]
@@ -121,8 +124,14 @@ def apply_plan(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool =
                     trainable = name in layer.active_adapters and not config.inference_mode
                     layer.lora_A[name].weight.requires_grad_(trainable)
                     layer.lora_B[name].weight.requires_grad_(trainable)
+        yield model
         undo.pop_all()  # success: keep every change
-    return model
+
+
+def apply_plan(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool = True) -> nn.Module:
+    """Apply ``plan`` (from :func:`fastpeft.targets.plan_patch`) to ``model``: all of it, or on any error none of it."""
+    with plan_applied(model, plan, autocast_adapter_dtype):
+        return model
 
 
 # --- mixed-adapter batches (PEFT's adapter_names=) ----------------------------------------------
