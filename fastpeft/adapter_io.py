@@ -1,12 +1,9 @@
 """Adapter files in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Tensor keys are the ones ``peft_model.save_pretrained`` writes (``peft/utils/save_and_load.py``): the
-PeftModel state-dict name without the adapter name, e.g.
-``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` (r x in) and ``...lora_B.weight``
-(out x r); modules_to_save as ``base_model.model.<module>.<param>``; with ``bias="lora_only"`` each
-wrapped layer's ``...<module>.base_layer.bias``, with ``bias="all"`` every ``*.bias`` of the model.
-Only safetensors is read or written (never pickle). Loading checks every key, shape and dtype kind
-before copying anything in, so a bad file leaves the model untouched.
+The tensors and their keys are ``peft_format.peft_state_dict`` of the patched model: ``save_adapter``
+writes it, ``load_adapter`` checks a file against it and copies each tensor in. Only safetensors is read
+or written (never pickle). Loading checks every key, shape and dtype kind before copying anything in,
+and a new adapter is patched in only for that check: a bad file leaves the model as it was.
 """
 from __future__ import annotations
 
@@ -17,59 +14,18 @@ import torch
 import torch.nn as nn
 
 from .config import CONFIG_NAME, LoraConfig
-from .layer import LoraLinear
-from .patch import (
-    _MODULES_TO_SAVE_ATTR,
-    CONFIG_ATTR,
-    _fastpeft_layers,
-    apply_plan,
-    check_model,
-    is_peft_model,
-    mark_trainable,
-    plan_patch,
-)
+from .model_state import adapter_configs, check_model, fastpeft_layers, is_peft_model
+from .patch import mark_trainable, plan_applied
+from .peft_format import is_wrapper_copy_key, peft_state_dict
+from .targets import plan_patch
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
 
 
 def _adapter_dir(directory: str, adapter_name: str) -> str:
     """PEFT writes a non-default adapter to ``directory/<adapter_name>/``."""
     return directory if adapter_name == "default" else os.path.join(directory, adapter_name)
-
-
-def _bias_entries(model: nn.Module, config: LoraConfig) -> dict[str, nn.Parameter]:
-    """{state-dict name: tensor} of the base biases saved with the adapter (PEFT's _get_learnable_bias_state_dict)."""
-    if config.bias == "all":
-        sd = model.state_dict(keep_vars=True)
-        return {k: v for k, v in sd.items() if (k == "bias" or k.endswith(".bias")) and ".lora_" not in k}
-    if config.bias == "lora_only":
-        return {
-            f"{name}.base_layer.bias": layer.base_layer.bias
-            for name, layer in _fastpeft_layers(model)
-            if layer.base_layer.bias is not None
-        }
-    return {}
-
-
-def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """{PEFT checkpoint key: live tensor} of one adapter of a fastpeft-patched model (shared by save and load)."""
-    configs = getattr(model, CONFIG_ATTR, None) or {}
-    if adapter_name not in configs:
-        raise ValueError(f"model has no fastpeft adapter {adapter_name!r}; it has {sorted(configs) or 'none'}")
-    config = configs[adapter_name]
-    out: dict[str, torch.Tensor] = {}
-    for name, layer in _fastpeft_layers(model):
-        if adapter_name in layer.lora_A:
-            out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
-            out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
-    for module_name in (getattr(model, _MODULES_TO_SAVE_ATTR, None) or {}).get(adapter_name, []):
-        sd = model.get_submodule(module_name).state_dict(keep_vars=True)
-        out.update({f"{PREFIX}{module_name}.{k}": v for k, v in sd.items()})
-    for k, v in _bias_entries(model, config).items():
-        out.setdefault(PREFIX + k, v)
-    return out
 
 
 def _auto_mapping(model: nn.Module) -> dict:
@@ -83,8 +39,8 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     check_model(model, "fastpeft.save_adapter")
     if is_peft_model(model):
         raise TypeError("this is a PEFT model: save it with peft_model.save_pretrained(directory)")
-    tensors = adapter_tensors(model, adapter_name)
-    config = getattr(model, CONFIG_ATTR)[adapter_name].copy()
+    tensors = peft_state_dict(model, adapter_name)
+    config = adapter_configs(model)[adapter_name].copy()
     out_dir = _adapter_dir(directory, adapter_name)
     if os.path.isfile(out_dir):
         raise ValueError(f"expected a directory to save the adapter in, got the file {out_dir}")
@@ -147,17 +103,12 @@ def _read_weights(path_dir: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"cannot read the adapter weights {path}: {exc}") from exc
 
 
-def _mts_artifacts(config: LoraConfig, mts_names: list[str], key: str) -> bool:
-    """PEFT with bias="all" also saves the ModulesToSaveWrapper internals' biases; fastpeft has no such copies."""
-    if config.bias != "all":
-        return False
-    body = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    return any(body.startswith(f"{m}.original_module.") or body.startswith(f"{m}.modules_to_save.") for m in mts_names)
-
-
-def _check_state(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], where: str, config, mts) -> None:
+def _load_tensors(model: nn.Module, adapter_name: str, loaded: dict[str, torch.Tensor], where: str):
+    """Check ``loaded`` (a file's tensors) against the keys, shapes and dtype kinds of adapter
+    ``adapter_name`` of the patched model, then copy it in; returns the model's tensors by key."""
+    expected = peft_state_dict(model, adapter_name)
     missing = sorted(k for k in expected if k not in loaded)
-    unexpected = sorted(k for k in loaded if k not in expected and not _mts_artifacts(config, mts, k))
+    unexpected = sorted(k for k in loaded if k not in expected and not is_wrapper_copy_key(model, adapter_name, k))
     if missing:
         raise KeyError(f"{where} is missing {len(missing)} tensor(s) the model expects, e.g. {missing[:5]}")
     if unexpected:
@@ -168,43 +119,10 @@ def _check_state(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tens
             raise ValueError(f"shape mismatch for {k} in {where}: the file has {tuple(got.shape)}, the model expects {tuple(target.shape)}")
         if not got.dtype.is_floating_point and target.dtype.is_floating_point:
             raise ValueError(f"dtype mismatch for {k} in {where}: the file has {got.dtype}, the model expects {target.dtype}")
-
-
-def _expected_after_patch(model: nn.Module, plan) -> dict[str, torch.Tensor]:
-    """Checkpoint keys and shapes the adapter will have once ``plan`` is applied (meta tensors)."""
-    config = plan.config
-    out: dict[str, torch.Tensor] = {}
-    for t in plan.targets:
-        base = t.module.base_layer if isinstance(t.module, LoraLinear) else t.module
-        w = base.weight
-        n_in, n_out = (w.shape[0], w.shape[1]) if t.fan_in_fan_out else (w.shape[1], w.shape[0])
-        out[f"{PREFIX}{t.name}.lora_A.weight"] = torch.empty(t.r, n_in, device="meta")
-        out[f"{PREFIX}{t.name}.lora_B.weight"] = torch.empty(n_out, t.r, device="meta")
-    for module_name in plan.modules_to_save:
-        sd = model.get_submodule(module_name).state_dict(keep_vars=True)
-        out.update({f"{PREFIX}{module_name}.{k}": v for k, v in sd.items()})
-    if config.bias == "all":
-        sd = model.state_dict(keep_vars=True)
-        for k, v in sd.items():
-            if k == "bias" or k.endswith(".bias"):
-                out.setdefault(PREFIX + _rename_for_wrapping(k, plan), v)
-    elif config.bias == "lora_only":
-        for t in plan.targets:
-            base = t.module.base_layer if isinstance(t.module, LoraLinear) else t.module
-            if base.bias is not None:
-                out[f"{PREFIX}{t.name}.base_layer.bias"] = base.bias
-        for n, layer in _fastpeft_layers(model):  # layers of earlier adapters count too (PEFT: every LoRA layer)
-            if layer.base_layer.bias is not None:
-                out.setdefault(f"{PREFIX}{n}.base_layer.bias", layer.base_layer.bias)
-    return out
-
-
-def _rename_for_wrapping(key: str, plan) -> str:
-    """A plain module's ``x.bias`` becomes ``x.base_layer.bias`` once the module is wrapped."""
-    for t in plan.targets:
-        if not isinstance(t.module, LoraLinear) and key == f"{t.name}.bias":
-            return f"{t.name}.base_layer.bias"
-    return key
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(loaded[key].to(device=target.device, dtype=target.dtype))
+    return expected
 
 
 def load_adapter(
@@ -218,7 +136,7 @@ def load_adapter(
 
     If the model has no adapter ``adapter_name`` yet it is patched from the saved config first (a
     further adapter is added inactive, as PEFT's ``load_adapter`` does). Strict: a missing, unexpected
-    or mis-shaped tensor, or a missing/unreadable config, raises before the model is changed.
+    or mis-shaped tensor, or a missing/unreadable config, raises and leaves the model as it was.
     ``is_trainable=False`` (PEFT's default) freezes the loaded adapter and puts the model in eval mode.
     """
     check_model(model, "fastpeft.load_adapter")
@@ -228,37 +146,23 @@ def load_adapter(
     config = LoraConfig.from_pretrained(path_dir)
     loaded = _read_weights(path_dir)
     where = os.path.join(path_dir, WEIGHTS_NAME)
-    configs = getattr(model, CONFIG_ATTR, None) or {}
-
+    configs = adapter_configs(model)
     was_patched = bool(configs)
+
     if adapter_name in configs:  # load into the existing adapter
-        expected = adapter_tensors(model, adapter_name)
-        mts = (getattr(model, _MODULES_TO_SAVE_ATTR, None) or {}).get(adapter_name, [])
-        _check_state(expected, loaded, where, configs[adapter_name], mts)
-        plan = None
-    else:
-        config.inference_mode = not is_trainable
-        plan = plan_patch(model, config, adapter_name)
-        expected = _expected_after_patch(model, plan)
-        _check_state(expected, loaded, where, plan.config, plan.modules_to_save)
-        apply_plan(model, plan, autocast_adapter_dtype)
-        expected = adapter_tensors(model, adapter_name)
-        missing = sorted(set(expected) - set(loaded))
-        if missing:  # cannot happen unless the plan and the patched model disagree
-            raise RuntimeError(f"internal error: fastpeft expected {missing[:5]} after patching")
-
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(loaded[key].to(device=target.device, dtype=target.dtype))
-
-    if plan is None:
+        expected = _load_tensors(model, adapter_name, loaded, where)
         configs[adapter_name].inference_mode = not is_trainable
         mark_trainable(model)
-    elif was_patched and is_trainable:  # PEFT's load_adapter(is_trainable=True): the new adapter trains
-        for _, layer in _fastpeft_layers(model):
-            if adapter_name in layer.lora_A:
-                layer.lora_A[adapter_name].weight.requires_grad_(True)
-                layer.lora_B[adapter_name].weight.requires_grad_(True)
+    else:  # patch the adapter in, then load the file into it; an error in either undoes the patch
+        config.inference_mode = not is_trainable
+        plan = plan_patch(model, config, adapter_name)
+        with plan_applied(model, plan, autocast_adapter_dtype):
+            expected = _load_tensors(model, adapter_name, loaded, where)
+        if was_patched and is_trainable:  # PEFT's load_adapter(is_trainable=True): the new adapter trains
+            for _, layer in fastpeft_layers(model):
+                if adapter_name in layer.lora_A:
+                    layer.lora_A[adapter_name].weight.requires_grad_(True)
+                    layer.lora_B[adapter_name].weight.requires_grad_(True)
     if not is_trainable:
         for target in expected.values():
             if isinstance(target, nn.Parameter):

@@ -6,7 +6,7 @@ import copy
 import torch
 
 import fastpeft
-from fastpeft.adapter_io import adapter_tensors
+from fastpeft.peft_format import peft_state_dict
 
 
 def peft_and_fastpeft(base, config_kwargs: dict, adapter_name: str = "default", peft_kwargs=None):
@@ -28,7 +28,7 @@ def peft_state(pm, adapter_name: str = "default") -> dict:
 
 def copy_peft_adapter(pm, fm, adapter_name: str = "default") -> None:
     """Copy PEFT's adapter tensors into the fastpeft model; their checkpoint keys must be the same set."""
-    src, dst = peft_state(pm, adapter_name), adapter_tensors(fm, adapter_name)
+    src, dst = peft_state(pm, adapter_name), peft_state_dict(fm, adapter_name)
     assert set(src) == set(dst), f"key sets differ: only PEFT {sorted(set(src) - set(dst))[:4]}, only fastpeft {sorted(set(dst) - set(src))[:4]}"
     with torch.no_grad():
         for k, v in src.items():
@@ -68,7 +68,7 @@ def forward_backward(model, inputs, seed: int = 5):
 
 def lora_module_names(model) -> set[str]:
     """Names (relative to the plain model) of every LoRA layer, fastpeft's or PEFT's."""
-    from fastpeft.patch import lora_layers
+    from fastpeft.model_state import lora_layers
 
     return {n.removeprefix("base_model.model.") for n, _ in lora_layers(model)}
 

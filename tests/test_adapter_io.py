@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 import fastpeft
-from fastpeft.adapter_io import adapter_tensors
+from fastpeft.peft_format import peft_state_dict
 from lora_helpers import logits, peft_state
 from tiny_models import make_inputs, make_model
 
@@ -140,7 +140,7 @@ def test_peft_save_loads_in_fastpeft(case, case_models, tmp_path):
         torch.testing.assert_close(logits(fm, inputs), logits(pm, inputs), rtol=1e-5, atol=1e-5)
     # and what fastpeft holds is exactly what PEFT saved (minus PEFT's wrapper internals)
     saved = _without_wrapper_internals(peft_state(pm, name))
-    mine = adapter_tensors(fm, name)
+    mine = peft_state_dict(fm, name)
     assert set(mine) == set(saved)
     for k in saved:
         torch.testing.assert_close(mine[k].detach(), saved[k], rtol=0, atol=0, msg=k)

@@ -7,6 +7,7 @@ import copy
 import importlib
 import json
 import os
+import shutil
 import warnings
 
 import pytest
@@ -409,6 +410,25 @@ def test_failed_patch_leaves_model_as_it_was(case, already, monkeypatch, saved_a
     assert_same_state(model_state(model), before)
     monkeypatch.undo()
     fastpeft.patch(model, _all_linear(), "new")  # and the model takes the adapter once nothing fails
+
+
+@pytest.mark.parametrize("already", ["plain", "patched"], ids=["plain-model", "second-adapter"])
+@pytest.mark.parametrize("edit", ["missing-key", "shape-mismatch"])
+def test_bad_file_for_new_adapter_leaves_model_as_it_was(edit, already, saved_all_linear, tmp_path):
+    """load_adapter patches a new adapter in to check the file against it: a bad file undoes that patch."""
+    d = tmp_path / "bad"
+    shutil.copytree(saved_all_linear, d)
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+    _edit_weights(d / "new", lambda t: t.pop(key) if edit == "missing-key" else t.__setitem__(key, torch.zeros(3, 4)))
+    model = make_model("llama")
+    if already == "patched":
+        fastpeft.patch(model, LoraConfig(r=2, init_lora_weights=False))
+    model.train()
+    before = model_state(model)
+    with pytest.raises(KeyError if edit == "missing-key" else ValueError, match=r"layers\.1\.mlp\.down_proj"):
+        fastpeft.load_adapter(model, d, "new")
+    assert_same_state(model_state(model), before)
+    fastpeft.load_adapter(model, saved_all_linear, "new")  # and the good file loads
 
 
 def test_failed_patch_of_peft_model_leaves_it_as_it_was(monkeypatch):

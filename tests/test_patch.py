@@ -267,7 +267,7 @@ def test_merge_unmerge_on_peft_model():
     ref = logits(pm, inputs)
     fastpeft.patch(pm)
     fastpeft.merge(pm)
-    from fastpeft.patch import lora_layers
+    from fastpeft.model_state import lora_layers
 
     assert all(layer.merged for _, layer in lora_layers(pm))
     torch.testing.assert_close(logits(pm, inputs), ref, rtol=1e-5, atol=1e-5)
@@ -295,7 +295,7 @@ def test_patch_transformers_integrated_peft_layers(monkeypatch):
     for name in grads0:
         assert_fp32_close(grads1[name], grads0[name], f"grad {name}")
     with pytest.raises(TypeError, match="already a PEFT LoRA layer"):
-        from fastpeft.patch import check_wrappable
+        from fastpeft.targets import check_wrappable
 
         check_wrappable("model.layers.0.self_attn.q_proj", model.model.layers[0].self_attn.q_proj)
     fastpeft.unpatch(model)
@@ -563,7 +563,7 @@ def test_second_adapter_all_linear_targets_equal_peft():
     pm.add_adapter("b", peft.LoraConfig(r=2, target_modules="all-linear"))
     fm = fastpeft.patch(copy.deepcopy(base), fastpeft.LoraConfig(r=4, target_modules=["c_attn"]))
     fastpeft.patch(fm, fastpeft.LoraConfig(r=2, target_modules="all-linear"), adapter_name="b")
-    from fastpeft.patch import lora_layers
+    from fastpeft.model_state import lora_layers
 
     with_b = lambda m: {n.removeprefix("base_model.model.") for n, l in lora_layers(m) if "b" in l.lora_A}  # noqa: E731
     assert with_b(fm) == with_b(pm) and len(with_b(fm)) == 8

@@ -1,0 +1,94 @@
+"""``patch(peft_model)``: a ``peft.PeftModel`` keeps PEFT's modules, parameters and names, and each
+``lora.Linear`` that fastpeft supports gets fastpeft's compute as an instance-level ``forward``, so
+``save_pretrained``, ``merge_and_unload`` and ``transformers.Trainer`` keep working. Layers fastpeft does
+not support (other layer types, quantized or nested bases, DoRA and other variants, lora_bias) keep
+PEFT's forward, with one warning naming them. Mixed-adapter batches (``adapter_names=``) and variant
+kwargs go through PEFT's forward too. ``unpatch`` gives every layer PEFT's forward back.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+import warnings
+from typing import Optional
+
+from .layer import ACCELERATED_ATTR, lora_forward, peft_fast_path_ok
+from .model_state import PEFT_PATCHED_ATTR, install_fused_forwards, is_peft_lora_layer, uninstall_fused_forwards
+from .targets import check_wrappable, shorten_names
+
+
+def _accelerated_forward(self, x, *args, **kwargs):
+    """Instance ``forward`` of a PEFT lora.Linear: fastpeft's compute, PEFT's for what it cannot do."""
+    if kwargs or not peft_fast_path_ok(self):  # adapter_names=..., variant kwargs, DoRA, lora_bias
+        return type(self).forward(self, x, *args, **kwargs)
+    return lora_forward(self, x, *args)
+
+
+def _why_not_accelerated(layer) -> Optional[str]:
+    """Why fastpeft leaves PEFT's forward on ``layer``, or None when fastpeft can compute it."""
+    cls = type(layer)
+    if cls.__module__ != "peft.tuners.lora.layer" or cls.__name__ != "Linear":
+        return f"{cls.__module__}.{cls.__name__}"
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
+    try:
+        check_wrappable("", base)
+    except (TypeError, NotImplementedError):
+        return f"base layer {type(base).__name__}"
+    if base is not layer.base_layer:
+        return "nested base layer"
+    if any(getattr(layer, "lora_variant", {}) or {}):
+        return "LoRA variant (" + ", ".join(type(v).__name__ for v in layer.lora_variant.values()) + ")"
+    if any(getattr(layer, "lora_bias", {}).values()):
+        return "lora_bias"
+    return None
+
+
+def patch_peft_model(peft_model):
+    """Give every PEFT LoRA layer of ``peft_model`` that fastpeft supports fastpeft's forward, in place; all or nothing."""
+    configs = getattr(peft_model, "peft_config", {}) or {}
+    for name, cfg in configs.items():
+        peft_type = getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", None))
+        if peft_type != "LORA":
+            raise ValueError(f"fastpeft accelerates LoRA adapters only; adapter {name!r} is {peft_type}")
+    skipped, todo, accelerated = [], [], 0
+    for name, layer in peft_model.named_modules():
+        if not is_peft_lora_layer(layer):
+            continue
+        if layer.__dict__.get(ACCELERATED_ATTR, False):
+            accelerated += 1
+            continue
+        reason = _why_not_accelerated(layer)
+        if reason is not None:
+            skipped.append(f"{name} ({reason})")
+        else:
+            todo.append(layer)
+    if not accelerated and not todo and not skipped:
+        raise ValueError(f"fastpeft.patch: {type(peft_model).__name__} has no PEFT LoRA layers to accelerate")
+    if skipped:
+        warnings.warn(
+            f"fastpeft.patch: {len(skipped)} PEFT LoRA layer(s) keep PEFT's forward (not supported by fastpeft): "
+            + shorten_names(skipped, limit=20)
+        )
+    with contextlib.ExitStack() as undo:  # as in patch.apply_plan: an error undoes every change
+        for layer in todo:
+            undo.callback(_restore_peft_forward, layer)
+            layer.forward = types.MethodType(_accelerated_forward, layer)
+            setattr(layer, ACCELERATED_ATTR, True)
+        install_fused_forwards(undo, peft_model)
+        setattr(peft_model, PEFT_PATCHED_ATTR, True)
+        undo.pop_all()
+    return peft_model
+
+
+def _restore_peft_forward(layer) -> None:
+    if layer.__dict__.pop(ACCELERATED_ATTR, False):
+        layer.__dict__.pop("forward", None)
+
+
+def unpatch_peft_model(peft_model) -> None:
+    """PEFT's own forwards back on every layer of ``peft_model``; its adapters stay as they are."""
+    uninstall_fused_forwards(peft_model)
+    for _, layer in peft_model.named_modules():
+        _restore_peft_forward(layer)
+    peft_model.__dict__.pop(PEFT_PATCHED_ATTR, None)
+
