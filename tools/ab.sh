@@ -30,7 +30,7 @@ for round in $(seq 1 "${AB_ROUNDS:-2}"); do
     if [ "$value" = "-" ]; then unset "$AB_VAR"; else export "$AB_VAR=$value"; fi
     json="$OUT/ab-$label-r$round.json"
     FASTPEFT_BENCH_OUT="$json" timeout "${BENCH_TIMEOUT:-300}" python3 -m pytest "${files[@]}" -q -s \
-      -p no:cacheprovider --benchmark-disable-gc "${bench_args[@]}" 2>&1 | grep -E "^\||passed|failed|rror" \
+      -p no:cacheprovider --benchmark-disable-gc "${bench_args[@]}" 2>&1 | grep -E "^\||passed|failed|skipped|rror" \
       | sed "s/^/$AB_VAR=$value r$round /" | tee -a "$OUT/ab.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     [ -f "$json" ] && results+=("$label=$json")
