@@ -2,7 +2,7 @@
 
 LlamaForCausalLM from a config (hidden 2048, intermediate 5632, 8 layers, 32 heads, 4 KV heads,
 vocab 32000), random weights, bf16, batch 4 x 2048 tokens, AdamW, the mean of 10 steps after 3
-warm-up steps — the method of ../shared/baseline-h100.md. LoRA: r=16, alpha 32, all-linear, dropout
+warm-up steps (docs/performance.md, Method). LoRA: r=16, alpha 32, all-linear, dropout
 0.05 and 0. "frozen" trains only the input embedding, so the backward still runs through every
 layer (dX everywhere): the cost LoRA adds on top of that is what fastpeft attacks.
 

@@ -86,9 +86,8 @@ def measure(K, N, M, r, p, dtype=torch.bfloat16):
         impls["peft"] = peft_layer
     modes = ("fwd", "fwdbwd") + (("fwd_graph", "fwdbwd_graph") if M <= GRAPH_MAX_M else ())
     # Eager timings in two passes, the second in reverse order, each the mean of its two: the GPU's
-    # clock drifts with its power state over a run (F.linear moved by 15% between two consecutive rows
-    # of one run at M = 16384, bench/NOTES.md session 10), and an A B B A order cancels a linear drift
-    # instead of charging it to whichever implementation runs later.
+    # clock drifts over a run, and an A B B A order cancels a linear drift instead of charging it to
+    # whichever implementation runs later (docs/performance.md, Method).
     order = [(name, mode, make) for name in impls for mode, make in (("fwd", fwd), ("fwdbwd", fwd_bwd))]
     eager = {}
     for name, mode, make in order + order[::-1]:

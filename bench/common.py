@@ -1,7 +1,7 @@
 """Shared bench helpers: the timer, the pytest-benchmark hand-off, and the results collector.
 
-Every bench measures with :func:`time_ms` (the median of ``triton.testing.do_bench``, the method
-of ../shared/baseline-h100.md), adds its row to a named table with the ``bench_record`` fixture
+Every bench measures with :func:`time_ms` (the median of ``triton.testing.do_bench``; the method is
+in docs/performance.md), adds its row to a named table with the ``bench_record`` fixture
 (bench/conftest.py), and may also hand a callable to pytest-benchmark with :func:`register` so that
 ``pytest bench/`` is an ordinary pytest-benchmark run. At the end of the session conftest prints
 every table and writes them, with the GPU name and versions, as JSON under ``bench-results/``
@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-# Measured ceilings on the H100 (../shared/README.md): the roofline, not datasheet numbers.
+# Measured ceilings on the H100 (docs/performance.md, Ceilings): the roofline, not datasheet numbers.
 H100_BF16_TFLOPS = 794.0
 H100_COPY_GBPS = 3023.0  # bytes read + written per second, in GB/s
 

@@ -195,7 +195,7 @@ class Plan:
 
     def run(self, tensors: tuple) -> None:
         call = self.call
-        if call is not None and ENABLED:  # (scripts switch ENABLED at run time to compare)
+        if call is not None:
             ptrs = tuple(map(_data_ptr, tensors))
             device = _current_device()
             if aligned16(ptrs) and device == self.device:

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install, GPU tests, the CUDA demo, the whole benchmark table.
-#   bash scripts/gpu.sh                 tests + demo + benches (end-to-end step first, then the layer grid)
+#   bash tools/gpu.sh                   tests + demo + benches (end-to-end step first, then the layer grid)
 #   GPU_TESTS=0 / GPU_DEMO=0 / GPU_BENCH=0   leave a part out
 #   TEST_ARGS / BENCH_ARGS              extra pytest args, shell-quoted (BENCH_ARGS='-k "train_step or 4096-4096"')
-#   TEST_TIMEOUT / BENCH_TIMEOUT        seconds per part (defaults 240 / 420), so one call stays under
-#                                       the device tool's 10 minutes and the logs of a cut part survive
+#   TEST_TIMEOUT / BENCH_TIMEOUT        seconds per part (defaults 240 / 420), so one call stays within
+#                                       a 10-minute limit and the logs of a part that is cut survive
 # Tests run on 8 workers (pytest-xdist) when it is installed: compiling the kernels is most of their time.
-# Results (logs, JSON) go to $OUT (the device tool's folder) or ./bench-results.
+# Results (logs, JSON) go to $OUT or ./bench-results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FASTPEFT_BENCH_OUT="$OUT"
-source scripts/gpu_env.sh  # the wheels in .whl/ (bitsandbytes), fastpeft editable
+source tools/gpu_env.sh  # the wheels in .whl/ (bitsandbytes), fastpeft editable
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 eval "test_args=(${TEST_ARGS:-})"
