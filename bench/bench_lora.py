@@ -122,13 +122,17 @@ def compare_gemm(K, N, M, r, p):
     out = {"M": M, "K": K, "N": N, "r": r, "p": p,
            "linear_fwd": time_ms(lambda: base(x)),
            "linear_fwdbwd": time_ms(lambda: torch.autograd.grad(base(x), [x], g))}
+    from fastpeft.kernels import tuning
+
     for name in ("triton", "cublas"):
         os.environ["FASTPEFT_GEMM"] = name
+        tuning.reload()  # the switches are read once
         out[f"{name}_fwd"] = time_ms(lambda: fast(x))
         out[f"{name}_fwdbwd"] = time_ms(lambda: torch.autograd.grad(fast(x), params, g))
         if M <= GRAPH_MAX_M:
             out[f"{name}_fwd_graph"] = graph_time_ms(lambda: fast(x))
     os.environ.pop("FASTPEFT_GEMM")
+    tuning.reload()
     return out
 
 

@@ -1,16 +1,10 @@
 """Autograd for the fused LoRA linear: which kernels run, what is saved for backward.
 
-Forward  (x (..., K), W (N, K), A (R, K), B (N, R)), one of three routes by M (``main_matmul``):
-    triton: xa = drop(x)·Aᵀ (``lora_shrink``), then y = x·Wᵀ + b + s·xa·Bᵀ (``lora_linear``)
-    cublas: C = b + s·xa·Bᵀ and xa from one pass over x (``lora_shrink_expand``), then cuBLAS adds
-            x·Wᵀ onto C in its epilogue (beta = 1): two launches
-    tma:    ``lora_shrink``, then the persistent TMA matmul with the same epilogue (``lora_linear_tma``),
-            no M × N intermediate; operands it cannot take (``tma_ok``) go the cuBLAS route, and so
-            does what the TMA matmul would run on narrow tiles (``tma_wide``), which lost to cuBLAS
-Backward (dY (M, N)), the same routes:
-    dX  = dY·W + s·(dyb·A) ⊙ keep/(1-p) with dyb = dY·B   triton: lora_shrink + lora_linear;
-                                                         cublas: lora_shrink_expand + addmm;
-                                                         tma: lora_shrink + lora_linear_tma
+Forward  (x (..., K), W (N, K), A (R, K), B (N, R)): y = x·Wᵀ + b + s·xa·Bᵀ with xa = drop(x)·Aᵀ,
+         by the base weight's route (fastpeft/route.py: for a dense W the Triton, cuBLAS or TMA
+         matmul with the LoRA term fused, by rows)
+Backward (dY (M, N)):
+    dX  = dY·W + s·(dyb·A) ⊙ keep/(1-p) with dyb = dY·B   the same route (``route.dx``)
     dA  = s·dybᵀ·drop(x), dB = s·dYᵀ·xa                  lora_adapter_grads: one launch
 Saved: x (a reference, no copy), xa (M × R fp32), the seed — no mask, no dropped copy of x; the mask
 is regenerated from the seed in every kernel that needs it. Gradients that are not needed (x, A or
@@ -32,59 +26,9 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from . import reference, route
 from .kernels import activation as A
-from .kernels.common import pdl_ok
 from .kernels.grads import lora_adapter_grads
-from .kernels.launch import env
-from .kernels.linear import lora_linear as lora_linear_kernel
-from .kernels.linear import lora_linear_tma, tma_ok, tma_wide
-from .kernels.shrink import lora_shrink
-from .kernels.shrink_expand import lora_shrink_expand
-
-# From this many rows up cuBLAS onto a prefilled C beats the fused Triton matmul. Measured on an H100
-# (bench/NOTES.md): Triton's best tile reached 69% of cuBLAS at M = 16384; at M = 256 the Triton
-# route's forward took 41 µs of GPU time against 116 µs for the cuBLAS route's one-pass C.
-CUBLAS_MIN_M = 512
-
-
-# From this many rows up the auto route is the persistent TMA matmul where it takes the operands and
-# runs its wide tiles (0: never). FASTPEFT_TMA_MIN_M moves it. On an H200 (session 9, two runs each,
-# bench/NOTES.md), once its launch stopped encoding the weight's and activations' descriptors per
-# call: the training step (M = 8192) 55.6 / 55.5 -> 53.9 / 53.6 ms at dropout 0 and 57.5 / 57.9 ->
-# 56.6 / 57.0 at 0.05; the layer at M = 4096 forward 1.23-1.31 -> 1.09-1.19x F.linear.
-TMA_MIN_M = 4096
-
-
-def main_matmul(M: int, wide_tma: bool = True) -> str:
-    """'triton' (fused epilogue), 'cublas' (onto a prefilled C) or 'tma' (the persistent TMA matmul with
-    the LoRA epilogue, Hopper on; other operands take the cuBLAS route) for an M-row product.
-    ``wide_tma``: whether the TMA matmul would run its wide tiles (``kernels.linear.tma_wide``: bf16
-    outputs); the auto route takes its narrow ones nowhere, since they lost to cuBLAS (bench/NOTES.md).
-
-    FASTPEFT_GEMM=triton|cublas|tma pins one (the cuBLAS path also runs on CPU, via torch's addmm).
-    """
-    choice = env("FASTPEFT_GEMM", "auto")
-    if choice == "auto":
-        if M < CUBLAS_MIN_M:
-            return "triton"
-        tma_min = env("FASTPEFT_TMA_MIN_M", str(TMA_MIN_M))
-        if not tma_min.isdigit():
-            raise ValueError(f"FASTPEFT_TMA_MIN_M must be a row count (0: never), got {tma_min!r}")
-        return "tma" if wide_tma and 0 < int(tma_min) <= M else "cublas"
-    if choice not in ("triton", "cublas", "tma"):
-        raise ValueError(f"FASTPEFT_GEMM must be auto, triton, cublas or tma, got {choice!r}")
-    return choice
-
-
-def pdl(device: torch.device) -> bool:
-    """Whether the Triton route's matmul after a shrink is launched with programmatic dependent launch
-    (Hopper on): its main loop streams W while the shrink finishes, and it waits for the shrink
-    before its epilogue. Measured on an H200 (scripts/diag.py pdl, graph replay, K = N = 4096, r = 16):
-    forward at M = 1 / 16 / 256 24.9 / 25.3 / 36.3 -> 23.8 / 23.6 / 33.6 µs. Not on the TMA route,
-    where it measured no gain (M >= 4096). FASTPEFT_PDL=0 turns it off."""
-    return env("FASTPEFT_PDL", "1") == "1" and pdl_ok(device)
-
 
 _DROPOUT_ARGS: dict = {}  # p -> (threshold, scale)
 
@@ -97,11 +41,6 @@ def _dropout_args(dropout_p: float, seed):
     if args is None:
         args = _DROPOUT_ARGS[dropout_p] = (reference.dropout_threshold(dropout_p), reference.dropout_scale(dropout_p))
     return seed, args[0], args[1]
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)`` without the call when it is a no-op (a dispatcher round trip each on the host)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _check(x, weight, bias, lora_a, lora_b):
@@ -124,22 +63,7 @@ def _check(x, weight, bias, lora_a, lora_b):
 def forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, seed):
     """(y2 (M, N), xa (M, R) fp32) for a 2-D x; weight None computes the LoRA branch alone."""
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
-    M = x2.shape[0]
-    route = main_matmul(M, tma_wide(x2.dtype, False)) if weight is not None else "cublas"
-    if route == "tma":
-        w = _as(weight, x2.dtype)
-        if tma_ok(x2, w):
-            parts = lora_shrink(x2, lora_a, seed, threshold, drop_scale, partial=True)
-            return lora_linear_tma(x2, w, bias, parts, lora_b, scaling)
-    if route == "triton":
-        overlap = pdl(x2.device)
-        parts = lora_shrink(x2, lora_a, seed, threshold, drop_scale, launch_dependents=overlap, partial=True)
-        return lora_linear_kernel(x2, weight, bias, parts, lora_b, scaling, pdl=overlap)
-    # C = b + s·drop(x)Aᵀ·Bᵀ in one pass; then (with a base) cuBLAS adds x·Wᵀ onto it (beta = 1)
-    y, xa = lora_shrink_expand(x2, lora_a, lora_b, bias, scaling, seed, threshold, drop_scale)
-    if weight is not None:
-        y.addmm_(x2, _as(weight.t(), x2.dtype))
-    return y, xa
+    return route.forward(x2, weight, bias, lora_a, lora_b, scaling, seed, threshold, drop_scale)
 
 
 def backward_impl(dy2, x2, weight, lora_a, lora_b, xa, scaling: float, dropout_p: float, seed,
@@ -155,31 +79,8 @@ def backward_dx(dy2, x_dtype, weight, lora_a, lora_b, scaling: float, dropout_p:
                 need_da: bool, dx_into=None):
     """backward_impl's first half: (dx2 in ``x_dtype`` or None, dyb = dY·B (M, R) fp32 where dA needs it)."""
     seed, threshold, drop_scale = _dropout_args(dropout_p, seed)
-    M = dy2.shape[0]
-    dx = dyb = None
-    route = main_matmul(M, tma_wide(x_dtype, seed is not None)) if need_dx and weight is not None else "cublas"
-    wt = _as(weight, dy2.dtype).t() if route == "tma" else None
-    if route == "tma" and tma_ok(dy2, wt):
-        parts = lora_shrink(dy2, lora_b.t(), partial=True)
-        into = dx_into is not None and tma_ok(dx_into, wt)  # dX added into it by the kernel
-        dx, dyb = lora_linear_tma(dy2, wt, None, parts, lora_a.t(), scaling, seed, threshold, drop_scale,
-                                  out_dtype=x_dtype, mask_output=True, accumulate=dx_into if into else None)
-        dx = dx if dx_into is None or into else dx_into.add_(dx)
-    elif need_dx:
-        if route == "triton":
-            overlap = pdl(dy2.device)
-            parts = lora_shrink(dy2, lora_b.t(), launch_dependents=overlap, partial=True)
-            dx, dyb = lora_linear_kernel(dy2, weight.t(), None, parts, lora_a.t(), scaling, seed, threshold,
-                                         drop_scale, out_dtype=x_dtype, mask_output=True, pdl=overlap)
-            dx = dx if dx_into is None else dx_into.add_(dx)
-        else:
-            dx, dyb = lora_shrink_expand(dy2, lora_b.t(), lora_a.t(), None, scaling, seed, threshold, drop_scale,
-                                         mask_output=True, out_dtype=x_dtype, accumulate=dx_into)
-            if weight is not None:
-                dx.addmm_(dy2, _as(weight, dy2.dtype))
-    elif need_da:
-        dyb = lora_shrink(dy2, lora_b.t())
-    return dx, dyb
+    return route.dx(dy2, x_dtype, weight, lora_a, lora_b, scaling, seed, threshold, drop_scale, need_dx, need_da,
+                    dx_into)
 
 
 def adapter_grads(dy2, x2, dyb, lora_a, lora_b, xa, scaling: float, dropout_p: float, seed, need_da: bool,
@@ -192,7 +93,7 @@ def adapter_grads(dy2, x2, dyb, lora_a, lora_b, xa, scaling: float, dropout_p: f
     da, db = lora_adapter_grads(x2 if need_da else None, dyb if need_da else None,
                                 dy2 if need_db else None, xa if need_db else None, scaling,
                                 seed, threshold, drop_scale)
-    return (None if da is None else _as(da, lora_a.dtype)), (None if db is None else _as(db, lora_b.dtype))
+    return (None if da is None else route.as_dtype(da, lora_a.dtype)), (None if db is None else route.as_dtype(db, lora_b.dtype))
 
 
 def _forward_nd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
@@ -209,14 +110,20 @@ def _lora_grads_nd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, 
 
 
 def _save(ctx, x, weight, bias, lora_a, lora_b, xa, seed, scaling, dropout_p):
-    ctx.save_for_backward(x, weight, bias, lora_a, lora_b, xa, seed)
+    if weight is None or isinstance(weight, torch.Tensor):
+        ctx.save_for_backward(x, weight, bias, lora_a, lora_b, xa, seed)
+        ctx.base = None
+    else:  # a frozen non-dense base (route.register): kept as it is
+        ctx.save_for_backward(x, None, bias, lora_a, lora_b, xa, seed)
+        ctx.base = weight
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
-def _grads(ctx, dy, lora_grads):
-    """All input gradients from what ``_save`` kept; ``lora_grads`` computes dx, dA, dB (eager or custom op)."""
+def _grads(ctx, dy, lora_grads, need):
+    """The gradients of (x, weight, bias, A, B, ...) from what ``_save`` kept; ``lora_grads`` computes
+    dx, dA, dB (eager or custom op); ``need``: which of x, weight, bias, A, B need one."""
     x, weight, bias, lora_a, lora_b, xa, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
+    weight = weight if ctx.base is None else ctx.base
     dx, da, db = lora_grads(dy, x, weight, lora_a, lora_b, xa, ctx.scaling, ctx.dropout_p, seed,
                             need[0], need[3], need[4])
     dw = dbias = None
@@ -250,46 +157,60 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return _grads(ctx, dy, _lora_grads_nd)
+        return _grads(ctx, dy, _lora_grads_nd, ctx.needs_input_grad)
 
 
 # --- the same implementation as torch custom ops, for torch.compile -------------------------
+# The base weight enters as (weight, weight_state, weight_format) (route.op_args): a dense W is
+# (W, [], "dense"); a quantized base its packed tensor, its state tensors and its format.
 @torch.library.custom_op("fastpeft::lora_linear", mutates_args=())
-def _lora_linear_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                    lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout_p: float,
-                    seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _lora_linear_op(x: torch.Tensor, weight: Optional[torch.Tensor], weight_state: list[torch.Tensor],
+                    weight_format: str, bias: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    scaling: float, dropout_p: float, seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = route.from_op_args(weight, weight_state, weight_format)
     return _forward_nd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
 
 
 @_lora_linear_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+def _(x, weight, weight_state, weight_format, bias, lora_a, lora_b, scaling, dropout_p, seed):
     M = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return x.new_empty(*x.shape[:-1], lora_b.shape[0]), x.new_empty(M, lora_a.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("fastpeft::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
-                             lora_a: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scaling: float,
-                             dropout_p: float, seed: Optional[torch.Tensor], need_dx: bool, need_da: bool,
+                             weight_state: list[torch.Tensor], weight_format: str, lora_a: torch.Tensor,
+                             lora_b: torch.Tensor, xa: torch.Tensor, scaling: float, dropout_p: float,
+                             seed: Optional[torch.Tensor], need_dx: bool, need_da: bool,
                              need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    weight = route.from_op_args(weight, weight_state, weight_format)
     grads = _lora_grads_nd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, need_dx, need_da, need_db)
     # a custom op returns tensors: the gradients not asked for come back empty
     return tuple(t.new_empty(0) if g is None else g for g, t in zip(grads, (x, lora_a, lora_b)))
 
 
 @_lora_linear_backward_op.register_fake
-def _(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, need_dx, need_da, need_db):
+def _(dy, x, weight, weight_state, weight_format, lora_a, lora_b, xa, scaling, dropout_p, seed, need_dx, need_da,
+      need_db):
     return tuple(torch.empty_like(t) if need else t.new_empty(0)
                  for need, t in zip((need_dx, need_da, need_db), (x, lora_a, lora_b)))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed = inputs
-    _save(ctx, x, weight, bias, lora_a, lora_b, output[1], seed, scaling, dropout_p)
+    x, weight, weight_state, weight_format, bias, lora_a, lora_b, scaling, dropout_p, seed = inputs
+    ctx.n_state = len(weight_state)
+    _save(ctx, x, route.from_op_args(weight, weight_state, weight_format), bias, lora_a, lora_b, output[1], seed,
+          scaling, dropout_p)
+
+
+def _op_grads(dy, x, weight, *args):
+    return torch.ops.fastpeft.lora_linear_backward(dy, x, *route.op_args(weight), *args)
 
 
 def _backward(ctx, dy, _dxa):
-    return _grads(ctx, dy, torch.ops.fastpeft.lora_linear_backward)
+    need = ctx.needs_input_grad  # (x, weight, weight_state, weight_format, bias, A, B, ...)
+    dx, dw, dbias, da, db = _grads(ctx, dy, _op_grads, (need[0], need[1], need[4], need[5], need[6]))[:5]
+    return dx, dw, [None] * ctx.n_state, None, dbias, da, db, None, None, None
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -299,7 +220,8 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: floa
     """Fused y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ (weight None: the LoRA branch alone); autograd-aware."""
     _check(x, weight, bias, lora_a, lora_b)
     if torch.compiler.is_compiling():
-        return torch.ops.fastpeft.lora_linear(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)[0]
+        return torch.ops.fastpeft.lora_linear(x, *route.op_args(weight), bias, lora_a, lora_b, float(scaling),
+                                              float(dropout_p), seed)[0]
     return _apply(LoraLinearFunction, x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)
 
 

@@ -43,24 +43,6 @@ _current_device = getattr(torch._C, "_cuda_getDevice", None)
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
-# os.environ's own mapping (bytes keys on POSIX): os.environ.get encodes the key and decodes the value
-# on every call. fastpeft's switches (FASTPEFT_BACKEND, FASTPEFT_GEMM, ...) are read through env() at
-# every call (tests and scripts change them at run time); the kernels' own are read once (tuning.py).
-_ENV_DATA = os.environ._data if os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict) else None
-_ENV_KEYS: dict = {}
-
-
-def env(name: str, default: str | None = None) -> str | None:
-    """``os.environ.get(name, default)``, cheaper."""
-    if _ENV_DATA is None:
-        return os.environ.get(name, default)
-    key = _ENV_KEYS.get(name)
-    if key is None:
-        key = _ENV_KEYS[name] = os.fsencode(name)
-    value = _ENV_DATA.get(key)
-    return default if value is None else os.fsdecode(value)
-
-
 def cdiv(a: int, b: int) -> int:
     """Ceiling division in plain Python (triton.cdiv is a jit function: slow to call from the host)."""
     return -(-a // b)

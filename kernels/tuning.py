@@ -1,6 +1,6 @@
 """Measuring switches: environment variables that pin one kernel's tile config in place of its table
-or rule (configs.py, the launchers' grid rules), to measure configs against each other
-(scripts/diag.py, scripts/ab.sh) or reproduce a run.
+or rule (configs.py, the launchers' grid rules), or the route fastpeft takes (fastpeft/route.py), to
+measure them against each other (tools/ab.sh) or reproduce a run.
 
     FASTPEFT_SHRINK_CONFIG  lora_shrink      BLOCK_M,BLOCK_K,split_k,num_warps,num_stages
     FASTPEFT_LINEAR_CONFIG  lora_linear      BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,num_stages
@@ -8,6 +8,9 @@ or rule (configs.py, the launchers' grid rules), to measure configs against each
                                              tma_store,flatten[,warp_specialize[,epilogue_split]]
                                              (flags 1 or true); the auto route then takes the TMA
                                              matmul whatever the tile width (``tma_wide``)
+    FASTPEFT_GEMM           the base product's route: auto (default), triton, cublas or tma
+    FASTPEFT_TMA_MIN_M      rows from which the auto route takes the TMA matmul (0: never)
+    FASTPEFT_PDL            0: no programmatic dependent launch after a shrink
 
 They are read once, at first use, not per call: a script or test that changes them afterwards calls
 ``reload()``, which reads them again and drops the launchers' kept plans (``launch._plans``), since
@@ -22,7 +25,11 @@ from . import launch
 SHRINK = "FASTPEFT_SHRINK_CONFIG"
 LINEAR = "FASTPEFT_LINEAR_CONFIG"
 TMA = "FASTPEFT_TMA_CONFIG"
-SWITCHES = (SHRINK, LINEAR, TMA)
+GEMM = "FASTPEFT_GEMM"
+TMA_MIN_M = "FASTPEFT_TMA_MIN_M"
+PDL = "FASTPEFT_PDL"
+SWITCHES = (SHRINK, LINEAR, TMA, GEMM, TMA_MIN_M, PDL)
+GEMM_ROUTES = ("auto", "triton", "cublas", "tma")
 
 
 def _ints(name: str, value: str, fields: str) -> tuple:
@@ -44,7 +51,22 @@ def _tma(name: str, value: str) -> tuple:
         tuple(v.strip().lower() in ("1", "true") for v in fields[6:])
 
 
+def _gemm(name: str, value: str) -> str:
+    if value not in GEMM_ROUTES:
+        raise ValueError(f"{name} must be {', '.join(GEMM_ROUTES)}, got {value!r}")
+    return value
+
+
+def _rows(name: str, value: str) -> int:
+    if not value.isdigit():
+        raise ValueError(f"{name} must be a row count (0: never), got {value!r}")
+    return int(value)
+
+
 _PARSERS = {
+    GEMM: _gemm,
+    TMA_MIN_M: _rows,
+    PDL: lambda name, value: value != "0",
     SHRINK: lambda name, value: _ints(name, value, "BLOCK_M,BLOCK_K,split_k,num_warps,num_stages"),
     LINEAR: lambda name, value: _ints(name, value, "BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,num_stages"),
     TMA: _tma,

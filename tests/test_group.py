@@ -25,11 +25,11 @@ def _count_groups(monkeypatch):
 
 @pytest.mark.parametrize("gemm", ["triton", "cublas"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
-def test_grouped_qkv_matches_separate_layers(kernels_on, set_options, monkeypatch, checkpointing, gemm):
+def test_grouped_qkv_matches_separate_layers(kernels_on, set_options, pin_config, monkeypatch, checkpointing, gemm):
     """Grouped and ungrouped give the same logits and gradients with dropout (the seeds are drawn in
     the layers' order), one group op per attention block; on both main-matmul routes (the cuBLAS
     route's C pass adds each projection's dX into one buffer)."""
-    monkeypatch.setenv("FASTPEFT_GEMM", gemm)
+    pin_config("FASTPEFT_GEMM", gemm)
     model = _patched(lora_dropout=0.1).to(kernels_on).train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

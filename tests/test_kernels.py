@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastpeft import ops, reference
+from fastpeft import ops, reference, route
 from fastpeft.kernels import dropout as dropout_kernels
 from fastpeft.kernels import launch, tuning
 from fastpeft.kernels.common import num_sms
@@ -136,7 +136,8 @@ def test_split_grads_accumulate_into_dot_grad(kernel_device):
     for o, r in zip(*grads):
         torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
     xa = x @ a.t()
-    _, da, db = torch.ops.fastpeft.lora_linear_backward(g, x, w, a, bb, xa, 2.0, 0.0, None, True, True, True)
+    _, da, db = torch.ops.fastpeft.lora_linear_backward(g, x, w, [], "dense", a, bb, xa, 2.0, 0.0, None, True, True,
+                                                        True)
     torch.testing.assert_close(da, grads[1][0] / 2, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(db, grads[1][1] / 2, rtol=1e-4, atol=1e-4)
 
@@ -268,17 +269,17 @@ def test_shape_errors_name_the_problem(kernel_device):
 def test_custom_op_opcheck(kernel_device):
     """The torch.library registration (fake implementation, autograd) is consistent."""
     x, w, b, a, bb = _make(9, 16, 8, 2, torch.float32, torch.float32, kernel_device)
-    args = (x.requires_grad_(), w, b, a.requires_grad_(), bb.requires_grad_(), 2.0, 0.0, None)
+    args = (x.requires_grad_(), w, [], "dense", b, a.requires_grad_(), bb.requires_grad_(), 2.0, 0.0, None)
     torch.library.opcheck(torch.ops.fastpeft.lora_linear.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 @pytest.mark.parametrize("gemm", ["triton", "cublas", "tma"])
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
-def test_main_matmul_paths(kernel_device, gemm, p, monkeypatch):
+def test_main_matmul_paths(kernel_device, gemm, p, pin_config):
     """Every main-matmul path (fused Triton epilogue; cuBLAS onto a prefilled C; the persistent TMA
     matmul, which hands operands it cannot take to the cuBLAS path) matches the reference."""
-    monkeypatch.setenv("FASTPEFT_GEMM", gemm)
+    pin_config("FASTPEFT_GEMM", gemm)
     shapes = [(1, 4096, 4096, 16), (300, 1000, 2000, 64), (4100, 1024, 520, 8)] if kernel_device == "cuda" else \
         [(1, 40, 24, 3), (37, 45, 29, 5), (33, 48, 40, 6)]
     for M, K, N, R in shapes:
@@ -287,42 +288,40 @@ def test_main_matmul_paths(kernel_device, gemm, p, monkeypatch):
             _check_against_reference(x, w, b, a, bb, 2.0, p, (True, True, True), dtype)
 
 
-def test_auto_route_by_rows(monkeypatch, pin_config):
+def test_auto_route_by_rows(pin_config):
     """The auto route: the Triton matmul below CUBLAS_MIN_M rows, cuBLAS onto a prefilled C above, the
     TMA matmul from FASTPEFT_TMA_MIN_M rows up when set (0: never) where its wide tiles apply; a bad
     FASTPEFT_GEMM is named."""
-    monkeypatch.delenv("FASTPEFT_GEMM", raising=False)
-    monkeypatch.setenv("FASTPEFT_TMA_MIN_M", "4096")
-    assert [ops.main_matmul(m) for m in (1, ops.CUBLAS_MIN_M, 4095, 4096, 16384)] == \
+    pin_config("FASTPEFT_GEMM", None)
+    pin_config("FASTPEFT_TMA_MIN_M", "4096")
+    assert [route.dense_route(m) for m in (1, route.CUBLAS_MIN_M, 4095, 4096, 16384)] == \
         ["triton", "cublas", "cublas", "tma", "tma"]
-    assert ops.main_matmul(16384, wide_tma=False) == "cublas"  # an fp16 output (narrow tiles): not TMA
+    assert route.dense_route(16384, wide_tma=False) == "cublas"  # an fp16 output (narrow tiles): not TMA
     assert tma_wide(torch.bfloat16, False) and tma_wide(torch.bfloat16, True)
     assert not tma_wide(torch.float16, False)
     pin_config("FASTPEFT_TMA_CONFIG", "128,128,64,8,8,4,1,1")  # a pinned config is taken as it is
     assert tma_wide(torch.float16, False)
     pin_config("FASTPEFT_TMA_CONFIG", None)
-    monkeypatch.setenv("FASTPEFT_GEMM", "tma")
-    assert ops.main_matmul(16384, wide_tma=False) == "tma"  # pinned
-    monkeypatch.delenv("FASTPEFT_GEMM")
-    monkeypatch.setenv("FASTPEFT_TMA_MIN_M", "0")
-    assert ops.main_matmul(16384) == "cublas"
-    monkeypatch.setenv("FASTPEFT_TMA_MIN_M", "4k")
+    pin_config("FASTPEFT_GEMM", "tma")
+    assert route.dense_route(16384, wide_tma=False) == "tma"  # pinned
+    pin_config("FASTPEFT_GEMM", None)
+    pin_config("FASTPEFT_TMA_MIN_M", "0")
+    assert route.dense_route(16384) == "cublas"
     with pytest.raises(ValueError, match="FASTPEFT_TMA_MIN_M"):
-        ops.main_matmul(16384)
-    monkeypatch.setenv("FASTPEFT_TMA_MIN_M", "0")
-    monkeypatch.setenv("FASTPEFT_GEMM", "fast")
+        pin_config("FASTPEFT_TMA_MIN_M", "4k")
+    pin_config("FASTPEFT_TMA_MIN_M", None)
     with pytest.raises(ValueError, match="FASTPEFT_GEMM"):
-        ops.main_matmul(1)
+        pin_config("FASTPEFT_GEMM", "fast")
 
 
 @pytest.mark.parametrize("gemm", ["triton", "tma"])
-def test_routes_match_reference_eager_and_replayed(gpu, gemm, monkeypatch):
+def test_routes_match_reference_eager_and_replayed(gpu, gemm, pin_config):
     """The Triton route (its matmul launched with PDL behind the shrink on Hopper: it starts early and
     waits before its epilogue) and the TMA route (whose repeated calls skip Triton's dispatch) give
     the reference's results, eager and replayed in a CUDA graph."""
     if gemm == "tma":
         _tma_device(gpu)
-    monkeypatch.setenv("FASTPEFT_GEMM", gemm)
+    pin_config("FASTPEFT_GEMM", gemm)
     for M, K, N, R in [(1, 4096, 4096, 16), (300, 1000, 2000, 64), (4100, 1024, 520, 8)]:
         x, w, b, a, bb = _make(M, K, N, R, torch.bfloat16, torch.float32, gpu)
         _check_against_reference(x, w, b, a, bb, 2.0, 0.1, (True, True, True), torch.bfloat16)
