@@ -1,7 +1,7 @@
 """Tile configs of the two matmul kernels, as data: per GPU family, then per row bucket or by name.
 
 A table maps a GPU family (``family(device)``) to its configs: "sm90" (Hopper, where these were
-measured: bench/bench_lora.py --tune, scripts/diag.py) and "interpreter" (TRITON_INTERPRET=1: small
+measured: bench/bench_lora.py --tune, tools/ab.sh) and "interpreter" (TRITON_INTERPRET=1: small
 tiles, so the CPU tests stay quick and still cross tile edges). A GPU without an entry of its own
 takes DEFAULT_FAMILY's. The switches in tuning.py pin one config in place of a table, for measuring.
 The other kernels pick their tiles by rules beside them (``_shrink_grid``, ``_shrink_expand_grid``,

@@ -3,7 +3,7 @@
 Triton's ``JITFunction.run`` re-derives, on every call, each argument's specialization, the cache
 key and the launch options, and its C launcher asks the driver about every tensor pointer
 (``cuPointerGetAttribute``): host time that, at decode sizes and in a whole training step, set the
-pace rather than the GPU (bench/NOTES.md), since a LoRA layer launches several kernels.
+pace rather than the GPU (docs/performance.md, "The host"), since a LoRA layer launches several kernels.
 
 ``launch(kernel, grid, tensors, scalars, **meta)`` is ``kernel[grid](*tensors, *scalars, **meta)``
 for a kernel whose parameters are its pointers, then its scalars, then its constexprs. The first
