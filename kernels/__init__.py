@@ -10,8 +10,9 @@ descriptors). Nothing here imports from ``fastpeft``.
 The top-level name ``kernels`` belongs to Hugging Face's distribution (transformers >= 5.25 imports
 it). A Python started in the repository root (``python -m ...``, ``python -m pytest``, a notebook)
 has the root on ``sys.path`` and would find this folder under that name first; when that happens,
-the block below hands the import over to whatever ``kernels`` the rest of ``sys.path`` holds, or
-fails as if this folder were not there.
+the block below hands the import over to whatever ``kernels`` the rest of ``sys.path`` holds, or,
+where there is none, leaves the empty namespace module Python itself would give for a folder without
+``__init__.py`` (no ``__file__``, no version: what transformers takes for "not installed").
 """
 if __name__ == "kernels":
     import importlib.machinery
@@ -23,7 +24,8 @@ if __name__ == "kernels":
     _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
     if _spec is None or _spec.loader is None:
-        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+        _spec = importlib.machinery.ModuleSpec("kernels", None, is_package=True)
     _module = importlib.util.module_from_spec(_spec)
     sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds
-    _spec.loader.exec_module(_module)
+    if _spec.loader is not None:
+        _spec.loader.exec_module(_module)
