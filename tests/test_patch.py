@@ -212,14 +212,13 @@ def test_patch_peft_model_mixed_batch_equals_peft(backend, request):
     """PEFT's adapter_names= (one adapter per row) on a patched PeftModel gives PEFT's numbers, with
     gradients on or off: PEFT hands the names to its layers through pre-hooks, so the layers run PEFT's
     forward for that call, and the fused MLP (which would skip the layers' hooks) steps aside."""
-    if backend == "kernels":
-        request.getfixturevalue("kernels_on")
-    base = make_model("llama")
+    device = request.getfixturevalue("kernels_on") if backend == "kernels" else "cpu"
+    base = make_model("llama").to(device)
     cfg = dict(init_lora_weights=False, target_modules="all-linear")
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, **cfg), adapter_name="sql")
     pm.add_adapter("math", peft.LoraConfig(r=2, **cfg))
     pm.eval()
-    inputs = make_inputs("llama", batch=4)
+    inputs = {k: v.to(device) for k, v in make_inputs("llama", batch=4).items()}
     mixed = dict(inputs, adapter_names=["sql", "__base__", "math", "sql"])
     generate = dict(mixed, max_new_tokens=3, do_sample=False)
     with torch.no_grad():
