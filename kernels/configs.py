@@ -1,4 +1,5 @@
-"""Tile configs of the two matmul kernels, as data: per GPU family, then per row bucket or by name.
+"""Tile configs of the matmul kernels (lora_linear, lora_linear_tma, nf4_matmul's two paths), as data:
+per GPU family, then per row bucket or by name.
 
 A table maps a GPU family (``family(device)``) to its configs: "sm90" (Hopper, where these were
 measured: bench/bench_lora.py --tune, tools/ab.sh) and "interpreter" (TRITON_INTERPRET=1: small
@@ -38,6 +39,22 @@ TMA_CONFIGS = {
     "interpreter": dict.fromkeys(("wide", "wide_masked", "narrow"), (16, 32, 32, 4, 4, 1, True, False)),
 }
 
+# nf4_matmul's decode path (kernels/nf4.py, M <= GEMV_MAX_M): (BLOCK_N, BLOCK_K, num_warps, num_stages),
+# each for up to its row count; its tiled path: lora_linear's fields. Not yet measured on a GPU: first
+# guesses (W streams once at decode sizes, so the decode tiles are wide in K and narrow in N; up to 4
+# rows the product is a broadcast [rows, BLOCK_N, BLOCK_K] in registers, kept to 8K elements).
+NF4_GEMV_CONFIGS = {
+    "sm90": ((1, (32, 256, 4, 3)),
+             (4, (16, 128, 4, 3)),
+             (None, (64, 128, 4, 3))),
+    "interpreter": ((None, (16, 128, 4, 1)),),
+}
+NF4_TILED_CONFIGS = {
+    "sm90": ((256, (64, 64, 64, 8, 4, 3)),
+             (None, (128, 128, 64, 8, 8, 3))),
+    "interpreter": ((None, (32, 32, 64, 4, 4, 1)),),
+}
+
 
 def family(device: torch.device) -> str:
     """The GPU family whose tables ``device`` takes: "interpreter" under the Triton interpreter, else
@@ -53,12 +70,27 @@ def for_device(table: dict, device: torch.device):
     return table[DEFAULT_FAMILY] if found is None else found
 
 
-def linear_config(M: int, device: torch.device) -> tuple:
-    """lora_linear's tile config for an M-row product on ``device``."""
-    for bound, config in for_device(LINEAR_CONFIGS, device):
+def _by_rows(table: dict, M: int, device: torch.device) -> tuple:
+    """The config of ``table`` (row bounds, the last None) for an M-row product on ``device``."""
+    for bound, config in for_device(table, device):
         if bound is None or M <= bound:
             return config
-    raise AssertionError("a LINEAR_CONFIGS table ends with a None bound")
+    raise AssertionError("a row-bucketed config table ends with a None bound")
+
+
+def linear_config(M: int, device: torch.device) -> tuple:
+    """lora_linear's tile config for an M-row product on ``device``."""
+    return _by_rows(LINEAR_CONFIGS, M, device)
+
+
+def nf4_gemv_config(M: int, device: torch.device) -> tuple:
+    """nf4_matmul's decode-path config (BLOCK_N, BLOCK_K, num_warps, num_stages) for M rows."""
+    return _by_rows(NF4_GEMV_CONFIGS, M, device)
+
+
+def nf4_tiled_config(M: int, device: torch.device) -> tuple:
+    """nf4_matmul's tiled-path config (lora_linear's fields) for M rows."""
+    return _by_rows(NF4_TILED_CONFIGS, M, device)
 
 
 def tma_config_name(out_dtype, has_seed: bool) -> str:
