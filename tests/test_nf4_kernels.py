@@ -148,6 +148,40 @@ def test_lora_epilogue(quant_device, dtype):
             _check(x, packed, state, wd, N, K, bs, b, path, lora=lora, what=f"lora M={M} R={R} {path}")
 
 
+def _pack(codes):
+    """The format by its definition: codes (N, K) in 0..15, two per byte, the first in the high nibble."""
+    flat = codes.flatten().to(torch.uint8)
+    return (flat[0::2] << 4) | flat[1::2]
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
+@pytest.mark.parametrize("path", ["gemv", "tiled"])
+def test_format_by_definition(kernel_device, nested, path):
+    """Packed bytes built here from the format's definition, no bitsandbytes quantizer: runs where
+    bitsandbytes cannot quantize on this device (0.45.5 on CPU), so every supported triton runs the
+    kernels. W[n, k] = table[code]·absmax[block], absmax[b] = code2[q[b]]·absmax2[b // 256] + offset."""
+    device = kernel_device
+    N, K, bs = 37, 192, 64
+    codes = torch.randint(0, 16, (N, K), device=device)
+    table = torch.randn(16, device=device)
+    blocks = N * K // bs
+    if nested:
+        q = torch.randint(0, 256, (blocks,), dtype=torch.uint8, device=device)
+        code2, absmax2, offset = torch.randn(256, device=device), torch.rand(-(-blocks // 256), device=device), 0.25
+        absmax = code2[q.long()] * absmax2.repeat_interleave(256)[:blocks] + offset
+        args, nest = q, (code2, absmax2, 256, offset)
+    else:
+        absmax = torch.rand(blocks, device=device) + 0.5
+        args, nest = absmax, None
+    wd = (table[codes].view(blocks, bs) * absmax[:, None]).view(N, K)
+    b = torch.randn(N, device=device)
+    for M in (1, 17):
+        x = _x(M, K, torch.float32, device)
+        out = nf4_matmul(x, _pack(codes), args, table, N, K, bs, bias=b, nested=nest, path=path)
+        assert_close(out, x.double() @ wd.double().t() + b.double(), x @ wd.t() + b, torch.float32,
+                     f"M={M} {path}")
+
+
 def test_no_rows(quant_device):
     N, K, bs = CPU_SHAPES[0]
     packed, state, _ = _quantize(N, K, bs, "nf4", quant_device)
