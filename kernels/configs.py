@@ -41,11 +41,11 @@ TMA_CONFIGS = {
 
 # nf4_matmul's decode path (kernels/nf4.py, M <= GEMV_MAX_M): (BLOCK_N, BLOCK_K, num_warps, num_stages),
 # each for up to its row count; its tiled path: lora_linear's fields. Not yet measured on a GPU: first
-# guesses (W streams once at decode sizes, so the decode tiles are wide in K and narrow in N; up to 4
-# rows the product is a broadcast [rows, BLOCK_N, BLOCK_K] in registers, kept to 8K elements).
+# guesses. BLOCK_K is capped at the quantization blocksize (one absmax per row of a tile); up to 4 rows
+# the decode product is a broadcast [rows, BLOCK_N, BLOCK_K] in registers, kept to 8K elements.
 NF4_GEMV_CONFIGS = {
-    "sm90": ((1, (32, 256, 4, 3)),
-             (4, (16, 128, 4, 3)),
+    "sm90": ((1, (64, 128, 4, 3)),
+             (4, (32, 64, 4, 3)),
              (None, (64, 128, 4, 3))),
     "interpreter": ((None, (16, 128, 4, 1)),),
 }

@@ -13,9 +13,12 @@ quantization block lies inside one row of W (and K is even, so a byte never stra
 
 * decode path (M <= GEMV_MAX_M): ``_nf4_gemv_kernel``; program (pid_n, pid_k) streams BLOCK_N rows of
   the packed W over every SPLIT_K-th K block of BLOCK_K columns (BLOCK_K/2 bytes a row, each byte read
-  once, consecutive in memory), unpacks, looks the table up, scales by absmax and multiplies in fp32
-  with all M rows of x, which fit in registers; split-K sums go by fp32 atomics into a zeroed
-  output, cast to the output dtype after.
+  once, consecutive in memory), unpacks, looks the table up (in registers, tl.gather), scales by
+  absmax and multiplies in fp32 with all M rows of x, which fit in registers; split-K sums go by
+  fp32 atomics into a zeroed output, cast to the output dtype after.
+
+Both paths dequantize in ``_dequant_tile``; BLOCK_K is at most the blocksize, so each row of a tile
+takes one absmax (read, or rebuilt, once per row and K step).
 * tiled path: ``_nf4_tiled_kernel``; a grouped-order matmul whose K loop dequantizes the
   (BLOCK_N x BLOCK_K) tile of W to the compute dtype and tl.dot's it with x's tile; its epilogue is
   linear.py's ``_lora_epilogue`` (bias, and the LoRA term when ``lora`` is given).
@@ -44,9 +47,10 @@ def _block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, blk, mask, offset, BLOCKSI
     if NESTED:
         q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
         scale = tl.load(code2_ptr + q, mask=mask, other=0.0) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask,
-                                                                          other=0.0)
-        return scale + offset
-    return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+                                                                          other=0.0) + offset
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0).to(tl.float32)
+    return scale
 
 
 @triton.jit
@@ -57,19 +61,22 @@ def _dequant_tile(w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, rn, n_ok,
 
     Reads BLOCK_K/2 consecutive bytes of each of the rows (row n starts at byte n·K/2; k0 is even),
     splits each byte into its high nibble (element 2j) and low nibble (element 2j+1), interleaves
-    them back in order, looks the 16-entry table up and scales by each element's block absmax."""
+    them back in order, looks the 16-entry table up in registers (tl.gather: no per-element
+    address) and scales each row by its one block absmax (BLOCK_K <= BLOCKSIZE, both powers of two,
+    k0 a multiple of BLOCK_K: the tile's columns lie in one quantization block of each row)."""
+    tl.static_assert(BLOCK_K <= BLOCKSIZE)
     HALF: tl.constexpr = BLOCK_K // 2
     rb = k0 // 2 + tl.arange(0, HALF)  # byte columns of the row
-    b_ok = n_ok[:, None] & (rb[None, :] < K // 2)
     rows = rn.to(tl.int64)
-    packed = tl.load(w_ptr + rows[:, None] * (K // 2) + rb[None, :], mask=b_ok, other=0).to(tl.int32)
-    codes = tl.reshape(tl.join(packed >> 4, packed & 0xF), (BLOCK_N, BLOCK_K))  # element 2j, then 2j+1
-    rk = k0 + tl.arange(0, BLOCK_K)
-    ok = n_ok[:, None] & (rk[None, :] < K)
-    values = tl.load(code_ptr + codes, mask=ok, other=0.0)
-    # K % BLOCKSIZE == 0: element (n, k)'s block is n·(K / BLOCKSIZE) + k // BLOCKSIZE
-    blk = rows[:, None] * (K // BLOCKSIZE) + (rk // BLOCKSIZE)[None, :]
-    return values * _block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, blk, ok, offset, BLOCKSIZE2, NESTED)
+    packed = tl.load(w_ptr + rows[:, None] * (K // 2) + rb[None, :], mask=n_ok[:, None] & (rb[None, :] < K // 2),
+                     other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(packed >> 4, packed & 0xF), (BLOCK_N * BLOCK_K,))  # element 2j, then 2j+1
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    values = tl.reshape(tl.gather(table, codes, 0), (BLOCK_N, BLOCK_K))  # masked bytes: code 0, scale 0
+    # K % BLOCKSIZE == 0: row n's block at column k0 is n·(K / BLOCKSIZE) + k0 // BLOCKSIZE
+    scale = _block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, rows * (K // BLOCKSIZE) + k0 // BLOCKSIZE,
+                          n_ok, offset, BLOCKSIZE2, NESTED)
+    return values * scale[:, None]
 
 
 @triton.jit
@@ -184,8 +191,8 @@ def _nf4_plan(x, packed, absmax, code_table, N, K, blocksize, bias, out_dtype, n
     if x.dim() != 2 or x.shape[1] != K:
         raise ValueError(f"nf4_matmul: x must be (M, K={K}), got {tuple(x.shape)}")
     M = x.shape[0]
-    if blocksize < 2 or blocksize & (blocksize - 1):
-        raise ValueError(f"nf4_matmul: blocksize must be a power of two >= 2, got {blocksize}")
+    if blocksize < 32 or blocksize & (blocksize - 1):
+        raise ValueError(f"nf4_matmul: blocksize must be a power of two >= 32, got {blocksize}")
     if K % blocksize:
         raise NotImplementedError(f"nf4_matmul: K={K} is not a multiple of blocksize={blocksize} (a quantization "
                                   f"block across two rows of W is not supported yet)")
@@ -228,7 +235,7 @@ def _nf4_plan(x, packed, absmax, code_table, N, K, blocksize, bias, out_dtype, n
                   MODE=mode, PRECISION=fp32_precision())
     if gemv:
         BN, BK, warps, stages = nf4_gemv_config(M, device)
-        BK = min(BK, max(16, triton.next_power_of_2(K)))
+        BK = min(BK, blocksize, max(16, triton.next_power_of_2(K)))  # a tile's columns in one block
         BM = max(1, triton.next_power_of_2(M))
         use_dot = BM >= 16
         BM = max(BM, 16) if use_dot else BM
@@ -248,7 +255,7 @@ def _nf4_plan(x, packed, absmax, code_table, N, K, blocksize, bias, out_dtype, n
         return run
 
     BM, BN, BK, GM, warps, stages = nf4_tiled_config(M, device)
-    BK = min(BK, max(16, triton.next_power_of_2(K)))
+    BK = min(BK, blocksize, max(16, triton.next_power_of_2(K)))  # a tile's columns in one block
     if lora is not None:
         l, r, scaling = lora
         R, lora_strides = l.shape[1], (*l.stride(), *r.stride())

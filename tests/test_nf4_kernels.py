@@ -197,6 +197,8 @@ def test_bad_input_raises(quant_device):
     x = torch.randn(2, K, device=device)
     with pytest.raises(NotImplementedError, match="not a multiple of blocksize"):
         nf4_matmul(torch.randn(2, 96, device=device), packed[: N * 96 // 2], state.absmax, state.code, N, 96, 64 * 2)
+    with pytest.raises(ValueError, match="power of two >= 32"):
+        nf4_matmul(x, packed, state.absmax, state.code, N, K, 96)
     with pytest.raises(ValueError, match="x must be"):
         nf4_matmul(torch.randn(2, K + 1, device=device), packed, state.absmax, state.code, N, K, bs)
     with pytest.raises(ValueError, match="absmax must be"):
