@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastpeft import reference
 from fastpeft.nf4 import BLOCKSIZES_4BIT, FP4_TABLE, NF4_TABLE, Quant4bitState, dequantize_4bit, dequantize_state
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,6 +109,20 @@ def test_linear4bit_weight(bnb_4bit, quant_type, nested):
     out = dequantize_state(layer.weight.data, Quant4bitState.from_bnb(qs))
     assert torch.equal(out, bnb_4bit.dequantize_4bit(layer.weight.data, qs))
     assert out.shape == (24, 37) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["p0", "p0.25"])
+def test_qlora_linear_is_lora_linear_on_the_dequantized_weight(bnb_4bit, dtype, dropout_p):
+    shape = (24, 37)
+    _, packed, qs = _quantize(bnb_4bit, shape, dtype, 64, True, "nf4")
+    w = bnb_4bit.dequantize_4bit(packed, qs)
+    torch.manual_seed(2)
+    x = torch.randn(3, 5, 37, dtype=dtype)
+    bias = torch.randn(24, dtype=dtype)
+    a, b = torch.randn(8, 37), torch.randn(24, 8)
+    out = reference.qlora_linear(x, packed, Quant4bitState.from_bnb(qs), bias, a, b, 2.0, dropout_p, seed=7)
+    assert torch.equal(out, reference.lora_linear(x, w, bias, a, b, 2.0, dropout_p, seed=7))
 
 
 # --- bad input (no bitsandbytes needed) ---------------------------------------------------------------
