@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels.dropout import DROPOUT_ROUNDS  # the rounds are the kernels' (the choice is explained there)
+from .nf4 import NestedAbsmax, Quant4bitState, dequantize_4bit, dequantize_state  # noqa: F401 (the 4-bit format)
 
 _M32 = 0xFFFFFFFF
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
@@ -109,6 +110,17 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: floa
         return lora.to(x.dtype)
     y = F.linear(x, weight, bias)
     return (y + lora).to(y.dtype)
+
+
+def qlora_linear(
+    x, packed, state: Quant4bitState, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0, seed=None
+):
+    """QLoRA's forward: lora_linear on the base weight dequantized from bitsandbytes' 4-bit format.
+
+    ``packed`` is the 4-bit weight's bytes (``Params4bit.data``), ``state`` its
+    ``Quant4bitState.from_bnb(weight.quant_state)``; W is dequantized whole here (the oracle, not the hot path).
+    """
+    return lora_linear(x, dequantize_state(packed, state), bias, lora_a, lora_b, scaling, dropout_p, seed)
 
 
 def gated_act(g: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
