@@ -2,17 +2,20 @@
 
 A plain patched model carries ``model.fastpeft_config`` ({adapter name: LoraConfig}) and the
 modules_to_save of each adapter; a patched ``peft.PeftModel`` carries a mark. Both get the fused MLP
-and q/k/v group forwards (fastpeft/mlp.py, fastpeft/group.py), installed here with their undo.
+and q/k/v group forwards (fastpeft/mlp.py, fastpeft/group.py) and the model's options, installed
+here with their undo.
 PEFT's models and LoRA layers are recognised without importing peft.
 """
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch.nn as nn
 
 from . import group, mlp
 from .layer import GROUP_ATTR, LoraLinear
+from .options import OPTIONS_ATTR, Options
 
 CONFIG_ATTR = "fastpeft_config"  # model.fastpeft_config = {adapter_name: LoraConfig}
 MODULES_TO_SAVE_ATTR = "_fastpeft_modules_to_save"  # {adapter_name: [module names]}
@@ -71,15 +74,38 @@ def active_adapters(model: nn.Module) -> list[str]:
     return []
 
 
-def install_fused_forwards(undo: contextlib.ExitStack, model: nn.Module) -> None:
-    """Install the fused MLP and q/k/v group forwards on ``model``; ``undo`` takes them off again, from
-    the modules that did not have them before, if it unwinds on an error."""
+MISSING = object()
+
+
+def restore_entry(d: dict, key, old) -> None:
+    """Put ``d[key]`` back to ``old`` (``MISSING``: remove it)."""
+    if old is MISSING:
+        d.pop(key, None)
+    else:
+        d[key] = old
+
+
+def install_fused_forwards(undo: contextlib.ExitStack, model: nn.Module, options: Optional[Options] = None) -> None:
+    """Install the fused MLP and q/k/v group forwards on ``model``, and give the model, its LoRA layers
+    (PEFT's too) and fused MLPs the model's options: ``options``, else those it already has (layers
+    added later, by another patch or load_adapter, get them too), else none (the process's apply).
+    ``undo`` takes all of it off again, where it was not there before, if it unwinds on an error."""
     for part, marker in ((mlp, mlp.FUSED_MLP_ATTR), (group, GROUP_ATTR)):
         undo.callback(part.uninstall, [m for m in model.modules() if marker not in m.__dict__])
         part.install(model)
+    options = options or model.__dict__.get(OPTIONS_ATTR)
+    if options is None:
+        return
+    for module in model.modules():
+        if module is model or isinstance(module, LoraLinear) or is_peft_lora_layer(module) \
+                or mlp.FUSED_MLP_ATTR in module.__dict__:
+            undo.callback(restore_entry, module.__dict__, OPTIONS_ATTR, module.__dict__.get(OPTIONS_ATTR, MISSING))
+            module.__dict__[OPTIONS_ATTR] = options
 
 
 def uninstall_fused_forwards(model: nn.Module) -> None:
-    """Take the fused MLP and q/k/v group forwards off every module of ``model``."""
+    """Take the fused MLP and q/k/v group forwards and the model's options off every module of ``model``."""
     mlp.uninstall(model.modules())
     group.uninstall(model.modules())
+    for module in model.modules():
+        module.__dict__.pop(OPTIONS_ATTR, None)

@@ -26,10 +26,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import mlp
 from .layer import LoraLinear, reject_adapter_names
 from .model_state import (
     CONFIG_ATTR,
+    MISSING,
     MODULES_TO_SAVE_ATTR,
     PEFT_PATCHED_ATTR,
     active_adapters,
@@ -41,9 +41,10 @@ from .model_state import (
     is_peft_model,
     lora_layers,
     modules_to_save,
+    restore_entry,
     uninstall_fused_forwards,
 )
-from .options import OPTIONS_ATTR, Options
+from .options import Options
 from .peft_bridge import patch_peft_model, unpatch_peft_model
 from .targets import PatchPlan, plan_patch
 
@@ -63,24 +64,14 @@ def _adapter_dtype(weight: torch.Tensor, autocast_adapter_dtype: bool) -> torch.
     return weight.dtype if weight.dtype.is_floating_point else torch.float32
 
 
-_MISSING = object()
-
-
-def _restore_entry(d: dict, key, old) -> None:
-    """Put ``d[key]`` back to ``old`` (``_MISSING``: remove it)."""
-    if old is _MISSING:
-        d.pop(key, None)
-    else:
-        d[key] = old
-
-
 def _restore_flags(flags) -> None:
     for p, flag in flags:
         p.requires_grad_(flag)
 
 
 @contextlib.contextmanager
-def plan_applied(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool = True):
+def plan_applied(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool = True,
+                 options: Optional[Options] = None):
     """Apply ``plan`` (from :func:`fastpeft.targets.plan_patch`) to ``model`` for a ``with`` block: an error
     while applying it, or one raised in the block, undoes every change; the block ending keeps them
     (load_adapter checks a file against the patched model inside one)."""
@@ -108,7 +99,7 @@ def plan_applied(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool
                 setattr(parent, child, layer)
                 undo.callback(setattr, parent, child, t.module)
         for attr in (CONFIG_ATTR, MODULES_TO_SAVE_ATTR):
-            undo.callback(_restore_entry, model.__dict__, attr, model.__dict__.get(attr, _MISSING))
+            undo.callback(restore_entry, model.__dict__, attr, model.__dict__.get(attr, MISSING))
         configs = dict(adapter_configs(model))
         configs[name] = config
         setattr(model, CONFIG_ATTR, configs)
@@ -116,7 +107,7 @@ def plan_applied(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool
         saved[name] = list(plan.modules_to_save)
         setattr(model, MODULES_TO_SAVE_ATTR, saved)
 
-        install_fused_forwards(undo, model)
+        install_fused_forwards(undo, model, options)
         _guard_adapter_names(undo, model)
         if not was_patched:
             mark_trainable(model)
@@ -131,9 +122,10 @@ def plan_applied(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool
         undo.pop_all()  # success: keep every change
 
 
-def apply_plan(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool = True) -> nn.Module:
+def apply_plan(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool = True,
+               options: Optional[Options] = None) -> nn.Module:
     """Apply ``plan`` (from :func:`fastpeft.targets.plan_patch`) to ``model``: all of it, or on any error none of it."""
-    with plan_applied(model, plan, autocast_adapter_dtype):
+    with plan_applied(model, plan, autocast_adapter_dtype, options):
         return model
 
 
@@ -240,7 +232,7 @@ def patch(model: nn.Module, lora_config=None, adapter_name: str = "default", aut
                 "fastpeft.patch(peft_model) takes no lora_config: the PEFT model already has its adapters "
                 "(add more with peft_model.add_adapter)"
             )
-        return _attach_options(patch_peft_model(model), options)
+        return patch_peft_model(model, options)
     if lora_config is None:
         raise TypeError(
             f"fastpeft.patch needs a lora_config for {type(model).__name__}, which has no PEFT adapters, e.g. "
@@ -248,23 +240,7 @@ def patch(model: nn.Module, lora_config=None, adapter_name: str = "default", aut
             f"only a peft.PeftModel is patched without one"
         )
     plan = plan_patch(model, lora_config, adapter_name)
-    return _attach_options(apply_plan(model, plan, autocast_adapter_dtype), options)
-
-
-def _attach_options(model: nn.Module, options: Optional[Options]) -> nn.Module:
-    """Give the model's LoRA layers and fused MLPs its options (``options``, else those it had, if any)."""
-    options = options or model.__dict__.get(OPTIONS_ATTR)
-    if options is not None:
-        for module in model.modules():
-            if module is model or isinstance(module, LoraLinear) or is_peft_lora_layer(module) \
-                    or mlp.FUSED_MLP_ATTR in module.__dict__:
-                module.__dict__[OPTIONS_ATTR] = options
-    return model
-
-
-def _detach_options(model: nn.Module) -> None:
-    for module in model.modules():
-        module.__dict__.pop(OPTIONS_ATTR, None)
+    return apply_plan(model, plan, autocast_adapter_dtype, options)
 
 
 # --- undo / merge -----------------------------------------------------------------------------
@@ -280,14 +256,12 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     check_model(model, "fastpeft.unpatch")
     if getattr(model, PEFT_PATCHED_ATTR, False) or is_peft_model(model):
         unpatch_peft_model(model)  # PEFT's forwards come back; PEFT's layers stay
-        _detach_options(model)
         return model
     layers = fastpeft_layers(model)
     if not layers and not adapter_configs(model):
         raise ValueError(f"{type(model).__name__} is not patched by fastpeft: nothing to unpatch")
     uninstall_fused_forwards(model)
     _unguard_adapter_names(model)
-    _detach_options(model)
     for name, layer in layers:
         if merge:
             todo = [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]

@@ -14,6 +14,7 @@ from typing import Optional
 
 from .layer import ACCELERATED_ATTR, lora_forward, peft_fast_path_ok
 from .model_state import PEFT_PATCHED_ATTR, install_fused_forwards, is_peft_lora_layer, uninstall_fused_forwards
+from .options import Options
 from .targets import check_wrappable, shorten_names
 
 
@@ -43,8 +44,9 @@ def _why_not_accelerated(layer) -> Optional[str]:
     return None
 
 
-def patch_peft_model(peft_model):
-    """Give every PEFT LoRA layer of ``peft_model`` that fastpeft supports fastpeft's forward, in place; all or nothing."""
+def patch_peft_model(peft_model, options: Optional[Options] = None):
+    """Give every PEFT LoRA layer of ``peft_model`` that fastpeft supports fastpeft's forward, in place; all or
+    nothing. ``options``: the model's (see ``model_state.install_fused_forwards``)."""
     configs = getattr(peft_model, "peft_config", {}) or {}
     for name, cfg in configs.items():
         peft_type = getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", None))
@@ -74,7 +76,7 @@ def patch_peft_model(peft_model):
             undo.callback(_restore_peft_forward, layer)
             layer.forward = types.MethodType(_accelerated_forward, layer)
             setattr(layer, ACCELERATED_ATTR, True)
-        install_fused_forwards(undo, peft_model)
+        install_fused_forwards(undo, peft_model, options)
         setattr(peft_model, PEFT_PATCHED_ATTR, True)
         undo.pop_all()
     return peft_model

@@ -74,3 +74,16 @@ def test_a_models_options_beat_the_process_options(kernels_on, monkeypatch):
 def test_patch_rejects_other_options():
     with pytest.raises(TypeError, match="options must be a fastpeft.Options, got dict"):
         fastpeft.patch(make_model("llama"), fastpeft.LoraConfig(r=4), options={"backend": "reference"})
+
+
+def test_layers_added_later_get_the_models_options(tmp_path):
+    """A second adapter, patched or loaded, that wraps more layers gives them the model's options."""
+    fastpeft.save_adapter(fastpeft.patch(make_model("llama"), fastpeft.LoraConfig(r=4, target_modules="all-linear")),
+                          tmp_path / "all")
+    mine = Options(backend="reference", fuse_mlp=False)
+    model = fastpeft.patch(make_model("llama"), fastpeft.LoraConfig(r=4, target_modules=["q_proj"]), options=mine)
+    fastpeft.patch(model, fastpeft.LoraConfig(r=2, target_modules=["q_proj", "k_proj"]), adapter_name="more")
+    fastpeft.load_adapter(model, tmp_path / "all", adapter_name="all")
+    layers = [m for m in model.modules() if isinstance(m, fastpeft.LoraLinear)]
+    assert len(layers) == 2 * 7 and all(m.__dict__[OPTIONS_ATTR] is mine for m in layers)
+    assert model.__dict__[OPTIONS_ATTR] is mine
