@@ -86,7 +86,8 @@ def reload() -> dict:
     return pins
 
 
-def pinned(name: str) -> tuple | None:
-    """The config that switch ``name`` pins, parsed, or None where it is unset."""
+def pinned(name: str):
+    """What switch ``name`` pins, parsed (a tile config tuple, a route name, a row count or a flag), or
+    None where it is unset."""
     pins = _pins if _pins is not None else reload()
     return pins[name]

@@ -16,6 +16,7 @@ from tolerance import assert_close
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 from fastpeft.kernels.nf4 import GEMV_MAX_M, nf4_matmul  # noqa: E402
+from fastpeft.nf4 import NestedAbsmax, dequantize_4bit, table_4bit  # noqa: E402
 
 # (N, K, blocksize): K a multiple of blocksize; N and K not multiples of the tiles
 CPU_SHAPES = [(37, 192, 64), (20, 256, 128)]
@@ -157,27 +158,26 @@ def _pack(codes):
 @pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
 @pytest.mark.parametrize("path", ["gemv", "tiled"])
 def test_format_by_definition(kernel_device, nested, path):
-    """Packed bytes built here from the format's definition, no bitsandbytes quantizer: runs where
-    bitsandbytes cannot quantize on this device (0.45.5 on CPU), so every supported triton runs the
-    kernels. W[n, k] = table[code]·absmax[block], absmax[b] = code2[q[b]]·absmax2[b // 256] + offset."""
+    """Packed bytes built here from random codes, no bitsandbytes quantizer, and the reference
+    dequantize (fastpeft/nf4.py) as the oracle: runs where bitsandbytes cannot quantize on this device
+    (0.45.5 on CPU), so every supported triton runs the kernels."""
     device = kernel_device
     N, K, bs = 37, 192, 64
     codes = torch.randint(0, 16, (N, K), device=device)
-    table = torch.randn(16, device=device)
+    table = table_4bit("nf4", device)
     blocks = N * K // bs
     if nested:
         q = torch.randint(0, 256, (blocks,), dtype=torch.uint8, device=device)
-        code2, absmax2, offset = torch.randn(256, device=device), torch.rand(-(-blocks // 256), device=device), 0.25
-        absmax = code2[q.long()] * absmax2.repeat_interleave(256)[:blocks] + offset
-        args, nest = q, (code2, absmax2, 256, offset)
+        nest = NestedAbsmax(torch.randn(256, device=device), torch.rand(-(-blocks // 256), device=device), 256, 0.25)
+        args, kernel_nest = q, (nest.code, nest.absmax, nest.blocksize, nest.offset)
     else:
-        absmax = torch.rand(blocks, device=device) + 0.5
-        args, nest = absmax, None
-    wd = (table[codes].view(blocks, bs) * absmax[:, None]).view(N, K)
+        args, nest, kernel_nest = torch.rand(blocks, device=device) + 0.5, None, None
+    packed = _pack(codes)
+    wd = dequantize_4bit(packed, args, (N, K), bs, "nf4", torch.float32, nest)
     b = torch.randn(N, device=device)
     for M in (1, 17):
         x = _x(M, K, torch.float32, device)
-        out = nf4_matmul(x, _pack(codes), args, table, N, K, bs, bias=b, nested=nest, path=path)
+        out = nf4_matmul(x, packed, args, table, N, K, bs, bias=b, nested=kernel_nest, path=path)
         assert_close(out, x.double() @ wd.double().t() + b.double(), x @ wd.t() + b, torch.float32,
                      f"M={M} {path}")
 
