@@ -1,120 +1,234 @@
-"""The 4-bit base product of QLoRA, reading bitsandbytes' packed weights directly:
+"""QLoRA's 4-bit base products, reading bitsandbytes' packed weights directly:
 
-    out[M, N] = x[M, K] · dequant(Wq)[N, K]ᵀ + bias [+ s·(l[M, R] · r[N, R]ᵀ), tiled path]
+    nf4_matmul     out[M, N] = x[M, K] · W[N, K]ᵀ + bias [+ s·(l[M, R] · r[N, R]ᵀ)]          (forward)
+    nf4_matmul_t   out[M, K] = dy[M, N] · W[N, K] [+ s·(l[M, R] · r[K, R]ᵀ) ⊙ keep/(1-p)]     (dX)
+    nf4_dequantize W (N, K) in a float dtype, for the routes that hand a dense W to cuBLAS
 
-so no dequantized copy of W is ever written. The format is bitsandbytes' ``quantize_4bit`` (NF4 or
-FP4): W (N out x K in) flattened row-major; two 4-bit codes per uint8, the first element in the high
-nibble (byte j holds elements 2j and 2j+1); one fp32 absmax per ``blocksize`` consecutive elements
-of the flattened W; W[n, k] = code_table[code]·absmax[(n·K + k) // blocksize], the 16-entry table
-(NF4 or FP4) passed as a tensor. With double quantization ("nested", ``compress_statistics=True``)
-the absmax itself is a uint8 code: absmax[b] = code2[q[b]]·absmax2[b // blocksize2] + offset, rebuilt
-inside the kernel where it is read (``_block_absmax``). K must be a multiple of ``blocksize``, so a
-quantization block lies inside one row of W (and K is even, so a byte never straddles two rows).
+with W = dequant(Wq); no dequantized copy of W is written by the two products. The format
+(``Packed4bit``) is bitsandbytes' ``quantize_4bit`` (NF4 or FP4): W flattened row-major; two 4-bit
+codes per uint8, the first element in the high nibble (byte j holds elements 2j and 2j+1); one fp32
+absmax per ``blocksize`` consecutive elements of the flattened W; W.flat[i] = code[c_i]·absmax[i //
+blocksize], ``code`` the 16-entry table. With double quantization (``nested``) the absmax is a uint8
+code: absmax[b] = code2[q[b]]·absmax2[b // blocksize2] + offset, rebuilt where it is read
+(``_block_scale``). K must be even (a byte never straddles two rows of W); quantization blocks may
+straddle rows (K not a multiple of blocksize), at the cost of a scale read per byte.
+
+The table lookup (``LUT``, a constexpr, measured in docs/performance.md): 2 reads one int64 per byte
+from a 256-entry table of value pairs (``pair_table``: both elements' fp32 values, exact), 1 reads the
+16-entry table per element, 0 gathers it from registers (tl.gather).
 
 * decode path (M <= GEMV_MAX_M): ``_nf4_gemv_kernel``; program (pid_n, pid_k) streams BLOCK_N rows of
-  the packed W over every SPLIT_K-th K block of BLOCK_K columns (BLOCK_K/2 bytes a row, each byte read
-  once, consecutive in memory), unpacks, looks the table up (in registers, tl.gather), scales by
-  absmax and multiplies in fp32 with all M rows of x, which fit in registers; split-K sums go by
-  fp32 atomics into a zeroed output, cast to the output dtype after.
-
-Both paths dequantize in ``_dequant_tile``; BLOCK_K is at most the blocksize, so each row of a tile
-takes one absmax (read, or rebuilt, once per row and K step).
-* tiled path: ``_nf4_tiled_kernel``; a grouped-order matmul whose K loop dequantizes the
-  (BLOCK_N x BLOCK_K) tile of W to the compute dtype and tl.dot's it with x's tile; its epilogue is
-  linear.py's ``_lora_epilogue`` (bias, and the LoRA term when ``lora`` is given).
-
-Nothing is saved for backward (the autograd side is not wired yet).
+  the packed W over every SPLIT_K-th K block of BLOCK_K columns, unpacks each byte's two elements
+  into the even and odd columns (no interleave: x's even and odd columns are read separately), scales
+  by absmax, and multiplies with all M rows of x in fp32 (broadcast multiply-add for a few rows,
+  tl.dot from 16). The LoRA term and bias are added by the pid_k == 0 programs; with SPLIT_K > 1 the
+  partial sums go by fp32 atomics into a zeroed fp32 output, cast after.
+* tiled path: ``_nf4_tiled_kernel``; a grouped-order matmul whose K loop dequantizes W's (BLOCK_N x
+  BLOCK_K) tile as its even and odd columns and tl.dot's each with x's matching columns, in x's dtype;
+  the epilogue is linear.py's ``_lora_epilogue`` (bias, LoRA term).
+* transposed (dX): ``_nf4_tiled_t_kernel``; the K loop runs over W's rows (N), the output columns are
+  W's columns, dequantized as [BLOCK_K, BLOCK_N] tiles in order; the epilogue takes the dropout mask
+  of the LoRA term, as lora_linear's dX does.
 """
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .common import block_r, dot, dot_mode, expand_mode, fp32_precision, num_sms
-from .configs import nf4_gemv_config, nf4_tiled_config
+from .configs import nf4_dequant_config, nf4_gemv_config, nf4_tiled_config
 from .launch import Plan, cached, cdiv
 from .linear import _grouped_tile, _lora_epilogue
 
 GEMV_MAX_M = 64  # rows up to which nf4_matmul takes the decode path (path="auto")
+LUT_PAIRS, LUT_LOAD, LUT_GATHER = 2, 1, 0
 
 
+class Packed4bit(NamedTuple):
+    """One 4-bit weight W (N x K) as the kernels read it (bitsandbytes' QuantState, field for field).
+
+    packed: N·K/2 uint8 bytes, contiguous; absmax: (N·K/blocksize rounded up,) fp32, or uint8 codes
+    with ``nested`` = (code2 (256,) fp32, absmax2 fp32, blocksize2, offset: a 1-element fp32 tensor);
+    code: the 16 fp32 table values; pairs: ``pair_table(code)``."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    pairs: torch.Tensor
+    N: int
+    K: int
+    blocksize: int
+    nested: Optional[tuple] = None
+
+
+def pair_table(code: torch.Tensor) -> torch.Tensor:
+    """(256,) int64: for byte b, the fp32 bits of code[b >> 4] (the first element) in the low 32 bits
+    and of code[b & 15] in the high 32 bits: one read gives both values of a byte, exactly."""
+    bits = code.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = torch.arange(256, device=code.device)
+    return bits[b >> 4] | (bits[b & 15] << 32)
+
+
+def packed_4bit(packed, absmax, code, N: int, K: int, blocksize: int, nested=None) -> Packed4bit:
+    """A ``Packed4bit`` from bitsandbytes' tensors (``nested``: (code2, absmax2, blocksize2, offset),
+    the offset a float or a tensor); checks the shapes and dtypes, naming what is wrong."""
+    packed = packed.reshape(-1)
+    if packed.dtype != torch.uint8:
+        packed = packed.view(torch.uint8)
+    if K % 2 or N * K != 2 * packed.numel() or not packed.is_contiguous():
+        raise ValueError(f"4-bit weight: packed must be N*K/2 = {N * K // 2} contiguous bytes with K even, got "
+                         f"{packed.numel()} bytes for N={N}, K={K}")
+    if blocksize < 32 or blocksize & (blocksize - 1) or blocksize > 4096:
+        raise ValueError(f"4-bit weight: blocksize must be a power of two in 32..4096, got {blocksize}")
+    blocks = cdiv(N * K, blocksize)
+    want = torch.uint8 if nested is not None else torch.float32
+    if absmax.dtype != want or absmax.numel() != blocks or not absmax.is_contiguous():
+        raise ValueError(f"4-bit weight: absmax must be {blocks} contiguous {want} values "
+                         f"({'nested' if nested is not None else 'not nested'}), got {absmax.numel()} {absmax.dtype}")
+    if code.numel() != 16 or code.dtype != torch.float32:
+        raise ValueError(f"4-bit weight: the code table must be 16 fp32 values, got {code.numel()} {code.dtype}")
+    if nested is not None:
+        code2, absmax2, blocksize2, offset = nested
+        if (code2.numel() != 256 or code2.dtype != torch.float32 or absmax2.dtype != torch.float32
+                or absmax2.numel() != cdiv(blocks, blocksize2)):
+            raise ValueError(f"4-bit weight: nested must be (code2 256 fp32, absmax2 {cdiv(blocks, blocksize2)} fp32, "
+                             f"blocksize2, offset), got code2 {code2.numel()} {code2.dtype}, absmax2 "
+                             f"{absmax2.numel()} {absmax2.dtype}")
+        if not isinstance(offset, torch.Tensor):
+            offset = torch.tensor([float(offset)], dtype=torch.float32, device=absmax.device)
+        nested = (code2, absmax2, int(blocksize2), offset.reshape(1).to(torch.float32))
+    return Packed4bit(packed, absmax.reshape(-1), code, pair_table(code), N, K, blocksize, nested)
+
+
+# --- dequantizing in registers -----------------------------------------------------------------
 @triton.jit
-def _block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, blk, mask, offset, BLOCKSIZE2: tl.constexpr,
-                  NESTED: tl.constexpr):
+def _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, mask, BLOCKSIZE2: tl.constexpr,
+                 NESTED: tl.constexpr):
     """absmax of quantization blocks ``blk`` (any shape, int64) in fp32: read directly, or (NESTED)
     rebuilt from the double-quantized statistics, code2[q[blk]]·absmax2[blk // BLOCKSIZE2] + offset."""
     if NESTED:
         q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q, mask=mask, other=0.0) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask,
-                                                                          other=0.0) + offset
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0) \
+            + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0).to(tl.float32)
     return scale
 
 
 @triton.jit
-def _dequant_tile(w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, rn, n_ok, k0, K, offset,
-                  BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W[rn, k0 : k0 + BLOCK_K] dequantized, [BLOCK_N, BLOCK_K] fp32 (zero outside N and K).
+def _dequant_pairs(w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, row_ok, c0, K,
+                   BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                   ALIGNED: tl.constexpr, LUT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """W[rows, c0 : c0 + COLS] dequantized as (even columns, odd columns), each [ROWS, COLS // 2] fp32
+    (zero outside the rows and K); c0 even, a multiple of COLS.
 
-    Reads BLOCK_K/2 consecutive bytes of each of the rows (row n starts at byte n·K/2; k0 is even),
-    splits each byte into its high nibble (element 2j) and low nibble (element 2j+1), interleaves
-    them back in order, looks the 16-entry table up in registers (tl.gather: no per-element
-    address) and scales each row by its one block absmax (BLOCK_K <= BLOCKSIZE, both powers of two,
-    k0 a multiple of BLOCK_K: the tile's columns lie in one quantization block of each row)."""
-    tl.static_assert(BLOCK_K <= BLOCKSIZE)
-    HALF: tl.constexpr = BLOCK_K // 2
-    rb = k0 // 2 + tl.arange(0, HALF)  # byte columns of the row
-    rows = rn.to(tl.int64)
-    packed = tl.load(w_ptr + rows[:, None] * (K // 2) + rb[None, :], mask=n_ok[:, None] & (rb[None, :] < K // 2),
-                     other=0).to(tl.int32)
-    codes = tl.reshape(tl.join(packed >> 4, packed & 0xF), (BLOCK_N * BLOCK_K,))  # element 2j, then 2j+1
-    table = tl.load(code_ptr + tl.arange(0, 16))
-    values = tl.reshape(tl.gather(table, codes, 0), (BLOCK_N, BLOCK_K))  # masked bytes: code 0, scale 0
-    # K % BLOCKSIZE == 0: row n's block at column k0 is n·(K / BLOCKSIZE) + k0 // BLOCKSIZE
-    scale = _block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, rows * (K // BLOCKSIZE) + k0 // BLOCKSIZE,
-                          n_ok, offset, BLOCKSIZE2, NESTED)
-    return values * scale[:, None]
+    Reads COLS/2 consecutive bytes of each row (row n starts at byte n·K/2). ALIGNED (K % BLOCKSIZE
+    == 0, COLS <= BLOCKSIZE, both powers of two): the tile's columns of a row lie in one quantization
+    block, whose scale is read once per row; otherwise each byte's block is computed and read."""
+    HALF: tl.constexpr = COLS // 2
+    rb = c0 // 2 + tl.arange(0, HALF)  # byte columns
+    r64 = rows.to(tl.int64)
+    ok = row_ok[:, None] & (rb[None, :] < K // 2)
+    byte = tl.load(w_ptr + r64[:, None] * (K // 2) + rb[None, :], mask=ok, other=0).to(tl.int32)
+    if LUT == 2:  # one read per byte: both values
+        pair = tl.load(pair_ptr + byte)
+        even = pair.to(tl.int32).to(tl.float32, bitcast=True)
+        odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    elif LUT == 1:
+        even = tl.load(code_ptr + (byte >> 4))
+        odd = tl.load(code_ptr + (byte & 0xF))
+    else:
+        table = tl.load(code_ptr + tl.arange(0, 16))
+        even = tl.reshape(tl.gather(table, tl.reshape(byte >> 4, (ROWS * HALF,)), 0), (ROWS, HALF))
+        odd = tl.reshape(tl.gather(table, tl.reshape(byte & 0xF, (ROWS * HALF,)), 0), (ROWS, HALF))
+    if ALIGNED:
+        scale = _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+                             r64 * (K // BLOCKSIZE) + c0 // BLOCKSIZE, row_ok, BLOCKSIZE2, NESTED)[:, None]
+    else:  # a byte's two elements share a block (BLOCKSIZE even)
+        blk = (r64[:, None] * K + 2 * rb[None, :]) // BLOCKSIZE
+        scale = _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, ok, BLOCKSIZE2, NESTED)
+    return even * scale, odd * scale
 
 
 @triton.jit
+def _dequant_tile(w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, row_ok, c0, K,
+                  BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                  ALIGNED: tl.constexpr, LUT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """W[rows, c0 : c0 + COLS] dequantized, [ROWS, COLS] fp32 in column order (``_dequant_pairs``
+    interleaved back)."""
+    even, odd = _dequant_pairs(w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows,
+                               row_ok, c0, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, LUT, ROWS, COLS)
+    return tl.reshape(tl.join(even, odd), (ROWS, COLS))
+
+
+@triton.jit
+def _small_lora(acc, rm, rn, m_ok, n_ok, l_ptr, r_ptr, bias_ptr, R, stride_lm, stride_lr, stride_rn, stride_rr,
+                scaling, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc + s·(l·rᵀ) + bias for a few rows (acc [BLOCK_M < 16, BLOCK_N]): broadcast multiply-adds
+    in fp32 over R in chunks of BLOCK_R, where tl.dot would need 16 rows."""
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        l = tl.load(l_ptr + rm[:, None].to(tl.int64) * stride_lm + rr[None, :] * stride_lr,
+                    mask=m_ok[:, None] & (rr[None, :] < R), other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + rn[:, None].to(tl.int64) * stride_rn + rr[None, :] * stride_rr,
+                    mask=n_ok[:, None] & (rr[None, :] < R), other=0.0).to(tl.float32)
+        acc += tl.sum((l * scaling)[:, None, :] * r[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+# --- the kernels --------------------------------------------------------------------------------
+@triton.jit
 def _nf4_gemv_kernel(
-    x_ptr, w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, bias_ptr, out_ptr,
-    M, N, K,
-    stride_xm, stride_xk, stride_om, stride_on,
-    offset,
-    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, l_ptr, r_ptr,
+    out_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on,
+    scaling,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr,
+    LUT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, MODE: tl.constexpr,
+    EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out[M, N] = x[M, K]·dequant(W)[N, K]ᵀ + bias for M <= BLOCK_M, any x strides; program
-    (pid_n, pid_k) takes W rows pid_n·BLOCK_N .. and every SPLIT_K-th BLOCK_K block of K. The product
-    is a broadcast multiply-add in fp32 for a few rows (USE_DOT off), else tl.dot (MODE). With
-    SPLIT_K > 1 the partial sums are added by fp32 atomics into a zeroed fp32 out, the bias by the
-    pid_k == 0 programs."""
+    """out[M, N] = x[M, K]·W[N, K]ᵀ + bias + s·(l·rᵀ) for M <= BLOCK_M, any x, l, r strides (R = 0: no
+    LoRA term); program (pid_n, pid_k) takes W rows pid_n·BLOCK_N .. and every SPLIT_K-th BLOCK_K
+    block of K. SPLIT_K > 1: fp32 atomics into a zeroed fp32 out; LoRA and bias from pid_k == 0."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    HALF: tl.constexpr = BLOCK_K // 2
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    rk = tl.arange(0, BLOCK_K)
+    rj = 2 * tl.arange(0, HALF)
     x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        w = _dequant_tile(w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, rn, n_ok, k0, K, offset,
-                          BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K)
-        ks = k0 + rk
-        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=m_ok[:, None] & (ks[None, :] < K), other=0.0)
+        even, odd = _dequant_pairs(w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn,
+                                   n_ok, k0, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, LUT, BLOCK_N, BLOCK_K)
+        ks = k0 + rj
+        x_ok = m_ok[:, None] & (ks[None, :] < K)
+        xe = tl.load(x_rows + ks[None, :] * stride_xk, mask=x_ok, other=0.0)
+        xo = tl.load(x_rows + (ks[None, :] + 1) * stride_xk, mask=x_ok, other=0.0)
         if USE_DOT:
-            acc = dot(x, tl.trans(w), acc, MODE, PRECISION)
-        else:  # a few rows: [BLOCK_M, 1, BLOCK_K] x [1, BLOCK_N, BLOCK_K], summed over K, in fp32
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc = dot(xe, tl.trans(even), acc, MODE, PRECISION)
+            acc = dot(xo, tl.trans(odd), acc, MODE, PRECISION)
+        else:  # a few rows: [BLOCK_M, 1, HALF] x [1, BLOCK_N, HALF], summed over K, in fp32
+            acc += tl.sum(xe.to(tl.float32)[:, None, :] * even[None, :, :]
+                          + xo.to(tl.float32)[:, None, :] * odd[None, :, :], axis=2)
+    if pid_k == 0:
+        if USE_DOT:
+            acc = _lora_epilogue(acc, rm, rn, m_ok, n_ok, pid_n * BLOCK_N, l_ptr, r_ptr, bias_ptr, l_ptr, 0, R,
+                                 stride_lm, stride_lr, stride_rn, stride_rr, 0, False, scaling, 0, 1.0,
+                                 HAS_BIAS, False, 1, EXPAND_MODE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+        else:
+            acc = _small_lora(acc, rm, rn, m_ok, n_ok, l_ptr, r_ptr, bias_ptr, R, stride_lm, stride_lr, stride_rn,
+                              stride_rr, scaling, HAS_BIAS, BLOCK_R)
     out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
     omask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
@@ -125,33 +239,38 @@ def _nf4_gemv_kernel(
 
 @triton.jit
 def _nf4_tiled_kernel(
-    x_ptr, w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, bias_ptr, l_ptr, r_ptr, out_ptr,
+    x_ptr, w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, l_ptr, r_ptr,
+    out_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on,
-    offset, scaling,
-    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    MODE: tl.constexpr, EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
+    scaling,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr,
+    LUT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr, EXPAND_MODE: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """out[M, N] = x[M, K]·dequant(W)[N, K]ᵀ + bias + s·(l[M, R]·r[N, R]ᵀ) (R = 0: no LoRA term), any
-    x, l, r strides; one program per BLOCK_M x BLOCK_N output tile in grouped order. Each K step
-    dequantizes W's [BLOCK_N, BLOCK_K] tile (``_dequant_tile``) and tl.dot's it with x's tile in x's
-    dtype (MODE); the epilogue is lora_linear's (``_lora_epilogue``, no dropout)."""
+    """out[M, N] = x[M, K]·W[N, K]ᵀ + bias + s·(l[M, R]·r[N, R]ᵀ) (R = 0: no LoRA term), any x, l, r
+    strides; one program per BLOCK_M x BLOCK_N output tile in grouped order; each K step dequantizes
+    W's tile as its even and odd columns, each tl.dot'ed in x's dtype with x's matching columns."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    HALF: tl.constexpr = BLOCK_K // 2
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    rk = tl.arange(0, BLOCK_K)
+    rj = 2 * tl.arange(0, HALF)
     x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + rk
-        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=m_ok[:, None] & (ks[None, :] < K), other=0.0)
-        w = _dequant_tile(w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, rn, n_ok, k0, K, offset,
-                          BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K)
-        acc = dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, MODE, PRECISION)
+        ks = k0 + rj
+        x_ok = m_ok[:, None] & (ks[None, :] < K)
+        xe = tl.load(x_rows + ks[None, :] * stride_xk, mask=x_ok, other=0.0)
+        xo = tl.load(x_rows + (ks[None, :] + 1) * stride_xk, mask=x_ok, other=0.0)
+        even, odd = _dequant_pairs(w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn,
+                                   n_ok, k0, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, LUT, BLOCK_N, BLOCK_K)
+        acc = dot(xe, tl.trans(even.to(x_ptr.dtype.element_ty)), acc, MODE, PRECISION)
+        acc = dot(xo, tl.trans(odd.to(x_ptr.dtype.element_ty)), acc, MODE, PRECISION)
     acc = _lora_epilogue(acc, rm, rn, m_ok, n_ok, pid_n * BLOCK_N, l_ptr, r_ptr, bias_ptr, l_ptr, 0, R,
                          stride_lm, stride_lr, stride_rn, stride_rr, 0, False, scaling, 0, 1.0,
                          HAS_BIAS, False, 1, EXPAND_MODE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
@@ -159,119 +278,237 @@ def _nf4_tiled_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code_table: torch.Tensor, N: int,
-               K: int, blocksize: int, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-               nested: tuple | None = None, lora: tuple | None = None, path: str = "auto") -> torch.Tensor:
-    """out = x·dequant(Wq)ᵀ + bias [+ s·(l·rᵀ)]: x (M, K) any strides -> (M, N) in ``out_dtype`` (x's).
+@triton.jit
+def _nf4_tiled_t_kernel(
+    x_ptr, w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, seed_ptr, l_ptr, r_ptr,
+    out_ptr,
+    M, N, K, R,
+    stride_xm, stride_xn, stride_lm, stride_lr, stride_rk, stride_rr, stride_om, stride_ok,
+    scaling, threshold, drop_scale,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr,
+    LUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, MODE: tl.constexpr, EXPAND_MODE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out[M, K] = x[M, N]·W[N, K] + s·(l[M, R]·r[K, R]ᵀ) [⊙ keep·scale of the mask of out's
+    elements], any x, l, r strides: the dX of the forward. Output tiles BLOCK_M x BLOCK_N over (M,
+    K) in grouped order; the loop runs over N in steps of BLOCK_K, dequantizing W[n .., k ..] as a
+    [BLOCK_K, BLOCK_N] tile in column order (``_dequant_tile``)."""
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    k_ok = rk < K
+    rn = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    seed = tl.load(seed_ptr) if OUT_DROPOUT else 0
+    for n0 in range(0, N, BLOCK_K):
+        ns = n0 + rn
+        n_ok = ns < N
+        x = tl.load(x_rows + ns[None, :] * stride_xn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        w = _dequant_tile(w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, ns, n_ok,
+                          pid_k * BLOCK_N, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, LUT, BLOCK_K, BLOCK_N)
+        acc = dot(x, w.to(x_ptr.dtype.element_ty), acc, MODE, PRECISION)
+    acc = _lora_epilogue(acc, rm, rk, m_ok, k_ok, pid_k * BLOCK_N, l_ptr, r_ptr, l_ptr, l_ptr, seed, R,
+                         stride_lm, stride_lr, stride_rk, stride_rr, 0, False, scaling, threshold, drop_scale,
+                         False, OUT_DROPOUT, 1, EXPAND_MODE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+    out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rk[None, :] * stride_ok
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
-    packed: the N·K/2 uint8 bytes of bitsandbytes' quantize_4bit (any shape, contiguous);
-    absmax: (N·K/blocksize,) fp32, or its uint8 codes with ``nested`` = (code2 (256,) fp32, absmax2
-    fp32, blocksize2, offset float): bitsandbytes' QuantState.state2 and offset; code_table: the 16
-    values (QuantState.code); bias (N,) or None; lora = (l (M, R), r (N, R), scaling) adds the LoRA
-    term in the tiled path's epilogue. ``path``: "auto" (decode path up to GEMV_MAX_M rows without
-    lora, else tiled), "gemv" or "tiled"."""
-    key = (nf4_matmul, x.shape, x.stride(), x.dtype, packed.numel(), absmax.shape, absmax.dtype, code_table.shape,
-           N, K, blocksize, None if bias is None else (bias.shape, bias.dtype), out_dtype,
-           None if nested is None else (nested[0].shape, nested[1].shape, nested[2], float(nested[3])),
-           None if lora is None else (lora[0].shape, lora[0].stride(), lora[0].dtype, lora[1].shape,
-                                      lora[1].stride(), lora[1].dtype, float(lora[2])),
-           path, fp32_precision(), x.device)
-    return cached(key, _nf4_plan, x, packed, absmax, code_table, N, K, blocksize, bias, out_dtype, nested, lora,
-                  path)(x, packed, absmax, code_table, bias, nested, lora)
+
+@triton.jit
+def _nf4_dequant_kernel(
+    w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr,
+    N, K, stride_on, stride_ok,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr,
+    LUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[N, K] = W in out's dtype, one BLOCK_N x BLOCK_K tile per program (even and odd columns
+    stored separately: every byte written, no interleave in registers)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    n_ok = rn < N
+    even, odd = _dequant_pairs(w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn, n_ok,
+                               k0, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, LUT, BLOCK_N, BLOCK_K)
+    ks = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+    ptrs = out_ptr + rn[:, None].to(tl.int64) * stride_on + ks[None, :] * stride_ok
+    mask = n_ok[:, None] & (ks[None, :] < K)
+    tl.store(ptrs, even.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(ptrs + stride_ok, odd.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _nf4_gemv_grid(M: int, N: int, K: int, BLOCK_N: int, BLOCK_K: int, sms: int) -> int:
-    """split_k of the decode path: enough programs for two per multiprocessor where N alone leaves
-    them idle, at most one K block each."""
-    return max(1, min(cdiv(2 * sms, cdiv(N, BLOCK_N)), cdiv(K, BLOCK_K)))
+# --- launchers ----------------------------------------------------------------------------------
+def _weight_key(w: Packed4bit) -> tuple:
+    return (w.N, w.K, w.blocksize, w.absmax.dtype, None if w.nested is None else (w.nested[1].numel(), w.nested[2]))
 
 
-def _nf4_plan(x, packed, absmax, code_table, N, K, blocksize, bias, out_dtype, nested, lora, path):
+def _weight_tensors(w: Packed4bit) -> tuple:
+    """The pointer arguments every kernel takes for W (unused ones point at absmax)."""
+    code2, absmax2, _, offset = w.nested if w.nested is not None else (w.absmax, w.absmax, 1, w.absmax)
+    return (w.packed, w.pairs, w.code, w.absmax, code2, absmax2, offset)
+
+
+def _weight_meta(w: Packed4bit, cols: int) -> dict:
+    """The constexprs that describe W to a kernel whose tiles span ``cols`` columns of W."""
+    aligned = w.K % w.blocksize == 0 and cols <= w.blocksize
+    lut = tuning.pinned(tuning.NF4_LUT)
+    return dict(BLOCKSIZE=w.blocksize, BLOCKSIZE2=1 if w.nested is None else w.nested[2], NESTED=w.nested is not None,
+                ALIGNED=aligned, LUT=LUT_PAIRS if lut is None else lut)
+
+
+def _lora_parts(lora, M: int, rows: int):
+    """(l, r, scaling, R, strides) of a ``lora`` = (l (M, R), r (rows, R), scaling) or None (R = 0)."""
+    if lora is None:
+        return None, None, 0.0, 0, (0, 0, 0, 0)
+    l, r, scaling = lora
+    if l.dim() != 2 or r.dim() != 2 or l.shape[0] != M or r.shape[0] != rows or l.shape[1] != r.shape[1]:
+        raise ValueError(f"nf4 kernels: lora must be (l (M={M}, R), r ({rows}, R), scaling), got l "
+                         f"{tuple(l.shape)}, r {tuple(r.shape)}")
+    return l, r, float(scaling), l.shape[1], (*l.stride(), *r.stride())
+
+
+def _lora_key(lora) -> tuple | None:
+    if lora is None:
+        return None
+    l, r, scaling = lora
+    return (l.shape, l.stride(), l.dtype, r.shape, r.stride(), r.dtype, float(scaling))
+
+
+def nf4_matmul(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None = None, lora: tuple | None = None,
+               out_dtype: torch.dtype | None = None, path: str = "auto") -> torch.Tensor:
+    """out = x·Wᵀ + bias [+ s·(l·rᵀ)]: x (M, K) any strides -> (M, N) in ``out_dtype`` (x's).
+
+    bias (N,) or None; lora = (l (M, R), r (N, R), scaling) adds the LoRA term in the epilogue.
+    ``path``: "auto" (decode path up to GEMV_MAX_M rows, else tiled), "gemv" or "tiled"."""
+    key = (nf4_matmul, x.shape, x.stride(), x.dtype, _weight_key(w), None if bias is None else (bias.shape, bias.dtype),
+           _lora_key(lora), out_dtype, path, fp32_precision(), x.device)
+    return cached(key, _nf4_plan, x, w, bias, lora, out_dtype, path)(x, w, bias, lora)
+
+
+def _check_x(x, rows: int, what: str) -> int:
+    if x.dim() != 2 or x.shape[1] != rows:
+        raise ValueError(f"{what}: x must be (M, {rows}), got {tuple(x.shape)}")
+    return x.shape[0]
+
+
+def _nf4_plan(x, w: Packed4bit, bias, lora, out_dtype, path):
     """nf4_matmul's work for one shape key: the checks, the path, the tiles, the grid, once."""
-    if x.dim() != 2 or x.shape[1] != K:
-        raise ValueError(f"nf4_matmul: x must be (M, K={K}), got {tuple(x.shape)}")
-    M = x.shape[0]
-    if blocksize < 32 or blocksize & (blocksize - 1):
-        raise ValueError(f"nf4_matmul: blocksize must be a power of two >= 32, got {blocksize}")
-    if K % blocksize:
-        raise NotImplementedError(f"nf4_matmul: K={K} is not a multiple of blocksize={blocksize} (a quantization "
-                                  f"block across two rows of W is not supported yet)")
-    if packed.dtype != torch.uint8 or packed.numel() * 2 != N * K or not packed.is_contiguous():
-        raise ValueError(f"nf4_matmul: packed must be N*K/2 = {N * K // 2} contiguous uint8 bytes, got "
-                         f"{packed.numel()} {packed.dtype}")
-    blocks = N * K // blocksize
-    want = torch.uint8 if nested is not None else torch.float32
-    if absmax.dtype != want or absmax.numel() != blocks or not absmax.is_contiguous():
-        raise ValueError(f"nf4_matmul: absmax must be {blocks} contiguous {want} values "
-                         f"({'nested' if nested is not None else 'not nested'}), got {absmax.numel()} {absmax.dtype}")
-    if code_table.numel() != 16 or code_table.dtype != torch.float32:
-        raise ValueError(f"nf4_matmul: code_table must be 16 fp32 values, got {code_table.numel()} {code_table.dtype}")
-    blocksize2, offset = 1, 0.0
-    if nested is not None:
-        code2, absmax2, blocksize2, offset = nested
-        if (code2.numel() != 256 or code2.dtype != torch.float32 or absmax2.dtype != torch.float32
-                or absmax2.numel() != cdiv(blocks, blocksize2)):
-            raise ValueError(f"nf4_matmul: nested must be (code2 256 fp32, absmax2 {cdiv(blocks, blocksize2)} fp32, "
-                             f"blocksize2, offset), got code2 {code2.numel()} {code2.dtype}, absmax2 "
-                             f"{absmax2.numel()} {absmax2.dtype}")
+    N, K = w.N, w.K
+    M = _check_x(x, K, "nf4_matmul")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         raise ValueError(f"nf4_matmul: bias must be ({N},), got {tuple(bias.shape)}")
     if path not in ("auto", "gemv", "tiled"):
         raise ValueError(f"nf4_matmul: path must be auto, gemv or tiled, got {path!r}")
-    if lora is not None:
-        l, r, scaling = lora
-        if l.dim() != 2 or r.dim() != 2 or l.shape[0] != M or r.shape[0] != N or l.shape[1] != r.shape[1]:
-            raise ValueError(f"nf4_matmul: lora must be (l (M={M}, R), r (N={N}, R), scaling), got l "
-                             f"{tuple(l.shape)}, r {tuple(r.shape)}")
-        if path == "gemv":
-            raise NotImplementedError("nf4_matmul: the LoRA epilogue is on the tiled path only")
-    gemv = path == "gemv" or (path == "auto" and lora is None and M <= GEMV_MAX_M)
+    _, _, scaling, R, lora_strides = _lora_parts(lora, M, N)
+    gemv = path == "gemv" or (path == "auto" and M <= GEMV_MAX_M)
     if gemv and M > GEMV_MAX_M:
         raise ValueError(f"nf4_matmul: the gemv path takes up to {GEMV_MAX_M} rows, got M={M}")
     out_dtype = out_dtype or x.dtype
     device = x.device
-    mode = dot_mode(x.dtype, x.dtype)
-    common = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested is not None, HAS_BIAS=bias is not None,
-                  MODE=mode, PRECISION=fp32_precision())
+    scalars = (M, N, K, R, *x.stride(), *lora_strides, N, 1, scaling)
+    common = dict(HAS_BIAS=bias is not None, MODE=dot_mode(x.dtype, x.dtype), EXPAND_MODE=expand_mode(out_dtype),
+                  PRECISION=fp32_precision(), BLOCK_R=block_r(max(R, 1), 64))
     if gemv:
-        BN, BK, warps, stages = nf4_gemv_config(M, device)
-        BK = min(BK, blocksize, max(16, triton.next_power_of_2(K)))  # a tile's columns in one block
+        BN, BK, split_k, warps, stages = tuning.pinned(tuning.NF4_GEMV) or nf4_gemv_config(M, device)
+        BK = min(BK, max(16, triton.next_power_of_2(K)))
         BM = max(1, triton.next_power_of_2(M))
         use_dot = BM >= 16
-        BM = max(BM, 16) if use_dot else BM
-        split_k = _nf4_gemv_grid(M, N, K, BN, BK, num_sms(device))
-        plan = Plan(_nf4_gemv_kernel, (cdiv(N, BN), split_k), (M, N, K, *x.stride(), N, 1, float(offset)),
-                    SPLIT_K=split_k, USE_DOT=use_dot, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-                    num_warps=warps, num_stages=stages, **common)
-        alloc_dtype = torch.float32 if split_k > 1 else out_dtype
-
-        def run(x, packed, absmax, code_table, bias, nested, lora):
-            out = (torch.zeros if split_k > 1 else torch.empty)((M, N), dtype=alloc_dtype, device=device)
-            if M and N:
-                c2, a2 = (nested[0], nested[1]) if nested is not None else (absmax, absmax)
-                plan.run((x, packed, absmax, code_table, c2, a2, absmax if bias is None else bias, out))
-            return out if alloc_dtype == out_dtype else out.to(out_dtype)
-
-        return run
-
-    BM, BN, BK, GM, warps, stages = nf4_tiled_config(M, device)
-    BK = min(BK, blocksize, max(16, triton.next_power_of_2(K)))  # a tile's columns in one block
-    if lora is not None:
-        l, r, scaling = lora
-        R, lora_strides = l.shape[1], (*l.stride(), *r.stride())
+        split_k = _gemv_split(N, K, BN, BK, split_k, num_sms(device))
+        if not use_dot:
+            common["BLOCK_R"] = 16
+        plan = Plan(_nf4_gemv_kernel, (cdiv(N, BN), split_k), scalars, SPLIT_K=split_k, USE_DOT=use_dot,
+                    BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages,
+                    **_weight_meta(w, BK), **common)
+        atomic = split_k > 1
     else:
-        R, lora_strides, scaling = 0, (0, 0, 0, 0), 0.0
-    plan = Plan(_nf4_tiled_kernel, (cdiv(M, BM) * cdiv(N, BN),),
-                (M, N, K, R, *x.stride(), *lora_strides, N, 1, float(offset), float(scaling)),
-                EXPAND_MODE=expand_mode(out_dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=block_r(max(R, 1), 64),
-                GROUP_M=GM, num_warps=warps, num_stages=stages, **common)
+        BM, BN, BK, GM, warps, stages = tuning.pinned(tuning.NF4_TILED) or nf4_tiled_config(M, device)
+        BK = min(BK, max(16, triton.next_power_of_2(K)))
+        plan = Plan(_nf4_tiled_kernel, (cdiv(M, BM) * cdiv(N, BN),), scalars, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+                    GROUP_M=GM, num_warps=warps, num_stages=stages, **_weight_meta(w, BK), **common)
+        atomic = False
 
-    def run(x, packed, absmax, code_table, bias, nested, lora):
-        out = torch.empty((M, N), dtype=out_dtype, device=device)
+    def run(x, w, bias, lora):
+        # split-K sums go by fp32 atomics into a zeroed fp32 output
+        out = torch.zeros((M, N), dtype=torch.float32, device=device) if atomic else \
+            torch.empty((M, N), dtype=out_dtype, device=device)
         if M and N:
-            c2, a2 = (nested[0], nested[1]) if nested is not None else (absmax, absmax)
-            l, r = (lora[0], lora[1]) if lora is not None else (code_table, code_table)
-            plan.run((x, packed, absmax, code_table, c2, a2, absmax if bias is None else bias, l, r, out))
+            l, r = (lora[0], lora[1]) if lora is not None else (w.absmax, w.absmax)
+            plan.run((x, *_weight_tensors(w), w.absmax if bias is None else bias, l, r, out))
+        return out.to(out_dtype) if atomic else out
+
+    return run
+
+
+def _gemv_split(N: int, K: int, BN: int, BK: int, split_k: int, sms: int) -> int:
+    """The decode path's split-K: ``split_k`` from the config (0: the rule), at most one K block each.
+    The rule: none where the N blocks alone give every multiprocessor a program, else enough splits
+    for two programs per multiprocessor."""
+    blocks = cdiv(N, BN)
+    if split_k <= 0:
+        split_k = 1 if blocks >= sms else cdiv(2 * sms, blocks)
+    return max(1, min(split_k, cdiv(K, BK)))
+
+
+def nf4_matmul_t(dy: torch.Tensor, w: Packed4bit, lora: tuple | None = None, seed: torch.Tensor | None = None,
+                 threshold: int = 0, drop_scale: float = 1.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out = dy·W [+ s·(l·rᵀ) ⊙ keep·scale]: dy (M, N) any strides -> (M, K) in ``out_dtype`` (dy's).
+
+    lora = (l (M, R), r (K, R), scaling): dX's LoRA term (l = dY·B, r = Aᵀ); with ``seed`` the
+    dropout mask of the (M, K) output applies to that term (lora_linear's mask_output)."""
+    key = (nf4_matmul_t, dy.shape, dy.stride(), dy.dtype, _weight_key(w), _lora_key(lora),
+           None if seed is None else seed.dtype, threshold, drop_scale, out_dtype, fp32_precision(), dy.device)
+    return cached(key, _nf4_t_plan, dy, w, lora, seed is not None, threshold, drop_scale, out_dtype)(dy, w, lora, seed)
+
+
+def _nf4_t_plan(dy, w: Packed4bit, lora, has_seed, threshold, drop_scale, out_dtype):
+    N, K = w.N, w.K
+    M = _check_x(dy, N, "nf4_matmul_t")
+    _, _, scaling, R, lora_strides = _lora_parts(lora, M, K)
+    if has_seed and lora is None:
+        raise ValueError("nf4_matmul_t: the dropout mask applies to the LoRA term: a seed needs lora")
+    out_dtype = out_dtype or dy.dtype
+    device = dy.device
+    BM, BN, BK, GM, warps, stages = tuning.pinned(tuning.NF4_TILED) or nf4_tiled_config(M, device)
+    BN = min(BN, max(16, triton.next_power_of_2(K)))
+    plan = Plan(_nf4_tiled_t_kernel, (cdiv(M, BM) * cdiv(K, BN),),
+                (M, N, K, R, *dy.stride(), *lora_strides, K, 1, scaling, threshold, float(drop_scale)),
+                OUT_DROPOUT=has_seed, MODE=dot_mode(dy.dtype, dy.dtype), EXPAND_MODE=expand_mode(out_dtype),
+                PRECISION=fp32_precision(), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=block_r(max(R, 1), 64),
+                GROUP_M=GM, num_warps=warps, num_stages=stages, **_weight_meta(w, BN))
+
+    def run(dy, w, lora, seed):
+        out = torch.empty((M, K), dtype=out_dtype, device=device)
+        if M and K:
+            l, r = (lora[0], lora[1]) if lora is not None else (w.absmax, w.absmax)
+            plan.run((dy, *_weight_tensors(w), w.absmax if seed is None else seed, l, r, out))
+        return out
+
+    return run
+
+
+def nf4_dequantize(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W as an (N, K) tensor of ``dtype`` (into ``out``, (N, K) with unit column stride, when given)."""
+    key = (nf4_dequantize, _weight_key(w), dtype, w.absmax.device)
+    return cached(key, _dequant_plan, w, dtype)(w, out)
+
+
+def _dequant_plan(w: Packed4bit, dtype):
+    N, K = w.N, w.K
+    device = w.absmax.device
+    BN, BK, warps = nf4_dequant_config(device)
+    BK = min(BK, max(16, triton.next_power_of_2(K)))
+    plan = Plan(_nf4_dequant_kernel, (cdiv(N, BN), cdiv(K, BK)), (N, K, K, 1), BLOCK_N=BN, BLOCK_K=BK,
+                num_warps=warps, **_weight_meta(w, BK))
+
+    def run(w, out):
+        if out is None:
+            out = torch.empty((N, K), dtype=dtype, device=device)
+        elif out.shape != (N, K) or out.stride() != (K, 1) or out.dtype != dtype:
+            raise ValueError(f"nf4_dequantize: out must be a contiguous ({N}, {K}) {dtype} tensor")
+        if N and K:
+            plan.run((*_weight_tensors(w), out))
         return out
 
     return run

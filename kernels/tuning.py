@@ -11,6 +11,10 @@ measure them against each other (tools/ab.sh) or reproduce a run.
     FASTPEFT_GEMM           the base product's route: auto (default), triton, cublas or tma
     FASTPEFT_TMA_MIN_M      rows from which the auto route takes the TMA matmul (0: never)
     FASTPEFT_PDL            0: no programmatic dependent launch after a shrink
+    FASTPEFT_NF4_GEMV_CONFIG   nf4_matmul's decode path   BLOCK_N,BLOCK_K,split_k (0: the rule),num_warps,num_stages
+    FASTPEFT_NF4_TILED_CONFIG  nf4_matmul's tiled path, nf4_matmul_t   lora_linear's fields
+    FASTPEFT_NF4_LUT        the 4-bit kernels' table lookup: 2 value pairs per byte, 1 a read per
+                            element, 0 tl.gather (kernels/nf4.py)
 
 They are read once, at first use, not per call: a script or test that changes them afterwards calls
 ``reload()``, which reads them again and drops the launchers' kept plans (``launch._plans``), since
@@ -28,7 +32,10 @@ TMA = "FASTPEFT_TMA_CONFIG"
 GEMM = "FASTPEFT_GEMM"
 TMA_MIN_M = "FASTPEFT_TMA_MIN_M"
 PDL = "FASTPEFT_PDL"
-SWITCHES = (SHRINK, LINEAR, TMA, GEMM, TMA_MIN_M, PDL)
+NF4_GEMV = "FASTPEFT_NF4_GEMV_CONFIG"
+NF4_TILED = "FASTPEFT_NF4_TILED_CONFIG"
+NF4_LUT = "FASTPEFT_NF4_LUT"
+SWITCHES = (SHRINK, LINEAR, TMA, GEMM, TMA_MIN_M, PDL, NF4_GEMV, NF4_TILED, NF4_LUT)
 GEMM_ROUTES = ("auto", "triton", "cublas", "tma")
 
 
@@ -57,6 +64,12 @@ def _gemm(name: str, value: str) -> str:
     return value
 
 
+def _lut(name: str, value: str) -> int:
+    if value not in ("0", "1", "2"):
+        raise ValueError(f"{name} must be 0, 1 or 2, got {value!r}")
+    return int(value)
+
+
 def _rows(name: str, value: str) -> int:
     if not value.isdigit():
         raise ValueError(f"{name} must be a row count (0: never), got {value!r}")
@@ -70,6 +83,9 @@ _PARSERS = {
     SHRINK: lambda name, value: _ints(name, value, "BLOCK_M,BLOCK_K,split_k,num_warps,num_stages"),
     LINEAR: lambda name, value: _ints(name, value, "BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,num_stages"),
     TMA: _tma,
+    NF4_GEMV: lambda name, value: _ints(name, value, "BLOCK_N,BLOCK_K,split_k,num_warps,num_stages"),
+    NF4_TILED: lambda name, value: _ints(name, value, "BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,num_stages"),
+    NF4_LUT: _lut,
 }
 _pins: dict | None = None  # switch -> its parsed config, or None where unset; read at first use
 

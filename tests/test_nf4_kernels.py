@@ -1,10 +1,12 @@
-"""nf4_matmul (kernels/nf4.py) against bitsandbytes' own dequantization, on the GPU or under the
-interpreter: W quantized by ``bitsandbytes.functional.quantize_4bit``, the reference
-``dequantize_4bit(...)`` then x·Wdᵀ (+ bias) in float64, compared by the tolerance rule.
+"""The 4-bit kernels (kernels/nf4.py: nf4_matmul's two paths, nf4_matmul_t, nf4_dequantize) against
+bitsandbytes' own dequantization, on the GPU or under the interpreter: W quantized by
+``bitsandbytes.functional.quantize_4bit``, dequantized, then the product in float64, compared by the
+tolerance rule.
 
 Both paths (decode and tiled, pinned by ``path=``), NF4 and FP4, fp32 / fp16 / bf16 x (bf16 runs
 through the fp32 dot mode under the interpreter, as every kernel's does), odd N and K that cross
-the tiles' edges, blocksizes 64 to 4096, double-quantized absmax, strided x, the LoRA epilogue.
+the tiles' edges, blocksizes 64 to 4096 and blocks that straddle rows, double-quantized absmax,
+strided x, the LoRA epilogue, the transposed product with its dropout mask, every table lookup.
 """
 import functools
 
@@ -15,8 +17,8 @@ from tolerance import assert_close
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
-from fastpeft.kernels.nf4 import GEMV_MAX_M, nf4_matmul  # noqa: E402
-from fastpeft.nf4 import NestedAbsmax, dequantize_4bit, table_4bit  # noqa: E402
+from fastpeft.kernels.nf4 import GEMV_MAX_M, nf4_dequantize, nf4_matmul, nf4_matmul_t, packed_4bit  # noqa: E402
+from fastpeft.nf4 import NestedAbsmax, Quant4bitState, dequantize_4bit, dequantize_state, table_4bit  # noqa: E402
 
 # (N, K, blocksize): K a multiple of blocksize; N and K not multiples of the tiles
 CPU_SHAPES = [(37, 192, 64), (20, 256, 128)]
@@ -50,8 +52,10 @@ def _quantize(N, K, blocksize, quant_type, device, nested=False):
     return packed, state, bnb_functional.dequantize_4bit(packed, state).float()
 
 
-def _nested(state):
-    return (state.state2.code, state.state2.absmax, state.state2.blocksize, float(state.offset))
+def _packed(packed, state, N, K, blocksize, nested=False):
+    """The kernels' Packed4bit of a bitsandbytes (packed, QuantState)."""
+    nest = (state.state2.code, state.state2.absmax, state.state2.blocksize, state.offset) if nested else None
+    return packed_4bit(packed, state.absmax, state.code, N, K, blocksize, nest)
 
 
 def _x(M, K, dtype, device, layout="contiguous"):
@@ -64,8 +68,7 @@ def _x(M, K, dtype, device, layout="contiguous"):
 
 def _check(x, packed, state, wd, N, K, blocksize, bias, path, nested=False, lora=None, what=""):
     dtype = x.dtype
-    out = nf4_matmul(x, packed, state.absmax, state.code, N, K, blocksize, bias=bias, path=path,
-                     nested=_nested(state) if nested else None, lora=lora)
+    out = nf4_matmul(x, _packed(packed, state, N, K, blocksize, nested), bias=bias, path=path, lora=lora)
     assert out.shape == (x.shape[0], N) and out.dtype == dtype, f"{what}: got {tuple(out.shape)} {out.dtype}"
     exact = x.double() @ wd.double().t()
     same = x @ wd.to(dtype).t()
@@ -136,16 +139,16 @@ def test_strided_x(quant_device, layout, path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
 def test_lora_epilogue(quant_device, dtype):
-    """The tiled path with lora=(l, r, s): + s·l·rᵀ in lora_linear's epilogue (l fp32 as the shrink
-    gives it, r in the activation dtype)."""
+    """lora=(l, r, s): + s·l·rᵀ in the epilogue of both paths (l fp32 as the shrink gives it, r in the
+    activation dtype); the decode path's few rows by broadcast, from 16 rows by tl.dot."""
     device = quant_device
     N, K, bs = CPU_SHAPES[0]
     packed, state, wd = _quantize(N, K, bs, "nf4", device)
-    for M, R in ((1, 4), (70, 17)):
+    for M, R in ((1, 4), (3, 17), (17, 17), (70, 17)):
         x = _x(M, K, dtype, device)
         lora = (torch.randn(M, R, device=device), torch.randn(N, R, device=device, dtype=dtype) / R**0.5, 0.5)
         b = torch.randn(N, device=device, dtype=dtype)
-        for path in ("tiled", "auto"):
+        for path in _paths(M):
             _check(x, packed, state, wd, N, K, bs, b, path, lora=lora, what=f"lora M={M} R={R} {path}")
 
 
@@ -175,9 +178,10 @@ def test_format_by_definition(kernel_device, nested, path):
     packed = _pack(codes)
     wd = dequantize_4bit(packed, args, (N, K), bs, "nf4", torch.float32, nest)
     b = torch.randn(N, device=device)
+    w = packed_4bit(packed, args, table, N, K, bs, kernel_nest)
     for M in (1, 17):
         x = _x(M, K, torch.float32, device)
-        out = nf4_matmul(x, packed, args, table, N, K, bs, bias=b, nested=kernel_nest, path=path)
+        out = nf4_matmul(x, w, bias=b, path=path)
         assert_close(out, x.double() @ wd.double().t() + b.double(), x @ wd.t() + b, torch.float32,
                      f"M={M} {path}")
 
@@ -185,31 +189,113 @@ def test_format_by_definition(kernel_device, nested, path):
 def test_no_rows(quant_device):
     N, K, bs = CPU_SHAPES[0]
     packed, state, _ = _quantize(N, K, bs, "nf4", quant_device)
+    w = _packed(packed, state, N, K, bs)
     for path in ("gemv", "tiled"):
-        out = nf4_matmul(torch.randn(0, K, device=quant_device), packed, state.absmax, state.code, N, K, bs, path=path)
+        out = nf4_matmul(torch.randn(0, K, device=quant_device), w, path=path)
         assert out.shape == (0, N)
+    assert nf4_matmul_t(torch.randn(0, N, device=quant_device), w).shape == (0, K)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
+def test_blocks_across_rows(quant_device, quant_type, nested):
+    """K not a multiple of the blocksize (hidden 32 with blocksize 64: every block spans two rows; K
+    = 96 with 64: some do): a scale read per byte, on every kernel. The oracle is the reference
+    dequantize (the format's flat blocks): bitsandbytes 0.50.2's CPU dequantize_4bit reads such
+    weights wrongly (its C kernel takes blocks per row), its CUDA one agrees with the reference."""
+    device = quant_device
+    for N, K, bs in ((20, 32, 64), (9, 96, 64), (5, 48, 128)):
+        packed, state, _ = _quantize(N, K, bs, quant_type, device, nested=nested)
+        wd = dequantize_state(packed, Quant4bitState.from_bnb(state)).float()
+        w = _packed(packed, state, N, K, bs, nested)
+        for M in (1, 17, 70):
+            x = _x(M, K, torch.float32, device)
+            for path in _paths(M):
+                _check(x, packed, state, wd, N, K, bs, None, path, nested=nested, what=f"N={N} K={K} bs={bs} {path}")
+        assert torch.equal(nf4_dequantize(w, torch.float32), wd), f"dequantize N={N} K={K} bs={bs}"
+        dy = torch.randn(17, N, device=device)
+        assert_close(nf4_matmul_t(dy, w), dy.double() @ wd.double(), dy @ wd, torch.float32, f"dX N={N} K={K}")
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_dequantize_bit_exact(quant_device, nested, dtype):
+    """nf4_dequantize equals bitsandbytes' dequantize_4bit bit for bit (fp32), and its rounding to the
+    half types (the interpreter's fp32 -> bf16 cast may round the other way: one bf16 step there)."""
+    device = quant_device
+    for N, K, bs in CPU_SHAPES + [(3, 2048, 1024)]:
+        packed, state, wd = _quantize(N, K, bs, "nf4", device, nested=nested)
+        out = nf4_dequantize(_packed(packed, state, N, K, bs, nested), dtype)
+        assert out.dtype == dtype and out.shape == (N, K)
+        if dtype == torch.bfloat16 and device == "cpu":
+            step = wd.abs() * 2.0**-7
+            assert ((out.float() - wd).abs() <= step).all(), f"N={N} K={K} bs={bs}"
+        else:
+            assert torch.equal(out, wd.to(dtype)), f"N={N} K={K} bs={bs}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_transposed_product(quant_device, dtype):
+    """nf4_matmul_t: dX = dY·W + s·(l·rᵀ) ⊙ keep/(1-p), the dropout mask lora_linear's dX applies
+    (kernels/dropout.py), against the dequantized W."""
+    from fastpeft.kernels.dropout import dropout_mask
+    from fastpeft.reference import dropout_scale, dropout_threshold
+
+    device = quant_device
+    for i, (N, K, bs) in enumerate(CPU_SHAPES):
+        packed, state, wd = _quantize(N, K, bs, "nf4", device, nested=i == 1)
+        w = _packed(packed, state, N, K, bs, nested=i == 1)
+        for M in (1, 17, 70):
+            dy = _x(M, N, dtype, device, "strided" if M == 17 else "contiguous")
+            out = nf4_matmul_t(dy, w)
+            assert out.shape == (M, K) and out.dtype == dtype
+            assert_close(out, dy.double() @ wd.double(), dy @ wd.to(dtype), dtype, f"dX N={N} K={K} M={M}")
+            R, s, p = 5, 0.7, 0.25
+            l, r = torch.randn(M, R, device=device), torch.randn(K, R, device=device, dtype=dtype)
+            seed = torch.tensor([1234], dtype=torch.int64, device=device)
+            out = nf4_matmul_t(dy, w, lora=(l, r, s), seed=seed, threshold=dropout_threshold(p),
+                               drop_scale=dropout_scale(p))
+            keep = dropout_mask(seed, M, K, dropout_threshold(p)).double()
+            exact = dy.double() @ wd.double() + s * (l.double() @ r.double().t()) * keep / (1 - p)
+            same = dy @ wd.to(dtype) + (s * (l.to(dtype) @ r.t()) * keep.to(dtype) / (1 - p)).to(dtype)
+            assert_close(out, exact, same, dtype, f"dX + LoRA N={N} K={K} M={M}")
+
+
+@pytest.mark.parametrize("lut", ["0", "1", "2"])
+def test_lookups(quant_device, pin_config, lut):
+    """Every table lookup (FASTPEFT_NF4_LUT) gives the same products."""
+    pin_config("FASTPEFT_NF4_LUT", lut)
+    N, K, bs = CPU_SHAPES[0]
+    packed, state, wd = _quantize(N, K, bs, "fp4", quant_device)
+    for M in (1, 70):
+        x = _x(M, K, torch.float32, quant_device)
+        for path in _paths(M):
+            _check(x, packed, state, wd, N, K, bs, None, path, what=f"lut={lut} M={M} {path}")
 
 
 def test_bad_input_raises(quant_device):
     device = quant_device
     N, K, bs = CPU_SHAPES[0]
     packed, state, _ = _quantize(N, K, bs, "nf4", device)
+    w = _packed(packed, state, N, K, bs)
     x = torch.randn(2, K, device=device)
-    with pytest.raises(NotImplementedError, match="not a multiple of blocksize"):
-        nf4_matmul(torch.randn(2, 96, device=device), packed[: N * 96 // 2], state.absmax, state.code, N, 96, 64 * 2)
-    with pytest.raises(ValueError, match="power of two >= 32"):
-        nf4_matmul(x, packed, state.absmax, state.code, N, K, 96)
-    with pytest.raises(ValueError, match="x must be"):
-        nf4_matmul(torch.randn(2, K + 1, device=device), packed, state.absmax, state.code, N, K, bs)
+    with pytest.raises(ValueError, match="power of two in 32..4096"):
+        packed_4bit(packed, state.absmax, state.code, N, K, 96)
+    with pytest.raises(ValueError, match="K even"):
+        packed_4bit(packed[: N * 95 // 2 + 1], state.absmax, state.code, N, 95, bs)
     with pytest.raises(ValueError, match="absmax must be"):
-        nf4_matmul(x, packed, state.absmax.half(), state.code, N, K, bs)
+        packed_4bit(packed, state.absmax.half(), state.code, N, K, bs)
     with pytest.raises(ValueError, match="packed must be"):
-        nf4_matmul(x, packed[:-1], state.absmax, state.code, N, K, bs)
+        packed_4bit(packed[:-1], state.absmax, state.code, N, K, bs)
+    with pytest.raises(ValueError, match="code table"):
+        packed_4bit(packed, state.absmax, state.code[:8], N, K, bs)
+    with pytest.raises(ValueError, match="x must be"):
+        nf4_matmul(torch.randn(2, K + 1, device=device), w)
+    with pytest.raises(ValueError, match="x must be"):
+        nf4_matmul_t(torch.randn(2, N + 1, device=device), w)
     with pytest.raises(ValueError, match="bias must be"):
-        nf4_matmul(x, packed, state.absmax, state.code, N, K, bs, bias=torch.randn(N + 1, device=device))
+        nf4_matmul(x, w, bias=torch.randn(N + 1, device=device))
     with pytest.raises(ValueError, match="gemv path takes up to"):
-        nf4_matmul(torch.randn(GEMV_MAX_M + 1, K, device=device), packed, state.absmax, state.code, N, K, bs,
-                   path="gemv")
-    lora = (torch.randn(2, 4, device=device), torch.randn(N, 4, device=device), 1.0)
-    with pytest.raises(NotImplementedError, match="tiled path only"):
-        nf4_matmul(x, packed, state.absmax, state.code, N, K, bs, lora=lora, path="gemv")
+        nf4_matmul(torch.randn(GEMV_MAX_M + 1, K, device=device), w, path="gemv")
+    with pytest.raises(ValueError, match="lora must be"):
+        nf4_matmul(x, w, lora=(torch.randn(2, 4, device=device), torch.randn(N + 1, 4, device=device), 1.0))
