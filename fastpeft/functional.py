@@ -25,7 +25,8 @@ def _autocast(x):
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0, training: bool = False,
                 backend=None):
-    """y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ; weight (N, K) (a Conv1D weight as its transpose view).
+    """y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ; weight (N, K) (a Conv1D weight as its transpose view, a 4-bit
+    weight as its qlora.Base4bit).
 
     Dropout applies only in training mode with p > 0. ``backend``: a model's option (None: the process's).
     """
@@ -35,6 +36,9 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: floa
         from . import ops
 
         return ops.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p if seed is not None else 0.0, seed)
+    if weight is not None and not isinstance(weight, torch.Tensor):  # a 4-bit base (qlora.Base4bit)
+        return reference.qlora_linear(x, weight.packed, weight.state, bias, lora_a, lora_b, scaling, dropout_p, seed,
+                                      weight.compute_dtype)
     return reference.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
 
 

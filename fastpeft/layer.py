@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from . import functional, options, reference
+from . import functional, options, qlora, reference
 
 
 def conv1d_class():
@@ -37,9 +37,12 @@ def _param(module: nn.Module, name: str):
     return params[name] if name in params else getattr(module, name, None)
 
 
-def base_weight(layer) -> torch.Tensor:
-    """The base weight as (out_features, in_features): a view, transposed for fan_in_fan_out."""
+def base_weight(layer):
+    """The base weight as (out_features, in_features): a view, transposed for fan_in_fan_out; a 4-bit
+    weight (bitsandbytes' Params4bit) as its ``qlora.Base4bit``."""
     w = _param(layer._modules["base_layer"], "weight")
+    if type(w).__name__ == "Params4bit":
+        return qlora.base_of(layer, w)
     return w.T if layer.fan_in_fan_out else w
 
 
@@ -145,7 +148,8 @@ def lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 class LoraLinear(nn.Module):
-    """A frozen ``nn.Linear`` or transformers ``Conv1D`` plus trainable LoRA adapters.
+    """A frozen ``nn.Linear``, bitsandbytes ``Linear4bit`` (QLoRA, fastpeft/qlora.py) or transformers
+    ``Conv1D`` plus trainable LoRA adapters.
 
     y = base(x) + s·lora_B(lora_A(drop(x))) with lora_A (r × in), lora_B (out × r), s = alpha/r
     (alpha/√r with rsLoRA). The base weight and bias stay where they were (``base_layer``).
@@ -270,7 +274,22 @@ class LoraLinear(nn.Module):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         delta = reference.lora_delta_weight(a, b, self.scaling[adapter_name], self.fan_in_fan_out)
-        return delta.to(self.base_layer.weight.dtype)
+        weight = self.base_layer.weight
+        return delta.to(qlora.adapter_dtype_of(weight) if qlora.is_4bit(self.base_layer) else weight.dtype)
+
+    def _add_to_base(self, delta: torch.Tensor, safe_merge: bool = False, name: str = "") -> None:
+        """W += delta (a 4-bit W: dequantized, added, requantized with its settings; lossy)."""
+        if qlora.is_4bit(self.base_layer):
+            qlora.add_to_4bit(self.base_layer, delta, safe_merge, name)
+            return
+        weight = self.base_layer.weight
+        if safe_merge:
+            merged = weight.data + delta
+            if not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            weight.data.copy_(merged)
+        else:
+            weight.data += delta
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
@@ -281,15 +300,7 @@ class LoraLinear(nn.Module):
             if name in self.merged_adapters:
                 warnings.warn(f"adapter {name!r} is already merged; merging it again does nothing")
                 continue
-            weight = self.base_layer.weight
-            delta = self.get_delta_weight(name).to(weight.device)
-            if safe_merge:
-                merged = weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-                weight.data.copy_(merged)
-            else:
-                weight.data += delta
+            self._add_to_base(self.get_delta_weight(name).to(self.base_layer.weight.device), safe_merge, name)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -299,7 +310,7 @@ class LoraLinear(nn.Module):
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self.base_layer.weight.data -= self.get_delta_weight(name).to(self.base_layer.weight.device)
+            self._add_to_base(-self.get_delta_weight(name).to(self.base_layer.weight.device))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return lora_forward(self, x, *args, **kwargs)

@@ -109,6 +109,17 @@ def _lora_grads_nd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, 
     return (None if dx is None else dx.reshape(x.shape)), da, db
 
 
+def _tensor_bases(ctx, weights) -> tuple:
+    """The base weights for ``save_for_backward``: a non-tensor base (a 4-bit weight, route.register)
+    is kept on ``ctx.bases`` instead, None in its place; ``_restore_bases`` puts them back."""
+    ctx.bases = tuple(None if w is None or isinstance(w, torch.Tensor) else w for w in weights)
+    return tuple(w if b is None else None for w, b in zip(weights, ctx.bases))
+
+
+def _restore_bases(ctx, weights) -> tuple:
+    return tuple(w if b is None else b for w, b in zip(weights, ctx.bases))
+
+
 def _save(ctx, x, weight, bias, lora_a, lora_b, xa, seed, scaling, dropout_p):
     if weight is None or isinstance(weight, torch.Tensor):
         ctx.save_for_backward(x, weight, bias, lora_a, lora_b, xa, seed)
@@ -246,7 +257,9 @@ class LoraGroupFunction(torch.autograd.Function):
             y, xa = forward_impl(x2, w, bias, a, b, scalings[i], ps[i], seed)
             ys.append(y.reshape(*x.shape[:-1], y.shape[-1]))
             xas.append(xa)
-        ctx.save_for_backward(x, *xas, *args[:-2])
+        params = list(args[:-2])
+        params[2::5] = _tensor_bases(ctx, params[2::5])
+        ctx.save_for_backward(x, *xas, *params)
         ctx.scalings, ctx.ps = scalings, ps
         ctx.set_materialize_grads(False)
         return tuple(ys)
@@ -255,7 +268,8 @@ class LoraGroupFunction(torch.autograd.Function):
     def backward(ctx, *dys):
         saved = ctx.saved_tensors
         n = len(ctx.scalings)
-        x, xas, params = saved[0], saved[1:1 + n], saved[1 + n:]
+        x, xas, params = saved[0], saved[1:1 + n], list(saved[1 + n:])
+        params[2::5] = _restore_bases(ctx, params[2::5])
         need = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])
         dx = None
@@ -302,13 +316,15 @@ class LoraMLPFunction(torch.autograd.Function):
         u, xa_u = forward_impl(x2, uw, ubias, ua, ub, scalings[1], ps[1], sdu)
         h = A.gated_act(g, u, act)
         y, xa_d = forward_impl(h, dw, dbias, da, db, scalings[2], ps[2], sdd)
-        ctx.save_for_backward(x, g, u, xa_g, xa_u, xa_d, ga, gb, ua, ub, da, db, gw, uw, dw, sdg, sdu, sdd)
+        ctx.save_for_backward(x, g, u, xa_g, xa_u, xa_d, ga, gb, ua, ub, da, db, *_tensor_bases(ctx, (gw, uw, dw)),
+                              sdg, sdu, sdd)
         ctx.scalings, ctx.ps, ctx.act = scalings, ps, act
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         x, g, u, xa_g, xa_u, xa_d, ga, gb, ua, ub, da, db, gw, uw, dw, sdg, sdu, sdd = ctx.saved_tensors
+        gw, uw, dw = _restore_bases(ctx, (gw, uw, dw))
         need = ctx.needs_input_grad
         (sg, su, sd), (pg, pu, pd) = ctx.scalings, ctx.ps
         x2 = x.reshape(-1, x.shape[-1])

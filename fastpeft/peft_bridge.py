@@ -1,7 +1,7 @@
 """``patch(peft_model)``: a ``peft.PeftModel`` keeps PEFT's modules, parameters and names, and each
-``lora.Linear`` that fastpeft supports gets fastpeft's compute as an instance-level ``forward``, so
+``lora.Linear`` (and QLoRA ``lora.bnb.Linear4bit``) that fastpeft supports gets fastpeft's compute as an instance-level ``forward``, so
 ``save_pretrained``, ``merge_and_unload`` and ``transformers.Trainer`` keep working. Layers fastpeft does
-not support (other layer types, quantized or nested bases, DoRA and other variants, lora_bias) keep
+not support (other layer types, 8-bit or nested bases, DoRA and other variants, lora_bias) keep
 PEFT's forward, with one warning naming them. Mixed-adapter batches (``adapter_names=``) and variant
 kwargs go through PEFT's forward too. ``unpatch`` gives every layer PEFT's forward back.
 """
@@ -18,6 +18,11 @@ from .options import Options
 from .targets import check_wrappable, shorten_names
 
 
+# PEFT's LoRA layer classes whose forward fastpeft computes: over a float linear, and over a
+# bitsandbytes 4-bit linear (QLoRA, fastpeft/qlora.py)
+_PEFT_LINEAR_CLASSES = {("peft.tuners.lora.layer", "Linear"), ("peft.tuners.lora.bnb", "Linear4bit")}
+
+
 def _accelerated_forward(self, x, *args, **kwargs):
     """Instance ``forward`` of a PEFT lora.Linear: fastpeft's compute, PEFT's for what it cannot do."""
     if kwargs or not peft_fast_path_ok(self):  # adapter_names=..., variant kwargs, DoRA, lora_bias
@@ -28,7 +33,7 @@ def _accelerated_forward(self, x, *args, **kwargs):
 def _why_not_accelerated(layer) -> Optional[str]:
     """Why fastpeft leaves PEFT's forward on ``layer``, or None when fastpeft can compute it."""
     cls = type(layer)
-    if cls.__module__ != "peft.tuners.lora.layer" or cls.__name__ != "Linear":
+    if (cls.__module__, cls.__name__) not in _PEFT_LINEAR_CLASSES:
         return f"{cls.__module__}.{cls.__name__}"
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
     try:

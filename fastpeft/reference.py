@@ -113,14 +113,21 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: floa
 
 
 def qlora_linear(
-    x, packed, state: Quant4bitState, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0, seed=None
+    x, packed, state: Quant4bitState, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0, seed=None,
+    compute_dtype=None,
 ):
-    """QLoRA's forward: lora_linear on the base weight dequantized from bitsandbytes' 4-bit format.
+    """QLoRA's forward as PEFT over bitsandbytes computes it: the base in ``compute_dtype`` (x's when
+    None) over W dequantized from the 4-bit format in its stored dtype, cast back to x's dtype; the
+    LoRA branch in the adapters' dtype, cast to that before the sum.
 
     ``packed`` is the 4-bit weight's bytes (``Params4bit.data``), ``state`` its
     ``Quant4bitState.from_bnb(weight.quant_state)``; W is dequantized whole here (the oracle, not the hot path).
     """
-    return lora_linear(x, dequantize_state(packed, state), bias, lora_a, lora_b, scaling, dropout_p, seed)
+    cd = compute_dtype or x.dtype
+    w = dequantize_state(packed, state).to(cd)
+    y = F.linear(x.to(cd), w, None if bias is None else bias.to(cd)).to(x.dtype)
+    lora = F.linear(F.linear(dropout(x.to(lora_a.dtype), dropout_p, seed), lora_a), lora_b) * scaling
+    return y + lora.to(y.dtype)
 
 
 def gated_act(g: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from . import models
+from . import models, qlora
 from .config import INCLUDE_LINEAR_LAYERS_SHORTHAND, LoraConfig
 from .layer import LoraLinear, is_conv1d
 from .model_state import PEFT_PATCHED_ATTR, adapter_configs, is_peft_lora_layer, lora_layers, modules_to_save
@@ -123,7 +123,8 @@ _PEFT_ONLY_TYPES = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadA
 
 def check_wrappable(name: str, module: nn.Module) -> None:
     """Raise unless fastpeft's LoraLinear can wrap ``module``: a float nn.Linear (or a subclass computing
-    nn.Linear's forward, models.has_linear_forward) or a transformers Conv1D."""
+    nn.Linear's forward, models.has_linear_forward), a quantized bitsandbytes Linear4bit or a
+    transformers Conv1D."""
     cls = f"{type(module).__module__}.{type(module).__qualname__}"
     if isinstance(module, LoraLinear) or is_conv1d(module):
         return
@@ -133,11 +134,14 @@ def check_wrappable(name: str, module: nn.Module) -> None:
             f"fastpeft.patch(model) without a config to accelerate the PEFT adapters instead"
         )
     if isinstance(module, nn.Linear):
+        if qlora.is_4bit(module):
+            qlora.check_4bit(name, module)
+            return
         weight_cls = type(module.weight).__name__
-        if weight_cls in ("Params4bit", "Int8Params") or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+        if weight_cls == "Int8Params" or any(c.__name__ == "Linear8bitLt" for c in type(module).__mro__):
             raise NotImplementedError(
-                f"fastpeft cannot apply LoRA to {name!r}: it is a quantized {cls} (weight {weight_cls}); "
-                f"quantized base layers are not supported by fastpeft.patch yet"
+                f"fastpeft cannot apply LoRA to {name!r}: it is an 8-bit bitsandbytes {cls} (weight {weight_cls}); "
+                f"fastpeft supports 4-bit (load_in_4bit) and float bases, not load_in_8bit"
             )
         if not models.has_linear_forward(type(module)):
             raise NotImplementedError(
