@@ -1,4 +1,5 @@
-"""One training step of a Llama-shaped model: frozen base (the floor), PEFT LoRA, fastpeft LoRA.
+"""One training step of a Llama-shaped model: frozen base (the floor), PEFT LoRA, fastpeft LoRA, over a
+bf16 base and over the same base in 4-bit (QLoRA).
 
 LlamaForCausalLM from a config (hidden 2048, intermediate 5632, 8 layers, 32 heads, 4 KV heads,
 vocab 32000), random weights, bf16, batch 4 x 2048 tokens, AdamW, the mean of 10 steps after 3
@@ -6,17 +7,28 @@ warm-up steps (docs/performance.md, Method). LoRA: r=16, alpha 32, all-linear, d
 0.05 and 0. "frozen" trains only the input embedding, so the backward still runs through every
 layer (dX everywhere): the cost LoRA adds on top of that is what fastpeft attacks.
 
+The 4-bit base (``base`` "nf4", test ids ``*-4bit*``): the same bf16 model, saved once per session
+and loaded with transformers' ``BitsAndBytesConfig`` (NF4, double quantization, bf16 compute), so
+every linear layer of the decoder is a ``bitsandbytes.nn.Linear4bit`` (embeddings and lm_head stay
+bf16). PEFT wraps it with ``get_peft_model`` alone, without ``prepare_model_for_kbit_training``
+(which would add gradient checkpointing and fp32 casts): the same workload for PEFT and fastpeft.
+``step_vs_frozen`` and ``step_vs_peft`` compare rows of the same base. Where fastpeft.patch raises
+NotImplementedError for a 4-bit base, its row records no time and the case is skipped.
+
     pytest bench/bench_e2e.py              # GPU only; the table prints at the end
+    pytest bench/bench_e2e.py -k 4bit      # the 4-bit cases only (or FASTPEFT_E2E_BASES=nf4)
     FASTPEFT_E2E_LAYERS=2 FASTPEFT_E2E_SEQ=512 pytest bench/bench_e2e.py    # a smaller model
 
 Environment (defaults in brackets): FASTPEFT_E2E_HIDDEN [2048], _INTERMEDIATE [5632], _LAYERS [8],
 _HEADS [32], _KV_HEADS [4], _VOCAB [32000], _BATCH [4], _SEQ [2048], _STEPS [10], _WARMUP [3],
-_RANK [16].
+_RANK [16], _BASES [bf16,nf4]: the bases to run, "bf16", "nf4" or both (comma-separated).
 """
 from __future__ import annotations
 
 import gc
 import os
+import shutil
+import tempfile
 import time
 
 import pytest
@@ -44,14 +56,31 @@ SIZE = dict(
 )
 STEPS, WARMUP, RANK = _env_int("STEPS", 10), _env_int("WARMUP", 3), _env_int("RANK", 16)
 TABLE = "e2e_train_step"
+BASE_NAMES = ("bf16", "nf4")
 
-CASES = [  # (setup, lora dropout)
-    ("frozen", None),
-    ("peft", 0.05),
-    ("peft", 0.0),
-    ("fastpeft", 0.05),
-    ("fastpeft", 0.0),
+
+def _bases(value: str) -> tuple[str, ...]:
+    """FASTPEFT_E2E_BASES: "bf16", "nf4" or both, comma- or space-separated; empty means both."""
+    names = tuple(v for v in value.replace(",", " ").split() if v)
+    unknown = [v for v in names if v not in BASE_NAMES]
+    if unknown:
+        raise ValueError(f"FASTPEFT_E2E_BASES must name bf16 and/or nf4, got {value!r}")
+    return tuple(b for b in BASE_NAMES if b in names) if names else BASE_NAMES
+
+
+BASES = _bases(os.environ.get("FASTPEFT_E2E_BASES", ""))
+
+CASES = [  # (base, setup, lora dropout)
+    (base, setup, dropout)
+    for base in BASES
+    for setup, dropout in (("frozen", None), ("peft", 0.05), ("peft", 0.0), ("fastpeft", 0.05), ("fastpeft", 0.0))
 ]
+
+
+def case_id(base: str, setup: str, dropout: float | None) -> str:
+    """The test id: "peft-dropout0.05" over the bf16 base, "peft-4bit-dropout0.05" over the 4-bit one."""
+    name = setup if base == "bf16" else f"{setup}-4bit"
+    return name if dropout is None else f"{name}-dropout{dropout:g}"
 
 
 def build_model():
@@ -74,9 +103,29 @@ def build_model():
     return model.to(torch.bfloat16)
 
 
-def prepare(setup: str, dropout: float | None):
-    """The model of one case, with only what that case trains left requiring grad."""
-    model = build_model()
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """from_pretrained's dtype keyword: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
+def load_4bit(checkpoint: str):
+    """build_model()'s model saved at ``checkpoint``, loaded with its linear layers in NF4 (double
+    quantization, bf16 compute), as a QLoRA run loads its base."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    return LlamaForCausalLM.from_pretrained(checkpoint, quantization_config=quant, device_map="cuda",
+                                            **_dtype_kwarg(torch.bfloat16))
+
+
+def prepare(base: str, setup: str, dropout: float | None, checkpoint: str | None = None):
+    """The model of one case, with only what that case trains left requiring grad; the "nf4" base
+    loads ``checkpoint`` (see load_4bit)."""
+    model = build_model() if base == "bf16" else load_4bit(checkpoint)
     if setup == "frozen":
         model.requires_grad_(False)
         model.get_input_embeddings().weight.requires_grad_(True)
@@ -91,11 +140,11 @@ def prepare(setup: str, dropout: float | None):
     return fastpeft.patch(model, fastpeft.LoraConfig(**kwargs))
 
 
-def training_case(setup: str, dropout: float | None):
+def training_case(base: str, setup: str, dropout: float | None, checkpoint: str | None = None):
     """(case, step): a dict holding the case's model, optimizer and tokens (the same tokens for every
     case), and a function running one AdamW step on them that returns the loss. Dropping the dict
     frees the case (pytest-benchmark may keep ``step`` alive; it holds only the dict)."""
-    case = {"model": prepare(setup, dropout).train()}
+    case = {"model": prepare(base, setup, dropout, checkpoint).train()}
     case["opt"] = torch.optim.AdamW([p for p in case["model"].parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator(device="cuda").manual_seed(0)
     case["input_ids"] = torch.randint(0, SIZE["vocab"], (SIZE["batch"], SIZE["seq"]), device="cuda", generator=gen)
@@ -110,15 +159,22 @@ def training_case(setup: str, dropout: float | None):
     return case, step
 
 
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
 def _derive(rows: list[dict]) -> list[dict]:
-    """Ratios against the frozen floor and against PEFT with the same dropout, from this run."""
-    frozen = next((r for r in rows if r["setup"] == "frozen"), None)
-    peft_rows = {r["dropout"]: r for r in rows if r["setup"] == "peft"}
+    """Ratios against the frozen floor of the same base and against PEFT with the same base and
+    dropout, from this run (None where either side has no number)."""
+    frozen = {r.get("base", "bf16"): r for r in rows if r["setup"] == "frozen"}
+    peft_rows = {(r.get("base", "bf16"), r["dropout"]): r for r in rows if r["setup"] == "peft"}
     for r in rows:
-        r["step_vs_frozen"] = r["step_ms"] / frozen["step_ms"] if frozen else None
-        r["peak_vs_frozen"] = r["peak_gib"] / frozen["peak_gib"] if frozen else None
-        ref = peft_rows.get(r["dropout"])
-        r["step_vs_peft"] = r["step_ms"] / ref["step_ms"] if ref is not None and r["setup"] != "frozen" else None
+        base = r.get("base", "bf16")
+        floor, ref = frozen.get(base, {}), peft_rows.get((base, r["dropout"]))
+        r["step_vs_frozen"] = _ratio(r.get("step_ms"), floor.get("step_ms"))
+        r["peak_vs_frozen"] = _ratio(r.get("peak_gib"), floor.get("peak_gib"))
+        r["step_vs_peft"] = (_ratio(r.get("step_ms"), ref.get("step_ms"))
+                             if ref is not None and r["setup"] != "frozen" else None)
     return rows
 
 
@@ -128,20 +184,48 @@ RESULTS.derive(
     note=(f"LlamaForCausalLM hidden {SIZE['hidden']}, intermediate {SIZE['intermediate']}, {SIZE['layers']} layers, "
           f"{SIZE['heads']} heads / {SIZE['kv_heads']} KV, vocab {SIZE['vocab']}, bf16, batch {SIZE['batch']} x "
           f"{SIZE['seq']} tokens, AdamW, mean of {STEPS} steps after {WARMUP} warm-up; LoRA r={RANK}, "
-          f"alpha {2 * RANK}, all-linear. *_vs_* < 1 is faster / smaller."),
+          f"alpha {2 * RANK}, all-linear. base nf4: the same weights loaded in 4-bit (NF4, double quantization, "
+          f"bf16 compute), no prepare_model_for_kbit_training. *_vs_* compare rows of the same base; < 1 is faster / "
+          f"smaller."),
 )
 
 
-@pytest.mark.parametrize("setup,dropout", CASES,
-                         ids=[s if p is None else f"{s}-dropout{p:g}" for s, p in CASES])
-def test_train_step(setup, dropout, gpu_name, bench_record, benchmark):
+@pytest.fixture(scope="session")
+def nf4_checkpoint(gpu_name):
+    """build_model()'s model (bf16, seed 0) saved once per session to a temporary folder, which the
+    4-bit cases load; the folder is removed at the end of the session."""
+    folder = tempfile.mkdtemp(prefix="fastpeft-e2e-")
+    try:
+        model = build_model()
+        model.save_pretrained(folder)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("base,setup,dropout", CASES, ids=[case_id(*c) for c in CASES])
+def test_train_step(base, setup, dropout, gpu_name, bench_record, benchmark, request):
     if setup == "peft":
         pytest.importorskip("peft")
+    checkpoint = None
+    if base == "nf4":
+        pytest.importorskip("bitsandbytes")
+        checkpoint = request.getfixturevalue("nf4_checkpoint")
     gc.collect()
     torch.cuda.empty_cache()
     # Everything of this case lives in `case`, cleared at the end, so the next case's peak memory
     # does not include this one's model.
-    case, step = training_case(setup, dropout)
+    try:
+        case, step = training_case(base, setup, dropout, checkpoint)
+    except NotImplementedError as e:
+        if setup != "fastpeft":
+            raise
+        bench_record(TABLE, {"setup": setup, "base": base, "dropout": dropout, "step_ms": None,
+                             "error": f"NotImplementedError: {e}"[:120]})
+        pytest.skip(f"fastpeft on the {base} base: {e}")
     trainable = sum(p.numel() for p in case["model"].parameters() if p.requires_grad)
     torch.cuda.reset_peak_memory_stats()
     for _ in range(WARMUP):
@@ -157,10 +241,10 @@ def test_train_step(setup, dropout, gpu_name, bench_record, benchmark):
     torch.cuda.synchronize()
     step_ms = start.elapsed_time(end) / STEPS
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
-    assert torch.isfinite(loss).item(), f"{setup}: non-finite loss {loss.item()}"
+    assert torch.isfinite(loss).item(), f"{case_id(base, setup, dropout)}: non-finite loss {loss.item()}"
     tokens = SIZE["batch"] * SIZE["seq"]
-    row = {"setup": setup, "dropout": dropout, "step_ms": step_ms, "host_ms": host_ms, "tokens_per_s": tokens / (step_ms / 1e3),
-           "peak_gib": peak_gib, "trainable": trainable}
+    row = {"setup": setup, "base": base, "dropout": dropout, "step_ms": step_ms, "host_ms": host_ms,
+           "tokens_per_s": tokens / (step_ms / 1e3), "peak_gib": peak_gib, "trainable": trainable}
     bench_record(TABLE, row)
     # pytest-benchmark's record of the same step (a few more synchronized steps, not the table's numbers).
     register(benchmark, step, rounds=3, warmup_rounds=0, gpu=gpu_name, **row)
