@@ -3,7 +3,8 @@
 out = x · dequant(Wq)ᵀ for bf16 x (M, K) and W (N, K) = randn / √K quantized by bitsandbytes'
 ``quantize_4bit`` (NF4, blocksize 64, double quantization), so both 4-bit products read the same
 bytes. Three columns per row, timed in the same run in A B C C B A order (common.time_ms, the
-median of do_bench): ``fastpeft_ms`` (``nf4_matmul`` on the packed bytes and the nested statistics),
+median of do_bench): ``fastpeft_ms`` (``qlora.matmul_4bit``: nf4_matmul on the packed bytes and the nested
+statistics, or dequantize + cuBLAS above FUSED_MAX_M rows, as a QLoRA layer runs it),
 ``bnb_ms`` (``bitsandbytes.matmul_4bit`` called as ``bnb.nn.Linear4bit.forward`` calls it: its own
 gemv at decode sizes, its own choice of kernel or dequantize + cuBLAS above) and ``linear_ms``
 (``F.linear`` on the bf16 W, the floor where the product is compute-bound). At M <= 64 the product
@@ -116,19 +117,13 @@ WEIGHTS = Weights()
 
 
 def nf4_product(packed, state, N: int, K: int, nested):
-    """fastpeft's NF4 product as ``f(x)``, built once per weight: ``nf4_matmul(x, packed, absmax,
-    code, N, K, blocksize, nested=...)``, or, where the kernel module takes the weight as one
-    ``Packed4bit`` (``packed_4bit(...)``, then ``nf4_matmul(x, w)``), that, built here so the timed
-    call does not rebuild it."""
-    import inspect
-
+    """fastpeft's 4-bit base product as ``f(x)`` (``qlora.matmul_4bit``: the kernels by rows, as a QLoRA
+    layer runs them), the weight built once here so the timed call does not rebuild it."""
+    from fastpeft import qlora
     from fastpeft.kernels import nf4
 
-    if "packed" in inspect.signature(nf4.nf4_matmul).parameters:
-        absmax, code = state.absmax, state.code
-        return lambda x: nf4.nf4_matmul(x, packed, absmax, code, N, K, BLOCKSIZE, nested=nested)
     w = nf4.packed_4bit(packed, state.absmax, state.code, N, K, BLOCKSIZE, nested=nested)
-    return lambda x: nf4.nf4_matmul(x, w)
+    return lambda x: qlora.matmul_4bit(x, w)
 
 
 def products(K: int, N: int, M: int):

@@ -6,11 +6,14 @@ W kept). ``base_of(layer)`` hands the route a ``Base4bit``: the weight as the ke
 (kernels/nf4.py's ``Packed4bit``) and as the reference path dequantizes it (fastpeft/nf4.py), built once
 per weight and kept on the layer until the weight changes. The "4bit" route (fastpeft/route.py):
 
-    forward  M <= GEMV_MAX_M     lora_shrink, then nf4_matmul's decode path, the LoRA term in its epilogue
-             M < DEQUANT_MIN_M   lora_shrink, then nf4_matmul's tiled path (the same epilogue)
-             otherwise           W dequantized to x's dtype (a transient tensor), then the dense route
-    dX       M < DEQUANT_MIN_M   dY·B by lora_shrink, then nf4_matmul_t with the masked LoRA term
-             otherwise           W dequantized, then the dense route's dX
+    forward  M <= FUSED_MAX_M    lora_shrink, then nf4_matmul's decode path, the LoRA term in its epilogue
+             otherwise           W dequantized to x's dtype (nf4_dequantize: a transient tensor), then the
+                                 dense route (cuBLAS or the TMA matmul with the LoRA term fused)
+    dX                           W dequantized, then the dense route's dX
+
+The 4-bit kernels' tiled products (nf4_matmul path="tiled", nf4_matmul_t), which dequantize inside
+the main loop, measured far slower than dequantize + cuBLAS at every M they could take
+(docs/performance.md); they stay in kernels/nf4.py, tested, off the route.
 
 bitsandbytes on CPU (with AVX512-BF16) repacks a Linear4bit's weight in place after an inference
 forward (``quant_state.packing_format_for_cpu``: another byte order, bf16 absmax, no double
@@ -27,7 +30,7 @@ from . import route
 from .nf4 import BLOCKSIZES_4BIT, TABLES_4BIT, NestedAbsmax, Quant4bitState, dequantize_state
 
 FORMAT = "4bit"
-DEQUANT_MIN_M = 1024  # from here dequantize + cuBLAS beats the fused 4-bit kernels (docs/performance.md)
+FUSED_MAX_M = 64  # up to here the decode kernel; above, dequantize + the dense route (docs/performance.md)
 _CACHE_ATTR = "_fastpeft_base4bit"
 
 
@@ -80,17 +83,18 @@ class Base4bit:
         self.quant = packed_4bit(packed, state.absmax, code, N, K, state.blocksize, nested) if K % 2 == 0 else None
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """W (N, K) in ``dtype``: as bitsandbytes computes it (dequantized in its stored dtype, then cast);
-        the 4-bit kernel where it can run, else the reference (CPU without the interpreter)."""
+        """W (N, K) in ``dtype`` as bitsandbytes computes it (dequantized in its stored dtype, then cast:
+        the same single rounding as dequantizing to ``dtype`` straight from fp32 values); the 4-bit
+        kernel where it can run, else the reference (CPU without the interpreter)."""
         from .backend import use_triton
 
+        stored = self.state.dtype
         if self.quant is not None and use_triton(self.packed):
             from .kernels.nf4 import nf4_dequantize
 
-            w = nf4_dequantize(self.quant, self.state.dtype if self.state.dtype.is_floating_point else dtype)
-        else:
-            w = dequantize_state(self.packed, self.state)
-        return route.as_dtype(w, dtype)
+            return route.as_dtype(nf4_dequantize(self.quant, dtype if stored in (torch.float32, dtype) else stored),
+                                  dtype)
+        return route.as_dtype(dequantize_state(self.packed, self.state), dtype)
 
     def op_args(self) -> tuple:
         """(packed bytes, state tensors, format): the custom op's flattened form of this weight."""
@@ -155,34 +159,44 @@ def base_of(layer, weight) -> Base4bit:
 
 
 # --- the route ----------------------------------------------------------------------------------
+def matmul_4bit(x2: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x2 (M, K) · Wᵀ + bias for a kernels' Packed4bit ``w`` by the route's split without the LoRA term:
+    the decode kernel up to FUSED_MAX_M rows, dequantize + cuBLAS above (the bench's 4-bit product)."""
+    from .kernels.nf4 import nf4_dequantize, nf4_matmul
+
+    if _decode(x2.shape[0], w):
+        return nf4_matmul(x2, w, bias)
+    return torch.nn.functional.linear(x2, nf4_dequantize(w, x2.dtype), bias)
+
+
+def _decode(M: int, quant) -> bool:
+    """Whether an M-row product over ``quant`` (a Packed4bit or None) takes the decode kernel."""
+    return quant is not None and M <= FUSED_MAX_M and quant.K % quant.blocksize == 0
+
+
 def forward(x2, w: Base4bit, bias, lora_a, lora_b, scaling: float, seed, threshold: int, drop_scale: float):
     """(y2, xa) over a 4-bit base (the module docstring's split)."""
     from .kernels.nf4 import nf4_matmul
     from .kernels.shrink import lora_shrink
 
-    if w.quant is None or x2.shape[0] >= DEQUANT_MIN_M:
-        return route.dense_forward(x2, w.dequantized(x2.dtype), bias, lora_a, lora_b, scaling, seed, threshold,
+    b = None if bias is None else route.as_dtype(bias, x2.dtype)
+    if not _decode(x2.shape[0], w.quant):
+        return route.dense_forward(x2, w.dequantized(x2.dtype), b, lora_a, lora_b, scaling, seed, threshold,
                                    drop_scale)
     xa = lora_shrink(x2, lora_a, seed, threshold, drop_scale)
-    b = None if bias is None else route.as_dtype(bias, x2.dtype)
     return nf4_matmul(x2, w.quant, b, lora=(xa, lora_b, scaling)), xa
 
 
 def dx(dy2, x_dtype, w: Base4bit, lora_a, lora_b, scaling: float, seed, threshold: int, drop_scale: float,
        need_dx: bool, need_da: bool, dx_into=None):
-    """(dX or None, dyb) over a 4-bit base."""
-    from .kernels.nf4 import nf4_matmul_t
+    """(dX or None, dyb) over a 4-bit base: the dense route's dX over W dequantized (dY·B alone where
+    only dA needs it)."""
     from .kernels.shrink import lora_shrink
 
-    if need_dx and (w.quant is None or dy2.shape[0] >= DEQUANT_MIN_M):
-        return route.dense_dx(dy2, x_dtype, w.dequantized(dy2.dtype), lora_a, lora_b, scaling, seed, threshold,
-                              drop_scale, need_dx, need_da, dx_into)
     if not need_dx:
         return None, (lora_shrink(dy2, lora_b.t()) if need_da else None)
-    dyb = lora_shrink(dy2, lora_b.t())
-    dx = nf4_matmul_t(dy2, w.quant, lora=(dyb, lora_a.t(), scaling), seed=seed, threshold=threshold,
-                      drop_scale=drop_scale, out_dtype=x_dtype)
-    return (dx if dx_into is None else dx_into.add_(dx)), dyb
+    return route.dense_dx(dy2, x_dtype, w.dequantized(dy2.dtype), lora_a, lora_b, scaling, seed, threshold,
+                          drop_scale, need_dx, need_da, dx_into)
 
 
 route.register(FORMAT, route.BaseRoute(forward, dx, _rebuild))

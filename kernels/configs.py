@@ -39,23 +39,24 @@ TMA_CONFIGS = {
     "interpreter": dict.fromkeys(("wide", "wide_masked", "narrow"), (16, 32, 32, 4, 4, 1, True, False)),
 }
 
-# nf4_matmul's decode path (kernels/nf4.py, M <= GEMV_MAX_M): (BLOCK_N, BLOCK_K, split_k, num_warps,
-# num_stages), each for up to its row count; split_k 0 takes the rule (``_gemv_split``). Its tiled path
-# and nf4_matmul_t: lora_linear's fields. nf4_dequantize: (BLOCK_N, BLOCK_K, num_warps). The sm90
-# entries are first guesses until measured (docs/performance.md). A tile of BLOCK_K <= blocksize
-# columns reads one absmax per row; wider ones read one per byte.
+# nf4_matmul's decode path (kernels/nf4.py, M <= GEMV_MAX_M): (BLOCK_N, GROUPS, split_k, num_warps,
+# num_stages), each for up to its row count: BLOCK_N rows of W by GROUPS whole quantization blocks per
+# K step; split_k 0 takes the rule (``_gemv_split``). Its tiled path and nf4_matmul_t: lora_linear's
+# fields (not on the QLoRA route, see docs/performance.md). nf4_dequantize: (elements per program,
+# num_warps). Measured on H100 with tools/tune_nf4.py.
 NF4_GEMV_CONFIGS = {
-    "sm90": ((1, (32, 64, 0, 4, 4)),
-             (4, (32, 64, 0, 4, 4)),
-             (None, (64, 64, 0, 4, 3))),
-    "interpreter": ((None, (16, 64, 0, 4, 1)),),
+    "sm90": ((1, (4, 16, 0, 4, 1)),
+             (4, (4, 16, 0, 4, 1)),
+             (None, (16, 8, 0, 4, 1))),
+    "interpreter": ((1, (4, 2, 0, 4, 1)),
+                    (None, (16, 2, 0, 4, 1))),
 }
 NF4_TILED_CONFIGS = {
     "sm90": ((256, (64, 64, 64, 8, 4, 3)),
              (None, (128, 128, 64, 8, 8, 3))),
     "interpreter": ((None, (32, 32, 64, 4, 4, 1)),),
 }
-NF4_DEQUANT_CONFIGS = {"sm90": (32, 64, 4), "interpreter": (16, 64, 4)}
+NF4_DEQUANT_CONFIGS = {"sm90": (4096, 4), "interpreter": (256, 4)}
 
 
 def family(device: torch.device) -> str:
@@ -86,7 +87,7 @@ def linear_config(M: int, device: torch.device) -> tuple:
 
 
 def nf4_gemv_config(M: int, device: torch.device) -> tuple:
-    """nf4_matmul's decode-path config (BLOCK_N, BLOCK_K, split_k, num_warps, num_stages) for M rows."""
+    """nf4_matmul's decode-path config (BLOCK_N, GROUPS, split_k, num_warps, num_stages) for M rows."""
     return _by_rows(NF4_GEMV_CONFIGS, M, device)
 
 
@@ -96,7 +97,7 @@ def nf4_tiled_config(M: int, device: torch.device) -> tuple:
 
 
 def nf4_dequant_config(device: torch.device) -> tuple:
-    """nf4_dequantize's tiles (BLOCK_N, BLOCK_K, num_warps)."""
+    """nf4_dequantize's (elements per program, num_warps)."""
     return for_device(NF4_DEQUANT_CONFIGS, device)
 
 

@@ -41,7 +41,7 @@ import triton.language as tl
 from . import tuning
 from .common import block_r, dot, dot_mode, expand_mode, fp32_precision, num_sms
 from .configs import nf4_dequant_config, nf4_gemv_config, nf4_tiled_config
-from .launch import Plan, cached, cdiv
+from .launch import INTERPRETING, Plan, cached, cdiv
 from .linear import _grouped_tile, _lora_epilogue
 
 GEMV_MAX_M = 64  # rows up to which nf4_matmul takes the decode path (path="auto")
@@ -105,6 +105,19 @@ def packed_4bit(packed, absmax, code, N: int, K: int, blocksize: int, nested=Non
 
 
 # --- dequantizing in registers -----------------------------------------------------------------
+if INTERPRETING:
+    @triton.jit
+    def _mul_rn(a, b):
+        return a * b
+else:
+    @triton.jit
+    def _mul_rn(a, b):
+        """a·b rounded to fp32 on its own: never contracted into an fma with a following add (PTX's
+        explicit .rn), so that code2·absmax2 + offset rounds twice, as bitsandbytes' two steps do."""
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
 @triton.jit
 def _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, mask, BLOCKSIZE2: tl.constexpr,
                  NESTED: tl.constexpr):
@@ -112,11 +125,30 @@ def _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, mask, BLOC
     rebuilt from the double-quantized statistics, code2[q[blk]]·absmax2[blk // BLOCKSIZE2] + offset."""
     if NESTED:
         q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0) \
+        scale = _mul_rn(tl.load(code2_ptr + q), tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0)) \
             + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0).to(tl.float32)
     return scale
+
+
+@triton.jit
+def _lookup(byte, pair_ptr, code_ptr, LUT: tl.constexpr, ROWS: tl.constexpr = 0, HALF: tl.constexpr = 0):
+    """The two table values of each byte (int32, any shape), (first element, second element) in fp32:
+    LUT 2 one int64 read of both (``pair_table``), 1 a read per value, 0 tl.gather from registers
+    (2-D [ROWS, HALF] bytes only)."""
+    if LUT == 2:
+        pair = tl.load(pair_ptr + byte)
+        first = pair.to(tl.int32).to(tl.float32, bitcast=True)
+        second = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    elif LUT == 1:
+        first = tl.load(code_ptr + (byte >> 4))
+        second = tl.load(code_ptr + (byte & 0xF))
+    else:
+        table = tl.load(code_ptr + tl.arange(0, 16))
+        first = tl.reshape(tl.gather(table, tl.reshape(byte >> 4, (ROWS * HALF,)), 0), (ROWS, HALF))
+        second = tl.reshape(tl.gather(table, tl.reshape(byte & 0xF, (ROWS * HALF,)), 0), (ROWS, HALF))
+    return first, second
 
 
 @triton.jit
@@ -134,17 +166,7 @@ def _dequant_pairs(w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr
     r64 = rows.to(tl.int64)
     ok = row_ok[:, None] & (rb[None, :] < K // 2)
     byte = tl.load(w_ptr + r64[:, None] * (K // 2) + rb[None, :], mask=ok, other=0).to(tl.int32)
-    if LUT == 2:  # one read per byte: both values
-        pair = tl.load(pair_ptr + byte)
-        even = pair.to(tl.int32).to(tl.float32, bitcast=True)
-        odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    elif LUT == 1:
-        even = tl.load(code_ptr + (byte >> 4))
-        odd = tl.load(code_ptr + (byte & 0xF))
-    else:
-        table = tl.load(code_ptr + tl.arange(0, 16))
-        even = tl.reshape(tl.gather(table, tl.reshape(byte >> 4, (ROWS * HALF,)), 0), (ROWS, HALF))
-        odd = tl.reshape(tl.gather(table, tl.reshape(byte & 0xF, (ROWS * HALF,)), 0), (ROWS, HALF))
+    even, odd = _lookup(byte, pair_ptr, code_ptr, LUT, ROWS, HALF)
     if ALIGNED:
         scale = _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
                              r64 * (K // BLOCKSIZE) + c0 // BLOCKSIZE, row_ok, BLOCKSIZE2, NESTED)[:, None]
@@ -188,39 +210,49 @@ def _nf4_gemv_kernel(
     x_ptr, w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, l_ptr, r_ptr,
     out_ptr,
     M, N, K, R,
-    stride_xm, stride_xk, stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on,
+    stride_wn, stride_xm, stride_xk, stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on,
     scaling,
-    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr,
-    LUT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, MODE: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, LUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, MODE: tl.constexpr,
     EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out[M, N] = x[M, K]·W[N, K]ᵀ + bias + s·(l·rᵀ) for M <= BLOCK_M, any x, l, r strides (R = 0: no
-    LoRA term); program (pid_n, pid_k) takes W rows pid_n·BLOCK_N .. and every SPLIT_K-th BLOCK_K
-    block of K. SPLIT_K > 1: fp32 atomics into a zeroed fp32 out; LoRA and bias from pid_k == 0."""
+    """out[M, N] = x[M, K]·W[N, K]ᵀ + bias + s·(l·rᵀ) for M <= BLOCK_M, K % BLOCKSIZE == 0, any x, l, r
+    strides (R = 0: no LoRA term). Program (pid_n, pid_k) takes W rows pid_n·BLOCK_N .. and every
+    SPLIT_K-th step of GROUPS whole quantization blocks: a [BLOCK_N, GROUPS, BLOCKSIZE/2] byte tile
+    (one load, contiguous along each row, the whole step's bytes in flight at once), one scale per
+    (row, block), and x's matching [BLOCK_M, GROUPS, BLOCKSIZE/2, 2] pairs. SPLIT_K > 1: fp32 atomics
+    into a zeroed fp32 out; the LoRA term and bias from the pid_k == 0 programs."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    HALF: tl.constexpr = BLOCK_K // 2
+    HB: tl.constexpr = BLOCKSIZE // 2
+    BK: tl.constexpr = GROUPS * BLOCKSIZE
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    rj = 2 * tl.arange(0, HALF)
-    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    rn64 = rn.to(tl.int64)
+    rg = tl.arange(0, GROUPS)
+    rj = tl.arange(0, HB)
+    rp = tl.arange(0, 2)
+    kblocks = K // BLOCKSIZE
+    x_rows = x_ptr + rm.to(tl.int64)[:, None, None, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        even, odd = _dequant_pairs(w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn,
-                                   n_ok, k0, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, LUT, BLOCK_N, BLOCK_K)
-        ks = k0 + rj
-        x_ok = m_ok[:, None] & (ks[None, :] < K)
-        xe = tl.load(x_rows + ks[None, :] * stride_xk, mask=x_ok, other=0.0)
-        xo = tl.load(x_rows + (ks[None, :] + 1) * stride_xk, mask=x_ok, other=0.0)
+    for k0 in range(pid_k * BK, K, BK * SPLIT_K):
+        g = k0 // BLOCKSIZE + rg  # blocks of the row
+        g_ok = g < kblocks
+        byte = tl.load(w_ptr + rn64[:, None, None] * stride_wn + (g[None, :, None] * HB + rj[None, None, :]),
+                       mask=n_ok[:, None, None] & g_ok[None, :, None], other=0).to(tl.int32)
+        first, second = _lookup(byte, pair_ptr, code_ptr, LUT)
+        scale = _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn64[:, None] * kblocks + g[None, :],
+                             n_ok[:, None] & g_ok[None, :], BLOCKSIZE2, NESTED)[:, :, None]
+        w = tl.join(first * scale, second * scale)  # [BLOCK_N, GROUPS, HB, 2]: W's columns in order
+        ks = g[None, :, None, None] * BLOCKSIZE + 2 * rj[None, None, :, None] + rp[None, None, None, :]
+        x = tl.load(x_rows + ks * stride_xk, mask=m_ok[:, None, None, None] & g_ok[None, :, None, None], other=0.0)
         if USE_DOT:
-            acc = dot(xe, tl.trans(even), acc, MODE, PRECISION)
-            acc = dot(xo, tl.trans(odd), acc, MODE, PRECISION)
-        else:  # a few rows: [BLOCK_M, 1, HALF] x [1, BLOCK_N, HALF], summed over K, in fp32
-            acc += tl.sum(xe.to(tl.float32)[:, None, :] * even[None, :, :]
-                          + xo.to(tl.float32)[:, None, :] * odd[None, :, :], axis=2)
+            acc = dot(tl.reshape(x, (BLOCK_M, BK)), tl.trans(tl.reshape(w, (BLOCK_N, BK))), acc, MODE, PRECISION)
+        else:  # a few rows: [BLOCK_M, 1, BK] x [1, BLOCK_N, BK], summed over K, in fp32
+            acc += tl.sum(tl.reshape(x, (BLOCK_M, 1, BK)).to(tl.float32) * tl.reshape(w, (1, BLOCK_N, BK)), axis=2)
     if pid_k == 0:
         if USE_DOT:
             acc = _lora_epilogue(acc, rm, rn, m_ok, n_ok, pid_n * BLOCK_N, l_ptr, r_ptr, bias_ptr, l_ptr, 0, R,
@@ -321,22 +353,25 @@ def _nf4_tiled_t_kernel(
 @triton.jit
 def _nf4_dequant_kernel(
     w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr,
-    N, K, stride_on, stride_ok,
-    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr,
-    LUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NBYTES, NBLOCKS,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, LUT: tl.constexpr,
+    BLOCKS: tl.constexpr,
 ):
-    """out[N, K] = W in out's dtype, one BLOCK_N x BLOCK_K tile per program (even and odd columns
-    stored separately: every byte written, no interleave in registers)."""
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    n_ok = rn < N
-    even, odd = _dequant_pairs(w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn, n_ok,
-                               k0, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, LUT, BLOCK_N, BLOCK_K)
-    ks = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-    ptrs = out_ptr + rn[:, None].to(tl.int64) * stride_on + ks[None, :] * stride_ok
-    mask = n_ok[:, None] & (ks[None, :] < K)
-    tl.store(ptrs, even.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(ptrs + stride_ok, odd.to(out_ptr.dtype.element_ty), mask=mask)
+    """out.flat = W.flat in out's dtype (out contiguous): the packed bytes seen as [quantization
+    blocks, BLOCKSIZE/2], BLOCKS whole blocks per program, one scale per block, each byte's two
+    values interleaved back and stored contiguously. Blocks that straddle rows of W need nothing
+    special here; the last block may be short."""
+    HB: tl.constexpr = BLOCKSIZE // 2
+    blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    idx = blk[:, None] * HB + tl.arange(0, HB)[None, :]
+    ok = idx < NBYTES
+    byte = tl.load(w_ptr + idx, mask=ok, other=0).to(tl.int32)
+    first, second = _lookup(byte, pair_ptr, code_ptr, LUT, BLOCKS, HB)
+    scale = _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, blk < NBLOCKS, BLOCKSIZE2,
+                         NESTED)[:, None]
+    vals = tl.reshape(tl.join(first * scale, second * scale), (BLOCKS, BLOCKSIZE))
+    out = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    tl.store(out_ptr + out, vals.to(out_ptr.dtype.element_ty), mask=out < 2 * NBYTES)
 
 
 # --- launchers ----------------------------------------------------------------------------------
@@ -411,16 +446,23 @@ def _nf4_plan(x, w: Packed4bit, bias, lora, out_dtype, path):
     common = dict(HAS_BIAS=bias is not None, MODE=dot_mode(x.dtype, x.dtype), EXPAND_MODE=expand_mode(out_dtype),
                   PRECISION=fp32_precision(), BLOCK_R=block_r(max(R, 1), 64))
     if gemv:
-        BN, BK, split_k, warps, stages = tuning.pinned(tuning.NF4_GEMV) or nf4_gemv_config(M, device)
-        BK = min(BK, max(16, triton.next_power_of_2(K)))
+        if K % w.blocksize:
+            raise NotImplementedError(f"nf4_matmul: the decode path needs K ({K}) to be a multiple of the blocksize "
+                                      f"({w.blocksize}); dequantize W (nf4_dequantize) for such weights")
+        BN, groups, split_k, warps, stages = tuning.pinned(tuning.NF4_GEMV) or nf4_gemv_config(M, device)
+        groups = max(1, min(groups, triton.next_power_of_2(K // w.blocksize)))
         BM = max(1, triton.next_power_of_2(M))
-        use_dot = BM >= 16
-        split_k = _gemv_split(N, K, BN, BK, split_k, num_sms(device))
+        use_dot = BM > 4
+        BM = max(BM, 16) if use_dot else BM
+        split_k = _gemv_split(N, K, BN, groups * w.blocksize, split_k, num_sms(device))
         if not use_dot:
             common["BLOCK_R"] = 16
-        plan = Plan(_nf4_gemv_kernel, (cdiv(N, BN), split_k), scalars, SPLIT_K=split_k, USE_DOT=use_dot,
-                    BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages,
-                    **_weight_meta(w, BK), **common)
+        meta = _weight_meta(w, w.blocksize)
+        del meta["ALIGNED"]
+        meta["LUT"] = max(meta["LUT"], LUT_LOAD)  # tl.gather takes 2-D tiles only
+        plan = Plan(_nf4_gemv_kernel, (cdiv(N, BN), split_k), (M, N, K, R, K // 2, *scalars[4:]), SPLIT_K=split_k,
+                    USE_DOT=use_dot, BLOCK_M=BM, BLOCK_N=BN, GROUPS=groups, num_warps=warps, num_stages=stages,
+                    **meta, **common)
         atomic = split_k > 1
     else:
         BM, BN, BK, GM, warps, stages = tuning.pinned(tuning.NF4_TILED) or nf4_tiled_config(M, device)
@@ -442,12 +484,13 @@ def _nf4_plan(x, w: Packed4bit, bias, lora, out_dtype, path):
 
 
 def _gemv_split(N: int, K: int, BN: int, BK: int, split_k: int, sms: int) -> int:
-    """The decode path's split-K: ``split_k`` from the config (0: the rule), at most one K block each.
-    The rule: none where the N blocks alone give every multiprocessor a program, else enough splits
-    for two programs per multiprocessor."""
+    """The decode path's split-K: ``split_k`` from the config (0: the rule), at most one K step each.
+    The rule: none where the N blocks alone give every multiprocessor four programs (the loads of
+    several programs in flight at once are what streams W near the copy rate), else enough splits
+    for four."""
     blocks = cdiv(N, BN)
     if split_k <= 0:
-        split_k = 1 if blocks >= sms else cdiv(2 * sms, blocks)
+        split_k = 1 if blocks >= 4 * sms else cdiv(4 * sms, blocks)
     return max(1, min(split_k, cdiv(K, BK)))
 
 
@@ -497,15 +540,18 @@ def nf4_dequantize(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor | None =
 def _dequant_plan(w: Packed4bit, dtype):
     N, K = w.N, w.K
     device = w.absmax.device
-    BN, BK, warps = nf4_dequant_config(device)
-    BK = min(BK, max(16, triton.next_power_of_2(K)))
-    plan = Plan(_nf4_dequant_kernel, (cdiv(N, BN), cdiv(K, BK)), (N, K, K, 1), BLOCK_N=BN, BLOCK_K=BK,
-                num_warps=warps, **_weight_meta(w, BK))
+    elements, warps = nf4_dequant_config(device)
+    blocks = max(1, elements // w.blocksize)
+    nblocks = cdiv(N * K, w.blocksize)
+    meta = _weight_meta(w, w.blocksize)
+    del meta["ALIGNED"]
+    plan = Plan(_nf4_dequant_kernel, (cdiv(nblocks, blocks),), (N * K // 2, nblocks), BLOCKS=blocks, num_warps=warps,
+                **meta)
 
     def run(w, out):
         if out is None:
             out = torch.empty((N, K), dtype=dtype, device=device)
-        elif out.shape != (N, K) or out.stride() != (K, 1) or out.dtype != dtype:
+        elif out.shape != (N, K) or not out.is_contiguous() or out.dtype != dtype:
             raise ValueError(f"nf4_dequantize: out must be a contiguous ({N}, {K}) {dtype} tensor")
         if N and K:
             plan.run((*_weight_tensors(w), out))

@@ -11,7 +11,7 @@ measure them against each other (tools/ab.sh) or reproduce a run.
     FASTPEFT_GEMM           the base product's route: auto (default), triton, cublas or tma
     FASTPEFT_TMA_MIN_M      rows from which the auto route takes the TMA matmul (0: never)
     FASTPEFT_PDL            0: no programmatic dependent launch after a shrink
-    FASTPEFT_NF4_GEMV_CONFIG   nf4_matmul's decode path   BLOCK_N,BLOCK_K,split_k (0: the rule),num_warps,num_stages
+    FASTPEFT_NF4_GEMV_CONFIG   nf4_matmul's decode path   BLOCK_N,GROUPS,split_k (0: the rule),num_warps,num_stages
     FASTPEFT_NF4_TILED_CONFIG  nf4_matmul's tiled path, nf4_matmul_t   lora_linear's fields
     FASTPEFT_NF4_LUT        the 4-bit kernels' table lookup: 2 value pairs per byte, 1 a read per
                             element, 0 tl.gather (kernels/nf4.py)
@@ -83,7 +83,7 @@ _PARSERS = {
     SHRINK: lambda name, value: _ints(name, value, "BLOCK_M,BLOCK_K,split_k,num_warps,num_stages"),
     LINEAR: lambda name, value: _ints(name, value, "BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,num_stages"),
     TMA: _tma,
-    NF4_GEMV: lambda name, value: _ints(name, value, "BLOCK_N,BLOCK_K,split_k,num_warps,num_stages"),
+    NF4_GEMV: lambda name, value: _ints(name, value, "BLOCK_N,GROUPS,split_k,num_warps,num_stages"),
     NF4_TILED: lambda name, value: _ints(name, value, "BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,num_stages"),
     NF4_LUT: _lut,
 }

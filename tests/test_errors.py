@@ -261,19 +261,31 @@ def test_unsupported_module_type(target, exc, what):
     assert isinstance(model.proj, nn.Linear) and not isinstance(model.proj, LoraLinear)  # nothing changed
 
 
-def test_quantized_linear_not_implemented():
-    class Params4bit(nn.Parameter):  # stands in for bitsandbytes' (only the class name is looked at)
+def test_8bit_linear_not_implemented_and_unquantized_4bit_refused():
+    """bitsandbytes' classes stood in for by name (what fastpeft looks at): an 8-bit layer is not
+    supported; a 4-bit one without a quant_state is not quantized yet. Nothing changes either way."""
+    class Int8Params(nn.Parameter):
+        pass
+
+    class Linear8bitLt(nn.Linear):
+        pass
+
+    class Params4bit(nn.Parameter):
         pass
 
     class Linear4bit(nn.Linear):
         pass
 
-    model = nn.Sequential(nn.Linear(4, 4))
-    q = Linear4bit(4, 4)
-    q.weight = Params4bit(torch.zeros(4, 4))
-    model.append(q)
-    with pytest.raises(NotImplementedError, match=r"'1'.*quantized .*Linear4bit.*Params4bit"):
-        fastpeft.patch(model, LoraConfig(target_modules=["0", "1"]))
+    for layer_cls, param_cls, error, match in (
+            (Linear8bitLt, Int8Params, NotImplementedError, r"'1'.*8-bit bitsandbytes .*Linear8bitLt.*load_in_8bit"),
+            (Linear4bit, Params4bit, ValueError, r"'1'.*no quant_state")):
+        model = nn.Sequential(nn.Linear(4, 4))
+        q = layer_cls(4, 4)
+        q.weight = param_cls(torch.zeros(4, 4))
+        model.append(q)
+        with pytest.raises(error, match=match):
+            fastpeft.patch(model, LoraConfig(target_modules=["0", "1"]))
+        assert type(model[0]) is nn.Linear and type(model[1]) is layer_cls
 
 
 @pytest.mark.parametrize("parent", ["Linear", "FalconLinear"])

@@ -200,7 +200,8 @@ def test_no_rows(quant_device):
 @pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
 def test_blocks_across_rows(quant_device, quant_type, nested):
     """K not a multiple of the blocksize (hidden 32 with blocksize 64: every block spans two rows; K
-    = 96 with 64: some do): a scale read per byte, on every kernel. The oracle is the reference
+    = 96 with 64: some do): the dequantize kernel (flat blocks), the tiled and transposed products (a
+    scale read per byte); the decode path refuses them (its K steps are whole blocks). The oracle is the reference
     dequantize (the format's flat blocks): bitsandbytes 0.50.2's CPU dequantize_4bit reads such
     weights wrongly (its C kernel takes blocks per row), its CUDA one agrees with the reference."""
     device = quant_device
@@ -210,8 +211,9 @@ def test_blocks_across_rows(quant_device, quant_type, nested):
         w = _packed(packed, state, N, K, bs, nested)
         for M in (1, 17, 70):
             x = _x(M, K, torch.float32, device)
-            for path in _paths(M):
-                _check(x, packed, state, wd, N, K, bs, None, path, nested=nested, what=f"N={N} K={K} bs={bs} {path}")
+            _check(x, packed, state, wd, N, K, bs, None, "tiled", nested=nested, what=f"N={N} K={K} bs={bs}")
+        with pytest.raises(NotImplementedError, match="multiple of the blocksize"):
+            nf4_matmul(x[:1], w, path="gemv")
         assert torch.equal(nf4_dequantize(w, torch.float32), wd), f"dequantize N={N} K={K} bs={bs}"
         dy = torch.randn(17, N, device=device)
         assert_close(nf4_matmul_t(dy, w), dy.double() @ wd.double(), dy @ wd, torch.float32, f"dX N={N} K={K}")

@@ -76,6 +76,15 @@ def _inputs():
     return {k: v.to(_device()) for k, v in make_inputs("llama").items()}
 
 
+def assert_same(out, ref, what=""):
+    """Bit for bit on CPU, where PEFT over bitsandbytes and fastpeft's reference path run the same torch
+    ops; on a GPU within bf16 rounding (bitsandbytes hands cuBLAS W transposed: another algorithm)."""
+    if out.device.type == "cpu":
+        assert torch.equal(out, ref), what
+    else:
+        assert rel_err(out, ref) <= 2e-2, f"{what}: {rel_err(out, ref):.3e}"
+
+
 def _grad_errors(grads, truth):
     return {k: rel_err(grads[k], truth[k]) for k in truth}
 
@@ -113,19 +122,19 @@ def test_logits_and_grads_match_peft_reference_path(tiny_dir, quant_type, nested
     inputs = _inputs()
     fast, ref = forward_backward(fm, inputs), forward_backward(pm, inputs)
     # the reference path computes what PEFT over bitsandbytes computes, op for op
-    assert torch.equal(fast[0], ref[0])
+    assert_same(fast[0], ref[0], "logits")
     _check_against_truth(fast, ref, forward_backward(tm, inputs), f"{quant_type} nested={nested}")
 
 
-@pytest.mark.parametrize("quant_type,nested,dequant_min_m", [("nf4", True, None), ("fp4", False, None),
-                                                             ("nf4", True, 1)], ids=["nf4", "fp4", "nf4-dequant"])
-def test_logits_and_grads_kernels(tiny_dir, quant_type, nested, dequant_min_m, kernels_on, monkeypatch):
-    """The 4-bit kernels (the fused MLP and q/k/v groups on, as by default) within the rule; with
-    DEQUANT_MIN_M = 1 the dequantize + dense route that large M takes."""
+@pytest.mark.parametrize("quant_type,nested,fused_max_m", [("nf4", True, None), ("fp4", False, None),
+                                                           ("nf4", True, 0)], ids=["nf4", "fp4", "nf4-dequant"])
+def test_logits_and_grads_kernels(tiny_dir, quant_type, nested, fused_max_m, kernels_on, monkeypatch):
+    """The 4-bit kernels (the fused MLP and q/k/v groups on, as by default) within the rule: the
+    decode kernel at these few rows; with FUSED_MAX_M = 0 the dequantize + dense route of large M."""
     from fastpeft import qlora
 
-    if dequant_min_m is not None:
-        monkeypatch.setattr(qlora, "DEQUANT_MIN_M", dequant_min_m)
+    if fused_max_m is not None:
+        monkeypatch.setattr(qlora, "FUSED_MAX_M", fused_max_m)
     fm, pm, tm = _three(tiny_dir, quant_type, nested)
     inputs = _inputs()
     fast, ref = forward_backward(fm, inputs), forward_backward(pm, inputs)
@@ -199,9 +208,9 @@ def test_patch_peft_qlora_model(tiny_dir, set_options):
     layers = [m for m in pm.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A")]
     assert layers and all(m.__dict__.get("_fastpeft_accelerated") for m in layers)
     after = forward_backward(pm, inputs)
-    assert torch.equal(before[0], after[0])
+    assert_same(after[0], before[0], "logits")
     for k in before[1]:
-        assert torch.equal(before[1][k], after[1][k]), k
+        assert_same(after[1][k], before[1][k], k)
 
 
 # Comparisons with PEFT over bitsandbytes on CPU run in train mode (no dropout: the same numbers):
@@ -213,11 +222,11 @@ def test_adapters_both_ways_with_peft(tiny_dir, tmp_path, set_options):
     fastpeft.save_adapter(fm, tmp_path / "fast")
     pm = peft.PeftModel.from_pretrained(load_4bit(tiny_dir), tmp_path / "fast").train()
     with torch.no_grad():
-        assert torch.equal(logits(fm, inputs), logits(pm, inputs))
+        assert_same(logits(fm, inputs), logits(pm, inputs), "fastpeft's adapter in PEFT")
     pm.save_pretrained(tmp_path / "peft")
     fm2 = fastpeft.load_adapter(load_4bit(tiny_dir), tmp_path / "peft").train()
     with torch.no_grad():
-        assert torch.equal(logits(fm2, inputs), logits(pm, inputs))
+        assert_same(logits(fm2, inputs), logits(pm, inputs), "PEFT's adapter in fastpeft")
 
 
 def test_merge_within_4bit_rounding(tiny_dir, set_options):
@@ -266,10 +275,15 @@ def test_gradient_checkpointing_and_kbit_preparation(tiny_dir, set_options):
         assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-3, atol=1e-5), k
 
 
-def test_generate_equals_peft(tiny_dir, set_options):
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+def test_generate_equals_peft(tiny_dir, set_options, backend, request):
     """Greedy generation from a patched 4-bit model: the tokens of PEFT over bitsandbytes (fp32 compute,
-    so that ties from rounding do not decide), adapters on, then disabled (train mode: see above)."""
-    set_options(backend="reference")
+    so that ties from rounding do not decide), adapters on, then disabled (train mode: see above); the
+    kernels run the decode kernel at every step (M = batch rows)."""
+    if backend == "kernels":
+        request.getfixturevalue("kernels_on")
+    else:
+        set_options(backend="reference")
     pm = peft.get_peft_model(load_4bit(tiny_dir, compute_dtype=torch.float32, dtype=torch.float32),
                              peft.LoraConfig(**LORA)).train()
     fm = fastpeft.patch(load_4bit(tiny_dir, compute_dtype=torch.float32, dtype=torch.float32),

@@ -113,7 +113,9 @@ def test_linear4bit_weight(bnb_4bit, quant_type, nested):
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["p0", "p0.25"])
-def test_qlora_linear_is_lora_linear_on_the_dequantized_weight(bnb_4bit, dtype, dropout_p):
+def test_qlora_linear_is_peft_over_bitsandbytes(bnb_4bit, dtype, dropout_p):
+    """PEFT's lora.bnb.Linear4bit forward, written out: the base through bitsandbytes' dequantized W,
+    the LoRA branch in the adapters' dtype cast to the base's before the sum."""
     shape = (24, 37)
     _, packed, qs = _quantize(bnb_4bit, shape, dtype, 64, True, "nf4")
     w = bnb_4bit.dequantize_4bit(packed, qs)
@@ -122,7 +124,9 @@ def test_qlora_linear_is_lora_linear_on_the_dequantized_weight(bnb_4bit, dtype, 
     bias = torch.randn(24, dtype=dtype)
     a, b = torch.randn(8, 37), torch.randn(24, 8)
     out = reference.qlora_linear(x, packed, Quant4bitState.from_bnb(qs), bias, a, b, 2.0, dropout_p, seed=7)
-    assert torch.equal(out, reference.lora_linear(x, w, bias, a, b, 2.0, dropout_p, seed=7))
+    base = torch.nn.functional.linear(x, w, bias)
+    lora = reference.lora_linear(x, None, None, a, b, 2.0, dropout_p, seed=7)  # in fp32, cast to x's dtype
+    assert torch.equal(out, base + lora)
 
 
 # --- bad input (no bitsandbytes needed) ---------------------------------------------------------------

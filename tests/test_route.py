@@ -71,5 +71,5 @@ def test_an_unknown_format_is_named(kernels_on):
     x, w = torch.randn(2, 8, device=kernels_on), torch.randn(6, 8, device=kernels_on)
     a, b = torch.randn(2, 8, device=kernels_on), torch.randn(6, 2, device=kernels_on)
     with pytest.raises(NotImplementedError, match=r"no route computes a base weight of format 'wrapped'; known: "
-                                                  r"\['dense'\]"):
+                                                  r"\['4bit', 'dense'\]"):
         ops.lora_linear(x, _Wrapped(w), None, a, b, 1.0)

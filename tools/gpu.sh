@@ -3,6 +3,7 @@
 #   bash tools/gpu.sh                   tests + demo + benches (end-to-end step first, then the layer grid)
 #   GPU_TESTS=0 / GPU_DEMO=0 / GPU_BENCH=0   leave a part out
 #   TEST_ARGS / BENCH_ARGS              extra pytest args, shell-quoted (BENCH_ARGS='-k "train_step or 4096-4096"')
+#   BENCH_FILES                         the bench files (default: every bench/bench_*.py, end-to-end first)
 #   TEST_TIMEOUT / BENCH_TIMEOUT        seconds per part (defaults 240 / 420), so one call stays within
 #                                       a 10-minute limit and the logs of a part that is cut survive
 # Tests run on 8 workers (pytest-xdist) when it is installed: compiling the kernels is most of their time.
@@ -28,7 +29,8 @@ if [ "${GPU_DEMO:-1}" = 1 ]; then
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if [ "${GPU_BENCH:-1}" = 1 ]; then
-  timeout "${BENCH_TIMEOUT:-420}" python3 -m pytest bench/bench_e2e.py bench/bench_lora.py -q -s -p no:cacheprovider --benchmark-disable-gc "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log"
+  files=${BENCH_FILES:-"bench/bench_e2e.py bench/bench_lora.py bench/bench_nf4.py bench/bench_qlora.py"}
+  timeout "${BENCH_TIMEOUT:-420}" python3 -m pytest $files -q -s -p no:cacheprovider --benchmark-disable-gc "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 exit $status

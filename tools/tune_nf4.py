@@ -18,17 +18,18 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from common import time_ms  # noqa: E402
 
-from fastpeft.kernels import tuning  # noqa: E402
+from fastpeft.kernels import configs, launch, tuning  # noqa: E402
 from fastpeft.kernels.nf4 import nf4_dequantize, nf4_matmul, nf4_matmul_t, packed_4bit  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # (K, N)
-GEMV = {1: [(16, 64, 0, 4, 4), (32, 64, 0, 4, 4), (64, 64, 0, 4, 4), (32, 64, 0, 2, 4), (16, 64, 0, 2, 6),
-            (64, 64, 0, 8, 4), (128, 64, 0, 8, 3), (32, 32, 0, 4, 6), (32, 64, 1, 4, 4), (64, 128, 0, 4, 3)],
-        4: [(16, 64, 0, 4, 4), (32, 64, 0, 4, 4), (64, 64, 0, 4, 4), (32, 64, 0, 8, 4), (64, 64, 0, 8, 3),
-            (32, 32, 0, 4, 6)],
-        16: [(32, 64, 0, 4, 4), (64, 64, 0, 4, 4), (64, 64, 0, 4, 3), (128, 64, 0, 4, 3), (64, 64, 1, 4, 4),
-             (32, 64, 0, 2, 4)],
-        64: [(32, 64, 0, 4, 4), (64, 64, 0, 4, 4), (128, 64, 0, 8, 3), (64, 64, 0, 4, 3), (64, 64, 1, 4, 4)]}
+GEMV = {1: [(4, 16, 0, 4, 1), (2, 16, 0, 2, 1), (8, 8, 0, 4, 1), (4, 32, 0, 4, 1), (8, 16, 0, 4, 1),
+            (2, 32, 0, 4, 1), (16, 8, 0, 4, 1), (4, 8, 0, 2, 1), (1, 32, 0, 2, 1), (8, 32, 0, 8, 1)],
+        4: [(4, 16, 0, 4, 1), (2, 16, 0, 2, 1), (8, 8, 0, 4, 1), (4, 8, 0, 4, 1), (8, 16, 0, 8, 1)],
+        16: [(16, 4, 0, 4, 1), (16, 8, 0, 4, 1), (32, 4, 0, 4, 1), (32, 8, 0, 8, 1), (64, 4, 0, 4, 1),
+             (16, 16, 0, 8, 1), (64, 2, 0, 4, 1)],
+        64: [(16, 4, 0, 4, 1), (16, 8, 0, 4, 1), (32, 4, 0, 4, 1), (32, 8, 0, 8, 1), (64, 4, 0, 4, 1),
+             (64, 2, 0, 4, 1)]}
+DEQUANT = [(2048, 4), (4096, 4), (8192, 8), (16384, 8), (4096, 8), (8192, 4)]
 TILED = [(64, 64, 64, 8, 4, 3), (64, 128, 64, 8, 4, 3), (128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3),
          (128, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4)]
 ROWS_TILED = [256, 4096]
@@ -79,7 +80,7 @@ def main(parts):
                 base = time_ms(lambda: F.linear(x, w))
                 ref = time_ms(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state))
                 row = [f"M={M} K={K} N={N}: F.linear {base * 1e3:.1f} us, bnb {ref * 1e3:.1f} us"]
-                luts = ("2", "1", "0") if "lut" in parts else ("2",)
+                luts = ("2", "1") if "lut" in parts else ("2",)
                 for lut in luts:
                     pin(tuning.NF4_LUT, lut)
                     res = []
@@ -95,6 +96,20 @@ def main(parts):
                 print("\n  ".join(row), flush=True)
         pin(tuning.NF4_GEMV, None)
         pin(tuning.NF4_LUT, None)
+    if "dequant" in parts:
+        for (K, N), (w, packed, state, q) in weights.items():
+            res = []
+            for cfg in DEQUANT:
+                configs.NF4_DEQUANT_CONFIGS["sm90"] = cfg
+                launch._plans.clear()
+                res.append((timed(lambda: nf4_dequantize(q, torch.bfloat16)), cfg))
+            res.sort(key=lambda v: (v[0] != v[0], v[0]))
+            write = N * K * 2 + N * K / 2
+            print(f"dequantize K={K} N={N}: best {res[0][0] * 1e3:.1f} us {res[0][1]} ({write / (res[0][0] * 1e-3) / 1e9:.0f} "
+                  f"GB/s read + written, {write / (res[0][0] * 1e-3) / 1e9 / copy:.0%} of copy); next "
+                  + ", ".join(f"{v * 1e3:.1f}{c}" for v, c in res[1:3]), flush=True)
+        configs.NF4_DEQUANT_CONFIGS["sm90"] = DEQUANT[1]
+        launch._plans.clear()
     if "tiled" in parts or "dequant" in parts:
         for M in ROWS_TILED + [16384]:
             for (K, N), (w, packed, state, q) in weights.items():
