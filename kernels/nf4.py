@@ -133,10 +133,10 @@ def _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, mask, BLOC
 
 
 @triton.jit
-def _lookup(byte, pair_ptr, code_ptr, LUT: tl.constexpr, ROWS: tl.constexpr = 0, HALF: tl.constexpr = 0):
+def _lookup(byte, pair_ptr, code_ptr, LUT: tl.constexpr):
     """The two table values of each byte (int32, any shape), (first element, second element) in fp32:
-    LUT 2 one int64 read of both (``pair_table``), 1 a read per value, 0 tl.gather from registers
-    (2-D [ROWS, HALF] bytes only)."""
+    LUT 2 one int64 read of both (``pair_table``), 1 a read per value, 0 tl.gather of the 16 values
+    (through shared memory: the fastest measured, docs/performance.md)."""
     if LUT == 2:
         pair = tl.load(pair_ptr + byte)
         first = pair.to(tl.int32).to(tl.float32, bitcast=True)
@@ -146,8 +146,9 @@ def _lookup(byte, pair_ptr, code_ptr, LUT: tl.constexpr, ROWS: tl.constexpr = 0,
         second = tl.load(code_ptr + (byte & 0xF))
     else:
         table = tl.load(code_ptr + tl.arange(0, 16))
-        first = tl.reshape(tl.gather(table, tl.reshape(byte >> 4, (ROWS * HALF,)), 0), (ROWS, HALF))
-        second = tl.reshape(tl.gather(table, tl.reshape(byte & 0xF, (ROWS * HALF,)), 0), (ROWS, HALF))
+        flat = tl.reshape(byte, (byte.numel,))
+        first = tl.reshape(tl.gather(table, flat >> 4, 0), byte.shape)
+        second = tl.reshape(tl.gather(table, flat & 0xF, 0), byte.shape)
     return first, second
 
 
@@ -166,7 +167,7 @@ def _dequant_pairs(w_ptr, pair_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr
     r64 = rows.to(tl.int64)
     ok = row_ok[:, None] & (rb[None, :] < K // 2)
     byte = tl.load(w_ptr + r64[:, None] * (K // 2) + rb[None, :], mask=ok, other=0).to(tl.int32)
-    even, odd = _lookup(byte, pair_ptr, code_ptr, LUT, ROWS, HALF)
+    even, odd = _lookup(byte, pair_ptr, code_ptr, LUT)
     if ALIGNED:
         scale = _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
                              r64 * (K // BLOCKSIZE) + c0 // BLOCKSIZE, row_ok, BLOCKSIZE2, NESTED)[:, None]
@@ -237,7 +238,10 @@ def _nf4_gemv_kernel(
     rp = tl.arange(0, 2)
     kblocks = K // BLOCKSIZE
     x_rows = x_ptr + rm.to(tl.int64)[:, None, None, None] * stride_xm
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:  # products kept per element, summed once after the loop
+        acc4 = tl.zeros((BLOCK_M, BLOCK_N, GROUPS, HB), dtype=tl.float32)
     for k0 in range(pid_k * BK, K, BK * SPLIT_K):
         g = k0 // BLOCKSIZE + rg  # blocks of the row
         g_ok = g < kblocks
@@ -246,13 +250,18 @@ def _nf4_gemv_kernel(
         first, second = _lookup(byte, pair_ptr, code_ptr, LUT)
         scale = _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn64[:, None] * kblocks + g[None, :],
                              n_ok[:, None] & g_ok[None, :], BLOCKSIZE2, NESTED)[:, :, None]
-        w = tl.join(first * scale, second * scale)  # [BLOCK_N, GROUPS, HB, 2]: W's columns in order
+        first = first * scale  # W[n, 2j], W[n, 2j + 1] of the step, [BLOCK_N, GROUPS, HB]
+        second = second * scale
         ks = g[None, :, None, None] * BLOCKSIZE + 2 * rj[None, None, :, None] + rp[None, None, None, :]
         x = tl.load(x_rows + ks * stride_xk, mask=m_ok[:, None, None, None] & g_ok[None, :, None, None], other=0.0)
         if USE_DOT:
-            acc = dot(tl.reshape(x, (BLOCK_M, BK)), tl.trans(tl.reshape(w, (BLOCK_N, BK))), acc, MODE, PRECISION)
-        else:  # a few rows: [BLOCK_M, 1, BK] x [1, BLOCK_N, BK], summed over K, in fp32
-            acc += tl.sum(tl.reshape(x, (BLOCK_M, 1, BK)).to(tl.float32) * tl.reshape(w, (1, BLOCK_N, BK)), axis=2)
+            w = tl.reshape(tl.join(first, second), (BLOCK_N, BK))  # W's columns in order
+            acc = dot(tl.reshape(x, (BLOCK_M, BK)), tl.trans(w), acc, MODE, PRECISION)
+        else:  # a few rows: x's even and odd columns against the two values of each byte, in fp32
+            xe, xo = tl.split(x.to(tl.float32))
+            acc4 += xe[:, None, :, :] * first[None, :, :, :] + xo[:, None, :, :] * second[None, :, :, :]
+    if not USE_DOT:
+        acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
     if pid_k == 0:
         if USE_DOT:
             acc = _lora_epilogue(acc, rm, rn, m_ok, n_ok, pid_n * BLOCK_N, l_ptr, r_ptr, bias_ptr, l_ptr, 0, R,
@@ -366,7 +375,7 @@ def _nf4_dequant_kernel(
     idx = blk[:, None] * HB + tl.arange(0, HB)[None, :]
     ok = idx < NBYTES
     byte = tl.load(w_ptr + idx, mask=ok, other=0).to(tl.int32)
-    first, second = _lookup(byte, pair_ptr, code_ptr, LUT, BLOCKS, HB)
+    first, second = _lookup(byte, pair_ptr, code_ptr, LUT)
     scale = _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, blk < NBLOCKS, BLOCKSIZE2,
                          NESTED)[:, None]
     vals = tl.reshape(tl.join(first * scale, second * scale), (BLOCKS, BLOCKSIZE))
@@ -390,7 +399,7 @@ def _weight_meta(w: Packed4bit, cols: int) -> dict:
     aligned = w.K % w.blocksize == 0 and cols <= w.blocksize
     lut = tuning.pinned(tuning.NF4_LUT)
     return dict(BLOCKSIZE=w.blocksize, BLOCKSIZE2=1 if w.nested is None else w.nested[2], NESTED=w.nested is not None,
-                ALIGNED=aligned, LUT=LUT_PAIRS if lut is None else lut)
+                ALIGNED=aligned, LUT=LUT_GATHER if lut is None else lut)
 
 
 def _lora_parts(lora, M: int, rows: int):
@@ -459,7 +468,6 @@ def _nf4_plan(x, w: Packed4bit, bias, lora, out_dtype, path):
             common["BLOCK_R"] = 16
         meta = _weight_meta(w, w.blocksize)
         del meta["ALIGNED"]
-        meta["LUT"] = max(meta["LUT"], LUT_LOAD)  # tl.gather takes 2-D tiles only
         plan = Plan(_nf4_gemv_kernel, (cdiv(N, BN), split_k), (M, N, K, R, K // 2, *scalars[4:]), SPLIT_K=split_k,
                     USE_DOT=use_dot, BLOCK_M=BM, BLOCK_N=BN, GROUPS=groups, num_warps=warps, num_stages=stages,
                     **meta, **common)

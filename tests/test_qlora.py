@@ -76,13 +76,15 @@ def _inputs():
     return {k: v.to(_device()) for k, v in make_inputs("llama").items()}
 
 
-def assert_same(out, ref, what=""):
+def assert_same(out, ref, what="", grad=False):
     """Bit for bit on CPU, where PEFT over bitsandbytes and fastpeft's reference path run the same torch
-    ops; on a GPU within bf16 rounding (bitsandbytes hands cuBLAS W transposed: another algorithm)."""
+    ops; on a GPU within bf16 rounding (bitsandbytes hands cuBLAS W transposed: another algorithm),
+    which a gradient, through the whole model's backward, compounds."""
     if out.device.type == "cpu":
         assert torch.equal(out, ref), what
     else:
-        assert rel_err(out, ref) <= 2e-2, f"{what}: {rel_err(out, ref):.3e}"
+        bound = 6e-2 if grad else 2e-2
+        assert rel_err(out, ref) <= bound, f"{what}: {rel_err(out, ref):.3e}"
 
 
 def _grad_errors(grads, truth):
@@ -210,7 +212,7 @@ def test_patch_peft_qlora_model(tiny_dir, set_options):
     after = forward_backward(pm, inputs)
     assert_same(after[0], before[0], "logits")
     for k in before[1]:
-        assert_same(after[1][k], before[1][k], k)
+        assert_same(after[1][k], before[1][k], k, grad=True)
 
 
 # Comparisons with PEFT over bitsandbytes on CPU run in train mode (no dropout: the same numbers):
@@ -292,13 +294,27 @@ def test_generate_equals_peft(tiny_dir, set_options, backend, request):
     ids = _inputs()["input_ids"]
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        assert torch.equal(fm.generate(ids, **kwargs), pm.generate(ids, **kwargs))
+        _same_tokens(fm, pm, fm.generate(ids, **kwargs), pm.generate(ids, **kwargs))
         with pm.disable_adapter():
             base_tokens = pm.generate(ids, **kwargs)
         for layer in fm.modules():
             if isinstance(layer, fastpeft.LoraLinear):
                 layer.enable_adapters(False)
         assert torch.equal(fm.generate(ids, **kwargs), base_tokens)
+
+
+def _same_tokens(fm, pm, ours, theirs):
+    """Greedy tokens equal, or (at the first that differs) a tie: PEFT's two best logits there within
+    fp32 rounding of each other, and fastpeft's logits there within it of PEFT's."""
+    if torch.equal(ours, theirs):
+        return
+    row, col = (ours != theirs).nonzero()[0].tolist()
+    prefix = theirs[row:row + 1, :col]
+    lf, lp = fm(prefix).logits[0, -1].float(), pm(prefix).logits[0, -1].float()
+    top = lp.topk(2).values
+    detail = f"tokens differ at row {row}, step {col}: PEFT's top two {top.tolist()}, max |diff| {(lf - lp).abs().max():.2e}"
+    assert (top[0] - top[1]).abs() < 1e-4 * top.abs().max() + 1e-5, detail
+    assert (lf - lp).abs().max() < 1e-4 * lp.abs().max() + 1e-5, detail
 
 
 # --- bad input ----------------------------------------------------------------------------------
