@@ -45,9 +45,9 @@ TMA_CONFIGS = {
 # fields (not on the QLoRA route, see docs/performance.md). nf4_dequantize: (elements per program,
 # num_warps). Measured on H100 with tools/tune_nf4.py.
 NF4_GEMV_CONFIGS = {
-    "sm90": ((1, (8, 16, 0, 4, 1)),
-             (4, (8, 8, 0, 4, 1)),
-             (None, (64, 4, 0, 4, 1))),
+    "sm90": ((1, (16, 8, 0, 4, 1)),
+             (4, (8, 4, 0, 4, 1)),
+             (None, (128, 2, 0, 8, 1))),
     "interpreter": ((1, (4, 2, 0, 4, 1)),
                     (None, (16, 2, 0, 4, 1))),
 }

@@ -463,6 +463,8 @@ def _nf4_plan(x, w: Packed4bit, bias, lora, out_dtype, path):
         BM = max(1, triton.next_power_of_2(M))
         use_dot = BM > 4
         BM = max(BM, 16) if use_dot else BM
+        if use_dot and x.element_size() == 4:  # fp32 operands: half the K step, so the tiles fit in shared memory
+            groups = max(1, groups // 2)
         split_k = _gemv_split(N, K, BN, groups * w.blocksize, split_k, num_sms(device))
         if not use_dot:
             common["BLOCK_R"] = 16
