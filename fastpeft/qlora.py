@@ -30,7 +30,7 @@ from . import route
 from .nf4 import BLOCKSIZES_4BIT, TABLES_4BIT, NestedAbsmax, Quant4bitState, dequantize_state
 
 FORMAT = "4bit"
-FUSED_MAX_M = 64  # up to here the decode kernel; above, dequantize + the dense route (docs/performance.md)
+FUSED_MAX_M = 16  # up to here the decode kernel; above, dequantize + the dense route (docs/performance.md)
 _CACHE_ATTR = "_fastpeft_base4bit"
 
 
