@@ -1,10 +1,36 @@
 """Shared fixtures: where kernels run, and the one tolerance rule."""
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-import fastpeft
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+class _CheckoutKernels:
+    """Import ``fastpeft.kernels`` from this checkout's kernels/ whenever ``fastpeft`` itself came
+    from this checkout. An editable install maps ``fastpeft.kernels`` to the kernels/ of the checkout
+    it was installed from; a second checkout (a git worktree) run with PYTHONPATH pointing at it
+    would otherwise test its own fastpeft/ against the other checkout's kernels. Where both are the
+    same folder (the usual case) this changes nothing."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        package = sys.modules.get("fastpeft")
+        if name != "fastpeft.kernels" or package is None:
+            return None
+        if Path(package.__file__).resolve().parent != _ROOT / "fastpeft":
+            return None
+        init = _ROOT / "kernels" / "__init__.py"
+        return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+
+
+sys.meta_path.insert(0, _CheckoutKernels)
+
+import fastpeft  # noqa: E402 (after the finder above)
 
 
 @pytest.fixture
