@@ -1,4 +1,5 @@
-"""Tile configs of the matmul kernels (lora_linear, lora_linear_tma, nf4_matmul's two paths), as data:
+"""Tile configs of the matmul kernels (lora_linear, lora_linear_tma, nf4_matmul's two paths) and the
+multi-adapter kernels (multi_lora_shrink, multi_lora_expand), as data:
 per GPU family, then per row bucket or by name.
 
 A table maps a GPU family (``family(device)``) to its configs: "sm90" (Hopper, where these were
@@ -58,6 +59,21 @@ NF4_TILED_CONFIGS = {
 }
 NF4_DEQUANT_CONFIGS = {"sm90": (4096, 4), "interpreter": (256, 4)}
 
+# multi_lora_shrink / multi_lora_expand (kernels/multi_lora.py), each for up to its tokens per slot
+# (cdiv(T, S): decode batches spread a few tokens over many adapters, prefill batches bring long runs of
+# one): (shrink (BLOCK_M, BLOCK_K, BLOCK_R, split_k, num_warps, num_stages), expand (BLOCK_M, BLOCK_N,
+# BLOCK_R, num_warps, num_stages)). BLOCK_R is a cap: block_r(R) where that is smaller. split_k > 1
+# splits the shrink's K over programs (atomics into a zeroed t) so that few tokens per slot still
+# fill the GPU. The sm90 entries are guesses, not yet measured; the interpreter's small-bucket entry
+# splits K so that the CPU tests take that path too.
+MULTI_LORA_CONFIGS = {
+    "sm90": ((16, ((16, 128, 16, 4, 4, 3), (16, 64, 16, 4, 2))),
+             (64, ((32, 128, 32, 2, 4, 3), (32, 64, 32, 4, 2))),
+             (None, ((64, 64, 32, 1, 4, 3), (64, 128, 32, 4, 2)))),
+    "interpreter": ((4, ((16, 32, 16, 2, 4, 1), (16, 32, 16, 4, 1))),
+                    (None, ((16, 32, 16, 1, 4, 1), (16, 32, 16, 4, 1)))),
+}
+
 
 def family(device: torch.device) -> str:
     """The GPU family whose tables ``device`` takes: "interpreter" under the Triton interpreter, else
@@ -99,6 +115,12 @@ def nf4_tiled_config(M: int, device: torch.device) -> tuple:
 def nf4_dequant_config(device: torch.device) -> tuple:
     """nf4_dequantize's (elements per program, num_warps)."""
     return for_device(NF4_DEQUANT_CONFIGS, device)
+
+
+def multi_lora_config(tokens_per_slot: int, device: torch.device) -> tuple:
+    """(shrink config, expand config) of the multi-adapter kernels for batches of about
+    ``tokens_per_slot`` tokens per adapter slot on ``device``."""
+    return _by_rows(MULTI_LORA_CONFIGS, tokens_per_slot, device)
 
 
 def tma_config_name(out_dtype, has_seed: bool) -> str:

@@ -1,0 +1,367 @@
+"""Batched multi-adapter LoRA for serving: many adapters in one batch, one adapter (a slot) per token.
+
+    y[i] += scales[s] · (x[i] · A[s, :r]ᵀ) · B[s, :, :r]ᵀ      s = indices[i], r = ranks[s]
+
+Adapters are stacked into slots: A (S, R, K), B (S, N, R), an adapter of rank r <= R in the first r
+rows of A[s] and the first r columns of B[s] (what lies beyond is never read). Tokens with index -1
+take no adapter. Two kernels, Punica's SGMV / vLLM's lora_shrink and lora_expand in shape:
+
+    multi_lora_shrink   t (T, R) fp32 = x · A[slot]ᵀ per token, zeros past the slot's rank
+    multi_lora_expand   y += scale[slot] · t · B[slot]ᵀ in place, fp32 sums, one rounding into y
+
+Both are grouped by segment: ``segments`` sorts the tokens by slot on the device (no host sync), and
+each program takes BLOCK_M tokens of one slot, gathers their rows through ``order`` and loads that
+slot's weight tiles once for all of them (a prefill batch with long runs of one adapter reads each
+tile once per BLOCK_M tokens, not once per token). The R loop stops at the slot's own rank, in
+BLOCK_R chunks, as S-LoRA's kernels do: rank padding costs neither reads nor products.
+
+Which program takes which block: the grid's first axis numbers the non-empty (slot, token block)
+pairs, slot after slot. There are at most min(T, cdiv(T, BLOCK_M) + S) of them whatever the
+distribution, so that is the axis' size (a function of T and S, as a CUDA graph needs); each program
+finds its slot from the counts (a cumulative sum over S values) and programs past the last pair exit
+at once. vLLM's grid instead gives every slot cdiv(T, BLOCK_M) blocks, most of which exit: S times as
+many programs for a prefill batch.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import block_r, dot, dot_mode, expand_mode, fp32_precision
+from .configs import multi_lora_config
+from .launch import Plan, cached, cdiv
+
+_INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class Segments(NamedTuple):
+    """The tokens of a batch grouped by adapter slot (``segments``), all on the batch's device.
+
+    order   (T,) int32: token ids sorted by slot, stably; the tokens with no slot come first
+    starts  (S,) int32: where slot s's tokens begin in ``order`` (starts[0] = tokens with no slot)
+    counts  (S,) int32: how many tokens slot s has
+    """
+    order: torch.Tensor
+    starts: torch.Tensor
+    counts: torch.Tensor
+
+
+def segments(indices: torch.Tensor, num_slots: int) -> Segments:
+    """The tokens grouped by slot: ``indices`` (T,) any integer dtype, -1 (no adapter) or a slot in
+    0 .. num_slots - 1. Computed with torch ops on indices' device, without a host sync, so values
+    cannot be checked: one outside -1 .. num_slots - 1 is taken as -1 (no adapter)."""
+    if not isinstance(indices, torch.Tensor) or indices.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"segments: indices must be an integer tensor, got "
+                         f"{indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__}")
+    if indices.dim() != 1:
+        raise ValueError(f"segments: indices must be 1-D (T,), got shape {tuple(indices.shape)}")
+    if int(num_slots) < 1:
+        raise ValueError(f"segments: num_slots must be >= 1, got {num_slots}")
+    key = indices.long()
+    key = torch.where((key >= 0) & (key < num_slots), key, -1)
+    sorted_key, order = torch.sort(key, stable=True)
+    slots = torch.arange(num_slots, device=indices.device)
+    starts = torch.searchsorted(sorted_key, slots, out_int32=True)
+    ends = torch.searchsorted(sorted_key, slots, right=True, out_int32=True)
+    return Segments(order.to(torch.int32), starts, ends - starts)
+
+
+@triton.jit
+def _slot_block(counts_ptr, starts_ptr, pid, S, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                WITH_NONE: tl.constexpr):
+    """(slot, first, count): program ``pid`` takes tokens first .. first + BLOCK_M of slot ``slot``,
+    which has ``count`` tokens. Blocks are numbered slot after slot; slot >= S (S + 1 WITH_NONE)
+    means there is no block ``pid``. WITH_NONE adds a last slot S: the tokens with no adapter (the
+    first starts[0] of ``order``). BLOCK_S > S."""
+    ss = tl.arange(0, BLOCK_S)
+    counts = tl.load(counts_ptr + ss, mask=ss < S, other=0)
+    if WITH_NONE:
+        counts = tl.where(ss == S, tl.load(starts_ptr), counts)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(blocks, 0)
+    slot = tl.sum((ends <= pid).to(tl.int32), 0)
+    first = (pid - tl.sum(tl.where(ss == slot, ends - blocks, 0), 0)) * BLOCK_M
+    count = tl.sum(tl.where(ss == slot, counts, 0), 0)
+    return slot, first, count
+
+
+@triton.jit
+def _multi_lora_shrink_kernel(
+    x_ptr, a_ptr, order_ptr, starts_ptr, counts_ptr, ranks_ptr, t_ptr,
+    K, R, S,
+    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_tt, stride_tr,
+    MODE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """t[tok, :] (fp32) = x[tok, :] · A[s, :rank]ᵀ for the tokens tok of each slot s, zeros past the
+    rank; any strides. Program (pid, pid_rk): token block pid (``_slot_block``), columns
+    BLOCK_R·(pid_rk // SPLIT_K) onward, every SPLIT_K-th K block from pid_rk % SPLIT_K.
+
+    SPLIT_K == 1: plain stores; programs past the rank and those of the extra slot (the tokens with no
+    adapter) store zeros, so t needs no zeroing. SPLIT_K > 1: atomic adds of the partial sums into
+    a zeroed t, up to the rank only."""
+    pid = tl.program_id(0)
+    pid_r = tl.program_id(1) // SPLIT_K
+    pid_k = tl.program_id(1) % SPLIT_K
+    slot, first, count = _slot_block(counts_ptr, starts_ptr, pid, S, BLOCK_M, BLOCK_S, SPLIT_K == 1)
+    n_slots = S
+    if SPLIT_K == 1:  # with the extra slot of the tokens with no adapter
+        n_slots = S + 1
+    if slot >= n_slots:
+        return
+    has_slot = slot < S
+    start = tl.where(has_slot, tl.load(starts_ptr + tl.minimum(slot, S - 1)), 0)
+    rank = tl.where(has_slot, tl.minimum(tl.maximum(tl.load(ranks_ptr + tl.minimum(slot, S - 1)), 0), R), 0)
+    rows = first + tl.arange(0, BLOCK_M)
+    row_ok = rows < count
+    tok = tl.load(order_ptr + start + rows, mask=row_ok, other=0).to(tl.int64)
+    r0 = pid_r * BLOCK_R
+    rr = r0 + tl.arange(0, BLOCK_R)
+    t_ptrs = t_ptr + tok[:, None] * stride_tt + rr[None, :] * stride_tr
+    if r0 >= rank:  # columns past the slot's rank, or a token with no adapter: zeros, no product
+        if SPLIT_K == 1:
+            tl.store(t_ptrs, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), mask=row_ok[:, None] & (rr[None, :] < R))
+        return
+    r_ok = rr < rank
+    a_cols = a_ptr + slot.to(tl.int64) * stride_as + rr[None, :] * stride_ar
+    x_rows = x_ptr + tok[:, None] * stride_xt
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        ks = k0 + rk
+        k_ok = ks < K
+        x = tl.load(x_rows + ks[None, :].to(tl.int64) * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_cols + ks[:, None].to(tl.int64) * stride_ak, mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = dot(x, a, acc, MODE, PRECISION)
+    if SPLIT_K == 1:  # acc is zero past the rank (A's columns there were masked): those zeros go too
+        tl.store(t_ptrs, acc, mask=row_ok[:, None] & (rr[None, :] < R))
+    else:
+        tl.atomic_add(t_ptrs, acc, mask=row_ok[:, None] & r_ok[None, :], sem="relaxed")
+
+
+@triton.jit
+def _multi_lora_expand_kernel(
+    t_ptr, b_ptr, order_ptr, starts_ptr, counts_ptr, ranks_ptr, scales_ptr, y_ptr,
+    N, R, S,
+    stride_tt, stride_tr, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
+    MODE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """y[tok, n] += scales[s] · t[tok, :rank] · B[s, n, :rank]ᵀ for the tokens tok of each slot s, in
+    fp32 with one rounding into y; any strides. Program (pid, pid_n): token block pid
+    (``_slot_block``), columns BLOCK_N·pid_n onward. Tokens with no adapter, and slots of rank 0,
+    are not touched."""
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot, first, count = _slot_block(counts_ptr, starts_ptr, pid, S, BLOCK_M, BLOCK_S, False)
+    if slot >= S:
+        return
+    rank = tl.minimum(tl.load(ranks_ptr + slot), R)
+    if rank <= 0:
+        return
+    start = tl.load(starts_ptr + slot)
+    rows = first + tl.arange(0, BLOCK_M)
+    row_ok = rows < count
+    tok = tl.load(order_ptr + start + rows, mask=row_ok, other=0).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    t_rows = t_ptr + tok[:, None] * stride_tt
+    b_cols = b_ptr + slot.to(tl.int64) * stride_bs + rn[None, :].to(tl.int64) * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < rank
+        t = tl.load(t_rows + rr[None, :] * stride_tr, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        b = tl.load(b_cols + rr[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = dot(t, b, acc, MODE, PRECISION)
+    scale = tl.load(scales_ptr + slot).to(tl.float32)
+    y_ptrs = y_ptr + tok[:, None] * stride_yt + rn[None, :].to(tl.int64) * stride_yn
+    mask = row_ok[:, None] & n_ok[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _device_error(what: str, tensors: dict, device: torch.device):
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"{what}: {name} is on {t.device}, expected {device} (x's)")
+
+
+def _check_segments(what: str, seg: Segments, T: int, S: int):
+    if not isinstance(seg, tuple) or len(seg) != 3:
+        raise ValueError(f"{what}: seg must be the Segments that segments(indices, S) returns, got {type(seg).__name__}")
+    order, starts, counts = seg
+    if tuple(order.shape) != (T,) or order.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{what}: seg.order must be ({T},) int32 or int64, got {tuple(order.shape)} {order.dtype}")
+    for name, t in (("starts", starts), ("counts", counts)):
+        if tuple(t.shape) != (S,) or t.dtype != torch.int32:
+            raise ValueError(f"{what}: seg.{name} must be ({S},) int32 (one per slot), got {tuple(t.shape)} {t.dtype}")
+
+
+def _check_ranks(what: str, ranks: torch.Tensor, S: int):
+    if tuple(ranks.shape) != (S,) or ranks.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{what}: ranks must be ({S},) int32 (one per slot), got {tuple(ranks.shape)} {ranks.dtype}")
+
+
+def _seg_key(seg: Segments) -> tuple:
+    return tuple((t.shape, t.dtype, t.device) for t in seg)
+
+
+def multi_lora_shrink(x: torch.Tensor, A: torch.Tensor, seg: Segments, ranks: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """t (T, R) fp32: t[i] = x[i] · A[s, :r]ᵀ with s the slot of token i and r = ranks[s]; zeros in
+    columns >= r and in the rows of tokens with no slot.
+
+    x (T, K) fp16/bf16/fp32, any strides; A (S, R, K) in fp32 or x's dtype, any strides; seg from
+    ``segments(indices, S)``; ranks (S,) int32 on x's device (values clamped to 0 .. R). ``out``: a
+    (T, R) fp32 tensor to write t into (any strides), returned."""
+    key = (_multi_lora_shrink_kernel, x.shape, x.stride(), x.dtype, x.device, A.shape, A.stride(), A.dtype, A.device,
+           _seg_key(seg), ranks.shape, ranks.dtype, ranks.device,
+           None if out is None else (out.shape, out.stride(), out.dtype, out.device), fp32_precision())
+    return cached(key, _shrink_plan, x, A, seg, ranks, out)(x, A, seg, ranks, out)
+
+
+def _shrink_plan(x, A, seg, ranks, out):
+    """multi_lora_shrink's work for one shape key: the checks, the tiles, the grid, once."""
+    what = "multi_lora_shrink"
+    if x.dim() != 2 or x.dtype not in _FLOATS:
+        raise ValueError(f"{what}: x must be (T, K) fp16, bf16 or fp32, got {tuple(x.shape)} {x.dtype}")
+    T, K = x.shape
+    if A.dim() != 3 or A.shape[2] != K:
+        raise ValueError(f"{what}: A must be (S, R, K={K}) (x is (T={T}, K={K})), got {tuple(A.shape)}")
+    S, R, _ = A.shape
+    if S < 1:
+        raise ValueError(f"{what}: A must hold at least one slot, got {tuple(A.shape)}")
+    if A.dtype not in (torch.float32, x.dtype):
+        raise ValueError(f"{what}: A must be fp32 or x's dtype {x.dtype}, got {A.dtype}")
+    _check_segments(what, seg, T, S)
+    _check_ranks(what, ranks, S)
+    if out is not None and (tuple(out.shape) != (T, R) or out.dtype != torch.float32):
+        raise ValueError(f"{what}: out must be ({T}, {R}) fp32, got {tuple(out.shape)} {out.dtype}")
+    _device_error(what, {"A": A, "ranks": ranks, "seg.order": seg.order, "seg.starts": seg.starts,
+                         "seg.counts": seg.counts, **({} if out is None else {"out": out})}, x.device)
+    device = x.device
+    (BLOCK_M, BLOCK_K, r_cap, split_k, warps, stages), _ = multi_lora_config(cdiv(max(T, 1), S), device)
+    BLOCK_R = block_r(R, r_cap)
+    n_blocks = min(T, cdiv(T, BLOCK_M) + S + (split_k == 1))  # non-empty (slot, token block) pairs, at most
+    plan = Plan(_multi_lora_shrink_kernel, (n_blocks, cdiv(R, BLOCK_R) * split_k), (
+        K, R, S, *x.stride(), *A.stride(), *(out.stride() if out is not None else (R, 1)),
+    ), MODE=dot_mode(x.dtype, A.dtype), PRECISION=fp32_precision(), SPLIT_K=split_k,
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, BLOCK_S=triton.next_power_of_2(S + 1),
+        num_warps=warps, num_stages=stages,
+    )
+    zeroed = split_k > 1
+
+    def run(x, A, seg, ranks, out):
+        if out is None:
+            t = (torch.zeros if zeroed else torch.empty)((T, R), dtype=torch.float32, device=device)
+        else:
+            t = out.zero_() if zeroed else out
+        if T and R:
+            plan.run((x, A, seg.order, seg.starts, seg.counts, ranks, t))
+        return t
+
+    return run
+
+
+def multi_lora_expand(t: torch.Tensor, B: torch.Tensor, seg: Segments, ranks: torch.Tensor, scales: torch.Tensor,
+                      y: torch.Tensor) -> torch.Tensor:
+    """y += scales[s] · t[i, :r] · B[s, :, :r]ᵀ in place for each token i with a slot s (r = ranks[s]),
+    summed in fp32 and rounded once into y; rows of tokens with no slot are not written. Returns y.
+
+    t (T, R) fp32 (multi_lora_shrink's); B (S, N, R) in fp32 or y's dtype, any strides; seg from
+    ``segments(indices, S)``; ranks (S,) int32 and scales (S,) fp32 on y's device; y (T, N)
+    fp16/bf16/fp32, any strides."""
+    key = (_multi_lora_expand_kernel, t.shape, t.stride(), t.dtype, t.device, B.shape, B.stride(), B.dtype, B.device,
+           _seg_key(seg), ranks.shape, ranks.dtype, ranks.device, scales.shape, scales.dtype, scales.device,
+           y.shape, y.stride(), y.dtype, y.device, fp32_precision())
+    return cached(key, _expand_plan, t, B, seg, ranks, scales, y)(t, B, seg, ranks, scales, y)
+
+
+def _expand_plan(t, B, seg, ranks, scales, y):
+    """multi_lora_expand's work for one shape key: the checks, the tiles, the grid, once."""
+    what = "multi_lora_expand"
+    if y.dim() != 2 or y.dtype not in _FLOATS:
+        raise ValueError(f"{what}: y must be (T, N) fp16, bf16 or fp32, got {tuple(y.shape)} {y.dtype}")
+    T, N = y.shape
+    if B.dim() != 3 or B.shape[1] != N:
+        raise ValueError(f"{what}: B must be (S, N={N}, R) (y is (T={T}, N={N})), got {tuple(B.shape)}")
+    S, _, R = B.shape
+    if S < 1:
+        raise ValueError(f"{what}: B must hold at least one slot, got {tuple(B.shape)}")
+    if B.dtype not in (torch.float32, y.dtype):
+        raise ValueError(f"{what}: B must be fp32 or y's dtype {y.dtype}, got {B.dtype}")
+    if tuple(t.shape) != (T, R) or t.dtype != torch.float32:
+        raise ValueError(f"{what}: t must be (T={T}, R={R}) fp32 (y is {tuple(y.shape)}, B {tuple(B.shape)}), "
+                         f"got {tuple(t.shape)} {t.dtype}")
+    _check_segments(what, seg, T, S)
+    _check_ranks(what, ranks, S)
+    if tuple(scales.shape) != (S,) or not scales.dtype.is_floating_point:
+        raise ValueError(f"{what}: scales must be ({S},) fp32 (one per slot), got {tuple(scales.shape)} {scales.dtype}")
+    _device_error(what, {"t": t, "B": B, "ranks": ranks, "scales": scales, "seg.order": seg.order,
+                         "seg.starts": seg.starts, "seg.counts": seg.counts}, y.device)
+    device = y.device
+    _, (BLOCK_M, BLOCK_N, r_cap, warps, stages) = multi_lora_config(cdiv(max(T, 1), S), device)
+    BLOCK_R = block_r(R, r_cap)
+    n_blocks = min(T, cdiv(T, BLOCK_M) + S)
+    plan = Plan(_multi_lora_expand_kernel, (n_blocks, cdiv(N, BLOCK_N)), (
+        N, R, S, *t.stride(), *B.stride(), *y.stride(),
+    ), MODE=expand_mode(y.dtype), PRECISION=fp32_precision(),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_S=triton.next_power_of_2(S + 1),
+        num_warps=warps, num_stages=stages,
+    )
+
+    def run(t, B, seg, ranks, scales, y):
+        if T and N and R:
+            plan.run((t, B, seg.order, seg.starts, seg.counts, ranks, scales, y))
+        return y
+
+    return run
+
+
+def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+               scales: torch.Tensor, ranks: torch.Tensor, seg: Segments | None = None) -> torch.Tensor:
+    """A layer's LoRA part over a batch of many adapters: y (T, N), the base output, += for each token
+    i with slot s = indices[i] >= 0: scales[s] · x[i] · A[s, :r]ᵀ · B[s, :, :r]ᵀ, r = ranks[s]. In place;
+    returns y.
+
+    x (T, K); indices (T,) any integer dtype (-1: no adapter); A (S, R, K) and B (S, N, R) the stacked
+    adapters; scales (S,) fp32; ranks (S,) int32; seg: ``segments(indices, S)`` where the caller
+    already has it (one per batch serves every layer). Two launches (three with ``segments``, plus a
+    zero fill where the shrink splits K), no host sync, a grid fixed by T, S, N and R: capturable
+    in a CUDA graph."""
+    key = (multi_lora, x.shape, y.shape, indices.shape, indices.dtype, A.shape, B.shape, scales.shape, ranks.shape)
+    cached(key, _check_layer, x, y, indices, A, B, scales, ranks)
+    if seg is None:
+        seg = segments(indices, A.shape[0])
+    return multi_lora_expand(multi_lora_shrink(x, A, seg, ranks), B, seg, ranks, scales, y)
+
+
+def _check_layer(x, y, indices, A, B, scales, ranks):
+    """multi_lora's checks across its arguments (each launcher checks its own as well)."""
+    what = "multi_lora"
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"{what}: x (T, K) and y (T, N) must have the same rows, got x {tuple(x.shape)} "
+                         f"and y {tuple(y.shape)}")
+    if indices.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{what}: indices must be an integer tensor, got {indices.dtype}")
+    if tuple(indices.shape) != (x.shape[0],):
+        raise ValueError(f"{what}: indices must be ({x.shape[0]},), one per row of x, got {tuple(indices.shape)}")
+    if A.dim() != 3 or B.dim() != 3:
+        raise ValueError(f"{what}: A must be (S, R, K) and B (S, N, R), got A {tuple(A.shape)} and B {tuple(B.shape)}")
+    if A.shape[0] != B.shape[0]:
+        raise ValueError(f"{what}: A holds {A.shape[0]} slots but B holds {B.shape[0]}")
+    if A.shape[1] != B.shape[2]:
+        raise ValueError(f"{what}: A's R is {A.shape[1]} (S, R, K) but B's is {B.shape[2]} (S, N, R)")
+    if A.shape[2] != x.shape[1]:
+        raise ValueError(f"{what}: A's K is {A.shape[2]} (S, R, K) but x's is {x.shape[1]} (T, K)")
+    if B.shape[1] != y.shape[1]:
+        raise ValueError(f"{what}: B's N is {B.shape[1]} (S, N, R) but y's is {y.shape[1]} (T, N)")
+    for name, t in (("ranks", ranks), ("scales", scales)):
+        if tuple(t.shape) != (A.shape[0],):
+            raise ValueError(f"{what}: {name} must be ({A.shape[0]},), one per slot, got {tuple(t.shape)}")
+    return True
