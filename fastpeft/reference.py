@@ -147,3 +147,21 @@ def lora_delta_weight(lora_a, lora_b, scaling: float, fan_in_fan_out: bool = Fal
         a, b = a.float(), b.float()
     delta = (b @ a) * scaling
     return delta.T if fan_in_fan_out else delta
+
+
+def multi_lora(x, y, indices, A, B, scales, ranks):
+    """A batch of many adapters, one per row (the oracle of kernels/multi_lora.py): a new tensor
+    y + lora, where row i with slot s = indices[i] >= 0 gets scales[s] · x[i] · A[s, :r]ᵀ · B[s, :, :r]ᵀ,
+    r = ranks[s]; rows with -1 get nothing. x (T, K), y (T, N), A (S, R, K), B (S, N, R).
+
+    The LoRA term is computed in fp32 (fp64 when any input is fp64), added to y in that precision and
+    rounded once into y's dtype."""
+    ct = torch.float64 if torch.float64 in (x.dtype, y.dtype, A.dtype, B.dtype, scales.dtype) else torch.float32
+    out = y.to(ct).clone()
+    for s in range(A.shape[0]):
+        rows = indices == s
+        r = int(ranks[s])
+        if r > 0 and bool(rows.any()):
+            lora = x[rows].to(ct) @ A[s, :r].to(ct).T @ B[s, :, :r].to(ct).T
+            out[rows] += lora * scales[s].to(ct)
+    return out.to(y.dtype)
