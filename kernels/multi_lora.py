@@ -192,13 +192,17 @@ def _device_error(what: str, tensors: dict, device: torch.device):
 
 
 def _check_segments(what: str, seg: Segments, T: int, S: int):
-    if not isinstance(seg, tuple) or len(seg) != 3:
-        raise ValueError(f"{what}: seg must be the Segments that segments(indices, S) returns, got {type(seg).__name__}")
     order, starts, counts = seg
     if tuple(order.shape) != (T,) or order.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{what}: seg.order must be ({T},) int32 or int64, got {tuple(order.shape)} {order.dtype}")
+    if tuple(counts.shape) != tuple(starts.shape) or counts.dim() != 1:
+        raise ValueError(f"{what}: seg.starts and seg.counts must be (S,), got {tuple(starts.shape)} and "
+                         f"{tuple(counts.shape)}")
+    if counts.shape[0] != S:
+        raise ValueError(f"{what}: seg holds {counts.shape[0]} slots (segments(indices, {counts.shape[0]})) but the "
+                         f"adapters hold S={S}")
     for name, t in (("starts", starts), ("counts", counts)):
-        if tuple(t.shape) != (S,) or t.dtype != torch.int32:
+        if t.dtype != torch.int32:
             raise ValueError(f"{what}: seg.{name} must be ({S},) int32 (one per slot), got {tuple(t.shape)} {t.dtype}")
 
 
@@ -207,7 +211,11 @@ def _check_ranks(what: str, ranks: torch.Tensor, S: int):
         raise ValueError(f"{what}: ranks must be ({S},) int32 (one per slot), got {tuple(ranks.shape)} {ranks.dtype}")
 
 
-def _seg_key(seg: Segments) -> tuple:
+def _seg_key(what: str, seg: Segments) -> tuple:
+    """seg's part of a launcher's key (its shapes, dtypes, devices); a ValueError if it is no Segments."""
+    if not isinstance(seg, tuple) or len(seg) != 3 or not all(isinstance(t, torch.Tensor) for t in seg):
+        raise ValueError(f"{what}: seg must be the Segments that segments(indices, S) returns, got "
+                         f"{type(seg).__name__}")
     return tuple((t.shape, t.dtype, t.device) for t in seg)
 
 
@@ -220,7 +228,7 @@ def multi_lora_shrink(x: torch.Tensor, A: torch.Tensor, seg: Segments, ranks: to
     ``segments(indices, S)``; ranks (S,) int32 on x's device (values clamped to 0 .. R). ``out``: a
     (T, R) fp32 tensor to write t into (any strides), returned."""
     key = (_multi_lora_shrink_kernel, x.shape, x.stride(), x.dtype, x.device, A.shape, A.stride(), A.dtype, A.device,
-           _seg_key(seg), ranks.shape, ranks.dtype, ranks.device,
+           _seg_key("multi_lora_shrink", seg), ranks.shape, ranks.dtype, ranks.device,
            None if out is None else (out.shape, out.stride(), out.dtype, out.device), fp32_precision())
     return cached(key, _shrink_plan, x, A, seg, ranks, out)(x, A, seg, ranks, out)
 
@@ -277,8 +285,8 @@ def multi_lora_expand(t: torch.Tensor, B: torch.Tensor, seg: Segments, ranks: to
     ``segments(indices, S)``; ranks (S,) int32 and scales (S,) fp32 on y's device; y (T, N)
     fp16/bf16/fp32, any strides."""
     key = (_multi_lora_expand_kernel, t.shape, t.stride(), t.dtype, t.device, B.shape, B.stride(), B.dtype, B.device,
-           _seg_key(seg), ranks.shape, ranks.dtype, ranks.device, scales.shape, scales.dtype, scales.device,
-           y.shape, y.stride(), y.dtype, y.device, fp32_precision())
+           _seg_key("multi_lora_expand", seg), ranks.shape, ranks.dtype, ranks.device,
+           scales.shape, scales.dtype, scales.device, y.shape, y.stride(), y.dtype, y.device, fp32_precision())
     return cached(key, _expand_plan, t, B, seg, ranks, scales, y)(t, B, seg, ranks, scales, y)
 
 
