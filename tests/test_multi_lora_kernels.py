@@ -1,0 +1,259 @@
+"""The multi-adapter kernels (kernels/multi_lora.py) against fastpeft.reference.multi_lora (fp64 oracle),
+on the GPU or under the interpreter.
+
+Batches mix ranks (1 .. R, with R past one BLOCK_R chunk), rows with no adapter (-1), repeated and
+unsorted indices, one segment and many, odd T/K/N, strided and transposed x and y; every slot's rows
+are compared on their own (a wrong slot cannot hide in the batch's norm). Exact checks: segments
+against plain Python, rows with -1 bit-identical, t's columns past the rank exactly zero.
+"""
+import pytest
+import torch
+
+from fastpeft import reference
+from fastpeft.kernels.multi_lora import Segments, multi_lora, multi_lora_expand, multi_lora_shrink, segments
+from tolerance import assert_close
+
+# (T, K, N, ranks, R): R is the stacked width, ranks one per slot
+CPU_CASES = [
+    (37, 45, 29, (1, 3, 8, 16), 16),       # many segments
+    (20, 33, 40, (5,), 16),                # one segment (one slot, rank below R)
+    (24, 70, 50, (40, 17, 1, 5, 33, 0, 8, 2), 40),  # decode-like (3 tokens a slot: the split-K shrink), R > BLOCK_R
+    (1, 64, 48, (4, 2), 4),
+]
+GPU_CASES = CPU_CASES + [
+    (256, 4096, 4096, tuple([16, 8, 4, 1] * 8), 16),      # decode: one token per sequence, 32 adapters
+    (3000, 1000, 2000, (64, 7, 32, 1, 64, 16), 64),
+    (8192, 2048, 1024, (16, 16, 8, 4), 16),                # prefill: long runs of one adapter
+]
+DTYPES = [  # (x/y dtype, adapter dtype)
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+]
+
+
+def _name(dt):
+    return f"{str(dt[0])[6:]}-adapters_{str(dt[1])[6:]}"
+
+
+def _cases(device):
+    return GPU_CASES if device == "cuda" else CPU_CASES
+
+
+def _tensor(rows, cols, dtype, device, layout):
+    if layout == "strided":  # every other column of a wider tensor
+        return torch.randn(rows, 2 * cols, device=device, dtype=dtype)[:, ::2]
+    if layout == "transposed":
+        return torch.randn(cols, rows, device=device, dtype=dtype).t()
+    return torch.randn(rows, cols, device=device, dtype=dtype)
+
+
+def _batch(T, K, N, ranks, R, dtype, adapter_dtype, device, x_layout="contiguous", y_layout="contiguous",
+           indices=None):
+    """x, y, indices, A, B, scales, ranks: random, with NaN in A and B past each slot's rank (where
+    the kernels must not read), indices unsorted with repeats and -1."""
+    S = len(ranks)
+    x = _tensor(T, K, dtype, device, x_layout)
+    y = _tensor(T, N, dtype, device, y_layout)
+    if indices is None:
+        indices = torch.randint(-1, S, (T,), device=device)
+    A = (torch.randn(S, R, K, device=device) / K**0.5).to(adapter_dtype)
+    B = (torch.randn(S, N, R, device=device) / R**0.5).to(adapter_dtype)
+    for s, r in enumerate(ranks):
+        A[s, r:] = float("nan")
+        B[s, :, r:] = float("nan")
+    scales = torch.rand(S, device=device) * 2 + 0.5
+    return x, y, indices, A, B, scales, torch.tensor(ranks, dtype=torch.int32, device=device)
+
+
+def _f64(*ts):
+    return [t.double() for t in ts]
+
+
+def _check(x, y, indices, A, B, scales, ranks, dtype):
+    """multi_lora and its shrink against the fp64 reference, slot by slot; rows with -1 untouched."""
+    before = y.clone()
+    seg = segments(indices, A.shape[0])
+    t = multi_lora_shrink(x, A, seg, ranks)
+    out = multi_lora(x, y, indices, A, B, scales, ranks)
+    assert out is y and out.dtype == before.dtype
+    same = reference.multi_lora(x, before, indices, A, B, scales, ranks)
+    exact = reference.multi_lora(*_f64(x, before), indices, *_f64(A, B, scales), ranks)
+    none = indices < 0
+    assert torch.equal(out[none], before[none]), "rows with no adapter were changed"
+    assert t.dtype == torch.float32 and tuple(t.shape) == (x.shape[0], A.shape[1])
+    assert torch.all(t[none] == 0), "t: rows with no adapter are not zero"
+    for s, r in enumerate(ranks.tolist()):
+        rows = indices == s
+        if not rows.any():
+            continue
+        assert torch.all(t[rows, r:] == 0), f"t: slot {s}'s columns past its rank {r} are not zero"
+        if r:
+            xs = x[rows]
+            assert_close(t[rows, :r], xs.double() @ A[s, :r].double().T, xs.float() @ A[s, :r].float().T, dtype,
+                         f"t, slot {s} (rank {r})")
+        assert_close(out[rows], exact[rows], same[rows], dtype, f"y, slot {s} (rank {r})")
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=_name)
+def test_multi_lora_matches_reference(kernel_device, dtypes):
+    dtype, adapter_dtype = dtypes
+    for T, K, N, ranks, R in _cases(kernel_device):
+        _check(*_batch(T, K, N, ranks, R, dtype, adapter_dtype, kernel_device), dtype)
+
+
+@pytest.mark.parametrize("x_layout,y_layout", [("strided", "strided"), ("transposed", "transposed"),
+                                               ("contiguous", "strided")])
+def test_layouts(kernel_device, x_layout, y_layout):
+    """Non-contiguous x and y (written in place through their strides), and stacked adapters that are
+    views of other layouts (A from (S, K, R), B from (S, R, N))."""
+    dtype = torch.float16
+    x, y, indices, A, B, scales, ranks = _batch(37, 45, 29, (1, 3, 8, 16), 16, dtype, torch.float32, kernel_device,
+                                                x_layout, y_layout)
+    A = A.transpose(1, 2).contiguous().transpose(1, 2)
+    B = B.transpose(1, 2).contiguous().transpose(1, 2)
+    _check(x, y, indices, A, B, scales, ranks, dtype)
+
+
+def test_sorted_runs_and_unused_slots(kernel_device):
+    """Sorted indices (a prefill batch: long runs of one adapter, each over several token blocks), a
+    slot no token uses, a slot of rank 0, and no -1; then every row -1 (y untouched)."""
+    T = 70
+    indices = torch.tensor([0] * 30 + [2] * 25 + [3] * 15, device=kernel_device)
+    batch = _batch(T, 40, 33, (8, 16, 3, 0), 16, torch.float32, torch.float32, kernel_device, indices=indices)
+    _check(*batch, torch.float32)
+    x, y, _, A, B, scales, ranks = batch
+    nothing = torch.full((T,), -1, device=kernel_device)
+    before = y.clone()
+    multi_lora(x, y, nothing, A, B, scales, ranks)
+    assert torch.equal(y, before)
+    assert torch.all(multi_lora_shrink(x, A, segments(nothing, 4), ranks) == 0)
+
+
+def test_batch_equals_rows_alone(kernel_device):
+    """Each row run alone (T = 1, its own adapter) gives what the batch gives it, and that is the
+    single-adapter LoRA: y + scale · x · A[s, :r]ᵀ · B[s, :, :r]ᵀ."""
+    x, y, indices, A, B, scales, ranks = _batch(13, 45, 29, (1, 3, 8, 16), 16, torch.float32, torch.float32,
+                                                kernel_device)
+    indices[:4] = torch.tensor([0, 1, 2, 3])  # every slot at least once
+    batch = multi_lora(x, y.clone(), indices, A, B, scales, ranks)
+    for i, s in enumerate(indices.tolist()):
+        alone = multi_lora(x[i:i + 1], y[i:i + 1].clone(), indices[i:i + 1], A, B, scales, ranks)
+        torch.testing.assert_close(alone, batch[i:i + 1], rtol=1e-5, atol=1e-5)
+        if s < 0:
+            assert torch.equal(alone, y[i:i + 1])
+            continue
+        r = int(ranks[s])
+        single = y[i:i + 1] + reference.lora_linear(x[i:i + 1], None, None, A[s, :r], B[s, :, :r], float(scales[s]))
+        torch.testing.assert_close(batch[i:i + 1], single, rtol=1e-5, atol=1e-5)
+
+
+def test_given_segments_and_out(kernel_device):
+    """multi_lora with the batch's segments given (one per batch, for every layer) gives what it gives
+    computing them; multi_lora_shrink writes into a given (strided, dirty) out; shrink + expand is
+    multi_lora."""
+    x, y, indices, A, B, scales, ranks = _batch(24, 70, 50, (40, 17, 1, 5, 33, 0, 8, 2), 40, torch.float16,
+                                                torch.float16, kernel_device)
+    seg = segments(indices, 8)
+    a = multi_lora(x, y.clone(), indices, A, B, scales, ranks)
+    b = multi_lora(x, y.clone(), indices, A, B, scales, ranks, seg=seg)
+    assert torch.equal(a, b)
+    out = torch.full((24, 80), float("nan"), device=kernel_device)[:, ::2]
+    t = multi_lora_shrink(x, A, seg, ranks, out=out)
+    assert t is out
+    torch.testing.assert_close(t, multi_lora_shrink(x, A, seg, ranks), rtol=1e-5, atol=1e-5)
+    assert torch.equal(multi_lora_expand(t, B, seg, ranks, scales, y.clone()), a)
+
+
+def test_empty_batch(kernel_device):
+    x, y, indices, A, B, scales, ranks = _batch(0, 45, 29, (1, 3), 4, torch.float16, torch.float16, kernel_device)
+    seg = segments(indices, 2)
+    assert seg.order.shape == (0,) and seg.counts.tolist() == [0, 0] and seg.starts.tolist() == [0, 0]
+    assert multi_lora_shrink(x, A, seg, ranks).shape == (0, 4)
+    assert multi_lora(x, y, indices, A, B, scales, ranks).shape == (0, 29)
+
+
+def _segments_in_python(indices, num_slots):
+    key = [v if 0 <= v < num_slots else -1 for v in indices]
+    order = sorted(range(len(key)), key=lambda i: key[i])  # Python's sort is stable
+    counts = [key.count(s) for s in range(num_slots)]
+    starts = [key.count(-1) + sum(counts[:s]) for s in range(num_slots)]
+    return order, starts, counts
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8],
+                         ids=lambda d: str(d)[6:])
+def test_segments_match_python(dtype):
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    low = 0 if dtype == torch.uint8 else -1
+    cases = [torch.randint(low, 5, (T,)) for T in (0, 1, 17, 300)]
+    cases += [torch.full((9,), low), torch.tensor([3, 3, 0, 0, 3, 7, 9] if low == 0 else [3, -1, 0, -2, 3, 7, 9])]
+    for device in devices:
+        for indices in cases:
+            seg = segments(indices.to(dtype).to(device), 5)
+            assert isinstance(seg, Segments) and all(t.dtype == torch.int32 for t in seg)
+            order, starts, counts = _segments_in_python(indices.tolist(), 5)
+            assert seg.order.tolist() == order, (indices.tolist(), seg.order.tolist())
+            assert seg.starts.tolist() == starts and seg.counts.tolist() == counts
+
+
+def test_errors():
+    """Shape and dtype mismatches raise a ValueError that names the problem (no kernel runs)."""
+    x, y, indices, A, B, scales, ranks = _batch(6, 8, 10, (1, 3), 4, torch.float32, torch.float32, "cpu")
+    good = dict(x=x, y=y, indices=indices, A=A, B=B, scales=scales, ranks=ranks)
+    bad = [
+        (dict(B=B[:1]), "A holds 2 slots but B holds 1"),
+        (dict(B=B[:, :, :3]), "A's R is 4"),
+        (dict(A=A[:, :, :7]), "A's K is 7"),
+        (dict(B=B[:, :9]), "B's N is 9"),
+        (dict(ranks=ranks[:1]), "ranks must be \\(2,\\)"),
+        (dict(scales=torch.ones(3)), "scales must be \\(2,\\)"),
+        (dict(indices=indices.float()), "indices must be an integer tensor"),
+        (dict(indices=indices[:5]), "indices must be \\(6,\\)"),
+        (dict(y=y[:5]), "same rows"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            multi_lora(**{**good, **change})
+    seg = segments(indices, 2)
+    with pytest.raises(ValueError, match="num_slots must be >= 1"):
+        segments(indices, 0)
+    with pytest.raises(ValueError, match="indices must be 1-D"):
+        segments(indices[None], 2)
+    with pytest.raises(ValueError, match="indices must be an integer tensor"):
+        segments(indices.bool(), 2)
+    with pytest.raises(ValueError, match="A must be fp32 or x's dtype"):
+        multi_lora_shrink(x.half(), A.bfloat16(), seg, ranks)
+    with pytest.raises(ValueError, match="seg holds 2 slots .* but the adapters hold S=3"):
+        multi_lora_shrink(x, torch.cat([A, A[:1]]), seg, torch.ones(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="ranks must be \\(2,\\) int32"):
+        multi_lora_shrink(x, A, seg, ranks.float())
+    with pytest.raises(ValueError, match="out must be \\(6, 4\\) fp32"):
+        multi_lora_shrink(x, A, seg, ranks, out=torch.empty(6, 4, dtype=torch.float16))
+    t = torch.zeros(6, 4)
+    with pytest.raises(ValueError, match="t must be \\(T=6, R=4\\) fp32"):
+        multi_lora_expand(t[:, :3], B, seg, ranks, scales, y)
+    with pytest.raises(ValueError, match="B must be fp32 or y's dtype"):
+        multi_lora_expand(t, B.half(), seg, ranks, scales, y.bfloat16())
+
+
+def test_cuda_graph_replay(gpu):
+    """Captured once (segments included), replayed on new indices and new x: the grid depends on the
+    shapes only, and nothing syncs with the host."""
+    T, K, N, ranks, R = 256, 512, 384, (16, 8, 4, 1) * 4, 16
+    x, y, indices, A, B, scales, ranks_t = _batch(T, K, N, ranks, R, torch.float16, torch.float16, gpu)
+    y0 = y.clone()
+    multi_lora(x, y.clone(), indices, A, B, scales, ranks_t)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        multi_lora(x, y, indices, A, B, scales, ranks_t)
+    for _ in range(2):
+        indices.copy_(torch.randint(-1, len(ranks), (T,), device=gpu))
+        x.copy_(torch.randn_like(x))
+        y.copy_(y0)
+        graph.replay()
+        expected = multi_lora(x, y0.clone(), indices, A, B, scales, ranks_t)
+        torch.testing.assert_close(y, expected, rtol=2e-3, atol=2e-3)  # split-K atomics: not bit-exact
