@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_r, dot, dot_mode, expand_mode, fp32_precision
+from .common import NATIVE, block_r, dot, dot_mode, expand_mode, fp32_precision
 from .configs import multi_lora_config
 from .launch import Plan, cached, cdiv
 
@@ -254,11 +254,14 @@ def _shrink_plan(x, A, seg, ranks, out):
                          "seg.counts": seg.counts, **({} if out is None else {"out": out})}, x.device)
     device = x.device
     (BLOCK_M, BLOCK_K, r_cap, split_k, warps, stages), _ = multi_lora_config(cdiv(max(T, 1), S), device)
+    mode = dot_mode(x.dtype, A.dtype)
+    if mode != NATIVE:  # fp32 products (two or three on the tensor cores): half the K step, or they spill
+        BLOCK_K = max(16, BLOCK_K // 2)
     BLOCK_R = block_r(R, r_cap)
     n_blocks = min(T, cdiv(T, BLOCK_M) + S + (split_k == 1))  # non-empty (slot, token block) pairs, at most
     plan = Plan(_multi_lora_shrink_kernel, (n_blocks, cdiv(R, BLOCK_R) * split_k), (
         K, R, S, *x.stride(), *A.stride(), *(out.stride() if out is not None else (R, 1)),
-    ), MODE=dot_mode(x.dtype, A.dtype), PRECISION=fp32_precision(), SPLIT_K=split_k,
+    ), MODE=mode, PRECISION=fp32_precision(), SPLIT_K=split_k,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, BLOCK_S=triton.next_power_of_2(S + 1),
         num_warps=warps, num_stages=stages,
     )
