@@ -342,9 +342,9 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, A: torch
 
     x (T, K); indices (T,) any integer dtype (-1: no adapter); A (S, R, K) and B (S, N, R) the stacked
     adapters; scales (S,) fp32; ranks (S,) int32; seg: ``segments(indices, S)`` where the caller
-    already has it (one per batch serves every layer). Two launches (three with ``segments``, plus a
-    zero fill where the shrink splits K), no host sync, a grid fixed by T, S, N and R: capturable
-    in a CUDA graph."""
+    already has it (one per batch serves every layer). Two kernel launches (plus ``segments``' few
+    torch ops where seg is not given, and a zero fill where the shrink splits K), no host sync, grids
+    fixed by T, S, N and R: capturable in a CUDA graph."""
     key = (multi_lora, x.shape, y.shape, indices.shape, indices.dtype, A.shape, B.shape, scales.shape, ranks.shape)
     cached(key, _check_layer, x, y, indices, A, B, scales, ranks)
     if seg is None:

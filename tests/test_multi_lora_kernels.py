@@ -239,6 +239,21 @@ def test_errors():
         multi_lora_expand(t, B.half(), seg, ranks, scales, y.bfloat16())
 
 
+def test_int64_offsets(gpu):
+    """T·K past 2^31 elements: the gathered rows' offsets must not wrap (the first and last rows are
+    checked against the reference)."""
+    T, K, N, ranks, R = 66_000, 32_768, 48, (16, 5, 9), 16
+    x, y, indices, A, B, scales, ranks_t = _batch(T, K, N, ranks, R, torch.float16, torch.float16, gpu)
+    assert x.numel() > 2**31
+    rows = torch.cat([torch.arange(64), torch.arange(T - 64, T)]).to(gpu)
+    before = y[rows].clone()
+    multi_lora(x, y, indices, A, B, scales, ranks_t)
+    sub = (x[rows], before, indices[rows])
+    same = reference.multi_lora(*sub, A, B, scales, ranks_t)
+    exact = reference.multi_lora(*_f64(x[rows], before), indices[rows], *_f64(A, B, scales), ranks_t)
+    assert_close(y[rows], exact, same, torch.float16, "y, first and last rows")
+
+
 def test_cuda_graph_replay(gpu):
     """Captured once (segments included), replayed on new indices and new x: the grid depends on the
     shapes only, and nothing syncs with the host."""
