@@ -10,6 +10,7 @@ Importing fastpeft never imports peft.
 from .config import LoraConfig
 from .options import Options, get_options, set_options
 from .layer import LoraLinear
+from .multi_lora import MultiLora
 from .patch import merge, patch, unmerge, unpatch
 from .adapter_io import load_adapter, save_adapter
 from .utils import print_trainable_parameters, trainable_parameters
@@ -22,6 +23,7 @@ __all__ = [
     "get_options",
     "set_options",
     "LoraLinear",
+    "MultiLora",
     "patch",
     "unpatch",
     "merge",

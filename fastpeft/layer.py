@@ -103,22 +103,14 @@ def single_lora(layer):
     return (base_weight(layer), base.bias) + _adapter(layer, active[0])
 
 
-def reject_adapter_names(kwargs: dict) -> None:
-    """Mixed-adapter batches (PEFT's ``adapter_names=``, one adapter per row) are not implemented yet:
-    raise rather than give every row the active adapter. ``adapter_names=None`` is no mixed batch."""
-    names = kwargs.get("adapter_names")
-    if names is not None:
-        shown = sorted(set(map(str, names))) if isinstance(names, (list, tuple)) else names
-        raise NotImplementedError(
-            f"mixed-adapter batches (adapter_names=..., one adapter per row) are not supported by fastpeft-patched "
-            f"models yet, got adapter_names naming {shown!r}: run one adapter per batch, or accelerate a "
-            f"peft.PeftModel with fastpeft.patch(peft_model), where PEFT runs mixed batches"
-        )
-
-
 def lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Forward of a LoRA layer, fastpeft's or PEFT's: base + the active adapters, fused when possible."""
-    reject_adapter_names(kwargs)
+    """Forward of a LoRA layer, fastpeft's or PEFT's: base + the active adapters, fused when possible;
+    with ``adapter_names`` (PEFT's mixed batch: one adapter per row) ``multi_lora.mixed_batch_forward``."""
+    names = kwargs.pop("adapter_names", None)
+    if names is not None:
+        from .multi_lora import mixed_batch_forward
+
+        return mixed_batch_forward(layer, x, names, *args, **kwargs)
     if not args and not torch.compiler.is_compiling():  # q/k/v computed together (group.py)
         grouped = layer.__dict__.get(GROUP_ATTR)
         if grouped is not None:

@@ -10,8 +10,8 @@ Two entry points share one name:
   swaps the compute of each ``lora.Linear`` for fastpeft's (fastpeft/peft_bridge.py).
 
 Either way the GLU MLPs whose three projections carry LoRA get the fused MLP forward (fastpeft/mlp.py).
-PEFT's mixed-adapter batches (``adapter_names=``): a PeftModel runs them through PEFT; a plain patched
-model raises ``NotImplementedError`` from its ``forward`` and ``generate`` until multi-LoRA lands.
+PEFT's mixed-adapter batches (``adapter_names=``, one adapter per row) run on a patched model's
+``forward`` and ``generate`` through fastpeft/multi_lora.py, and on a patched PeftModel too.
 
 Everything is checked before anything is changed (``targets.plan_patch``, then ``apply_plan``), and a
 failure while changing it undoes what was done: an error leaves the model as it was.
@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .layer import LoraLinear, reject_adapter_names
+from .layer import LoraLinear
+from .multi_lora import mixed_batch
 from .model_state import (
     CONFIG_ATTR,
     MISSING,
@@ -130,38 +131,54 @@ def apply_plan(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool =
 
 
 # --- mixed-adapter batches (PEFT's adapter_names=) ----------------------------------------------
+_MIXED_ATTR = "_fastpeft_mixed_batches"  # on a patched model: the mixed_batch contexts its running forwards entered
+
+
 def _adapter_names_pre_hook(model, args, kwargs):
-    """Forward pre-hook of a patched model: where ``model(..., adapter_names=[...])`` arrives, which
-    transformers would swallow in ``**kwargs``, running every row with the active adapter. The
-    multi-LoRA implementation takes the names from here to the LoRA layers; until then it raises.
-    ``adapter_names=None`` (no mixed batch) is taken out, as PEFT does, for forwards without **kwargs."""
-    reject_adapter_names(kwargs)
-    if "adapter_names" in kwargs:
-        kwargs = {k: v for k, v in kwargs.items() if k != "adapter_names"}
-        return args, kwargs
-    return None
+    """Forward pre-hook of a patched model: ``model(..., adapter_names=[...])`` (which transformers would
+    swallow in ``**kwargs``) hands the names to every LoRA layer for this forward (``multi_lora.mixed_batch``,
+    left by the forward hook below). ``adapter_names=None`` (no mixed batch) is taken out, as PEFT does."""
+    if "adapter_names" not in kwargs:
+        return None
+    kwargs = dict(kwargs)
+    names = kwargs.pop("adapter_names")
+    if names is not None:
+        context = mixed_batch(model, names)
+        context.__enter__()
+        model.__dict__.setdefault(_MIXED_ATTR, []).append(context)
+    return args, kwargs
+
+
+def _adapter_names_post_hook(model, args, kwargs, output):
+    contexts = model.__dict__.get(_MIXED_ATTR)
+    if contexts:
+        contexts.pop().__exit__(None, None, None)
 
 
 def _generate(self, *args, **kwargs):
-    """Instance ``generate`` of a patched model: generate checks its kwargs before any forward."""
-    reject_adapter_names(kwargs)
-    kwargs.pop("adapter_names", None)
-    return type(self).generate(self, *args, **kwargs)
+    """Instance ``generate`` of a patched model: ``adapter_names`` hold for every forward of the
+    generation (each repeated ``num_beams`` times, as PEFT does)."""
+    names = kwargs.pop("adapter_names", None)
+    if names is None:
+        return type(self).generate(self, *args, **kwargs)
+    with mixed_batch(self, names, kwargs.get("num_beams")):
+        return type(self).generate(self, *args, **kwargs)
 
 
 def _guard_adapter_names(undo: contextlib.ExitStack, model: nn.Module) -> None:
-    """Install the pre-hook and the ``generate`` above on ``model`` (once), undone by ``undo`` on an error."""
+    """Install the hooks and the ``generate`` above on ``model`` (once), undone by ``undo`` on an error."""
     if _ADAPTER_NAMES_HOOK_ATTR in model.__dict__:
         return
     undo.callback(_unguard_adapter_names, model)
-    model.__dict__[_ADAPTER_NAMES_HOOK_ATTR] = model.register_forward_pre_hook(_adapter_names_pre_hook, with_kwargs=True)
+    model.__dict__[_ADAPTER_NAMES_HOOK_ATTR] = (
+        model.register_forward_pre_hook(_adapter_names_pre_hook, with_kwargs=True),
+        model.register_forward_hook(_adapter_names_post_hook, with_kwargs=True, always_call=True))
     if "generate" not in model.__dict__ and callable(getattr(type(model), "generate", None)):
         model.generate = types.MethodType(_generate, model)
 
 
 def _unguard_adapter_names(model: nn.Module) -> None:
-    handle = model.__dict__.pop(_ADAPTER_NAMES_HOOK_ATTR, None)
-    if handle is not None:
+    for handle in model.__dict__.pop(_ADAPTER_NAMES_HOOK_ATTR, ()):
         handle.remove()
     if getattr(model.__dict__.get("generate"), "__func__", None) is _generate:
         del model.__dict__["generate"]

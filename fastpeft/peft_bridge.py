@@ -2,8 +2,9 @@
 ``lora.Linear`` (and QLoRA ``lora.bnb.Linear4bit``) that fastpeft supports gets fastpeft's compute as an instance-level ``forward``, so
 ``save_pretrained``, ``merge_and_unload`` and ``transformers.Trainer`` keep working. Layers fastpeft does
 not support (other layer types, 8-bit or nested bases, DoRA and other variants, lora_bias) keep
-PEFT's forward, with one warning naming them. Mixed-adapter batches (``adapter_names=``) and variant
-kwargs go through PEFT's forward too. ``unpatch`` gives every layer PEFT's forward back.
+PEFT's forward, with one warning naming them. Mixed-adapter batches (``adapter_names=``, which PEFT's
+hooks hand to each layer) run through fastpeft/multi_lora.py where every named adapter is plain LoRA;
+variant kwargs go through PEFT's forward. ``unpatch`` gives every layer PEFT's forward back.
 """
 from __future__ import annotations
 
@@ -25,9 +26,21 @@ _PEFT_LINEAR_CLASSES = {("peft.tuners.lora.layer", "Linear"), ("peft.tuners.lora
 
 def _accelerated_forward(self, x, *args, **kwargs):
     """Instance ``forward`` of a PEFT lora.Linear: fastpeft's compute, PEFT's for what it cannot do."""
-    if kwargs or not peft_fast_path_ok(self):  # adapter_names=..., variant kwargs, DoRA, lora_bias
+    if set(kwargs) == {"adapter_names"} and kwargs["adapter_names"] is not None and _mixed_ok(self, kwargs["adapter_names"]):
+        return lora_forward(self, x, *args, **kwargs)  # the mixed batch through fastpeft/multi_lora.py
+    if kwargs or not peft_fast_path_ok(self):  # variant kwargs, DoRA, lora_bias, a mixed batch fastpeft cannot run
         return type(self).forward(self, x, *args, **kwargs)
     return lora_forward(self, x, *args)
+
+
+def _mixed_ok(layer, adapter_names) -> bool:
+    """Whether fastpeft computes PEFT's mixed batch on this layer: plain LoRA for every adapter named."""
+    variants = getattr(layer, "lora_variant", {}) or {}
+    for name in set(adapter_names):
+        if name in layer.lora_A and (name in variants or layer.lora_B[name].bias is not None
+                                     or getattr(layer, "use_dora", {}).get(name, False)):
+            return False
+    return True
 
 
 def _why_not_accelerated(layer) -> Optional[str]:

@@ -213,33 +213,6 @@ def test_bad_adapter_name(name):
         fastpeft.patch(make_model("llama"), LoraConfig(), adapter_name=name)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "t5"])
-def test_mixed_adapter_batch_raises(model_type, tmp_path):
-    """PEFT's adapter_names= never reaches the LoRA layers of a patched transformers model (transformers
-    swallows it in **kwargs): it must raise, not run every row with the active adapter."""
-    base = make_model(model_type)
-    model = copy.deepcopy(base)
-    for name in ("sql", "math", "chat"):
-        fastpeft.save_adapter(fastpeft.patch(copy.deepcopy(base), LoraConfig(r=4, init_lora_weights=False)), tmp_path / name)
-        fastpeft.load_adapter(model, tmp_path / name, adapter_name=name)
-    inputs = make_inputs(model_type, batch=4)
-    names = ["sql", "__base__", "math", "chat"]
-    message = (r"mixed-adapter batches \(adapter_names=\.\.\., one adapter per row\) are not supported by "
-               r"fastpeft-patched models yet, got adapter_names naming \['__base__', 'chat', 'math', 'sql'\]: run one "
-               r"adapter per batch, or accelerate a peft\.PeftModel with fastpeft\.patch\(peft_model\)")
-    with pytest.raises(NotImplementedError, match=message):
-        model(**inputs, adapter_names=names)
-    with pytest.raises(NotImplementedError, match=message):
-        model.generate(inputs["input_ids"], adapter_names=names, max_new_tokens=2)
-    with pytest.raises(NotImplementedError, match=message):  # a copy carries the check
-        copy.deepcopy(model)(**inputs, adapter_names=names)
-    with torch.no_grad():  # adapter_names=None is no mixed batch (PEFT's default)
-        model(**inputs, adapter_names=None)
-        model.generate(inputs["input_ids"], adapter_names=None, max_new_tokens=2, do_sample=False)
-    fastpeft.unpatch(model)
-    assert not model._forward_pre_hooks and "generate" not in model.__dict__
-
-
 class _WithOddLayers(nn.Module):
     def __init__(self):
         super().__init__()

@@ -1,0 +1,141 @@
+"""Multi-LoRA serving: one layer's mixed-adapter batch, fastpeft against the base matmul and PEFT.
+
+One bf16 linear layer (K in, N out) with ``slots`` adapters resident (stacked A (slots, r_max, K), B
+(slots, N, r_max), bf16) and T tokens, each with its adapter: "decode" batches scatter one token per
+sequence over the adapters at random, "prefill" batches hold 8 sequences of T/8 tokens, one adapter each.
+Columns, timed in the same run (common.time_ms, A B B A order): ``base_ms`` (``F.linear`` alone, the
+floor), ``fastpeft_ms`` (``F.linear`` then ``kernels.multi_lora.multi_lora`` adding every token's LoRA
+term into the output in place, segments included), ``fastpeft_graph_ms`` (the same replayed in a CUDA
+graph: the GPU time without the host), ``peft_ms`` (PEFT's ``lora.Linear`` with ``adapter_names=``, the
+adapters as separate modules, up to 32 of them). Ranks: one r for every adapter, or "mixed" (8 to 64 by
+slot, r_max 64).
+
+    pytest bench/bench_multi_lora.py -s           # the grid below (GPU only)
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import RESULTS, graph_time_ms, register, time_ms  # noqa: E402
+
+TABLE = "multi_lora_layer"
+SHAPES = [(4096, 4096), (4096, 14336)]  # (K, N)
+TOKENS = [1, 16, 256, 4096]
+SLOTS = [1, 8, 32, 128]
+PEFT_MAX_SLOTS = 32  # PEFT's mixed batch loops over adapters in Python: beyond this it only takes minutes
+
+
+def _grid():
+    for (K, N), T, slots in itertools.product(SHAPES, TOKENS, SLOTS):
+        yield K, N, T, slots, "16", "decode"
+    for (K, N), slots in itertools.product(SHAPES, (8, 32)):
+        yield K, N, 4096, slots, "16", "prefill"
+    for r in ("8", "64", "mixed"):
+        yield 4096, 4096, 256, 32, r, "decode"
+
+
+def _ranks(slots: int, r: str) -> list[int]:
+    if r == "mixed":
+        return [(8, 16, 32, 64)[i % 4] for i in range(slots)]
+    return [int(r)] * slots
+
+
+def _indices(T: int, slots: int, layout: str, device) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(T * 131 + slots)
+    if layout == "prefill":
+        per = torch.randint(0, slots, (8,), generator=gen)
+        return per.repeat_interleave(T // 8).to(torch.int32).to(device)
+    return torch.randint(0, slots, (T,), generator=gen).to(torch.int32).to(device)
+
+
+def _peft_layer(K, N, ranks, A, B, scales):
+    import peft
+
+    holder = nn.Sequential()
+    holder.add_module("proj", nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16))
+    model = None
+    for s, r in enumerate(ranks):
+        cfg = peft.LoraConfig(r=r, lora_alpha=r, target_modules=["proj"])
+        if model is None:
+            model = peft.get_peft_model(holder, cfg, adapter_name=f"a{s}")
+        else:
+            model.add_adapter(f"a{s}", cfg)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        for s, r in enumerate(ranks):
+            layer.lora_A[f"a{s}"].weight.copy_(A[s, :r].float())
+            layer.lora_B[f"a{s}"].weight.copy_(B[s, :, :r].float())
+            layer.scaling[f"a{s}"] = float(scales[s])
+    return model.eval(), layer
+
+
+@pytest.mark.parametrize("K,N,T,slots,r,layout", list(_grid()), ids=lambda v: str(v))
+def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, benchmark):
+    from fastpeft.kernels.multi_lora import multi_lora
+
+    ranks = _ranks(slots, r)
+    r_max = max(ranks)
+    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    A = torch.randn(slots, r_max, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    B = torch.randn(slots, N, r_max, device="cuda", dtype=torch.bfloat16) * 0.02
+    scales = torch.full((slots,), 2.0, device="cuda")
+    rank_t = torch.tensor(ranks, dtype=torch.int32, device="cuda")
+    indices = _indices(T, slots, layout, "cuda")
+
+    def base():
+        return F.linear(x, w)
+
+    def fast():
+        return multi_lora(x, F.linear(x, w), indices, A, B, scales, rank_t)
+
+    row = {"K": K, "N": N, "T": T, "slots": slots, "r": r, "layout": layout}
+    impls = {"base": base, "fastpeft": fast}
+    peft_call = None
+    if slots <= PEFT_MAX_SLOTS:
+        try:
+            model, layer = _peft_layer(K, N, ranks, A, B, scales)
+            layer.base_layer.weight.data.copy_(w)
+            names = [f"a{int(s)}" for s in indices.tolist()]
+            x3 = x.unsqueeze(1)  # one token per row: adapter_names name each row
+
+            def peft_call():
+                return layer(x3, adapter_names=names)
+
+            impls["peft"] = peft_call
+            with torch.no_grad():
+                ref = peft_call().squeeze(1).float()
+                got = fast().float()
+                row["rel_diff"] = ((got - ref).norm() / ref.norm()).item()
+        except ImportError:
+            pass
+    times: dict = {}
+    with torch.no_grad():
+        order = list(impls)
+        for name in order + order[::-1]:
+            times.setdefault(name, []).append(time_ms(impls[name]))
+        for name, ts in times.items():
+            row[f"{name}_ms"] = sum(ts) / len(ts)
+        row["fastpeft_graph_ms"] = graph_time_ms(fast)
+        row["base_graph_ms"] = graph_time_ms(base)
+    row["fastpeft/base"] = row["fastpeft_ms"] / row["base_ms"]
+    row["graph fastpeft/base"] = row["fastpeft_graph_ms"] / row["base_graph_ms"]
+    if "peft_ms" in row:
+        row["peft/fastpeft"] = row["peft_ms"] / row["fastpeft_ms"]
+    bench_record(TABLE, row)
+    register(benchmark, fast, gpu=gpu_name, **row)
+    if "rel_diff" in row:
+        assert row["rel_diff"] < 2e-2, f"fastpeft's mixed batch is {row['rel_diff']:.3e} off PEFT's"
+
+
+RESULTS.derive(TABLE, lambda rows: rows, note=(
+    "bf16 layer, adapters bf16 (PEFT's fp32 copies), scaling 2; decode: one token per row, adapters at random; "
+    "prefill: 8 sequences of T/8 tokens; fastpeft = F.linear + multi_lora in place; *_graph_ms: CUDA-graph replay."))

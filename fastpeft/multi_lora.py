@@ -1,0 +1,394 @@
+"""Many LoRA adapters in one batch, one adapter per row (serving).
+
+Two ways in, one computation (``multi_lora``: y += s[i]·(x·A[i]ᵀ)·B[i]ᵀ per token over stacked adapter
+weights, the kernels of kernels/multi_lora.py on CUDA tensors, the reference path elsewhere):
+
+- PEFT's API on a patched model: ``model(..., adapter_names=[...])`` and ``model.generate(...,
+  adapter_names=[...])`` with the adapters loaded by ``load_adapter(..., adapter_name=...)``;
+  ``"__base__"`` rows get the base model alone. PEFT's semantics and errors (not in training mode,
+  names that exist in some layer, no merged adapters, one name per row; ``num_beams`` repeats each
+  name). ``mixed_batch(model, names)`` hands the names to every LoRA layer for the forwards inside it;
+  each layer stacks its adapters' weights once (kept until one of them changes).
+- ``MultiLora(model, max_adapters=..., max_rank=..., target_modules=...)``: a serving wrapper with
+  preallocated slots (stacked A (slots, r_max, in), B (slots, out, r_max), per-slot scaling and rank),
+  PEFT-format adapters loaded into and unloaded from slots, and ``with ml.use([...]):`` choosing each
+  row's adapter for ``model(...)`` and ``model.generate(...)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import threading
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import reference
+from .backend import use_triton
+
+BASE = "__base__"
+
+
+def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: torch.Tensor,
+               lora_b: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor, backend=None) -> torch.Tensor:
+    """y (T, N) + s[i]·(x·A[i, :r_i]ᵀ)·B[i, :, :r_i]ᵀ for each token's slot i (indices (T,), -1: none):
+    x (T, K), A (S, R, K), B (S, N, R), scales (S,) fp32, ranks (S,) int32. The kernels add into y in
+    place (and return it); the reference path returns a new tensor."""
+    if use_triton(x, backend):
+        from .kernels.multi_lora import multi_lora as kernel
+
+        return kernel(x, y, indices, lora_a, lora_b, scales, ranks)
+    return reference.multi_lora(x, y, indices, lora_a, lora_b, scales, ranks)
+
+
+# --- PEFT's adapter_names on a patched model ------------------------------------------------------
+_STACK_ATTR = "_fastpeft_stacked"  # on a LoRA layer: (key, names, A, B, scales, ranks)
+
+
+def _stacked(layer, names: tuple, device, dtype):
+    """The layer's adapters ``names`` as stacked (A (S, R, K), B (S, N, R), scales (S,), ranks (S,)),
+    rebuilt only when one of their weights changed (a parameter's version or storage)."""
+    params = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
+    key = (names, dtype, tuple((a.data_ptr(), a._version, b.data_ptr(), b._version) for a, b in params),
+           tuple(float(layer.scaling[n]) for n in names))
+    cached = layer.__dict__.get(_STACK_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1:]
+    R = max(a.shape[0] for a, _ in params)
+    K, N = params[0][0].shape[1], params[0][1].shape[0]
+    A = torch.zeros(len(names), R, K, device=device, dtype=dtype)
+    B = torch.zeros(len(names), N, R, device=device, dtype=dtype)
+    with torch.no_grad():
+        for i, (a, b) in enumerate(params):
+            A[i, :a.shape[0]] = a
+            B[i, :, :a.shape[0]] = b
+    scales = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32, device=device)
+    ranks = torch.tensor([a.shape[0] for a, _ in params], dtype=torch.int32, device=device)
+    layer.__dict__[_STACK_ATTR] = (key, A, B, scales, ranks)
+    return A, B, scales, ranks
+
+
+def mixed_batch_forward(layer, x: torch.Tensor, adapter_names: Sequence[str], *args, **kwargs) -> torch.Tensor:
+    """PEFT's ``_mixed_batch_forward`` of a LoRA layer (fastpeft's or PEFT's): the base output, plus
+    each row's adapter (rows of "__base__" or of an adapter this layer lacks: nothing), all adapters of
+    the batch in one ``multi_lora`` call."""
+    from .layer import base_weight  # noqa: F401 (import cycle)
+    from . import options
+
+    if len(x) != len(adapter_names):
+        raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                         f"{len(adapter_names)} and {len(x)} respectively.")
+    if layer.merged:
+        raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                         "`unmerge_adapter` first.")
+    if any(getattr(layer, "use_dora", {}).get(n, False) for n in set(adapter_names) if n != BASE):
+        raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+    result = layer.base_layer(x, *args, **kwargs)
+    names = tuple(sorted(n for n in set(adapter_names) if n in layer.lora_A))
+    if not names:
+        return result
+    slot = {n: i for i, n in enumerate(names)}
+    row_slots = torch.tensor([slot.get(n, -1) for n in adapter_names], dtype=torch.int32, device=x.device)
+    tokens = x.numel() // x.shape[-1] // max(len(x), 1)
+    indices = row_slots.repeat_interleave(tokens) if tokens != 1 else row_slots
+    adapter_dtype = layer.lora_A[names[0]].weight.dtype
+    A, B, scales, ranks = _stacked(layer, names, x.device, adapter_dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    y2 = result.reshape(-1, result.shape[-1])
+    out = multi_lora(x2, y2, indices, A, B, scales, ranks, options.of(layer).backend)
+    return out.reshape(result.shape)
+
+
+def _check_names(model: nn.Module, adapter_names) -> list:
+    """PEFT's checks of ``adapter_names`` on a model: a list of str, not in training mode, each (but
+    "__base__") an adapter of some LoRA layer."""
+    from .model_state import lora_layers
+
+    if not isinstance(adapter_names, (list, tuple)):
+        raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+    if model.training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    expected = set()
+    for _, layer in lora_layers(model):
+        expected |= set(layer.lora_A.keys())
+    unexpected = {n for n in adapter_names if n != BASE} - expected
+    if unexpected:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}")
+    return list(adapter_names)
+
+
+def _inject(names):
+    def hook(module, args, kwargs):
+        kwargs["adapter_names"] = names
+        return args, kwargs
+    return hook
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names, num_beams: Optional[int] = None):
+    """Within the block, every LoRA layer of ``model`` runs each row with its own adapter (PEFT's
+    ``adapter_names``); with ``num_beams`` > 1 each name is repeated for its row's beams, except in an
+    encoder (which sees the original rows), as PEFT does."""
+    from .model_state import lora_layers
+
+    names = _check_names(model, adapter_names)
+    original = names
+    if isinstance(num_beams, int) and num_beams > 1:
+        names = [n for n in names for _ in range(num_beams)]
+    handles = []
+    encoder = getattr(model, "get_encoder", None)
+    encoder = encoder() if callable(encoder) and getattr(model.config, "is_encoder_decoder", False) else None
+    encoder_layers = {id(m) for m in encoder.modules()} if encoder is not None else set()
+    try:
+        for _, layer in lora_layers(model):
+            rows = original if id(layer) in encoder_layers else names
+            handles.append(layer.register_forward_pre_hook(_inject(rows), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --- the serving wrapper ------------------------------------------------------------------------------
+class _Rows(threading.local):
+    """The slots of the batch's rows (a device tensor (B,)), set by ``MultiLora.use``; per thread."""
+    slots: Optional[torch.Tensor] = None
+    busy: int = 0
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen linear (``nn.Linear`` or bitsandbytes ``Linear4bit``) plus ``slots`` adapter slots:
+    A (slots, max_rank, in), B (slots, out, max_rank), scaling and rank per slot (rank 0: empty, or an
+    adapter that does not target this layer). The rows' slots come from the owning ``MultiLora``."""
+
+    def __init__(self, base_layer: nn.Module, slots: int, max_rank: int, rows: _Rows, dtype: torch.dtype):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        device = next(base_layer.parameters()).device
+        self.register_buffer("lora_A", torch.zeros(slots, max_rank, self.in_features, device=device, dtype=dtype))
+        self.register_buffer("lora_B", torch.zeros(slots, self.out_features, max_rank, device=device, dtype=dtype))
+        self.register_buffer("scales", torch.zeros(slots, dtype=torch.float32, device=device))
+        self.register_buffer("ranks", torch.zeros(slots, dtype=torch.int32, device=device))
+        self._rows = rows
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        slots = self._rows.slots
+        if slots is None:
+            return y
+        if len(x) % len(slots):
+            raise ValueError(f"MultiLora: the batch has {len(x)} rows but use() was given {len(slots)}")
+        rows = slots.repeat_interleave(len(x) // len(slots)) if len(x) != len(slots) else slots
+        tokens = x.numel() // max(x.shape[-1], 1) // max(len(x), 1)
+        indices = rows.repeat_interleave(tokens) if tokens != 1 else rows
+        y2 = y.reshape(-1, y.shape[-1])
+        out = multi_lora(x.reshape(-1, x.shape[-1]), y2, indices, self.lora_A, self.lora_B, self.scales, self.ranks)
+        return out.reshape(y.shape)
+
+    def extra_repr(self) -> str:
+        S, R, _ = self.lora_A.shape
+        return f"in_features={self.in_features}, out_features={self.out_features}, slots={S}, max_rank={R}"
+
+
+class MultiLora:
+    """Serve many LoRA adapters over one base model, one adapter per batch row.
+
+        ml = fastpeft.MultiLora(model, max_adapters=8, max_rank=16, target_modules=["q_proj", "v_proj"])
+        ml.load_adapter("sql", "adapters/sql")           # a PEFT-format directory, or its state dict
+        with ml.use(["sql", None, "chat", "sql"]):       # each row's adapter; None: the base model
+            out = model.generate(input_ids, max_new_tokens=32)
+
+    ``target_modules``: names (suffixes, as PEFT matches them) or "all-linear"; the targeted layers are
+    replaced by ``MultiLoraLinear`` in place (``close()`` puts them back). Adapters may target any
+    subset of them with any rank up to ``max_rank``; a slot freed by ``unload_adapter`` is reused.
+    Loading or unloading while a forward runs is refused.
+    """
+
+    def __init__(self, model: nn.Module, max_adapters: int, max_rank: int, target_modules="all-linear",
+                 dtype: Optional[torch.dtype] = None):
+        from .config import LoraConfig
+        from .targets import plan_patch
+
+        if max_adapters < 1 or max_rank < 1:
+            raise ValueError(f"MultiLora: max_adapters and max_rank must be >= 1, got {max_adapters}, {max_rank}")
+        self.model, self.max_adapters, self.max_rank = model, max_adapters, max_rank
+        self._rows = _Rows()
+        self._slots: dict[str, int] = {}
+        plan = plan_patch(model, LoraConfig(target_modules=target_modules), adapter_name="multi_lora")
+        for t in plan.targets:
+            if t.fan_in_fan_out:
+                raise NotImplementedError(f"MultiLora: {t.name!r} is a Conv1D (weight stored transposed); MultiLora "
+                                          f"serves nn.Linear and 4-bit Linear4bit layers")
+        names = [t.name for t in plan.targets]
+        self.layers: dict[str, MultiLoraLinear] = {}
+        for name in names:
+            base = model.get_submodule(name)
+            w = base.weight
+            layer_dtype = dtype or (w.dtype if w.dtype.is_floating_point else
+                                    (getattr(base, "compute_dtype", None) or torch.float32))
+            layer = MultiLoraLinear(base, max_adapters, max_rank, self._rows, layer_dtype)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            self.layers[name] = layer
+        self._hooks = [model.register_forward_pre_hook(self._enter), model.register_forward_hook(self._exit,
+                                                                                                 always_call=True)]
+
+    def _enter(self, module, args):
+        self._rows.busy += 1
+
+    def _exit(self, module, args, output):
+        self._rows.busy -= 1
+
+    def adapters(self) -> list[str]:
+        """The loaded adapters' names, by slot."""
+        return sorted(self._slots, key=self._slots.get)
+
+    def _refuse_if_running(self, what: str) -> None:
+        if self._rows.busy:
+            raise RuntimeError(f"MultiLora: cannot {what} while a forward runs")
+
+    def load_adapter(self, name: str, adapter) -> int:
+        """Load a PEFT-format adapter (a directory with adapter_config.json and adapter_model.safetensors
+        or .bin, or a (state_dict, config dict) pair) into a free slot; returns the slot. Checked whole
+        before anything is written: an error leaves the loaded set as it was."""
+        self._refuse_if_running("load an adapter")
+        if name in self._slots:
+            raise ValueError(f"MultiLora: an adapter named {name!r} is already loaded (unload_adapter it first)")
+        free = sorted(set(range(self.max_adapters)) - set(self._slots.values()))
+        if not free:
+            raise RuntimeError(f"MultiLora: all {self.max_adapters} slots are in use ({', '.join(self.adapters())}); "
+                               f"unload_adapter one first")
+        state, config = _read_adapter(adapter)
+        writes = self._plan_writes(name, state, config)
+        slot = free[0]
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.ranks[slot] = 0
+                layer.scales[slot] = 0.0
+            for layer, a, b, scale in writes:
+                r = a.shape[0]
+                layer.lora_A[slot].zero_()
+                layer.lora_B[slot].zero_()
+                layer.lora_A[slot, :r] = a.to(layer.lora_A.dtype)
+                layer.lora_B[slot, :, :r] = b.to(layer.lora_B.dtype)
+                layer.scales[slot] = scale
+                layer.ranks[slot] = r
+        self._slots[name] = slot
+        return slot
+
+    def _plan_writes(self, name: str, state: dict, config: dict) -> list:
+        r_default, alpha_default = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+        rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+        rslora = bool(config.get("use_rslora", False))
+        if config.get("use_dora"):
+            raise NotImplementedError(f"MultiLora: adapter {name!r} uses DoRA, which is not supported")
+        pairs: dict[str, dict] = {}
+        for key, tensor in state.items():
+            found = _LORA_KEY.match(key)
+            if found is None:
+                raise NotImplementedError(f"MultiLora: adapter {name!r} has {key!r}; only lora_A / lora_B weights "
+                                          f"are served")
+            pairs.setdefault(found.group(1), {})[found.group(2)] = tensor
+        writes = []
+        for module, parts in sorted(pairs.items()):
+            layer = self._layer_for(module)
+            if layer is None:
+                raise ValueError(f"MultiLora: adapter {name!r} targets {module!r}, which is not one of the served "
+                                 f"layers ({len(self.layers)}: target_modules of MultiLora)")
+            if set(parts) != {"lora_A", "lora_B"}:
+                raise ValueError(f"MultiLora: adapter {name!r} lacks {({'lora_A', 'lora_B'} - set(parts)).pop()} "
+                                 f"for {module!r}")
+            a, b = parts["lora_A"], parts["lora_B"]
+            r = a.shape[0]
+            if a.shape != (r, layer.in_features) or b.shape != (layer.out_features, r):
+                raise ValueError(f"MultiLora: adapter {name!r} at {module!r}: lora_A {tuple(a.shape)} and lora_B "
+                                 f"{tuple(b.shape)} do not fit ({layer.out_features}, {layer.in_features})")
+            if r > self.max_rank:
+                raise ValueError(f"MultiLora: adapter {name!r} has rank {r} at {module!r}, above max_rank="
+                                 f"{self.max_rank}")
+            pattern_r = _pattern(rank_pattern, module, r_default)
+            alpha = _pattern(alpha_pattern, module, alpha_default)
+            if pattern_r != r:
+                raise ValueError(f"MultiLora: adapter {name!r} at {module!r} has rank {r}, its config says {pattern_r}")
+            writes.append((layer, a, b, reference.lora_scaling(r, alpha, rslora)))
+        if not writes:
+            raise ValueError(f"MultiLora: adapter {name!r} has no lora_A / lora_B weights")
+        return writes
+
+    def _layer_for(self, module: str):
+        module = module.removeprefix("base_model.model.")
+        if module in self.layers:
+            return self.layers[module]
+        matches = [n for n in self.layers if n.endswith("." + module) or module.endswith("." + n)]
+        return self.layers[matches[0]] if len(matches) == 1 else None
+
+    def unload_adapter(self, name: str) -> None:
+        """Free ``name``'s slot (its weights zeroed; the slot is reused by the next load)."""
+        self._refuse_if_running("unload an adapter")
+        if name not in self._slots:
+            raise KeyError(f"MultiLora: no adapter named {name!r}; loaded: {self.adapters()}")
+        slot = self._slots.pop(name)
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.ranks[slot] = 0
+                layer.scales[slot] = 0.0
+                layer.lora_A[slot].zero_()
+                layer.lora_B[slot].zero_()
+
+    @contextlib.contextmanager
+    def use(self, adapters: Sequence[Optional[str]]):
+        """Within the block, batch row i runs with adapter ``adapters[i]`` (None or "__base__": the base
+        model); generate's beams or return sequences repeat each row's adapter."""
+        unknown = sorted({a for a in adapters if a is not None and a != BASE} - set(self._slots))
+        if unknown:
+            raise ValueError(f"MultiLora: unknown adapter(s) {unknown}; loaded: {self.adapters()}")
+        device = next(iter(self.layers.values())).ranks.device
+        slots = torch.tensor([-1 if a is None or a == BASE else self._slots[a] for a in adapters], dtype=torch.int32,
+                             device=device)
+        previous = self._rows.slots
+        self._rows.slots = slots
+        try:
+            yield self
+        finally:
+            self._rows.slots = previous
+
+    def close(self) -> nn.Module:
+        """Put the base layers back and drop the slots; returns the model."""
+        self._refuse_if_running("close")
+        for handle in self._hooks:
+            handle.remove()
+        for name, layer in self.layers.items():
+            parent, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, child, layer.base_layer)
+        self.layers, self._slots = {}, {}
+        return self.model
+
+
+_LORA_KEY = re.compile(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$")  # PEFT's keys, with or without the adapter name
+
+
+def _pattern(pattern: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the value of the longest key that ``module`` ends with."""
+    for key in sorted(pattern, key=len, reverse=True):
+        if re.match(rf"(.*\.)?({key})$", module):
+            return type(default)(pattern[key])
+    return default
+
+
+def _read_adapter(adapter) -> tuple[dict, dict]:
+    """(state dict, config dict) of a PEFT-format adapter directory, or of a (state_dict, config) pair."""
+    if isinstance(adapter, (tuple, list)) and len(adapter) == 2:
+        state, config = adapter
+        return dict(state), dict(config if isinstance(config, dict) else config.__dict__)
+    if not isinstance(adapter, (str, os.PathLike)) or not os.path.isdir(adapter):
+        raise ValueError(f"MultiLora: an adapter is a local directory in PEFT's format or a (state_dict, config) "
+                         f"pair, got {adapter!r}")
+    from .adapter_io import _read_weights
+
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        config = json.load(f)
+    return _read_weights(adapter), config

@@ -1,0 +1,213 @@
+"""Many adapters in one batch (fastpeft/multi_lora.py): PEFT's ``adapter_names=`` on patched models against
+PEFT's own mixed batches, and the ``MultiLora`` serving wrapper against each row run alone with its
+adapter; the reference path everywhere, the kernels on the GPU or under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft import LoraConfig
+from lora_helpers import logits
+from tiny_models import make_inputs, make_model
+
+peft = pytest.importorskip("peft")
+
+# three adapters: different ranks, alphas and targets (math skips the MLP, chat only q/v)
+ADAPTERS = {
+    "sql": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    "math": dict(r=2, lora_alpha=3, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "chat": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True),
+}
+ROWS = ["sql", "__base__", "math", "chat", "sql"]
+
+
+def _backend(request, backend):
+    if backend == "kernels":
+        return request.getfixturevalue("kernels_on")
+    request.getfixturevalue("set_options")(backend="reference")
+    return "cpu"
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    """The three adapters trained nowhere (random B), saved by PEFT from one tiny Llama."""
+    path = tmp_path_factory.mktemp("adapters")
+    base = make_model("llama")
+    for i, (name, kwargs) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(10 + i)
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **kwargs))
+        pm.save_pretrained(path / name)
+    return path
+
+
+def _peft_all(adapter_dirs, device):
+    pm = peft.PeftModel.from_pretrained(make_model("llama").to(device), adapter_dirs / "sql", adapter_name="sql")
+    for name in ("math", "chat"):
+        pm.load_adapter(adapter_dirs / name, adapter_name=name)
+    return pm.eval()
+
+
+def _fast_all(adapter_dirs, device):
+    model = make_model("llama").to(device)
+    for name in ADAPTERS:
+        fastpeft.load_adapter(model, adapter_dirs / name, adapter_name=name)
+    return model.eval()
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+def test_adapter_names_equals_peft(adapter_dirs, backend, request):
+    device = _backend(request, backend)
+    pm, fm = _peft_all(adapter_dirs, device), _fast_all(adapter_dirs, device)
+    inputs = {k: v.to(device) for k, v in make_inputs("llama", batch=len(ROWS)).items()}
+    with torch.no_grad():
+        expected = logits(pm, dict(inputs, adapter_names=ROWS))
+        got = logits(fm, dict(inputs, adapter_names=ROWS))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(expected[0], expected[2], atol=1e-3)  # the rows really differ
+        generate = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(fm.generate(inputs["input_ids"], adapter_names=ROWS, **generate),
+                           pm.generate(inputs["input_ids"], adapter_names=ROWS, **generate))
+        beams = dict(generate, num_beams=2)
+        assert torch.equal(fm.generate(inputs["input_ids"], adapter_names=ROWS, **beams),
+                           pm.generate(inputs["input_ids"], adapter_names=ROWS, **beams))
+    assert not any(m._forward_pre_hooks for m in fm.modules() if isinstance(m, fastpeft.LoraLinear))
+
+
+def test_adapter_names_encoder_decoder(tmp_path, set_options):
+    """T5: the encoder and decoder layers each get the rows' adapters."""
+    set_options(backend="reference")
+    base = make_model("t5")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, init_lora_weights=False), adapter_name="first")
+    pm.add_adapter("second", peft.LoraConfig(r=2, init_lora_weights=False))
+    pm.save_pretrained(tmp_path)
+    fm = copy.deepcopy(base)
+    fastpeft.load_adapter(fm, tmp_path / "first", adapter_name="first")
+    fastpeft.load_adapter(fm, tmp_path / "second", adapter_name="second")
+    pm.eval(), fm.eval()
+    inputs = make_inputs("t5", batch=3)
+    rows = ["second", "__base__", "first"]
+    with torch.no_grad():
+        torch.testing.assert_close(logits(fm, dict(inputs, adapter_names=rows)),
+                                   logits(pm, dict(inputs, adapter_names=rows)), rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_names_errors_as_peft(adapter_dirs, set_options):
+    set_options(backend="reference")
+    fm = _fast_all(adapter_dirs, "cpu")
+    inputs = make_inputs("llama", batch=len(ROWS))
+    with pytest.raises(ValueError, match="Trying to infer with non-existing adapter\\(s\\): nope"):
+        fm(**inputs, adapter_names=["nope"] * len(ROWS))
+    with pytest.raises(ValueError, match="Length of `adapter_names` should be the same as the number of inputs"):
+        fm(**inputs, adapter_names=ROWS[:2])
+    with pytest.raises(TypeError, match="expected a list of str"):
+        fm(**inputs, adapter_names="sql")
+    fm.train()
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when the model is in training mode"):
+        fm(**inputs, adapter_names=ROWS)
+    fm.eval()
+    fastpeft.merge(fm, adapter_names=["sql"])
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when there are merged adapters"):
+        fm(**inputs, adapter_names=ROWS)
+    fastpeft.unmerge(fm)
+    with torch.no_grad():  # after the errors: no hook left behind, the names work again
+        fm(**inputs, adapter_names=ROWS)
+        fm(**inputs, adapter_names=None)
+    assert not any(m._forward_pre_hooks for m in fm.modules() if isinstance(m, fastpeft.LoraLinear))
+    fastpeft.unpatch(fm)
+    assert not fm._forward_pre_hooks and not fm._forward_hooks and "generate" not in fm.__dict__
+
+
+# --- MultiLora ---------------------------------------------------------------------------------
+def _alone(adapter_dirs, name, inputs, device):
+    """Logits of the batch through PEFT with adapter ``name`` alone (None: the base model)."""
+    base = make_model("llama").to(device).eval()
+    if name is None:
+        return logits(base, inputs)
+    return logits(peft.PeftModel.from_pretrained(base, adapter_dirs / name).eval(), inputs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+def test_multilora_rows_equal_each_adapter_alone(adapter_dirs, backend, request):
+    device = _backend(request, backend)
+    model = make_model("llama").to(device).eval()
+    ml = fastpeft.MultiLora(model, max_adapters=4, max_rank=8, target_modules="all-linear")
+    for name in ADAPTERS:
+        ml.load_adapter(name, adapter_dirs / name)
+    assert ml.adapters() == list(ADAPTERS)
+    rows = ["chat", None, "sql", "math", "sql"]
+    inputs = {k: v.to(device) for k, v in make_inputs("llama", batch=len(rows)).items()}
+    with torch.no_grad():
+        with ml.use(rows):
+            got = logits(model, inputs)
+            tokens = model.generate(inputs["input_ids"], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        for i, name in enumerate(rows):
+            one = {k: v[i:i + 1] for k, v in inputs.items()}
+            torch.testing.assert_close(got[i:i + 1], _alone(adapter_dirs, name, one, device), rtol=1e-4, atol=1e-5)
+        fm = _fast_all(adapter_dirs, device)
+        names = [n or "__base__" for n in rows]
+        assert torch.equal(tokens, fm.generate(inputs["input_ids"], adapter_names=names, max_new_tokens=4,
+                                                do_sample=False, pad_token_id=0))
+        plain = logits(model, inputs)  # outside use(): the base model
+        torch.testing.assert_close(plain, _alone(adapter_dirs, None, inputs, device), rtol=1e-5, atol=1e-6)
+
+
+def test_multilora_slots_reused_and_errors(adapter_dirs, set_options, tmp_path):
+    set_options(backend="reference")
+    model = make_model("llama").eval()
+    ml = fastpeft.MultiLora(model, max_adapters=2, max_rank=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert ml.load_adapter("math", adapter_dirs / "math") == 0
+    with pytest.raises(ValueError, match="rank 8 .* above max_rank=4"):
+        ml.load_adapter("chat", adapter_dirs / "chat")
+    with pytest.raises(ValueError, match="targets .*mlp.*not one of the served layers"):
+        ml.load_adapter("sql", adapter_dirs / "sql")
+    assert ml.adapters() == ["math"]  # the failed loads left the set as it was
+    state = {k: v for k, v in _peft_state(adapter_dirs / "sql").items() if "mlp" not in k}
+    assert ml.load_adapter("sql", (state, {"r": 4, "lora_alpha": 8})) == 1
+    with pytest.raises(RuntimeError, match="all 2 slots are in use"):
+        ml.load_adapter("again", adapter_dirs / "math")
+    with pytest.raises(ValueError, match="already loaded"):
+        ml.load_adapter("math", adapter_dirs / "math")
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]"):
+        with ml.use(["nope"]):
+            pass
+    ml.unload_adapter("math")
+    assert ml.load_adapter("math2", adapter_dirs / "math") == 0  # the freed slot
+    with pytest.raises(KeyError, match="no adapter named 'math'"):
+        ml.unload_adapter("math")
+    inputs = make_inputs("llama", batch=2)
+
+    def load_during_forward(module, args):
+        ml.load_adapter("late", adapter_dirs / "math")
+
+    handle = model.model.layers[0].register_forward_pre_hook(load_during_forward)
+    with pytest.raises(RuntimeError, match="cannot load an adapter while a forward runs"), ml.use(["sql", None]):
+        model(**inputs)
+    handle.remove()
+    assert ml.adapters() == ["math2", "sql"]
+    with torch.no_grad(), ml.use(["sql", "math2"]):
+        model(**inputs)  # the failed call left nothing running
+    restored = ml.close()
+    assert type(restored.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+def _peft_state(directory):
+    from safetensors.torch import load_file
+
+    return load_file(directory / "adapter_model.safetensors")
+
+
+def test_example_runs():
+    """examples/multi_lora_generate.py on a tiny model: every batched row equals its adapter alone."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "examples", "multi_lora_generate.py"), "--device", "cpu",
+                           "--new-tokens", "3"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "every row equals its adapter alone" in done.stdout
