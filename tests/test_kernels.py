@@ -19,21 +19,10 @@ from fastpeft.kernels.grads import _grad_grid, lora_adapter_grads
 from fastpeft.kernels.linear import lora_linear, lora_linear_tma, tma_ok, tma_wide
 from fastpeft.kernels.shrink import lora_shrink
 from fastpeft.kernels.shrink_expand import lora_shrink_expand
-from tolerance import assert_close
+from tolerance import DTYPE_PAIRS, dtype_pair_id, assert_close
 
 CPU_SHAPES = [(1, 64, 48, 4), (37, 45, 29, 5), (70, 130, 100, 17), (0, 32, 16, 4)]
 GPU_SHAPES = CPU_SHAPES + [(16, 4096, 4096, 16), (300, 1000, 2000, 64), (2500, 1024, 520, 8), (777, 512, 1100, 256)]
-DTYPES = [  # (activation/base dtype, adapter dtype)
-    (torch.float32, torch.float32),
-    (torch.float16, torch.float16),
-    (torch.float16, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),
-]
-
-
-def _name(dt):
-    return f"{str(dt[0])[6:]}-adapters_{str(dt[1])[6:]}"
 
 
 def _make(M, K, N, R, dtype, adapter_dtype, device, bias=True, layout="contiguous", fan_in_fan_out=False):
@@ -91,7 +80,7 @@ def _shapes(device):
     return GPU_SHAPES if device == "cuda" else CPU_SHAPES
 
 
-@pytest.mark.parametrize("dtypes", DTYPES, ids=_name)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=dtype_pair_id)
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
 def test_lora_linear_matches_reference(kernel_device, dtypes, p):
     dtype, adapter_dtype = dtypes
@@ -180,7 +169,7 @@ def test_shrink_expand_accumulates_into_a_buffer(kernel_device, mask_output):
         lora_shrink_expand(x, a, bb, None, 1.5, accumulate=buf[:, :5])
 
 
-@pytest.mark.parametrize("dtypes", DTYPES, ids=_name)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=dtype_pair_id)
 @pytest.mark.parametrize("mode", ["forward", "forward_dropout", "backward_dropout"])
 def test_shrink_expand_matches_reference(kernel_device, dtypes, mode):
     """lora_shrink_expand (the cuBLAS route's C pass) in both of its roles: forward (dropout on the

@@ -11,7 +11,7 @@ import torch
 
 from fastpeft import reference
 from fastpeft.kernels.multi_lora import Segments, multi_lora, multi_lora_expand, multi_lora_shrink, segments
-from tolerance import assert_close
+from tolerance import DTYPE_PAIRS, dtype_pair_id, assert_close
 
 # (T, K, N, ranks, R): R is the stacked width, ranks one per slot
 CPU_CASES = [
@@ -25,17 +25,6 @@ GPU_CASES = CPU_CASES + [
     (3000, 1000, 2000, (64, 7, 32, 1, 64, 16), 64),
     (8192, 2048, 1024, (16, 16, 8, 4), 16),                # prefill: long runs of one adapter
 ]
-DTYPES = [  # (x/y dtype, adapter dtype)
-    (torch.float32, torch.float32),
-    (torch.float16, torch.float16),
-    (torch.float16, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),
-]
-
-
-def _name(dt):
-    return f"{str(dt[0])[6:]}-adapters_{str(dt[1])[6:]}"
 
 
 def _cases(device):
@@ -97,7 +86,7 @@ def _check(x, y, indices, A, B, scales, ranks, dtype):
         assert_close(out[rows], exact[rows], same[rows], dtype, f"y, slot {s} (rank {r})")
 
 
-@pytest.mark.parametrize("dtypes", DTYPES, ids=_name)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=dtype_pair_id)
 def test_multi_lora_matches_reference(kernel_device, dtypes):
     dtype, adapter_dtype = dtypes
     for T, K, N, ranks, R in _cases(kernel_device):

@@ -16,3 +16,16 @@ def assert_close(out, ref, torch_same_dtype, dtype, what=""):
     err, base = rel_err(out, ref), rel_err(torch_same_dtype, ref)
     bound = 2 * base + ATOL[dtype]
     assert err <= bound, f"{what}: relative error {err:.3e} > 2 * {base:.3e} + {ATOL[dtype]:.0e} (PyTorch in {dtype})"
+
+
+DTYPE_PAIRS = [  # (activation dtype, adapter dtype): what the kernels' tests run
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+]
+
+
+def dtype_pair_id(pair) -> str:
+    return f"{str(pair[0])[6:]}-adapters_{str(pair[1])[6:]}"
