@@ -356,3 +356,30 @@ def test_unsupported_quant_state_refused(tiny_dir):
     with pytest.raises(ValueError, match=r"holds a \(64, 32\) weight"):
         fastpeft.patch(model, fastpeft.LoraConfig(r=4, target_modules=["v_proj"]))
     assert _snapshot(model) == before
+
+
+def test_mixed_batch_over_4bit(tiny_dir, tmp_path, set_options):
+    """PEFT's adapter_names= on a patched 4-bit model (two adapters loaded by name) and MultiLora over its
+    Linear4bit layers: PEFT's mixed batch over the same 4-bit model (eval, as mixed batches require)."""
+    set_options(backend="reference")
+    pm = peft.get_peft_model(load_4bit(tiny_dir), peft.LoraConfig(**LORA), adapter_name="one")
+    pm.add_adapter("two", peft.LoraConfig(**dict(LORA, r=4, target_modules=["q_proj", "v_proj"])))
+    pm.save_pretrained(tmp_path)
+    pm.eval()
+    fm = load_4bit(tiny_dir)
+    for name in ("one", "two"):
+        fastpeft.load_adapter(fm, tmp_path / name, adapter_name=name)
+    fm.eval()
+    rows = ["two", "__base__", "one"]
+    inputs = {k: v.repeat(2, 1)[:3] for k, v in _inputs().items()}
+    # PEFT rounds each adapter's term to bf16 before adding it; fastpeft adds in fp32 and rounds once
+    close = dict(rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        expected = logits(pm, dict(inputs, adapter_names=rows)).float()
+        torch.testing.assert_close(logits(fm, dict(inputs, adapter_names=rows)).float(), expected, **close)
+        served = load_4bit(tiny_dir).eval()
+        ml = fastpeft.MultiLora(served, max_adapters=2, max_rank=8, target_modules="all-linear")
+        for name in ("one", "two"):
+            ml.load_adapter(name, tmp_path / name)
+        with ml.use(["two", None, "one"]):
+            torch.testing.assert_close(logits(served, inputs).float(), expected, **close)
