@@ -2,7 +2,8 @@
 ``lora.Linear`` (and QLoRA ``lora.bnb.Linear4bit``) that fastpeft supports gets fastpeft's compute as an instance-level ``forward``, so
 ``save_pretrained``, ``merge_and_unload`` and ``transformers.Trainer`` keep working. Layers fastpeft does
 not support (other layer types, 8-bit or nested bases, DoRA and other variants, lora_bias) keep
-PEFT's forward, with one warning naming them. Mixed-adapter batches (``adapter_names=``, which PEFT's
+PEFT's forward, with one warning naming them. Prompt-based adapters (prompt / prefix / P-tuning,
+LLaMA-Adapter) have no linear layer to fuse: they are left to PEFT's code with one notice. Mixed-adapter batches (``adapter_names=``, which PEFT's
 hooks hand to each layer) run through fastpeft/multi_lora.py where every named adapter is plain LoRA;
 variant kwargs go through PEFT's forward. ``unpatch`` gives every layer PEFT's forward back.
 """
@@ -18,6 +19,9 @@ from .model_state import PEFT_PATCHED_ATTR, install_fused_forwards, is_peft_lora
 from .options import Options
 from .targets import check_wrappable, shorten_names
 
+
+# PEFT's prompt-based methods: no linear layer to fuse; patch(peft_model) leaves them to PEFT's code
+PROMPT_BASED = {"PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT", "CPT"}
 
 # PEFT's LoRA layer classes whose forward fastpeft computes: over a float linear, and over a
 # bitsandbytes 4-bit linear (QLoRA, fastpeft/qlora.py)
@@ -66,10 +70,18 @@ def patch_peft_model(peft_model, options: Optional[Options] = None):
     """Give every PEFT LoRA layer of ``peft_model`` that fastpeft supports fastpeft's forward, in place; all or
     nothing. ``options``: the model's (see ``model_state.install_fused_forwards``)."""
     configs = getattr(peft_model, "peft_config", {}) or {}
+    prompt_based = []
     for name, cfg in configs.items():
         peft_type = getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", None))
-        if peft_type != "LORA":
+        if peft_type in PROMPT_BASED:
+            prompt_based.append(f"{name} ({peft_type})")
+        elif peft_type != "LORA":
             raise ValueError(f"fastpeft accelerates LoRA adapters only; adapter {name!r} is {peft_type}")
+    if prompt_based:
+        warnings.warn(f"fastpeft.patch: {', '.join(prompt_based)} left to PEFT's own code (prompt-based methods have "
+                      f"no linear layer to fuse)")
+        if not any(is_peft_lora_layer(m) for m in peft_model.modules()):
+            return peft_model
     skipped, todo, accelerated = [], [], 0
     for name, layer in peft_model.named_modules():
         if not is_peft_lora_layer(layer):

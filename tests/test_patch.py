@@ -567,3 +567,24 @@ def test_second_adapter_all_linear_targets_equal_peft():
     with_b = lambda m: {n.removeprefix("base_model.model.") for n, l in lora_layers(m) if "b" in l.lora_A}  # noqa: E731
     assert with_b(fm) == with_b(pm) and len(with_b(fm)) == 8
     assert fm.fastpeft_config["b"].target_modules == pm.peft_config["b"].target_modules
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning", "p_tuning", "adaption_prompt"])
+def test_prompt_based_peft_models_left_to_peft(kind):
+    """Prompt-based PEFT methods have no linear layer to fuse: patch(peft_model) leaves them to PEFT's code
+    with one notice, the outputs unchanged."""
+    base = make_model("llama")
+    configs = {
+        "prompt_tuning": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        "prefix_tuning": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        "p_tuning": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16),
+        "adaption_prompt": lambda: peft.AdaptionPromptConfig(adapter_len=4, adapter_layers=1),
+    }
+    pm = peft.get_peft_model(copy.deepcopy(base), configs[kind]()).eval()
+    inputs = make_inputs("llama")
+    with torch.no_grad():
+        before = logits(pm, inputs)
+    with pytest.warns(UserWarning, match=r"left to PEFT's own code \(prompt-based methods"):
+        assert fastpeft.patch(pm) is pm
+    with torch.no_grad():
+        torch.testing.assert_close(logits(pm, inputs), before, rtol=0, atol=0)
