@@ -156,7 +156,6 @@ def mixed_batch(model: nn.Module, adapter_names, num_beams: Optional[int] = None
 class _Rows(threading.local):
     """The slots of the batch's rows (a device tensor (B,)), set by ``MultiLora.use``; per thread."""
     slots: Optional[torch.Tensor] = None
-    busy: int = 0
 
 
 class MultiLoraLinear(nn.Module):
@@ -218,6 +217,7 @@ class MultiLora:
         self.model, self.max_adapters, self.max_rank = model, max_adapters, max_rank
         self._rows = _Rows()
         self._slots: dict[str, int] = {}
+        self._busy, self._lock = 0, threading.Lock()  # forwards running, in any thread
         plan = plan_patch(model, LoraConfig(target_modules=target_modules), adapter_name="multi_lora")
         for t in plan.targets:
             if t.fan_in_fan_out:
@@ -238,31 +238,38 @@ class MultiLora:
                                                                                                  always_call=True)]
 
     def _enter(self, module, args):
-        self._rows.busy += 1
+        with self._lock:
+            self._busy += 1
 
     def _exit(self, module, args, output):
-        self._rows.busy -= 1
+        with self._lock:
+            self._busy -= 1
 
     def adapters(self) -> list[str]:
         """The loaded adapters' names, by slot."""
         return sorted(self._slots, key=self._slots.get)
 
     def _refuse_if_running(self, what: str) -> None:
-        if self._rows.busy:
+        if self._busy:
             raise RuntimeError(f"MultiLora: cannot {what} while a forward runs")
 
     def load_adapter(self, name: str, adapter) -> int:
         """Load a PEFT-format adapter (a directory with adapter_config.json and adapter_model.safetensors
         or .bin, or a (state_dict, config dict) pair) into a free slot; returns the slot. Checked whole
-        before anything is written: an error leaves the loaded set as it was."""
-        self._refuse_if_running("load an adapter")
+        before anything is written: an error leaves the loaded set as it was. A forward that starts
+        meanwhile waits for the load to finish."""
+        state, config = _read_adapter(adapter)
+        with self._lock:
+            self._refuse_if_running("load an adapter")
+            return self._load(name, state, config)
+
+    def _load(self, name: str, state: dict, config: dict) -> int:
         if name in self._slots:
             raise ValueError(f"MultiLora: an adapter named {name!r} is already loaded (unload_adapter it first)")
         free = sorted(set(range(self.max_adapters)) - set(self._slots.values()))
         if not free:
             raise RuntimeError(f"MultiLora: all {self.max_adapters} slots are in use ({', '.join(self.adapters())}); "
                                f"unload_adapter one first")
-        state, config = _read_adapter(adapter)
         writes = self._plan_writes(name, state, config)
         slot = free[0]
         with torch.no_grad():
@@ -328,16 +335,17 @@ class MultiLora:
 
     def unload_adapter(self, name: str) -> None:
         """Free ``name``'s slot (its weights zeroed; the slot is reused by the next load)."""
-        self._refuse_if_running("unload an adapter")
-        if name not in self._slots:
-            raise KeyError(f"MultiLora: no adapter named {name!r}; loaded: {self.adapters()}")
-        slot = self._slots.pop(name)
-        with torch.no_grad():
-            for layer in self.layers.values():
-                layer.ranks[slot] = 0
-                layer.scales[slot] = 0.0
-                layer.lora_A[slot].zero_()
-                layer.lora_B[slot].zero_()
+        with self._lock:
+            self._refuse_if_running("unload an adapter")
+            if name not in self._slots:
+                raise KeyError(f"MultiLora: no adapter named {name!r}; loaded: {self.adapters()}")
+            slot = self._slots.pop(name)
+            with torch.no_grad():
+                for layer in self.layers.values():
+                    layer.ranks[slot] = 0
+                    layer.scales[slot] = 0.0
+                    layer.lora_A[slot].zero_()
+                    layer.lora_B[slot].zero_()
 
     @contextlib.contextmanager
     def use(self, adapters: Sequence[Optional[str]]):
