@@ -99,7 +99,6 @@ def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, ben
 
     row = {"K": K, "N": N, "T": T, "slots": slots, "r": r, "layout": layout}
     impls = {"base": base, "fastpeft": fast}
-    peft_call = None
     if slots <= PEFT_MAX_SLOTS:
         try:
             model, layer = _peft_layer(K, N, ranks, A, B, scales)

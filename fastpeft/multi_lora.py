@@ -75,7 +75,6 @@ def mixed_batch_forward(layer, x: torch.Tensor, adapter_names: Sequence[str], *a
     """PEFT's ``_mixed_batch_forward`` of a LoRA layer (fastpeft's or PEFT's): the base output, plus
     each row's adapter (rows of "__base__" or of an adapter this layer lacks: nothing), all adapters of
     the batch in one ``multi_lora`` call."""
-    from .layer import base_weight  # noqa: F401 (import cycle)
     from . import options
 
     if len(x) != len(adapter_names):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import fastpeft
 from fastpeft import LoraConfig
 from fastpeft.layer import LoraLinear
-from tiny_models import make_inputs, make_model
+from tiny_models import make_model
 
 
 # --- config values ------------------------------------------------------------------------------

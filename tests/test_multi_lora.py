@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft import LoraConfig
 from lora_helpers import logits
 from tiny_models import make_inputs, make_model
 
