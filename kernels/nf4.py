@@ -10,25 +10,32 @@ codes per uint8, the first element in the high nibble (byte j holds elements 2j 
 absmax per ``blocksize`` consecutive elements of the flattened W; W.flat[i] = code[c_i]·absmax[i //
 blocksize], ``code`` the 16-entry table. With double quantization (``nested``) the absmax is a uint8
 code: absmax[b] = code2[q[b]]·absmax2[b // blocksize2] + offset, rebuilt where it is read
-(``_block_scale``). K must be even (a byte never straddles two rows of W); quantization blocks may
-straddle rows (K not a multiple of blocksize), at the cost of a scale read per byte.
+(``_block_scale``). K must be even (a byte never straddles two rows of W). Quantization blocks may
+straddle rows (K not a multiple of blocksize) in the dequantize kernel and the tiled products (a scale
+read per byte there), not in the decode path, whose K steps are whole blocks.
 
-The table lookup (``LUT``, a constexpr, measured in docs/performance.md): 2 reads one int64 per byte
-from a 256-entry table of value pairs (``pair_table``: both elements' fp32 values, exact), 1 reads the
-16-entry table per element, 0 gathers it from registers (tl.gather).
+The table lookup (``LUT``, a constexpr, measured in docs/performance.md): 0 (the default) gathers the
+16 values with tl.gather, 1 reads the 16-entry table per value, 2 reads one int64 per byte from a
+256-entry table of value pairs (``pair_table``: both elements' fp32 values, exact).
 
-* decode path (M <= GEMV_MAX_M): ``_nf4_gemv_kernel``; program (pid_n, pid_k) streams BLOCK_N rows of
-  the packed W over every SPLIT_K-th K block of BLOCK_K columns, unpacks each byte's two elements
-  into the even and odd columns (no interleave: x's even and odd columns are read separately), scales
-  by absmax, and multiplies with all M rows of x in fp32 (broadcast multiply-add for a few rows,
-  tl.dot from 16). The LoRA term and bias are added by the pid_k == 0 programs; with SPLIT_K > 1 the
-  partial sums go by fp32 atomics into a zeroed fp32 output, cast after.
+* decode path (M <= GEMV_MAX_M): ``_nf4_gemv_kernel``; program (pid_n, pid_k) takes BLOCK_N rows of W
+  over every SPLIT_K-th K step of GROUPS whole quantization blocks: one [BLOCK_N, GROUPS, blocksize/2]
+  byte load per step, one scale per (row, block), x's matching [M, GROUPS, blocksize/2, 2] pairs. Up
+  to 4 rows the products are kept per element in fp32 and summed once after the loop; from 5 rows the
+  step's W tile is interleaved back and tl.dot'ed (16-row tiles). The LoRA term and bias are added by
+  the pid_k == 0 programs; with SPLIT_K > 1 the partial sums go by fp32 atomics into a zeroed fp32
+  output, cast after.
+* dequantize: ``_nf4_dequant_kernel``; the packed bytes seen as [blocks, blocksize/2], whole blocks per
+  program, each byte's two values interleaved in registers and stored contiguously (62-93% of the
+  copy rate on an H100). QLoRA's route (fastpeft/qlora.py) uses it above the decode rows and for dX.
 * tiled path: ``_nf4_tiled_kernel``; a grouped-order matmul whose K loop dequantizes W's (BLOCK_N x
   BLOCK_K) tile as its even and odd columns and tl.dot's each with x's matching columns, in x's dtype;
   the epilogue is linear.py's ``_lora_epilogue`` (bias, LoRA term).
 * transposed (dX): ``_nf4_tiled_t_kernel``; the K loop runs over W's rows (N), the output columns are
   W's columns, dequantized as [BLOCK_K, BLOCK_N] tiles in order; the epilogue takes the dropout mask
   of the LoRA term, as lora_linear's dX does.
+  The tiled path and the transposed product measured 10-18x F.linear (the dequantized tile goes
+  through shared memory into every MMA): tested, not on QLoRA's route.
 """
 from __future__ import annotations
 
