@@ -44,8 +44,19 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: 
     return reference.multi_lora(x, y, indices, lora_a, lora_b, scales, ranks)
 
 
+def add_rows(x: torch.Tensor, result: torch.Tensor, row_slots: torch.Tensor, lora_a, lora_b, scales, ranks,
+             backend=None) -> torch.Tensor:
+    """``result`` (x's rows, any leading shape) + each row's adapter: ``row_slots`` (B,) gives row i of x
+    (B, ..., K) its slot (-1: none) for every one of its tokens; ``multi_lora`` on the 2-D views."""
+    tokens = x.numel() // max(x.shape[-1], 1) // max(len(x), 1)
+    indices = row_slots.repeat_interleave(tokens) if tokens != 1 else row_slots
+    out = multi_lora(x.reshape(-1, x.shape[-1]), result.reshape(-1, result.shape[-1]), indices, lora_a, lora_b,
+                     scales, ranks, backend)
+    return out.reshape(result.shape)
+
+
 # --- PEFT's adapter_names on a patched model ------------------------------------------------------
-_STACK_ATTR = "_fastpeft_stacked"  # on a LoRA layer: (key, names, A, B, scales, ranks)
+_STACK_ATTR = "_fastpeft_stacked"  # on a LoRA layer: (key, A, B, scales, ranks)
 
 
 def _stacked(layer, names: tuple, device, dtype):
@@ -91,14 +102,8 @@ def mixed_batch_forward(layer, x: torch.Tensor, adapter_names: Sequence[str], *a
         return result
     slot = {n: i for i, n in enumerate(names)}
     row_slots = torch.tensor([slot.get(n, -1) for n in adapter_names], dtype=torch.int32, device=x.device)
-    tokens = x.numel() // x.shape[-1] // max(len(x), 1)
-    indices = row_slots.repeat_interleave(tokens) if tokens != 1 else row_slots
-    adapter_dtype = layer.lora_A[names[0]].weight.dtype
-    A, B, scales, ranks = _stacked(layer, names, x.device, adapter_dtype)
-    x2 = x.reshape(-1, x.shape[-1])
-    y2 = result.reshape(-1, result.shape[-1])
-    out = multi_lora(x2, y2, indices, A, B, scales, ranks, options.of(layer).backend)
-    return out.reshape(result.shape)
+    stacked = _stacked(layer, names, x.device, layer.lora_A[names[0]].weight.dtype)
+    return add_rows(x, result, row_slots, *stacked, options.of(layer).backend)
 
 
 def _check_names(model: nn.Module, adapter_names) -> list:
@@ -180,12 +185,8 @@ class MultiLoraLinear(nn.Module):
             return y
         if len(x) % len(slots):
             raise ValueError(f"MultiLora: the batch has {len(x)} rows but use() was given {len(slots)}")
-        rows = slots.repeat_interleave(len(x) // len(slots)) if len(x) != len(slots) else slots
-        tokens = x.numel() // max(x.shape[-1], 1) // max(len(x), 1)
-        indices = rows.repeat_interleave(tokens) if tokens != 1 else rows
-        y2 = y.reshape(-1, y.shape[-1])
-        out = multi_lora(x.reshape(-1, x.shape[-1]), y2, indices, self.lora_A, self.lora_B, self.scales, self.ranks)
-        return out.reshape(y.shape)
+        rows = slots.repeat_interleave(len(x) // len(slots)) if len(x) != len(slots) else slots  # beams
+        return add_rows(x, y, rows, self.lora_A, self.lora_B, self.scales, self.ranks)
 
     def extra_repr(self) -> str:
         S, R, _ = self.lora_A.shape

@@ -121,12 +121,7 @@ def _restore_bases(ctx, weights) -> tuple:
 
 
 def _save(ctx, x, weight, bias, lora_a, lora_b, xa, seed, scaling, dropout_p):
-    if weight is None or isinstance(weight, torch.Tensor):
-        ctx.save_for_backward(x, weight, bias, lora_a, lora_b, xa, seed)
-        ctx.base = None
-    else:  # a frozen non-dense base (route.register): kept as it is
-        ctx.save_for_backward(x, None, bias, lora_a, lora_b, xa, seed)
-        ctx.base = weight
+    ctx.save_for_backward(x, *_tensor_bases(ctx, (weight,)), bias, lora_a, lora_b, xa, seed)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
@@ -134,7 +129,7 @@ def _grads(ctx, dy, lora_grads, need):
     """The gradients of (x, weight, bias, A, B, ...) from what ``_save`` kept; ``lora_grads`` computes
     dx, dA, dB (eager or custom op); ``need``: which of x, weight, bias, A, B need one."""
     x, weight, bias, lora_a, lora_b, xa, seed = ctx.saved_tensors
-    weight = weight if ctx.base is None else ctx.base
+    (weight,) = _restore_bases(ctx, (weight,))
     dx, da, db = lora_grads(dy, x, weight, lora_a, lora_b, xa, ctx.scaling, ctx.dropout_p, seed,
                             need[0], need[3], need[4])
     dw = dbias = None

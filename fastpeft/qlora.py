@@ -135,6 +135,18 @@ def _standard_layout(data: torch.Tensor, quant_state) -> tuple:
     return standard, Quant4bitState(absmax, (N, K), int(quant_state.blocksize), quant_state.quant_type, dtype, None)
 
 
+def _read(weight) -> tuple:
+    """(packed uint8 bytes in the standard layout, Quant4bitState) of a Params4bit, whichever layout
+    bitsandbytes left it in; nothing is changed."""
+    state = weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        return _standard_layout(weight.data, state)
+    packed = weight.data.reshape(-1)
+    if packed.dtype != torch.uint8:  # quant_storage (bf16, say, for FSDP): the same bytes
+        packed = packed.view(torch.uint8)
+    return packed, Quant4bitState.from_bnb(state)
+
+
 def base_of(layer, weight) -> Base4bit:
     """The ``Base4bit`` of LoRA layer ``layer``'s 4-bit ``weight`` (its base layer's Params4bit), kept in
     the layer while the weight's data and quant_state stay the same objects."""
@@ -145,13 +157,7 @@ def base_of(layer, weight) -> Base4bit:
         return cached
     if quant_state is None:
         raise ValueError(f"{type(layer).__name__}: its 4-bit base weight has no quant_state (not quantized)")
-    if getattr(quant_state, "packing_format_for_cpu", False):
-        packed, state = _standard_layout(weight.data, quant_state)
-    else:
-        packed, state = weight.data, Quant4bitState.from_bnb(quant_state)
-        packed = packed.reshape(-1)
-        if packed.dtype != torch.uint8:  # quant_storage (bf16, say, for FSDP): the same bytes
-            packed = packed.view(torch.uint8)
+    packed, state = _read(weight)
     compute = getattr(layer.base_layer, "compute_dtype", None)
     base = Base4bit(weight, packed, state, compute, quant_state)
     layer.__dict__[_CACHE_ATTR] = base
@@ -203,17 +209,6 @@ route.register(FORMAT, route.BaseRoute(forward, dx, _rebuild))
 
 
 # --- merge ----------------------------------------------------------------------------------------
-def _dequantize_bnb(weight) -> torch.Tensor:
-    """The 4-bit weight dequantized by bitsandbytes itself (its dtype), whatever its layout."""
-    import bitsandbytes.functional as bnbf
-
-    state = weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        packed, ours = _standard_layout(weight.data, state)
-        return dequantize_state(packed, ours)
-    return bnbf.dequantize_4bit(weight.data, state)
-
-
 @torch.no_grad()
 def add_to_4bit(base_layer, delta: torch.Tensor, safe: bool = False, name: str = "") -> None:
     """W ← requantize(dequantize(W) + delta) with W's own settings (quant type, blocksize, double
@@ -222,7 +217,7 @@ def add_to_4bit(base_layer, delta: torch.Tensor, safe: bool = False, name: str =
 
     weight = base_layer.weight
     state = weight.quant_state
-    dense = _dequantize_bnb(weight)
+    dense = dequantize_state(*_read(weight))  # bitsandbytes' dequantize, bit for bit (fastpeft/nf4.py)
     merged = (dense.float() + delta.to(dense.device).float()).to(dense.dtype)
     if safe and not torch.isfinite(merged).all():
         raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")

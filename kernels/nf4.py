@@ -401,12 +401,15 @@ def _weight_tensors(w: Packed4bit) -> tuple:
     return (w.packed, w.pairs, w.code, w.absmax, code2, absmax2, offset)
 
 
-def _weight_meta(w: Packed4bit, cols: int) -> dict:
-    """The constexprs that describe W to a kernel whose tiles span ``cols`` columns of W."""
-    aligned = w.K % w.blocksize == 0 and cols <= w.blocksize
+def _weight_meta(w: Packed4bit, cols: int | None = None) -> dict:
+    """The constexprs that describe W to a kernel; with ``cols`` (the columns of W its tiles span, for
+    the tiled kernels) also ALIGNED: whether a tile's row lies in one quantization block."""
     lut = tuning.pinned(tuning.NF4_LUT)
-    return dict(BLOCKSIZE=w.blocksize, BLOCKSIZE2=1 if w.nested is None else w.nested[2], NESTED=w.nested is not None,
-                ALIGNED=aligned, LUT=LUT_GATHER if lut is None else lut)
+    meta = dict(BLOCKSIZE=w.blocksize, BLOCKSIZE2=1 if w.nested is None else w.nested[2],
+                NESTED=w.nested is not None, LUT=LUT_GATHER if lut is None else lut)
+    if cols is not None:
+        meta["ALIGNED"] = w.K % w.blocksize == 0 and cols <= w.blocksize
+    return meta
 
 
 def _lora_parts(lora, M: int, rows: int):
@@ -475,11 +478,9 @@ def _nf4_plan(x, w: Packed4bit, bias, lora, out_dtype, path):
         split_k = _gemv_split(N, K, BN, groups * w.blocksize, split_k, num_sms(device))
         if not use_dot:
             common["BLOCK_R"] = 16
-        meta = _weight_meta(w, w.blocksize)
-        del meta["ALIGNED"]
         plan = Plan(_nf4_gemv_kernel, (cdiv(N, BN), split_k), (M, N, K, R, K // 2, *scalars[4:]), SPLIT_K=split_k,
                     USE_DOT=use_dot, BLOCK_M=BM, BLOCK_N=BN, GROUPS=groups, num_warps=warps, num_stages=stages,
-                    **meta, **common)
+                    **_weight_meta(w), **common)
         atomic = split_k > 1
     else:
         BM, BN, BK, GM, warps, stages = tuning.pinned(tuning.NF4_TILED) or nf4_tiled_config(M, device)
@@ -560,10 +561,8 @@ def _dequant_plan(w: Packed4bit, dtype):
     elements, warps = nf4_dequant_config(device)
     blocks = max(1, elements // w.blocksize)
     nblocks = cdiv(N * K, w.blocksize)
-    meta = _weight_meta(w, w.blocksize)
-    del meta["ALIGNED"]
     plan = Plan(_nf4_dequant_kernel, (cdiv(nblocks, blocks),), (N * K // 2, nblocks), BLOCKS=blocks, num_warps=warps,
-                **meta)
+                **_weight_meta(w))
 
     def run(w, out):
         if out is None:
