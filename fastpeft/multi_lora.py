@@ -33,15 +33,31 @@ BASE = "__base__"
 
 
 def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: torch.Tensor,
-               lora_b: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor, backend=None) -> torch.Tensor:
+               lora_b: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor, backend=None, seg=None) -> torch.Tensor:
     """y (T, N) + s[i]·(x·A[i, :r_i]ᵀ)·B[i, :, :r_i]ᵀ for each token's slot i (indices (T,), -1: none):
-    x (T, K), A (S, R, K), B (S, N, R), scales (S,) fp32, ranks (S,) int32. The kernels add into y in
-    place (and return it); the reference path returns a new tensor."""
+    x (T, K), A (S, R, K), B (S, N, R), scales (S,) fp32, ranks (S,) int32; seg: the kernels'
+    ``segments(indices, S)`` where the caller has it. The kernels add into y in place (and return it);
+    the reference path returns a new tensor."""
     if use_triton(x, backend):
         from .kernels.multi_lora import multi_lora as kernel
 
-        return kernel(x, y, indices, lora_a, lora_b, scales, ranks)
+        return kernel(x, y, indices, lora_a, lora_b, scales, ranks, seg)
     return reference.multi_lora(x, y, indices, lora_a, lora_b, scales, ranks)
+
+
+@torch.library.custom_op("fastpeft::multi_lora_", mutates_args=("y",))
+def _multi_lora_op(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: torch.Tensor,
+                   lora_b: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor) -> None:
+    """``multi_lora`` into y in place, as one opaque op for torch.compile (and the CUDA graphs of
+    its "reduce-overhead" mode): the kernels' launchers stay out of the traced graph."""
+    out = multi_lora(x, y, indices, lora_a, lora_b, scales, ranks)
+    if out is not y:
+        y.copy_(out)
+
+
+@_multi_lora_op.register_fake
+def _(x, y, indices, lora_a, lora_b, scales, ranks) -> None:
+    return None
 
 
 def add_rows(x: torch.Tensor, result: torch.Tensor, row_slots: torch.Tensor, lora_a, lora_b, scales, ranks,
@@ -158,8 +174,33 @@ def mixed_batch(model: nn.Module, adapter_names, num_beams: Optional[int] = None
 
 # --- the serving wrapper ------------------------------------------------------------------------------
 class _Rows(threading.local):
-    """The slots of the batch's rows (a device tensor (B,)), set by ``MultiLora.use``; per thread."""
+    """The slots of the batch's rows (a device tensor (B,)), set by ``MultiLora.use``; per thread.
+    ``grouped`` keeps, per (rows, tokens per row) of the forwards inside one ``use``, the tokens'
+    slots and their segments: worked out by the first layer, reused by every other layer and by every
+    decode step of the same shape."""
     slots: Optional[torch.Tensor] = None
+    grouped: Optional[dict] = None
+
+    def tokens(self, x: torch.Tensor, num_slots: int, kernels: bool):
+        """(indices (T,), segments or None) of a batch x (rows, ..., K) over ``slots``' rows (beams: each
+        row's slot repeated); the segments (over ``num_slots``) only where the kernels run."""
+        slots, rows = self.slots, len(x)
+        if rows % len(slots):
+            raise ValueError(f"MultiLora: the batch has {rows} rows but use() was given {len(slots)}")
+        per_token = rows // len(slots) * (x.numel() // max(x.shape[-1], 1) // max(rows, 1))
+        key = (rows, per_token, num_slots, kernels)
+        found = None if self.grouped is None else self.grouped.get(key)
+        if found is None:
+            indices = slots.repeat_interleave(per_token) if per_token != 1 else slots
+            seg = None
+            if kernels:
+                from .kernels.multi_lora import segments
+
+                seg = segments(indices, num_slots)
+            found = (indices, seg)
+            if self.grouped is not None:
+                self.grouped[key] = found
+        return found
 
 
 class MultiLoraLinear(nn.Module):
@@ -180,13 +221,17 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        slots = self._rows.slots
-        if slots is None:
+        if self._rows.slots is None:
             return y
-        if len(x) % len(slots):
-            raise ValueError(f"MultiLora: the batch has {len(x)} rows but use() was given {len(slots)}")
-        rows = slots.repeat_interleave(len(x) // len(slots)) if len(x) != len(slots) else slots  # beams
-        return add_rows(x, y, rows, self.lora_A, self.lora_B, self.scales, self.ranks)
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        if torch.compiler.is_compiling():  # traced: one opaque op (segments inside it), y in place
+            indices, _ = self._rows.tokens(x, len(self.ranks), kernels=False)
+            torch.ops.fastpeft.multi_lora_(x2, y2, indices, self.lora_A, self.lora_B, self.scales, self.ranks)
+            return y
+        kernels = use_triton(x)
+        indices, seg = self._rows.tokens(x, len(self.ranks), kernels)
+        out = multi_lora(x2, y2, indices, self.lora_A, self.lora_B, self.scales, self.ranks, seg=seg)
+        return out.reshape(y.shape)
 
     def extra_repr(self) -> str:
         S, R, _ = self.lora_A.shape
@@ -204,7 +249,13 @@ class MultiLora:
     ``target_modules``: names (suffixes, as PEFT matches them) or "all-linear"; the targeted layers are
     replaced by ``MultiLoraLinear`` in place (``close()`` puts them back). Adapters may target any
     subset of them with any rank up to ``max_rank``; a slot freed by ``unload_adapter`` is reused.
-    Loading or unloading while a forward runs is refused.
+    Loading or unloading while an eager forward runs is refused.
+
+    Within one ``use`` block the tokens' slots are grouped (sorted by slot) once per batch shape and
+    shared by every layer and every decode step. Under torch.compile (``generate(...,
+    cache_implementation="static")`` compiles the decode step with CUDA graphs) each layer's adapters
+    are one custom op, ``fastpeft::multi_lora_``, that groups the tokens inside the graph; a compiled
+    forward is not counted as running.
     """
 
     def __init__(self, model: nn.Module, max_adapters: int, max_rank: int, target_modules="all-linear",
@@ -238,10 +289,14 @@ class MultiLora:
                                                                                                  always_call=True)]
 
     def _enter(self, module, args):
+        if torch.compiler.is_compiling():  # a compiled forward is not counted (see use())
+            return
         with self._lock:
             self._busy += 1
 
     def _exit(self, module, args, output):
+        if torch.compiler.is_compiling():
+            return
         with self._lock:
             self._busy -= 1
 
@@ -357,12 +412,12 @@ class MultiLora:
         device = next(iter(self.layers.values())).ranks.device
         slots = torch.tensor([-1 if a is None or a == BASE else self._slots[a] for a in adapters], dtype=torch.int32,
                              device=device)
-        previous = self._rows.slots
-        self._rows.slots = slots
+        previous = self._rows.slots, self._rows.grouped
+        self._rows.slots, self._rows.grouped = slots, {}
         try:
             yield self
         finally:
-            self._rows.slots = previous
+            self._rows.slots, self._rows.grouped = previous
 
     def close(self) -> nn.Module:
         """Put the base layers back and drop the slots; returns the model."""

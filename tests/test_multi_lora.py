@@ -154,6 +154,40 @@ def test_multilora_rows_equal_each_adapter_alone(adapter_dirs, backend, request)
         torch.testing.assert_close(plain, _alone(adapter_dirs, None, inputs, device), rtol=1e-5, atol=1e-6)
 
 
+def test_multilora_compiles_whole(adapter_dirs, set_options):
+    """Under torch.compile(fullgraph=True) each layer's adapters are one op (fastpeft::multi_lora_), the
+    hooks traced away: the compiled model's rows equal the eager ones."""
+    set_options(backend="reference")
+    model = make_model("llama").eval()
+    ml = fastpeft.MultiLora(model, max_adapters=4, max_rank=8, target_modules="all-linear")
+    for name in ADAPTERS:
+        ml.load_adapter(name, adapter_dirs / name)
+    inputs = make_inputs("llama", batch=4)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad(), ml.use(["chat", None, "sql", "math"]):
+        eager = logits(model, inputs)
+        torch.testing.assert_close(compiled(**inputs).logits, eager, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_multilora_static_cache_generate(adapter_dirs, gpu):
+    """generate with a static cache (transformers compiles the decode step, "reduce-overhead": CUDA
+    graphs) gives the eager mixed batch's tokens."""
+    model = make_model("llama").to(gpu).eval()
+    ml = fastpeft.MultiLora(model, max_adapters=4, max_rank=8, target_modules="all-linear")
+    for name in ADAPTERS:
+        ml.load_adapter(name, adapter_dirs / name)
+    inputs = {k: v.to(gpu) for k, v in make_inputs("llama", batch=4).items()}
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch._dynamo.reset()
+    with torch.no_grad(), ml.use(["chat", None, "sql", "math"]):
+        eager = model.generate(inputs["input_ids"], **kwargs)
+        for _ in range(2):  # compile, then record the graphs
+            static = model.generate(inputs["input_ids"], cache_implementation="static", **kwargs)
+    assert torch.equal(static, eager)
+    torch._dynamo.reset()
+
+
 def test_multilora_slots_reused_and_errors(adapter_dirs, set_options, tmp_path):
     set_options(backend="reference")
     model = make_model("llama").eval()
