@@ -21,7 +21,9 @@ NotImplementedError for a 4-bit base, its row records no time and the case is sk
 
 Environment (defaults in brackets): FASTPEFT_E2E_HIDDEN [2048], _INTERMEDIATE [5632], _LAYERS [8],
 _HEADS [32], _KV_HEADS [4], _VOCAB [32000], _BATCH [4], _SEQ [2048], _STEPS [10], _WARMUP [3],
-_RANK [16], _BASES [bf16,nf4]: the bases to run, "bf16", "nf4" or both (comma-separated).
+_RANK [16], _BASES [bf16,nf4]: the bases to run, "bf16", "nf4" or both (comma-separated), _METHODS
+[lora,dora]: the PEFT methods ("dora": the same LoRA with use_dora=True, setups "peft-dora" and
+"fastpeft-dora"; ``step_vs_peft`` compares with PEFT's row of the same method, base and dropout).
 """
 from __future__ import annotations
 
@@ -69,12 +71,23 @@ def _bases(value: str) -> tuple[str, ...]:
 
 
 BASES = _bases(os.environ.get("FASTPEFT_E2E_BASES", ""))
+METHOD_NAMES = ("lora", "dora")
+METHODS = tuple(m for m in os.environ.get("FASTPEFT_E2E_METHODS", ",".join(METHOD_NAMES)).replace(",", " ").split())
+if any(m not in METHOD_NAMES for m in METHODS):
+    raise ValueError(f"FASTPEFT_E2E_METHODS must name some of {', '.join(METHOD_NAMES)}, got {METHODS}")
 
-CASES = [  # (base, setup, lora dropout)
+CASES = [  # (base, setup, lora dropout); setup "peft" / "fastpeft" is LoRA, "<impl>-<method>" another method
     (base, setup, dropout)
     for base in BASES
-    for setup, dropout in (("frozen", None), ("peft", 0.05), ("peft", 0.0), ("fastpeft", 0.05), ("fastpeft", 0.0))
+    for setup, dropout in (("frozen", None),) + tuple(
+        (impl if method == "lora" else f"{impl}-{method}", p)
+        for method in METHODS for impl in ("peft", "fastpeft") for p in (0.05, 0.0))
 ]
+
+
+def method_of(setup: str) -> str:
+    """"lora" for "peft" / "fastpeft", else the part after the dash ("fastpeft-dora": "dora")."""
+    return setup.partition("-")[2] or "lora"
 
 
 def case_id(base: str, setup: str, dropout: float | None) -> str:
@@ -131,7 +144,9 @@ def prepare(base: str, setup: str, dropout: float | None, checkpoint: str | None
         model.get_input_embeddings().weight.requires_grad_(True)
         return model
     kwargs = dict(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, target_modules="all-linear")
-    if setup == "peft":
+    if method_of(setup) == "dora":
+        kwargs["use_dora"] = True
+    if setup.startswith("peft"):
         import peft
 
         return peft.get_peft_model(model, peft.LoraConfig(**kwargs))
@@ -167,10 +182,11 @@ def _derive(rows: list[dict]) -> list[dict]:
     """Ratios against the frozen floor of the same base and against PEFT with the same base and
     dropout, from this run (None where either side has no number)."""
     frozen = {r.get("base", "bf16"): r for r in rows if r["setup"] == "frozen"}
-    peft_rows = {(r.get("base", "bf16"), r["dropout"]): r for r in rows if r["setup"] == "peft"}
+    peft_rows = {(r.get("base", "bf16"), method_of(r["setup"]), r["dropout"]): r for r in rows
+                 if r["setup"].startswith("peft")}
     for r in rows:
         base = r.get("base", "bf16")
-        floor, ref = frozen.get(base, {}), peft_rows.get((base, r["dropout"]))
+        floor, ref = frozen.get(base, {}), peft_rows.get((base, method_of(r["setup"]), r["dropout"]))
         r["step_vs_frozen"] = _ratio(r.get("step_ms"), floor.get("step_ms"))
         r["peak_vs_frozen"] = _ratio(r.get("peak_gib"), floor.get("peak_gib"))
         r["step_vs_peft"] = (_ratio(r.get("step_ms"), ref.get("step_ms"))
@@ -208,7 +224,7 @@ def nf4_checkpoint(gpu_name):
 
 @pytest.mark.parametrize("base,setup,dropout", CASES, ids=[case_id(*c) for c in CASES])
 def test_train_step(base, setup, dropout, gpu_name, bench_record, benchmark, request):
-    if setup == "peft":
+    if setup.startswith("peft"):
         pytest.importorskip("peft")
     checkpoint = None
     if base == "nf4":
@@ -221,7 +237,7 @@ def test_train_step(base, setup, dropout, gpu_name, bench_record, benchmark, req
     try:
         case, step = training_case(base, setup, dropout, checkpoint)
     except NotImplementedError as e:
-        if setup != "fastpeft":
+        if not setup.startswith("fastpeft"):
             raise
         bench_record(TABLE, {"setup": setup, "base": base, "dropout": dropout, "step_ms": None,
                              "error": f"NotImplementedError: {e}"[:120]})

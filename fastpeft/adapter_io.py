@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .config import CONFIG_NAME, LoraConfig
+from .layer import adapter_parameters
 from .model_state import adapter_configs, check_model, fastpeft_layers, is_peft_model
 from .patch import mark_trainable, plan_applied
 from .peft_format import is_wrapper_copy_key, peft_state_dict
@@ -161,8 +162,8 @@ def load_adapter(
         if was_patched and is_trainable:  # PEFT's load_adapter(is_trainable=True): the new adapter trains
             for _, layer in fastpeft_layers(model):
                 if adapter_name in layer.lora_A:
-                    layer.lora_A[adapter_name].weight.requires_grad_(True)
-                    layer.lora_B[adapter_name].weight.requires_grad_(True)
+                    for p in adapter_parameters(layer, adapter_name):
+                        p.requires_grad_(True)
     if not is_trainable:
         for target in expected.values():
             if isinstance(target, nn.Parameter):

@@ -177,8 +177,6 @@ class LoraConfig:
             raise _type_error("auto_mapping", "None or a dict", self.auto_mapping)
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {', '.join(repr(b) for b in BIAS_CHOICES)}, got {self.bias!r}")
-        if self.use_dora:
-            raise NotImplementedError("use_dora=True (DoRA) is not supported by fastpeft yet")
         if self.lora_bias:
             raise NotImplementedError("lora_bias=True is not supported by fastpeft yet")
         self.init_lora_weights = _normalize_init(self.init_lora_weights)

@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from . import functional, options, qlora, reference
+from . import dora, functional, options, qlora, reference
 
 
 def conv1d_class():
@@ -55,22 +55,41 @@ def has_lora(module) -> bool:
     return module is not None and hasattr(module, "lora_A") and hasattr(module, "base_layer")
 
 
+# PEFT's LoRA variants whose forward fastpeft computes (on a linear layer): DoRA
+SUPPORTED_VARIANTS = {"DoraLinearVariant"}
+
+
 def peft_fast_path_ok(layer) -> bool:
-    """Whether fastpeft's forward computes exactly what PEFT's would for this PEFT layer's call."""
+    """Whether fastpeft's forward computes exactly what PEFT's would for this PEFT layer's call: plain
+    LoRA or DoRA adapters without lora_bias, and DoRA only as the one active adapter (PEFT feeds each
+    further adapter the sum so far as its DoRA base)."""
     variants = getattr(layer, "lora_variant", {}) or {}
-    use_dora = getattr(layer, "use_dora", {}) or {}
-    for name in layer.active_adapters:
-        if name not in layer.lora_A:
-            continue
-        if name in variants or use_dora.get(name, False) or layer.lora_B[name].bias is not None:
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    for name in active:
+        if name in variants and (type(variants[name]).__name__ not in SUPPORTED_VARIANTS or len(active) > 1):
+            return False
+        if layer.lora_B[name].bias is not None:
             return False
     return getattr(layer, "cast_input_dtype_enabled", True)
 
 
+def magnitude(layer, name: str):
+    """The DoRA magnitude module (``lora_magnitude_vector[name]``, its ``weight`` (out,)) of adapter
+    ``name``, or None for a plain LoRA adapter."""
+    if not getattr(layer, "use_dora", {}).get(name, False):
+        return None
+    return layer._modules["lora_magnitude_vector"][name]
+
+
+def adapter_parameters(layer, name: str) -> list:
+    """The trainable tensors of adapter ``name`` in this layer: lora_A, lora_B (and DoRA's magnitude)."""
+    params = [layer.lora_A[name].weight, layer.lora_B[name].weight]
+    mag = magnitude(layer, name)
+    return params + ([mag.weight] if mag is not None else [])
+
+
 def _adapter(layer, name: str):
-    """(lora_A weight, lora_B weight, scaling, dropout p) of adapter ``name``; DoRA / lora_bias raise."""
-    if getattr(layer, "use_dora", {}).get(name, False):
-        raise NotImplementedError(f"DoRA (use_dora=True) is not supported by fastpeft (adapter {name!r})")
+    """(lora_A weight, lora_B weight, scaling, dropout p) of adapter ``name``; lora_bias raises."""
     modules = layer._modules
     lora_a, lora_b = modules["lora_A"][name], modules["lora_B"][name]
     if _param(lora_b, "bias") is not None:
@@ -99,6 +118,8 @@ def single_lora(layer):
     active = _active(layer)
     base = layer.base_layer
     if len(active) != 1 or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return None
+    if magnitude(layer, active[0]) is not None:  # DoRA: its own op (fastpeft/dora.py)
         return None
     return (base_weight(layer), base.bias) + _adapter(layer, active[0])
 
@@ -129,6 +150,14 @@ def lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return base(x, *args, **kwargs)
     weight, bias, training = base_weight(layer), _param(base, "bias"), layer.training
     backend = options.of(layer).backend
+    if any(magnitude(layer, name) is not None for name in active):
+        if len(active) > 1:
+            raise NotImplementedError(f"fastpeft computes DoRA for one active adapter at a time, got {active}")
+        lora_a, lora_b, scaling, p = _adapter(layer, active[0])
+        x = functional._autocast(x)
+        seed = functional.draw_dropout_seed(x.device) if (training and p > 0.0) else None
+        mag = magnitude(layer, active[0])
+        return dora.dora_linear(mag, x, weight, bias, lora_a, lora_b, mag.weight, scaling, p, seed, backend)
     y = None
     for name in active:
         lora_a, lora_b, scaling, p = _adapter(layer, name)
@@ -158,6 +187,7 @@ class LoraLinear(nn.Module):
         use_rslora: bool = False,
         init_lora_weights=True,
         adapter_dtype: torch.dtype | None = torch.float32,
+        use_dora: bool = False,
     ):
         super().__init__()
         if isinstance(base_layer, nn.Linear):
@@ -182,12 +212,14 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' magnitudes (PEFT's name)
         self.merged_adapters: list[str] = []
         self._active_adapter: list[str] = [adapter_name]
         self._disable_adapters = False
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype,
+                          use_dora)
 
     # --- PEFT-compatible state -------------------------------------------------------------
     @property
@@ -225,7 +257,7 @@ class LoraLinear(nn.Module):
         self._active_adapter = names
 
     def update_layer(self, adapter_name, r, lora_alpha, lora_dropout=0.0, use_rslora=False,
-                     init_lora_weights=True, adapter_dtype=torch.float32) -> None:
+                     init_lora_weights=True, adapter_dtype=torch.float32, use_dora=False) -> None:
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         if adapter_name in self.lora_A:
@@ -242,10 +274,22 @@ class LoraLinear(nn.Module):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
+        if use_dora:
+            self.use_dora[adapter_name] = True
+            self.lora_magnitude_vector[adapter_name] = dora.DoraMagnitude(self._dora_norm(adapter_name).to(dtype))
+
+    @torch.no_grad()
+    def _dora_norm(self, adapter_name: str) -> torch.Tensor:
+        """‖W + s·B·A‖ per output row (out,) fp32 as PEFT computes it (W + the dense delta)."""
+        w = self._base_dense()
+        delta = reference.lora_delta_weight(self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight,
+                                            self.scaling[adapter_name])
+        return torch.linalg.norm(w.float() + delta.float(), dim=1)
 
     def drop_adapter(self, adapter_name: str) -> None:
         """Undo ``update_layer(adapter_name, ...)``, as much of it as was done (patch's rollback)."""
-        for store in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_dropout, self.lora_A, self.lora_B):
+        for store in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_dropout, self.lora_A, self.lora_B,
+                      self.lora_magnitude_vector):
             if adapter_name in store:
                 del store[adapter_name]
 
@@ -268,6 +312,14 @@ class LoraLinear(nn.Module):
         delta = reference.lora_delta_weight(a, b, self.scaling[adapter_name], self.fan_in_fan_out)
         weight = self.base_layer.weight
         return delta.to(qlora.adapter_dtype_of(weight) if qlora.is_4bit(self.base_layer) else weight.dtype)
+
+    def _base_dense(self) -> torch.Tensor:
+        """The base weight (out, in) as a dense tensor (a 4-bit one dequantized)."""
+        return dora.dense_weight(base_weight(self))
+
+    def _oriented(self, delta: torch.Tensor) -> torch.Tensor:
+        """A delta given (out, in) in the base weight's own layout (Conv1D: (in, out))."""
+        return delta.T if self.fan_in_fan_out else delta
 
     def _add_to_base(self, delta: torch.Tensor, safe_merge: bool = False, name: str = "") -> None:
         """W += delta (a 4-bit W: dequantized, added, requantized with its settings; lossy)."""
@@ -292,7 +344,14 @@ class LoraLinear(nn.Module):
             if name in self.merged_adapters:
                 warnings.warn(f"adapter {name!r} is already merged; merging it again does nothing")
                 continue
-            self._add_to_base(self.get_delta_weight(name).to(self.base_layer.weight.device), safe_merge, name)
+            delta = self.get_delta_weight(name).to(self.base_layer.weight.device)
+            if name in self.lora_magnitude_vector:  # DoRA: W ← g ⊙ (W + ΔW), g = m / ‖W + ΔW‖ (kept for unmerge)
+                w, d = self._base_dense().float(), self._oriented(delta).float()
+                norm = torch.linalg.norm(w + d, dim=1)
+                g = (self.lora_magnitude_vector[name].weight.float() / norm)[:, None]
+                self.__dict__.setdefault("_dora_merge_norms", {})[name] = norm
+                delta = self._oriented(((g - 1) * w + g * d).to(delta.dtype))
+            self._add_to_base(delta, safe_merge, name)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -302,7 +361,14 @@ class LoraLinear(nn.Module):
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self._add_to_base(-self.get_delta_weight(name).to(self.base_layer.weight.device))
+            delta = self.get_delta_weight(name).to(self.base_layer.weight.device)
+            if name in self.lora_magnitude_vector:  # DoRA: W ← W' / g - ΔW with merge's g
+                norm = self.__dict__.get("_dora_merge_norms", {}).pop(name)
+                g = (self.lora_magnitude_vector[name].weight.float() / norm)[:, None]
+                w, d = self._base_dense().float(), self._oriented(delta).float()
+                self._add_to_base(self._oriented((w * (1 / g - 1) - d).to(delta.dtype)))
+                continue
+            self._add_to_base(-delta)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return lora_forward(self, x, *args, **kwargs)

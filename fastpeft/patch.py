@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .layer import LoraLinear
+from .layer import LoraLinear, adapter_parameters
 from .multi_lora import mixed_batch
 from .model_state import (
     CONFIG_ATTR,
@@ -88,12 +88,13 @@ def plan_applied(model: nn.Module, plan: PatchPlan, autocast_adapter_dtype: bool
                     undo.callback(t.module.drop_adapter, name)
                 t.module.update_layer(
                     name, t.r, t.alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights,
-                    _adapter_dtype(t.module.base_layer.weight, autocast_adapter_dtype),
+                    _adapter_dtype(t.module.base_layer.weight, autocast_adapter_dtype), config.use_dora,
                 )
             else:
                 layer = LoraLinear(
                     t.module, name, t.r, t.alpha, config.lora_dropout, t.fan_in_fan_out, config.use_rslora,
                     config.init_lora_weights, _adapter_dtype(t.module.weight, autocast_adapter_dtype),
+                    use_dora=config.use_dora,
                 )
                 layer._active_adapter = list(current_active)
                 parent, child = _get_submodule_parent(model, t.name)
@@ -193,8 +194,8 @@ def mark_trainable(model: nn.Module) -> None:
     for _, layer in fastpeft_layers(model):
         for adapter in layer.lora_A.keys():
             trainable = adapter in active and not configs[adapter].inference_mode
-            layer.lora_A[adapter].weight.requires_grad_(trainable)
-            layer.lora_B[adapter].weight.requires_grad_(trainable)
+            for p in adapter_parameters(layer, adapter):
+                p.requires_grad_(trainable)
     saved = modules_to_save(model)
     for adapter in active:
         config = configs.get(adapter)

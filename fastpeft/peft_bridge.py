@@ -1,8 +1,9 @@
 """``patch(peft_model)``: a ``peft.PeftModel`` keeps PEFT's modules, parameters and names, and each
 ``lora.Linear`` (and QLoRA ``lora.bnb.Linear4bit``) that fastpeft supports gets fastpeft's compute as an instance-level ``forward``, so
 ``save_pretrained``, ``merge_and_unload`` and ``transformers.Trainer`` keep working. Layers fastpeft does
-not support (other layer types, 8-bit or nested bases, DoRA and other variants, lora_bias) keep
-PEFT's forward, with one warning naming them. Prompt-based adapters (prompt / prefix / P-tuning,
+not support (other layer types, 8-bit or nested bases, variants other than DoRA, lora_bias) keep
+PEFT's forward, with one warning naming them; a call fastpeft cannot compute exactly (several active
+adapters with a DoRA one among them) goes to PEFT's forward. Prompt-based adapters (prompt / prefix / P-tuning,
 LLaMA-Adapter) have no linear layer to fuse: they are left to PEFT's code with one notice. Mixed-adapter batches (``adapter_names=``, which PEFT's
 hooks hand to each layer) run through fastpeft/multi_lora.py where every named adapter is plain LoRA;
 variant kwargs go through PEFT's forward. ``unpatch`` gives every layer PEFT's forward back.
@@ -14,7 +15,7 @@ import types
 import warnings
 from typing import Optional
 
-from .layer import ACCELERATED_ATTR, lora_forward, peft_fast_path_ok
+from .layer import ACCELERATED_ATTR, SUPPORTED_VARIANTS, lora_forward, peft_fast_path_ok
 from .model_state import PEFT_PATCHED_ATTR, install_fused_forwards, is_peft_lora_layer, uninstall_fused_forwards
 from .options import Options
 from .targets import check_wrappable, shorten_names
@@ -59,8 +60,9 @@ def _why_not_accelerated(layer) -> Optional[str]:
         return f"base layer {type(base).__name__}"
     if base is not layer.base_layer:
         return "nested base layer"
-    if any(getattr(layer, "lora_variant", {}) or {}):
-        return "LoRA variant (" + ", ".join(type(v).__name__ for v in layer.lora_variant.values()) + ")"
+    variants = [type(v).__name__ for v in (getattr(layer, "lora_variant", {}) or {}).values()]
+    if any(v not in SUPPORTED_VARIANTS for v in variants):
+        return "LoRA variant (" + ", ".join(variants) + ")"
     if any(getattr(layer, "lora_bias", {}).values()):
         return "lora_bias"
     return None

@@ -3,7 +3,7 @@ fastpeft-patched model under the keys ``peft_model.save_pretrained`` writes (``p
 
 A key is the PeftModel state-dict name without the adapter name, e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` (r x in) and ``...lora_B.weight``
-(out x r); modules_to_save as ``base_model.model.<module>.<param>``; with ``bias="lora_only"`` each
+(out x r), DoRA's magnitude as ``...lora_magnitude_vector`` (out,); modules_to_save as ``base_model.model.<module>.<param>``; with ``bias="lora_only"`` each
 wrapped layer's ``...<module>.base_layer.bias``, with ``bias="all"`` every ``*.bias`` of the model.
 ``save_adapter`` writes this mapping; ``load_adapter`` checks a file against it and copies each tensor
 into the one under its key.
@@ -45,6 +45,8 @@ def peft_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
         if adapter_name in layer.lora_A:
             out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
             out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+            if adapter_name in layer.lora_magnitude_vector:  # DoRA
+                out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
     for module_name in modules_to_save(model).get(adapter_name, []):
         sd = model.get_submodule(module_name).state_dict(keep_vars=True)
         out.update({f"{PREFIX}{module_name}.{k}": v for k, v in sd.items()})

@@ -112,6 +112,25 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: floa
     return (y + lora).to(y.dtype)
 
 
+def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scaling: float, dropout_p: float = 0.0, seed=None):
+    """DoRA's y as PEFT computes it (lora.Linear with use_dora; fastpeft/dora.py has the math): the
+    base in x's dtype (``weight`` dense (N, K), in its own dtype), the DoRA terms in the adapters' dtype
+    over W + B·A formed densely, the norm detached; with dropout (``seed``) the base product of drop(x)
+    is recomputed, as PEFT does."""
+    y = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).to(x.dtype)
+    xl = x.to(lora_a.dtype)
+    w = weight.to(xl.dtype)
+    norm = torch.linalg.norm(w + scaling * (lora_b @ lora_a), dim=1).to(w.dtype).detach()
+    g = (magnitude / norm).view(1, -1)
+    if dropout_p > 0.0 and seed is not None:
+        xl = dropout(xl, dropout_p, seed)
+        base = F.linear(xl, w)
+    else:
+        base = y if bias is None else y - bias.to(y.dtype)
+    lora = F.linear(F.linear(xl, lora_a), lora_b)
+    return (y + ((g - 1) * base + g * lora * scaling)).to(y.dtype)
+
+
 def qlora_linear(
     x, packed, state: Quant4bitState, bias, lora_a, lora_b, scaling: float, dropout_p: float = 0.0, seed=None,
     compute_dtype=None,

@@ -383,3 +383,34 @@ def test_mixed_batch_over_4bit(tiny_dir, tmp_path, set_options):
             ml.load_adapter(name, tmp_path / name)
         with ml.use(["two", None, "one"]):
             torch.testing.assert_close(logits(served, inputs).float(), expected, **close)
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+def test_dora_over_4bit_equals_peft(tiny_dir, backend, request, set_options):
+    """DoRA (use_dora=True) over the 4-bit base: fastpeft against PEFT's DoRA over bitsandbytes, the
+    magnitude's gradient included; merged (requantized), the adapter's effect is kept."""
+    if backend == "kernels":
+        request.getfixturevalue("kernels_on")
+    else:
+        set_options(backend="reference")
+    cfg = dict(LORA, use_dora=True)
+    pm = peft.get_peft_model(load_4bit(tiny_dir), peft.LoraConfig(**cfg))
+    fm = fastpeft.patch(load_4bit(tiny_dir), fastpeft.LoraConfig(**cfg))
+    copy_peft_adapter(pm, fm)
+    inputs = _inputs()
+    (lf, gf), (lp, gp) = forward_backward(fm.train(), inputs), forward_backward(pm.train(), inputs)
+    # bf16 model: the kernels round x·Wᵀ + s·(x·Aᵀ)·Bᵀ to bf16 before the magnitude scales it, PEFT's
+    # DoRA terms stay fp32 until the sum
+    bound = 1e-2 if backend == "reference" else 2e-2
+    assert rel_err(lf, lp) <= bound, f"logits {rel_err(lf, lp):.3e}"
+    mags = [n for n, p in fm.named_parameters() if "lora_magnitude_vector" in n]
+    assert mags and all(p.grad is not None for n, p in fm.named_parameters() if n in mags)
+    bad = {k: round(rel_err(gf[k], gp[k]), 4) for k in gp if rel_err(gf[k], gp[k]) > 3 * bound}
+    assert not bad, f"gradients off PEFT's: {bad}"
+    with torch.no_grad():  # as in test_merge_within_4bit_rounding: the adapter's effect is kept
+        before = logits(fm, inputs).float()
+        plain = logits(load_4bit(tiny_dir).train(), inputs).float()
+        fastpeft.merge(fm)
+        merged = logits(fm, inputs).float()
+    assert type(fm.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    assert rel_err(merged, before) < 0.25 * rel_err(plain, before)
