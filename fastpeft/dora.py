@@ -15,8 +15,9 @@ both adapters and adds the dense product to W every forward):
 r output columns (W·Aᵀ) and products of r-wide matrices.
 
 ``DoraFunction`` (eval, or dropout 0): z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ from the fused LoRA forward (route.py: the
-dense or 4-bit base routes), y = g ⊙ z + b; it saves z. Backward: dz = g ⊙ dY into the fused LoRA
-backward (dX, dA, dB), dm = Σ_tokens dY ⊙ z / ‖·‖. With dropout in training DoRA needs the base
+dense or 4-bit base routes), y = g ⊙ z + b in one pass (kernels/dora.py); it saves z. Backward: one
+pass gives dz = g ⊙ dY and Σ_tokens dY ⊙ z (so dm = that / ‖·‖), dz goes into the fused LoRA
+backward (dX, dA, dB). With dropout in training DoRA needs the base
 product of x̃ as well as of x, by definition: that path is PEFT's algorithm in torch ops (F.linear on
 the base, fastpeft's dropout mask) with the norm above. The reference path (CPU, torch.compile) is
 ``reference.dora_linear``, PEFT's own computation.
@@ -88,29 +89,31 @@ class DoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scaling, norm):
         from . import ops
+        from .kernels.dora import dora_scale
 
         x2 = x.reshape(-1, x.shape[-1])
         z, xa = ops.forward_impl(x2, weight, None, lora_a, lora_b, scaling, 0.0, None)
-        g = magnitude.float() / norm
-        y = z.float() * g
-        if bias is not None:
-            y += bias.float()
+        g = magnitude.detach().float() / norm
+        y = dora_scale(z, g, bias)
         ctx.save_for_backward(x, *ops._tensor_bases(ctx, (weight,)), bias, lora_a, lora_b, xa, z, g, norm)
         ctx.scaling, ctx.m_dtype = scaling, magnitude.dtype
-        return y.to(x.dtype).reshape(*x.shape[:-1], z.shape[-1])
+        return y.reshape(*x.shape[:-1], z.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         from . import ops
+        from .kernels.dora import dora_scale_backward
 
         x, weight, bias, lora_a, lora_b, xa, z, g, norm = ctx.saved_tensors
         (weight,) = ops._restore_bases(ctx, (weight,))
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dz = (dy2.float() * g).to(dy.dtype)
+        if dy2.stride(-1) != 1:
+            dy2 = dy2.contiguous()
+        dz, dg = dora_scale_backward(dy2, z, g)
         dx, da, db = ops.backward_impl(dz, x.reshape(-1, x.shape[-1]), weight, lora_a, lora_b, xa, ctx.scaling, 0.0,
                                        None, need[0], need[3], need[4])
-        dm = ((dy2.float() * z.float()).sum(0) / norm).to(ctx.m_dtype) if need[5] else None
+        dm = (dg / norm).to(ctx.m_dtype) if need[5] else None
         dbias = dy2.sum(0).to(bias.dtype) if bias is not None and need[2] else None
         return (None if dx is None else dx.reshape(x.shape)), None, dbias, da, db, dm, None, None
 

@@ -218,3 +218,24 @@ def test_row_norm_cache_follows_weight(kernels_on):
     second = dora.weight_norm(owner, w, a, bb, 1.0)
     torch.testing.assert_close(second, torch.linalg.norm(w + bb.detach() @ a.detach(), dim=1), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(first, second)
+
+
+@pytest.mark.parametrize("M,N,dtype,bias,row_stride", [(37, 300, torch.float32, True, 0), (5, 17, torch.float16, False, 5),
+                                                       (70, 520, torch.float16, True, 0)])
+def test_scale_kernels_equal_torch(M, N, dtype, bias, row_stride, kernel_device):
+    from fastpeft.kernels.dora import dora_scale, dora_scale_backward
+
+    g0 = torch.Generator().manual_seed(M + N)
+    z = torch.randn(M, N + row_stride, generator=g0).to(kernel_device, dtype)[:, :N]
+    dy = torch.randn(M, N + row_stride, generator=g0).to(kernel_device, dtype)[:, :N]
+    g = torch.rand(N, generator=g0).to(kernel_device) + 0.5
+    b = torch.randn(N, generator=g0).to(kernel_device, dtype) if bias else None
+    y = dora_scale(z, g, b)
+    ref = z.float() * g + (b.float() if bias else 0)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(y, ref.to(dtype), **tol)
+    dz, dg = dora_scale_backward(dy, z, g)
+    torch.testing.assert_close(dz, (dy.float() * g).to(dtype), **tol)
+    torch.testing.assert_close(dg, (dy.float() * z.float()).sum(0), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="dora_scale: g must be"):
+        dora_scale(z, g[:-1], b)

@@ -94,20 +94,15 @@ def test_bad_task_type():
         LoraConfig(task_type="CLASSIFY")
 
 
-def test_use_dora_not_implemented():
-    with pytest.raises(NotImplementedError, match="use_dora"):
-        LoraConfig(use_dora=True)
-
-
 def test_lora_bias_not_implemented():
     with pytest.raises(NotImplementedError, match="lora_bias"):
         LoraConfig(lora_bias=True)
 
 
-def test_peft_config_with_dora_not_implemented_at_patch():
+def test_peft_config_with_lora_bias_not_implemented_at_patch():
     peft = pytest.importorskip("peft")
-    with pytest.raises(NotImplementedError, match="use_dora"):
-        fastpeft.patch(make_model("llama"), peft.LoraConfig(use_dora=True))
+    with pytest.raises(NotImplementedError, match="lora_bias"):
+        fastpeft.patch(make_model("llama"), peft.LoraConfig(lora_bias=True))
 
 
 def test_layers_to_transform_needs_list_targets():

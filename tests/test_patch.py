@@ -246,13 +246,13 @@ def test_patch_peft_model_unpatch_restores_peft_forward(monkeypatch):
     assert calls["n"] == 0
 
 
-def test_patch_peft_model_leaves_dora_layers_with_warning():
+def test_patch_peft_model_leaves_lora_bias_layers_with_warning():
     base = make_model("llama")
     inputs = make_inputs("llama")
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, use_dora=True, init_lora_weights=False))
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_bias=True, init_lora_weights=False))
     with torch.no_grad():
         ref = logits(pm, inputs)
-    with pytest.warns(UserWarning, match=r"keep PEFT's forward.*q_proj.*LoRA variant"):
+    with pytest.warns(UserWarning, match=r"keep PEFT's forward.*q_proj.*lora_bias"):
         fastpeft.patch(pm)
     with torch.no_grad():
         torch.testing.assert_close(logits(pm, inputs), ref, rtol=0, atol=0)

@@ -29,7 +29,7 @@ if [ "${GPU_DEMO:-1}" = 1 ]; then
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if [ "${GPU_BENCH:-1}" = 1 ]; then
-  files=${BENCH_FILES:-"bench/bench_e2e.py bench/bench_lora.py bench/bench_nf4.py bench/bench_qlora.py bench/bench_multi_lora.py"}
+  files=${BENCH_FILES:-"bench/bench_e2e.py bench/bench_lora.py bench/bench_nf4.py bench/bench_qlora.py bench/bench_multi_lora.py bench/bench_multi_lora_generate.py"}
   timeout "${BENCH_TIMEOUT:-420}" python3 -m pytest $files -q -s -p no:cacheprovider --benchmark-disable-gc "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
