@@ -118,12 +118,32 @@ class DoraFunction(torch.autograd.Function):
         return (None if dx is None else dx.reshape(x.shape)), None, dbias, da, db, dm, None, None
 
 
+class _Dropout(torch.autograd.Function):
+    """x̃ = drop(x) with the kernels' mask (kernels/dropout.py), its backward the same mask on dX̃."""
+
+    @staticmethod
+    def forward(ctx, x, seed, threshold, scale):
+        from .kernels.dropout import dropout_apply
+
+        ctx.save_for_backward(seed)
+        ctx.threshold, ctx.scale = threshold, scale
+        return dropout_apply(x, seed, threshold, scale)
+
+    @staticmethod
+    def backward(ctx, dxd):
+        from .kernels.dropout import dropout_apply
+
+        (seed,) = ctx.saved_tensors
+        return dropout_apply(dxd, seed, ctx.threshold, ctx.scale), None, None, None
+
+
 def _dropout_forward(x, weight, bias, lora_a, lora_b, magnitude, scaling, norm, dropout_p, seed):
     """PEFT's DoRA in training with dropout, in torch ops: two base products (x and x̃), the LoRA branch
-    of x̃ in the adapters' dtype, the DoRA terms in fp32."""
+    of x̃ in the adapters' dtype, the DoRA terms in fp32; x̃ drawn by the kernels' mask."""
     w = dense_weight(weight, x.dtype)
     base = F.linear(x, w, bias)
-    xd = reference.dropout(x.to(lora_a.dtype), dropout_p, seed)
+    xd = _Dropout.apply(x.to(lora_a.dtype), seed, reference.dropout_threshold(dropout_p),
+                        reference.dropout_scale(dropout_p))
     g = (magnitude / norm.to(magnitude.dtype)).float()
     lora = F.linear(F.linear(xd, lora_a), lora_b).float() * scaling
     extra = (g - 1) * F.linear(xd.to(w.dtype), w).float() + g * lora

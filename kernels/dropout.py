@@ -63,3 +63,35 @@ def dropout_mask(seed, M: int, K: int, threshold: int):
     grid = (triton.cdiv(M, 16), triton.cdiv(K, 64))
     _dropout_mask_kernel[grid](seed, out, M, K, out.stride(0), threshold, BLOCK_M=16, BLOCK_K=64)
     return out.bool()
+
+
+@triton.jit
+def _dropout_apply_kernel(seed_ptr, x_ptr, out_ptr, M, K, stride_xm, stride_om, threshold, scale,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = dropout_keep(tl.load(seed_ptr), rows, tl.program_id(1) * BLOCK_K, BLOCK_M, BLOCK_K, threshold)
+    ok = (rows[:, None] < M) & (cols[None, :] < K)
+    r64 = rows[:, None].to(tl.int64)
+    x = tl.load(x_ptr + r64 * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + r64 * stride_om + cols[None, :], tl.where(keep, x * scale, 0.0).to(out_ptr.dtype.element_ty),
+             mask=ok)
+
+
+def dropout_apply(x, seed, threshold: int, scale: float):
+    """drop(x) = x · keep · scale as a new tensor of x's shape and dtype, with the mask every LoRA kernel
+    regenerates from ``seed`` over the rows of x's 2-D view (x: any shape, unit stride in its last
+    dimension). Applied to a gradient with the same seed it is dropout's backward."""
+    import torch
+
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if K > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    out = torch.empty((M, K), dtype=x.dtype, device=x.device)
+    if M and K:
+        grid = (triton.cdiv(M, 32), triton.cdiv(K, 128))
+        _dropout_apply_kernel[grid](seed, x2, out, M, K, x2.stride(0), out.stride(0), threshold, float(scale),
+                                    BLOCK_M=32, BLOCK_K=128)
+    return out.reshape(x.shape)
