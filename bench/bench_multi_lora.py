@@ -6,7 +6,9 @@ sequence over the adapters at random, "prefill" batches hold 8 sequences of T/8 
 Columns, timed in the same run (common.time_ms, A B B A order): ``base_ms`` (``F.linear`` alone, the
 floor), ``fastpeft_ms`` (``F.linear`` then ``kernels.multi_lora.multi_lora`` adding every token's LoRA
 term into the output in place, segments included), ``fastpeft_graph_ms`` (the same replayed in a CUDA
-graph: the GPU time without the host), ``peft_ms`` (PEFT's ``lora.Linear`` with ``adapter_names=``, the
+graph: the GPU time without the host), ``seg_given_graph_ms`` (the same with the tokens' grouping,
+``segments``, done once per batch outside the layer, as ``MultiLora`` shares it across layers and decode
+steps), ``peft_ms`` (PEFT's ``lora.Linear`` with ``adapter_names=``, the
 adapters as separate modules, up to 32 of them). Ranks: one r for every adapter, or "mixed" (8 to 64 by
 slot, r_max 64).
 
@@ -79,7 +81,7 @@ def _peft_layer(K, N, ranks, A, B, scales):
 
 @pytest.mark.parametrize("K,N,T,slots,r,layout", list(_grid()), ids=lambda v: str(v))
 def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, benchmark):
-    from fastpeft.kernels.multi_lora import multi_lora
+    from fastpeft.kernels.multi_lora import multi_lora, segments
 
     ranks = _ranks(slots, r)
     r_max = max(ranks)
@@ -96,6 +98,11 @@ def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, ben
 
     def fast():
         return multi_lora(x, F.linear(x, w), indices, A, B, scales, rank_t)
+
+    seg = segments(indices, slots)
+
+    def fast_seg():  # the tokens grouped once per batch, outside the layer (as MultiLora shares them)
+        return multi_lora(x, F.linear(x, w), indices, A, B, scales, rank_t, seg)
 
     row = {"K": K, "N": N, "T": T, "slots": slots, "r": r, "layout": layout}
     impls = {"base": base, "fastpeft": fast}
@@ -124,9 +131,11 @@ def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, ben
         for name, ts in times.items():
             row[f"{name}_ms"] = sum(ts) / len(ts)
         row["fastpeft_graph_ms"] = graph_time_ms(fast)
+        row["seg_given_graph_ms"] = graph_time_ms(fast_seg)
         row["base_graph_ms"] = graph_time_ms(base)
     row["fastpeft/base"] = row["fastpeft_ms"] / row["base_ms"]
     row["graph fastpeft/base"] = row["fastpeft_graph_ms"] / row["base_graph_ms"]
+    row["graph seg given/base"] = row["seg_given_graph_ms"] / row["base_graph_ms"]
     if "peft_ms" in row:
         row["peft/fastpeft"] = row["peft_ms"] / row["fastpeft_ms"]
     bench_record(TABLE, row)

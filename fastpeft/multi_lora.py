@@ -45,18 +45,31 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: 
     return reference.multi_lora(x, y, indices, lora_a, lora_b, scales, ranks)
 
 
+def _segments(indices: torch.Tensor, num_slots: int):
+    from .kernels.multi_lora import segments
+
+    return tuple(segments(indices, num_slots))
+
+
 @torch.library.custom_op("fastpeft::multi_lora_", mutates_args=("y",))
-def _multi_lora_op(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: torch.Tensor,
+def _multi_lora_op(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, order: Optional[torch.Tensor],
+                   starts: Optional[torch.Tensor], counts: Optional[torch.Tensor], lora_a: torch.Tensor,
                    lora_b: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor) -> None:
     """``multi_lora`` into y in place, as one opaque op for torch.compile (and the CUDA graphs of
-    its "reduce-overhead" mode): the kernels' launchers stay out of the traced graph."""
-    out = multi_lora(x, y, indices, lora_a, lora_b, scales, ranks)
+    its "reduce-overhead" mode): the kernels' launchers stay out of the traced graph. order, starts,
+    counts: the kernels' ``segments(indices, S)`` (None on the reference path)."""
+    seg = None
+    if order is not None:
+        from .kernels.multi_lora import Segments
+
+        seg = Segments(order, starts, counts)
+    out = multi_lora(x, y, indices, lora_a, lora_b, scales, ranks, seg=seg)
     if out is not y:
         y.copy_(out)
 
 
 @_multi_lora_op.register_fake
-def _(x, y, indices, lora_a, lora_b, scales, ranks) -> None:
+def _(x, y, indices, order, starts, counts, lora_a, lora_b, scales, ranks) -> None:
     return None
 
 
@@ -218,20 +231,38 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(slots, dtype=torch.float32, device=device))
         self.register_buffer("ranks", torch.zeros(slots, dtype=torch.int32, device=device))
         self._rows = rows
+        self._runs: dict = {}  # the kernels' launches per input shape (kernels/multi_lora.py multi_lora_plan)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        if self._rows.slots is None:
+        slots = self._rows.slots
+        if slots is None:
             return y
         x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        if torch.compiler.is_compiling():  # traced: one opaque op (segments inside it), y in place
-            indices, _ = self._rows.tokens(x, len(self.ranks), kernels=False)
-            torch.ops.fastpeft.multi_lora_(x2, y2, indices, self.lora_A, self.lora_B, self.scales, self.ranks)
+        S = len(self.ranks)
+        if torch.compiler.is_compiling():
+            # traced: the tokens' slots and their grouping as torch ops (the same ops on the same input in
+            # every layer, which the graph's common-subexpression pass computes once), the kernels as one op
+            if len(x) % len(slots):
+                raise ValueError(f"MultiLora: the batch has {len(x)} rows but use() was given {len(slots)}")
+            per_token = len(x) // len(slots) * (x2.shape[0] // max(len(x), 1))
+            indices = slots.repeat_interleave(per_token) if per_token != 1 else slots
+            seg = _segments(indices, S) if use_triton(x) else (None, None, None)
+            torch.ops.fastpeft.multi_lora_(x2, y2, indices, *seg, self.lora_A, self.lora_B, self.scales, self.ranks)
             return y
         kernels = use_triton(x)
-        indices, seg = self._rows.tokens(x, len(self.ranks), kernels)
-        out = multi_lora(x2, y2, indices, self.lora_A, self.lora_B, self.scales, self.ranks, seg=seg)
-        return out.reshape(y.shape)
+        indices, seg = self._rows.tokens(x, S, kernels)
+        if not kernels:
+            return multi_lora(x2, y2, indices, self.lora_A, self.lora_B, self.scales, self.ranks).reshape(y.shape)
+        key = (x2.shape, x2.stride(), x2.dtype, y2.stride(), y2.dtype, x2.device)
+        run = self._runs.get(key)
+        if run is None:
+            from .kernels.multi_lora import multi_lora_plan
+
+            run = self._runs[key] = multi_lora_plan(x2, y2, indices, self.lora_A, self.lora_B, self.scales,
+                                                    self.ranks, seg)
+        run(x2, y2, self.lora_A, self.lora_B, self.scales, self.ranks, seg)
+        return y
 
     def extra_repr(self) -> str:
         S, R, _ = self.lora_A.shape
@@ -252,10 +283,10 @@ class MultiLora:
     Loading or unloading while an eager forward runs is refused.
 
     Within one ``use`` block the tokens' slots are grouped (sorted by slot) once per batch shape and
-    shared by every layer and every decode step. Under torch.compile (``generate(...,
-    cache_implementation="static")`` compiles the decode step with CUDA graphs) each layer's adapters
-    are one custom op, ``fastpeft::multi_lora_``, that groups the tokens inside the graph; a compiled
-    forward is not counted as running.
+    shared by every layer and every decode step, and each layer keeps its kernels' launches per batch
+    shape. Under torch.compile (``generate(..., cache_implementation="static")`` compiles the decode
+    step with CUDA graphs) the grouping is traced as torch ops and each layer's kernels are one custom
+    op, ``fastpeft::multi_lora_``; a compiled forward is not counted as running.
     """
 
     def __init__(self, model: nn.Module, max_adapters: int, max_rank: int, target_modules="all-linear",

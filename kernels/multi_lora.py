@@ -352,6 +352,24 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, A: torch
     return multi_lora_expand(multi_lora_shrink(x, A, seg, ranks), B, seg, ranks, scales, y)
 
 
+def multi_lora_plan(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    scales: torch.Tensor, ranks: torch.Tensor, seg: Segments):
+    """``multi_lora``'s two launches for these shapes, strides and dtypes, checked and planned once:
+    returns run(x, y, A, B, scales, ranks, seg), which adds the LoRA terms into y and returns it with
+    no further checks (a caller that keeps it per shape, as a serving layer does, skips the per-call
+    key building of the launchers)."""
+    _check_layer(x, y, indices, A, B, scales, ranks)
+    _seg_key("multi_lora", seg)
+    shrink = _shrink_plan(x, A, seg, ranks, None)
+    t = torch.empty((x.shape[0], A.shape[1]), dtype=torch.float32, device=x.device)
+    expand = _expand_plan(t, B, seg, ranks, scales, y)
+
+    def run(x, y, A, B, scales, ranks, seg):
+        return expand(shrink(x, A, seg, ranks, None), B, seg, ranks, scales, y)
+
+    return run
+
+
 def _check_layer(x, y, indices, A, B, scales, ranks):
     """multi_lora's checks across its arguments (each launcher checks its own as well)."""
     what = "multi_lora"

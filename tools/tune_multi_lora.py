@@ -1,0 +1,93 @@
+"""Development: the multi-adapter kernels' parts and tile configs, on a GPU, each in a CUDA graph (the
+GPU time a serving loop pays): ``segments``, ``multi_lora_shrink`` and ``multi_lora_expand`` over a
+sweep of configs, per batch shape, against the layer's base ``F.linear``.
+
+    python tools/tune_multi_lora.py            # prints one table per part; the best config per shape
+
+Pins configs by replacing the "sm90" entry of kernels/configs.py MULTI_LORA_CONFIGS for the run (and
+clearing the launchers' kept plans). What it finds goes into configs.py and docs/performance.md.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+from common import graph_time_ms  # noqa: E402
+
+from fastpeft.kernels import configs, launch  # noqa: E402
+from fastpeft.kernels.multi_lora import multi_lora_expand, multi_lora_shrink, segments  # noqa: E402
+
+# (K, N, T, slots, layout): decode = tokens scattered over the slots, prefill = 8 runs of T/8
+CASES = [(4096, 4096, 64, 32, "decode"), (4096, 4096, 256, 32, "decode"), (4096, 4096, 4096, 32, "decode"),
+         (4096, 4096, 4096, 8, "prefill"), (4096, 14336, 256, 32, "decode"), (4096, 14336, 4096, 8, "prefill"),
+         (14336, 4096, 256, 32, "decode")]
+R = 16
+SHRINK = [(bm, bk, 16, sk, w, st) for bm, bk, sk, w, st in itertools.product(
+    (16, 64), (64, 128, 256), (1, 4, 16), (4,), (3,))]
+EXPAND = [(bm, bn, 16, w, st) for bm, bn, w, st in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2,))]
+
+
+def pin(shrink, expand) -> None:
+    configs.MULTI_LORA_CONFIGS["sm90"] = ((None, (shrink, expand)),)
+    launch._plans.clear()
+
+
+def case(K, N, T, slots, layout):
+    gen = torch.Generator(device="cpu").manual_seed(T + slots)
+    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    A = torch.randn(slots, R, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    B = torch.randn(slots, N, R, device="cuda", dtype=torch.bfloat16) * 0.02
+    if layout == "prefill":
+        idx = torch.randint(0, slots, (8,), generator=gen).repeat_interleave(T // 8)
+    else:
+        idx = torch.randint(0, slots, (T,), generator=gen)
+    idx = idx.to(torch.int32).cuda()
+    return x, w, A, B, idx, torch.full((slots,), 2.0, device="cuda"), torch.full((slots,), R, device="cuda",
+                                                                                   dtype=torch.int32)
+
+
+def main() -> None:
+    saved = configs.MULTI_LORA_CONFIGS["sm90"]
+    print(f"# {torch.cuda.get_device_name()}; times in µs, each in a CUDA graph")
+    print("| K | N | T | slots | layout | base | segments | shrink (default) | best shrink | config | "
+          "expand (default) | best expand | config |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for K, N, T, slots, layout in CASES:
+        x, w, A, B, idx, scales, ranks = case(K, N, T, slots, layout)
+        configs.MULTI_LORA_CONFIGS["sm90"] = saved
+        DEFAULT_SHRINK, DEFAULT_EXPAND = configs.multi_lora_config(-(-T // slots), x.device)
+        y = F.linear(x, w)
+        base = graph_time_ms(lambda: F.linear(x, w)) * 1e3
+        seg_t = graph_time_ms(lambda: segments(idx, slots)) * 1e3
+        seg = segments(idx, slots)
+        t = multi_lora_shrink(x, A, seg, ranks)
+        shrink_times, expand_times = {}, {}
+        for cfg in [DEFAULT_SHRINK] + [c for c in SHRINK if c != DEFAULT_SHRINK]:
+            pin(cfg, DEFAULT_EXPAND)
+            try:
+                shrink_times[cfg] = graph_time_ms(lambda: multi_lora_shrink(x, A, seg, ranks)) * 1e3
+            except Exception as e:  # noqa: BLE001 - a config that does not compile or fit
+                print(f"<!-- shrink {cfg}: {type(e).__name__} -->")
+        for cfg in [DEFAULT_EXPAND] + [c for c in EXPAND if c != DEFAULT_EXPAND]:
+            pin(DEFAULT_SHRINK, cfg)
+            try:
+                expand_times[cfg] = graph_time_ms(lambda: multi_lora_expand(t, B, seg, ranks, scales, y)) * 1e3
+            except Exception as e:  # noqa: BLE001
+                print(f"<!-- expand {cfg}: {type(e).__name__} -->")
+        bs = min(shrink_times, key=shrink_times.get)
+        be = min(expand_times, key=expand_times.get)
+        print(f"| {K} | {N} | {T} | {slots} | {layout} | {base:.1f} | {seg_t:.1f} | {shrink_times[DEFAULT_SHRINK]:.1f} | "
+              f"{shrink_times[bs]:.1f} | {bs} | {expand_times[DEFAULT_EXPAND]:.1f} | {expand_times[be]:.1f} | {be} |",
+              flush=True)
+    configs.MULTI_LORA_CONFIGS["sm90"] = saved
+    launch._plans.clear()
+
+
+if __name__ == "__main__":
+    main()
