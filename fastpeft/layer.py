@@ -1,4 +1,5 @@
-"""LoRA layers: fastpeft's own ``LoraLinear`` and the forward it shares with PEFT's ``lora.Linear``.
+"""LoRA layers: fastpeft's own ``LoraLinear`` and the forward it shares with PEFT's ``lora.Linear`` (and
+AdaLoRA's ``SVDLinear``, whose adapters enter as LoRA adapters: fastpeft/adalora.py).
 
 ``LoraLinear`` keeps PEFT's attribute names and state-dict layout (``base_layer``, ``lora_A.<name>``,
 ``lora_B.<name>``, ``scaling``, ``lora_dropout``, ``merged_adapters``), so one forward,
@@ -13,7 +14,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from . import functional, options, qlora, reference
+from . import adalora, functional, options, qlora, reference
 
 
 def conv1d_class():
@@ -57,6 +58,8 @@ def has_lora(module) -> bool:
 
 def peft_fast_path_ok(layer) -> bool:
     """Whether fastpeft's forward computes exactly what PEFT's would for this PEFT layer's call."""
+    if adalora.is_adalora_layer(layer):
+        return adalora.fast_path_ok(layer)
     variants = getattr(layer, "lora_variant", {}) or {}
     use_dora = getattr(layer, "use_dora", {}) or {}
     for name in layer.active_adapters:
@@ -68,10 +71,13 @@ def peft_fast_path_ok(layer) -> bool:
 
 
 def _adapter(layer, name: str):
-    """(lora_A weight, lora_B weight, scaling, dropout p) of adapter ``name``; DoRA / lora_bias raise."""
+    """(lora_A weight, lora_B weight, scaling, dropout p) of adapter ``name`` (AdaLoRA's: A ⊙ E / ranknum
+    as A, fastpeft/adalora.py); DoRA / lora_bias raise."""
+    modules = layer._modules
+    if "lora_E" in modules:
+        return adalora.adapter_tensors(layer, name)
     if getattr(layer, "use_dora", {}).get(name, False):
         raise NotImplementedError(f"DoRA (use_dora=True) is not supported by fastpeft (adapter {name!r})")
-    modules = layer._modules
     lora_a, lora_b = modules["lora_A"][name], modules["lora_B"][name]
     if _param(lora_b, "bias") is not None:
         raise NotImplementedError(f"lora_bias=True is not supported by fastpeft (adapter {name!r})")

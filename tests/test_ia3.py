@@ -10,12 +10,17 @@ ways; several active adapters; disabled / merged adapters; unpatch; errors.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+import fastpeft
 from fastpeft import reference
 from fastpeft.ia3 import ia3_linear
-from tolerance import assert_close
+from lora_helpers import logits
+from tiny_models import make_inputs, make_model
+from tolerance import assert_close, rel_err
 
 peft = pytest.importorskip("peft")
 
@@ -146,3 +151,194 @@ def test_ia3_linear_no_grad_and_errors(kernel_device):
         ia3_linear(x, w, b, lv, False)
     with pytest.raises(ValueError, match=r"base weight is \(24, 39\) but x has 40 features"):
         ia3_linear(x, w[:, 1:], b, lv, True)
+
+
+# --- patch(peft_model) on PEFT IA3 models ------------------------------------------------------------
+@pytest.fixture(params=["reference", "kernels"])
+def backend(request, set_options):
+    """The reference path, or the kernels (under the interpreter on CPU); the device."""
+    if request.param == "kernels":
+        return request.getfixturevalue("kernels_on")
+    set_options(backend="reference")
+    return "cpu"
+
+
+def assert_rel(out, ref, what, tol=1e-5):
+    """fp32: relative (norm-wise) error within ``tol``."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape, what
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+
+
+def randomize(model, seed=0):
+    """Non-trivial vectors (PEFT starts them at 1): every ia3_l ~ 1 + N(0, 0.3²)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + torch.randn(p.shape, generator=g) * 0.3)
+
+
+def ia3_pair(model_type, device="cpu", dtype=torch.float32, **config):
+    """(PEFT's IA3 model with PEFT's default targets, a patched deep copy of it), same vectors."""
+    pm = peft.get_peft_model(make_model(model_type, dtype=dtype), peft.IA3Config(**config)).to(device)
+    randomize(pm)
+    fm = copy.deepcopy(pm)
+    assert fastpeft.patch(fm) is fm
+    return pm, fm
+
+
+def inputs_on(model_type, device):
+    return {k: v.to(device) for k, v in make_inputs(model_type).items()}
+
+
+def forward_backward(model, inputs):
+    """(logits, {name: grad}) of one forward and a backward of a fixed random projection of the logits;
+    grads of every ia3_l and of the input embedding (dX through every layer)."""
+    emb = model.get_input_embeddings().weight
+    emb.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    out = logits(model, inputs)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.device)
+    (out.float() * w).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+def test_patched_ia3_equals_peft(model_type, backend, monkeypatch):
+    """PEFT's default targets: llama k, v (output) and down (input); gpt2 c_attn (output) and mlp.c_proj
+    (input), Conv1D; opt q, k (output) and fc2 (input)."""
+    pm, fm = ia3_pair(model_type, backend)
+    inputs = inputs_on(model_type, backend)
+    out_p, grads_p = forward_backward(pm, inputs)
+    from fastpeft import functional
+
+    calls, real = [], functional.ia3_linear
+    monkeypatch.setattr(functional, "ia3_linear", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    out_f, grads_f = forward_backward(fm, inputs)
+    assert len(calls) == len(pm.base_model.targeted_module_names) and True in calls and False in calls
+    assert_rel(out_f, out_p, "logits")
+    assert set(grads_f) == set(grads_p) and sum("ia3_l" in n for n in grads_p) == len(calls)
+    for name in grads_p:
+        assert_rel(grads_f[name], grads_p[name], f"grad {name}")
+    with torch.no_grad():
+        assert not torch.allclose(logits(make_model(model_type).to(backend), inputs), out_f, atol=1e-3)
+
+
+@pytest.mark.parametrize("setup", ["reference", "kernels"])
+def test_bf16_ia3_by_reference_rule(setup, request, set_options):
+    """bf16 base, fp32 vectors (PEFT's autocast_adapter_dtype): as close to the same model in fp32 as
+    PEFT in bf16 is. Wider than the other tests (hidden 128) so the bf16 errors settle."""
+    if setup == "kernels":
+        device = request.getfixturevalue("kernels_on")
+    else:
+        device = "cpu"
+        set_options(backend="reference")
+    pm = peft.get_peft_model(make_model("llama", dtype=torch.bfloat16, hidden_size=128, intermediate_size=256),
+                             peft.IA3Config()).to(device)
+    randomize(pm)
+    assert all(p.dtype == torch.float32 for n, p in pm.named_parameters() if "ia3_l" in n)
+    ref, fm = copy.deepcopy(pm).float(), copy.deepcopy(pm)
+    fastpeft.patch(fm)
+    inputs = inputs_on("llama", device)
+    out_r, grads_r = forward_backward(ref, inputs)
+    out_p, grads_p = forward_backward(pm, inputs)
+    out_f, grads_f = forward_backward(fm, inputs)
+    assert out_f.dtype == torch.bfloat16
+    assert_close(out_f, out_r, out_p, torch.bfloat16, "logits")
+    for name in grads_r:
+        assert grads_f[name].dtype == grads_p[name].dtype, name
+        assert_close(grads_f[name], grads_r[name], grads_p[name], torch.bfloat16, f"grad {name}")
+
+
+@torch.no_grad()
+def test_save_load_round_trips(tmp_path):
+    pm, fm = ia3_pair("gpt2")
+    inputs = make_inputs("gpt2")
+    expected = logits(fm, inputs)
+    fm.save_pretrained(tmp_path / "patched")
+    plain = peft.PeftModel.from_pretrained(make_model("gpt2"), tmp_path / "patched")
+    assert_rel(logits(plain, inputs), expected, "PEFT loading the patched model's adapter")
+    pm.save_pretrained(tmp_path / "plain")
+    loaded = fastpeft.patch(peft.PeftModel.from_pretrained(make_model("gpt2"), tmp_path / "plain"))
+    assert all("forward" in m.__dict__ for n, m in loaded.named_modules() if hasattr(m, "ia3_l"))
+    assert_rel(logits(loaded, inputs), expected, "patched model loading PEFT's adapter")
+
+
+@torch.no_grad()
+def test_several_active_disabled_merged_unpatch(backend):
+    cfg = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    pm = peft.get_peft_model(make_model("llama"), peft.IA3Config(**cfg)).to(backend)
+    pm.add_adapter("other", peft.IA3Config(target_modules=["v_proj", "up_proj"], feedforward_modules=["up_proj"]))
+    randomize(pm)
+    pm.base_model.set_adapter(["default", "other"])
+    fm = fastpeft.patch(copy.deepcopy(pm))
+    inputs = inputs_on("llama", backend)
+    assert_rel(logits(fm, inputs), logits(pm, inputs), "two active adapters (v_proj scaled by both)")
+    pm.base_model.set_adapter("default")
+    fm.base_model.set_adapter("default")
+    expected = logits(pm, inputs)
+    assert_rel(logits(fm, inputs), expected, "one active adapter")
+    with fm.disable_adapter():
+        assert_rel(logits(fm, inputs), logits(make_model("llama").to(backend), inputs), "adapters disabled")
+    fastpeft.merge(fm)  # PEFT's merge, layer by layer
+    assert all(m.merged for n, m in fm.named_modules() if "default" in getattr(m, "ia3_l", {}))
+    assert_rel(logits(fm, inputs), expected, "merged")
+    with pytest.warns(UserWarning, match="inaccurate"):  # PEFT's: unmerging divides by the vectors
+        fastpeft.unmerge(fm)
+    assert_rel(logits(fm, inputs), expected, "unmerged")
+    fm.merge_adapter()
+    layer = fm.base_model.model.model.layers[0].self_attn.v_proj
+    assert "forward" in layer.__dict__
+    fastpeft.unpatch(fm)
+    assert "forward" not in layer.__dict__
+    assert_rel(logits(fm, inputs), expected, "unpatched, merged")
+
+
+def test_trainable_base_gets_its_gradient(kernels_on):
+    """A base weight and bias that need grad (unfrozen by hand) get PEFT's gradients: fastpeft/ia3.py
+    computes no dW, so such a layer runs the reference path, never silently without dW."""
+    pm = peft.get_peft_model(make_model("opt").to(kernels_on), peft.IA3Config())
+    randomize(pm)
+    fm = fastpeft.patch(copy.deepcopy(pm))
+    for model in (pm, fm):
+        layer = model.base_model.model.model.decoder.layers[0].fc2.base_layer
+        layer.weight.requires_grad_(True), layer.bias.requires_grad_(True)
+    inputs = inputs_on("opt", kernels_on)
+    out_p, grads_p = forward_backward(pm, inputs)
+    out_f, grads_f = forward_backward(fm, inputs)
+    assert "base_model.model.model.decoder.layers.0.fc2.base_layer.weight" in grads_f
+    assert set(grads_f) == set(grads_p)
+    for name in grads_p:
+        assert_rel(grads_f[name], grads_p[name], f"grad {name}")
+
+
+def test_conv2d_layer_keeps_peft_forward():
+    """A custom model with an IA3 Conv2d: that layer keeps PEFT's forward (one warning naming it), the
+    linear one is accelerated."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 5))
+    pm = peft.get_peft_model(model, peft.IA3Config(target_modules=["0", "2"], feedforward_modules=["2"]))
+    randomize(pm)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = pm(x)
+    with pytest.warns(UserWarning, match=r"1 PEFT adapter layer\(s\) keep PEFT's forward.*ia3\.layer\.Conv2d"):
+        fastpeft.patch(pm)
+    assert "forward" in pm.base_model.model[2].__dict__ and "forward" not in pm.base_model.model[0].__dict__
+    with torch.no_grad():
+        assert_rel(pm(x), expected, "outputs")
+
+
+def test_model_options_pick_the_path(kernels_on, monkeypatch):
+    """patch(peft_model, options=Options(backend="reference")) gives the IA3 layers the model's backend
+    (the process's is the kernels here)."""
+    import fastpeft.ia3
+
+    pm = peft.get_peft_model(make_model("llama"), peft.IA3Config()).to(kernels_on)
+    randomize(pm)
+    fm = fastpeft.patch(copy.deepcopy(pm), options=fastpeft.Options(backend="reference"))
+    monkeypatch.setattr(fastpeft.ia3, "ia3_linear", lambda *a, **k: pytest.fail("the kernels ran"))
+    inputs = inputs_on("llama", kernels_on)
+    with torch.no_grad():
+        assert_rel(logits(fm, inputs), logits(pm, inputs), "logits")
