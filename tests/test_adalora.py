@@ -1,14 +1,14 @@
 """AdaLoRA: patch(peft_model) on PEFT AdaLoRA models against an unpatched copy of the same PeftModel
-(CPU: the reference path, and the fused LoRA kernels under TRITON_INTERPRET=1, fp32 models).
+(CPU: the reference path, and the fused LoRA kernels under TRITON_INTERPRET=1).
 
 Checks: logits, the loss with its orthogonality regularizer and the gradients of every lora_A, lora_B
-and lora_E (and of the input embedding: dX) on tiny llama (fused MLP and q/k/v ops under the kernels),
-gpt2 (Conv1D, fan_in_fan_out) and opt; a bf16 base (fp32 adapters) by the tolerance rule; lora_dropout > 0
-in eval mode; training steps with
-update_and_allocate give the same losses, lora_E masks, rank patterns and parameters; save_pretrained
-by the patched model loads into plain PEFT and back (rank patterns resized on load, a rank-0 layer
-included); several active adapters; disabled / merged adapters; unpatch; 4-bit bases keep PEFT's
-forward with a warning; unsupported PEFT methods name themselves.
+and lora_E (and of the input embedding: dX) on fp32 tiny llama (fused MLP and q/k/v ops under the
+kernels), gpt2 (Conv1D, fan_in_fan_out) and opt; a bf16 base (fp32 adapters) by the tolerance rule;
+lora_dropout > 0 in eval mode; training steps with update_and_allocate give the same losses, lora_E
+masks, rank patterns and parameters; save_pretrained by the patched model loads into plain PEFT and
+back (rank patterns resized on load, a rank-0 layer included); several active adapters; disabled /
+merged adapters; unpatch; 4-bit bases keep PEFT's forward with a warning; unsupported PEFT methods
+name themselves.
 """
 from __future__ import annotations
 
