@@ -17,17 +17,16 @@ Output (l on the output, bias included, as PEFT does):  y = (x·Wᵀ + b) ⊙ l
 The matmuls are cuBLAS' (``F.linear`` / ``matmul``); the elementwise parts are ``kernels/ia3.py``,
 fp32 math with one rounding into each output, as PEFT's ``(t.to(l.dtype) * l).to(t.dtype)`` gives.
 Gradients come back in x's and l's dtypes. ``functional.ia3_linear`` picks this path or the reference
-(``reference.ia3_linear``: PEFT's own expression); :func:`ia3_forward` is the instance ``forward``
-``patch(peft_model)`` gives PEFT's ``ia3.Linear`` layers (fastpeft/peft_bridge.py).
+(``reference.ia3_linear``: PEFT's own expression), and imports this module on first use;
+``peft_bridge.ia3_forward`` is the instance ``forward`` ``patch(peft_model)`` gives PEFT's
+``ia3.Linear`` layers.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import functional, options
 from .kernels.ia3 import ia3_scale, ia3_scale_backward
-from .layer import is_conv1d
 from .ops import _apply
 
 
@@ -96,29 +95,3 @@ def ia3_linear(x, weight, bias, scale, feedforward: bool):
         return _apply(IA3LinearFunction, x, weight, bias, scale, bool(feedforward))
     y2, _ = _forward(x.reshape(-1, x.shape[-1]), weight, bias, scale, feedforward)
     return y2.reshape(*x.shape[:-1], y2.shape[-1])
-
-
-# --- PEFT's ia3.Linear -------------------------------------------------------------------------------
-def active_scale(layer):
-    """The product of the active adapters' vectors of a PEFT ia3 layer, flattened ((K,) or (N,)); None
-    when no active adapter is in this layer."""
-    vectors = layer.ia3_l
-    scale = None
-    for name in layer.active_adapters:
-        if name in vectors:
-            scale = vectors[name].flatten() if scale is None else scale * vectors[name].flatten()
-    return scale
-
-
-def ia3_forward(self, x, *args, **kwargs):
-    """Instance ``forward`` of a PEFT ``ia3.Linear`` after ``patch(peft_model)``: fastpeft's compute of
-    PEFT's forward (every active adapter's vector multiplied into one, as PEFT does); PEFT's own forward
-    for extra arguments, disabled or merged adapters, or no active adapter in this layer."""
-    scale = None
-    if not (args or kwargs or self.disable_adapters or self.merged):
-        scale = active_scale(self)
-    if scale is None:
-        return type(self).forward(self, x, *args, **kwargs)
-    base = self.base_layer
-    weight = base.weight.T if is_conv1d(base) else base.weight
-    return functional.ia3_linear(x, weight, base.bias, scale, self.is_feedforward, options.of(self).backend)

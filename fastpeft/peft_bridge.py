@@ -31,8 +31,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import models
-from .ia3 import ia3_forward
+from . import functional, models, options
 from .layer import ACCELERATED_ATTR, is_conv1d, lora_forward, peft_fast_path_ok
 from .model_state import PEFT_PATCHED_ATTR, install_fused_forwards, is_peft_adapter_layer, uninstall_fused_forwards
 from .options import Options
@@ -68,6 +67,31 @@ def _adalora_forward(self, x, *args, **kwargs):
     if args or kwargs or not peft_fast_path_ok(self):
         return type(self).forward(self, x, *args, **kwargs)
     return lora_forward(self, x)
+
+
+def _ia3_scale(layer):
+    """The product of the active adapters' vectors of a PEFT ia3 layer, flattened ((K,) on the input,
+    (N,) on the output); None when no active adapter is in this layer."""
+    vectors = layer.ia3_l
+    scale = None
+    for name in layer.active_adapters:
+        if name in vectors:
+            scale = vectors[name].flatten() if scale is None else scale * vectors[name].flatten()
+    return scale
+
+
+def ia3_forward(self, x, *args, **kwargs):
+    """Instance ``forward`` of a PEFT ia3.Linear: ``functional.ia3_linear`` (fastpeft/ia3.py, or the
+    reference) with every active adapter's vector multiplied into one, as PEFT does; PEFT's own forward
+    for extra arguments, disabled or merged adapters, or no active adapter in this layer."""
+    scale = None
+    if not (args or kwargs or self.disable_adapters or self.merged):
+        scale = _ia3_scale(self)
+    if scale is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.base_layer
+    weight = base.weight.T if is_conv1d(base) else base.weight
+    return functional.ia3_linear(x, weight, base.bias, scale, self.is_feedforward, options.of(self).backend)
 
 
 def _mixed_ok(layer, adapter_names) -> bool:

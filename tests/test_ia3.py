@@ -214,10 +214,14 @@ def test_patched_ia3_equals_peft(model_type, backend, monkeypatch):
     out_p, grads_p = forward_backward(pm, inputs)
     from fastpeft import functional
 
-    calls, real = [], functional.ia3_linear
+    import fastpeft.ia3
+
+    calls, ops, real, real_op = [], [], functional.ia3_linear, fastpeft.ia3.ia3_linear
     monkeypatch.setattr(functional, "ia3_linear", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    monkeypatch.setattr(fastpeft.ia3, "ia3_linear", lambda *a, **k: ops.append(1) or real_op(*a, **k))
     out_f, grads_f = forward_backward(fm, inputs)
     assert len(calls) == len(pm.base_model.targeted_module_names) and True in calls and False in calls
+    assert len(ops) == (len(calls) if fastpeft.get_options().backend == "triton" else 0)  # the kernels ran
     assert_rel(out_f, out_p, "logits")
     assert set(grads_f) == set(grads_p) and sum("ia3_l" in n for n in grads_p) == len(calls)
     for name in grads_p:
