@@ -1,5 +1,6 @@
 """One training step of a Llama-shaped model: frozen base (the floor), PEFT LoRA, fastpeft LoRA, over a
-bf16 base and over the same base in 4-bit (QLoRA).
+bf16 base and over the same base in 4-bit (QLoRA); PEFT's (IA)³ and AdaLoRA, and the same PeftModels
+after ``fastpeft.patch``, over the bf16 base.
 
 LlamaForCausalLM from a config (hidden 2048, intermediate 5632, 8 layers, 32 heads, 4 KV heads,
 vocab 32000), random weights, bf16, batch 4 x 2048 tokens, AdamW, the mean of 10 steps after 3
@@ -15,15 +16,27 @@ bf16). PEFT wraps it with ``get_peft_model`` alone, without ``prepare_model_for_
 ``step_vs_frozen`` and ``step_vs_peft`` compare rows of the same base. Where fastpeft.patch raises
 NotImplementedError for a 4-bit base, its row records no time and the case is skipped.
 
+(IA)³ and AdaLoRA (bf16 base, setups ``peft-ia3`` / ``fastpeft-ia3`` / ``peft-adalora`` /
+``fastpeft-adalora``, column ``method``): PEFT builds the model (task type CAUSAL_LM, so AdaLoRA's
+loss carries its orthogonality regularizer), the fastpeft rows are the same PeftModel after
+``fastpeft.patch(peft_model)``. IA3Config() with PEFT's Llama defaults (k_proj, v_proj and down_proj,
+down_proj feedforward); AdaLoraConfig(init_r=16, target_r=8, lora_alpha=32, total_step=100000) on q, k,
+v, o, gate, up and down, each step followed by ``update_and_allocate`` (PEFT's RankAllocator, the same
+work in both rows). ``step_vs_peft`` compares with PEFT's row of the same method.
+
     pytest bench/bench_e2e.py              # GPU only; the table prints at the end
     pytest bench/bench_e2e.py -k 4bit      # the 4-bit cases only (or FASTPEFT_E2E_BASES=nf4)
     FASTPEFT_E2E_LAYERS=2 FASTPEFT_E2E_SEQ=512 pytest bench/bench_e2e.py    # a smaller model
 
 Environment (defaults in brackets): FASTPEFT_E2E_HIDDEN [2048], _INTERMEDIATE [5632], _LAYERS [8],
 _HEADS [32], _KV_HEADS [4], _VOCAB [32000], _BATCH [4], _SEQ [2048], _STEPS [10], _WARMUP [3],
-_RANK [16], _BASES [bf16,nf4]: the bases to run, "bf16", "nf4" or both (comma-separated), _METHODS
-[lora,dora]: the PEFT methods ("dora": the same LoRA with use_dora=True, setups "peft-dora" and
-"fastpeft-dora"; ``step_vs_peft`` compares with PEFT's row of the same method, base and dropout).
+_RANK [16], _BASES [bf16,nf4]: the bases to run, "bf16", "nf4" or both (comma-separated),
+_METHODS [lora,dora,ia3,adalora]: the adapter methods to run (comma-separated; "dora" is LoRA with
+use_dora=True, setups "peft-dora" / "fastpeft-dora" with both dropouts; the 4-bit base runs LoRA and DoRA,
+(IA)³ and AdaLoRA run on the bf16 base only; the frozen floor always runs). ``step_vs_peft`` compares
+with PEFT's row of the same method, base and dropout.
+
+    FASTPEFT_E2E_METHODS=ia3,adalora pytest bench/bench_e2e.py    # (IA)³ and AdaLoRA against the floor
 """
 from __future__ import annotations
 
@@ -71,23 +84,42 @@ def _bases(value: str) -> tuple[str, ...]:
 
 
 BASES = _bases(os.environ.get("FASTPEFT_E2E_BASES", ""))
-METHOD_NAMES = ("lora", "dora")
-METHODS = tuple(m for m in os.environ.get("FASTPEFT_E2E_METHODS", ",".join(METHOD_NAMES)).replace(",", " ").split())
-if any(m not in METHOD_NAMES for m in METHODS):
-    raise ValueError(f"FASTPEFT_E2E_METHODS must name some of {', '.join(METHOD_NAMES)}, got {METHODS}")
+METHOD_NAMES = ("lora", "dora", "ia3", "adalora")
+DROPOUT_METHODS = ("lora", "dora")  # the LoRA-config methods: both dropouts, both bases
 
-CASES = [  # (base, setup, lora dropout); setup "peft" / "fastpeft" is LoRA, "<impl>-<method>" another method
+
+def _methods(value: str) -> tuple[str, ...]:
+    """FASTPEFT_E2E_METHODS: any of lora, dora, ia3, adalora, comma- or space-separated; empty means all."""
+    names = tuple(v for v in value.replace(",", " ").split() if v)
+    unknown = [v for v in names if v not in METHOD_NAMES]
+    if unknown:
+        raise ValueError(f"FASTPEFT_E2E_METHODS must name some of {', '.join(METHOD_NAMES)}, got {value!r}")
+    return tuple(m for m in METHOD_NAMES if m in names) if names else METHOD_NAMES
+
+
+METHODS = _methods(os.environ.get("FASTPEFT_E2E_METHODS", ""))
+
+
+def _setup(impl: str, method: str) -> str:
+    return impl if method == "lora" else f"{impl}-{method}"
+
+
+CASES = [  # (base, setup, lora dropout); the 4-bit base only where LoRA or DoRA runs
     (base, setup, dropout)
-    for base in BASES
+    for base in BASES if base == "bf16" or any(m in METHODS for m in DROPOUT_METHODS)
     for setup, dropout in (("frozen", None),) + tuple(
-        (impl if method == "lora" else f"{impl}-{method}", p)
-        for method in METHODS for impl in ("peft", "fastpeft") for p in (0.05, 0.0))
-]
+        (_setup(impl, method), p) for method in METHODS if method in DROPOUT_METHODS
+        for impl in ("peft", "fastpeft") for p in (0.05, 0.0))
+] + [("bf16", f"{side}-{method}", None) for method in METHODS if method not in DROPOUT_METHODS
+     for side in ("peft", "fastpeft")]
 
 
-def method_of(setup: str) -> str:
-    """"lora" for "peft" / "fastpeft", else the part after the dash ("fastpeft-dora": "dora")."""
-    return setup.partition("-")[2] or "lora"
+def method_of(setup: str) -> str | None:
+    """The adapter method of a setup: "lora" for "peft" / "fastpeft", "dora" for "peft-dora", ...; None
+    for "frozen"."""
+    if setup == "frozen":
+        return None
+    return setup.split("-", 1)[1] if "-" in setup else "lora"
 
 
 def case_id(base: str, setup: str, dropout: float | None) -> str:
@@ -143,6 +175,8 @@ def prepare(base: str, setup: str, dropout: float | None, checkpoint: str | None
         model.requires_grad_(False)
         model.get_input_embeddings().weight.requires_grad_(True)
         return model
+    if method_of(setup) not in DROPOUT_METHODS:
+        return _peft_method_model(model, setup)
     kwargs = dict(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, target_modules="all-linear")
     if method_of(setup) == "dora":
         kwargs["use_dora"] = True
@@ -155,19 +189,44 @@ def prepare(base: str, setup: str, dropout: float | None, checkpoint: str | None
     return fastpeft.patch(model, fastpeft.LoraConfig(**kwargs))
 
 
+ADALORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _peft_method_model(model, setup: str):
+    """PEFT's (IA)³ or AdaLoRA model over ``model``; patched by fastpeft for the "fastpeft-*" setups."""
+    import peft
+
+    method = method_of(setup)
+    if method == "ia3":
+        config = peft.IA3Config(task_type="CAUSAL_LM")  # PEFT's Llama defaults: k, v, down (feedforward)
+    else:
+        config = peft.AdaLoraConfig(init_r=RANK, target_r=RANK // 2, lora_alpha=2 * RANK, total_step=100_000,
+                                    target_modules=ADALORA_TARGETS, task_type="CAUSAL_LM")
+    peft_model = peft.get_peft_model(model, config)
+    if setup.startswith("fastpeft"):
+        import fastpeft
+
+        fastpeft.patch(peft_model)
+    return peft_model
+
+
 def training_case(base: str, setup: str, dropout: float | None, checkpoint: str | None = None):
     """(case, step): a dict holding the case's model, optimizer and tokens (the same tokens for every
     case), and a function running one AdamW step on them that returns the loss. Dropping the dict
     frees the case (pytest-benchmark may keep ``step`` alive; it holds only the dict)."""
-    case = {"model": prepare(base, setup, dropout, checkpoint).train()}
+    case = {"model": prepare(base, setup, dropout, checkpoint).train(), "step": 0}
     case["opt"] = torch.optim.AdamW([p for p in case["model"].parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator(device="cuda").manual_seed(0)
     case["input_ids"] = torch.randint(0, SIZE["vocab"], (SIZE["batch"], SIZE["seq"]), device="cuda", generator=gen)
+    adalora = method_of(setup) == "adalora"
 
     def step():
         loss = case["model"](input_ids=case["input_ids"], labels=case["input_ids"]).loss
         loss.backward()
         case["opt"].step()
+        if adalora:  # PEFT's AdaLoRA loop: rank allocation between the optimizer step and zero_grad
+            case["model"].base_model.update_and_allocate(case["step"])
+        case["step"] += 1
         case["opt"].zero_grad(set_to_none=True)
         return loss
 
@@ -179,14 +238,14 @@ def _ratio(a, b):
 
 
 def _derive(rows: list[dict]) -> list[dict]:
-    """Ratios against the frozen floor of the same base and against PEFT with the same base and
-    dropout, from this run (None where either side has no number)."""
+    """Ratios against the frozen floor of the same base and against PEFT's row of the same base,
+    method and dropout, from this run (None where either side has no number)."""
     frozen = {r.get("base", "bf16"): r for r in rows if r["setup"] == "frozen"}
-    peft_rows = {(r.get("base", "bf16"), method_of(r["setup"]), r["dropout"]): r for r in rows
-                 if r["setup"].startswith("peft")}
+    peft_rows = {(r.get("base", "bf16"), r.get("method", "lora"), r["dropout"]): r
+                 for r in rows if r["setup"].startswith("peft")}
     for r in rows:
         base = r.get("base", "bf16")
-        floor, ref = frozen.get(base, {}), peft_rows.get((base, method_of(r["setup"]), r["dropout"]))
+        floor, ref = frozen.get(base, {}), peft_rows.get((base, r.get("method", "lora"), r["dropout"]))
         r["step_vs_frozen"] = _ratio(r.get("step_ms"), floor.get("step_ms"))
         r["peak_vs_frozen"] = _ratio(r.get("peak_gib"), floor.get("peak_gib"))
         r["step_vs_peft"] = (_ratio(r.get("step_ms"), ref.get("step_ms"))
@@ -201,8 +260,10 @@ RESULTS.derive(
           f"{SIZE['heads']} heads / {SIZE['kv_heads']} KV, vocab {SIZE['vocab']}, bf16, batch {SIZE['batch']} x "
           f"{SIZE['seq']} tokens, AdamW, mean of {STEPS} steps after {WARMUP} warm-up; LoRA r={RANK}, "
           f"alpha {2 * RANK}, all-linear. base nf4: the same weights loaded in 4-bit (NF4, double quantization, "
-          f"bf16 compute), no prepare_model_for_kbit_training. *_vs_* compare rows of the same base; < 1 is faster / "
-          f"smaller."),
+          f"bf16 compute), no prepare_model_for_kbit_training. ia3: IA3Config() (k, v, down; down feedforward). "
+          f"adalora: init_r {RANK}, target_r {RANK // 2}, alpha {2 * RANK}, q k v o gate up down, "
+          f"update_and_allocate every step. *_vs_* compare rows of the same base (step_vs_peft: PEFT's row of the "
+          f"same method); < 1 is faster / smaller."),
 )
 
 
@@ -224,7 +285,8 @@ def nf4_checkpoint(gpu_name):
 
 @pytest.mark.parametrize("base,setup,dropout", CASES, ids=[case_id(*c) for c in CASES])
 def test_train_step(base, setup, dropout, gpu_name, bench_record, benchmark, request):
-    if setup.startswith("peft"):
+    method = method_of(setup)
+    if setup == "peft" or method not in (None, "lora"):
         pytest.importorskip("peft")
     checkpoint = None
     if base == "nf4":
@@ -239,7 +301,7 @@ def test_train_step(base, setup, dropout, gpu_name, bench_record, benchmark, req
     except NotImplementedError as e:
         if not setup.startswith("fastpeft"):
             raise
-        bench_record(TABLE, {"setup": setup, "base": base, "dropout": dropout, "step_ms": None,
+        bench_record(TABLE, {"setup": setup, "method": method, "base": base, "dropout": dropout, "step_ms": None,
                              "error": f"NotImplementedError: {e}"[:120]})
         pytest.skip(f"fastpeft on the {base} base: {e}")
     trainable = sum(p.numel() for p in case["model"].parameters() if p.requires_grad)
@@ -259,7 +321,7 @@ def test_train_step(base, setup, dropout, gpu_name, bench_record, benchmark, req
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     assert torch.isfinite(loss).item(), f"{case_id(base, setup, dropout)}: non-finite loss {loss.item()}"
     tokens = SIZE["batch"] * SIZE["seq"]
-    row = {"setup": setup, "base": base, "dropout": dropout, "step_ms": step_ms, "host_ms": host_ms,
+    row = {"setup": setup, "method": method, "base": base, "dropout": dropout, "step_ms": step_ms, "host_ms": host_ms,
            "tokens_per_s": tokens / (step_ms / 1e3), "peak_gib": peak_gib, "trainable": trainable}
     bench_record(TABLE, row)
     # pytest-benchmark's record of the same step (a few more synchronized steps, not the table's numbers).

@@ -1,4 +1,4 @@
-"""Functional LoRA linear: picks the fused kernels or the reference path (fastpeft/backend.py)."""
+"""Functional LoRA and (IA)³ linears: pick the fused kernels or the reference path (fastpeft/backend.py)."""
 from __future__ import annotations
 
 import torch
@@ -40,6 +40,24 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: floa
         return reference.qlora_linear(x, weight.packed, weight.state, bias, lora_a, lora_b, scaling, dropout_p, seed,
                                       weight.compute_dtype)
     return reference.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+
+
+def ia3_linear(x, weight, bias, scale, feedforward: bool, backend=None):
+    """(IA)³: y = (x ⊙ l)·Wᵀ + b (``feedforward``, ``scale`` (K,)) or (x·Wᵀ + b) ⊙ l (``scale`` (N,));
+    weight (N, K) (a Conv1D weight as its transpose view). fastpeft/ia3.py (cuBLAS and kernels/ia3.py)
+    where the backend takes the kernels, else the reference (PEFT's expression), which also serves a
+    base that needs grad (fastpeft/ia3.py computes no dW) and ``torch.compile`` (whose own fusion covers
+    the elementwise parts). Under autocast x, W and b are cast to its dtype first."""
+    x = _autocast(x)
+    if x.dtype != weight.dtype and torch.is_autocast_enabled(x.device.type):
+        weight = weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+    trainable_base = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if use_triton(x, backend) and not trainable_base and not torch.compiler.is_compiling():
+        from . import ia3
+
+        return ia3.ia3_linear(x, weight, bias, scale, feedforward)
+    return reference.ia3_linear(x, weight, bias, scale, feedforward)
 
 
 def lora_mlp(x, act: str, projections, training: bool = False):

@@ -1,4 +1,5 @@
-"""LoRA layers: fastpeft's own ``LoraLinear`` and the forward it shares with PEFT's ``lora.Linear``.
+"""LoRA layers: fastpeft's own ``LoraLinear`` and the forward it shares with PEFT's ``lora.Linear`` (and
+AdaLoRA's ``SVDLinear``, whose adapters enter as LoRA adapters: fastpeft/adalora.py).
 
 ``LoraLinear`` keeps PEFT's attribute names and state-dict layout (``base_layer``, ``lora_A.<name>``,
 ``lora_B.<name>``, ``scaling``, ``lora_dropout``, ``merged_adapters``), so one forward,
@@ -13,7 +14,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from . import dora, functional, options, qlora, reference
+from . import adalora, dora, functional, options, qlora, reference
 
 
 def conv1d_class():
@@ -62,7 +63,9 @@ SUPPORTED_VARIANTS = {"DoraLinearVariant"}
 def peft_fast_path_ok(layer) -> bool:
     """Whether fastpeft's forward computes exactly what PEFT's would for this PEFT layer's call: plain
     LoRA or DoRA adapters without lora_bias, and DoRA only as the one active adapter (PEFT feeds each
-    further adapter the sum so far as its DoRA base)."""
+    further adapter the sum so far as its DoRA base); AdaLoRA's by fastpeft/adalora.py."""
+    if adalora.is_adalora_layer(layer):
+        return adalora.fast_path_ok(layer)
     variants = getattr(layer, "lora_variant", {}) or {}
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     for name in active:
@@ -89,8 +92,11 @@ def adapter_parameters(layer, name: str) -> list:
 
 
 def _adapter(layer, name: str):
-    """(lora_A weight, lora_B weight, scaling, dropout p) of adapter ``name``; lora_bias raises."""
+    """(lora_A weight, lora_B weight, scaling, dropout p) of adapter ``name`` (AdaLoRA's: A ⊙ E / ranknum
+    as A, fastpeft/adalora.py); lora_bias raises."""
     modules = layer._modules
+    if "lora_E" in modules:
+        return adalora.adapter_tensors(layer, name)
     lora_a, lora_b = modules["lora_A"][name], modules["lora_B"][name]
     if _param(lora_b, "bias") is not None:
         raise NotImplementedError(f"lora_bias=True is not supported by fastpeft (adapter {name!r})")

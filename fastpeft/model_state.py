@@ -4,7 +4,7 @@ A plain patched model carries ``model.fastpeft_config`` ({adapter name: LoraConf
 modules_to_save of each adapter; a patched ``peft.PeftModel`` carries a mark. Both get the fused MLP
 and q/k/v group forwards (fastpeft/mlp.py, fastpeft/group.py) and the model's options, installed
 here with their undo.
-PEFT's models and LoRA layers are recognised without importing peft.
+PEFT's models and LoRA / AdaLoRA / (IA)³ layers are recognised without importing peft.
 """
 from __future__ import annotations
 
@@ -47,6 +47,29 @@ def is_peft_lora_layer(module) -> bool:
     )
 
 
+def is_peft_adalora_layer(module) -> bool:
+    """A PEFT AdaLoRA layer (``peft.tuners.adalora.*``: lora_A, lora_E and lora_B beside a base_layer)."""
+    return (
+        type(module).__module__.startswith("peft.tuners.adalora")
+        and hasattr(module, "lora_E")
+        and hasattr(module, "base_layer")
+    )
+
+
+def is_peft_ia3_layer(module) -> bool:
+    """A PEFT (IA)³ layer (``peft.tuners.ia3.*``: ia3_l beside a base_layer)."""
+    return (
+        type(module).__module__.startswith("peft.tuners.ia3")
+        and hasattr(module, "ia3_l")
+        and hasattr(module, "base_layer")
+    )
+
+
+def is_peft_adapter_layer(module) -> bool:
+    """A PEFT layer of a method ``patch(peft_model)`` accelerates: LoRA, AdaLoRA or (IA)³."""
+    return is_peft_lora_layer(module) or is_peft_adalora_layer(module) or is_peft_ia3_layer(module)
+
+
 def adapter_configs(model: nn.Module) -> dict:
     """{adapter name: LoraConfig} of a fastpeft-patched model (empty when it is not patched)."""
     return getattr(model, CONFIG_ATTR, None) or {}
@@ -60,6 +83,12 @@ def modules_to_save(model: nn.Module) -> dict[str, list[str]]:
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, layer) of every fastpeft ``LoraLinear`` and PEFT LoRA layer in ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear) or is_peft_lora_layer(m)]
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every LoRA layer (``lora_layers``) and PEFT AdaLoRA / (IA)³ layer in ``model``:
+    what ``merge`` / ``unmerge`` reach (each has PEFT's ``merge``, ``unmerge`` and ``merged``)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear) or is_peft_adapter_layer(m)]
 
 
 def fastpeft_layers(model: nn.Module) -> list[tuple[str, LoraLinear]]:
@@ -87,7 +116,7 @@ def restore_entry(d: dict, key, old) -> None:
 
 def install_fused_forwards(undo: contextlib.ExitStack, model: nn.Module, options: Optional[Options] = None) -> None:
     """Install the fused MLP and q/k/v group forwards on ``model``, and give the model, its LoRA layers
-    (PEFT's too) and fused MLPs the model's options: ``options``, else those it already has (layers
+    (PEFT's too, and PEFT's AdaLoRA and (IA)³ layers) and fused MLPs the model's options: ``options``, else those it already has (layers
     added later, by another patch or load_adapter, get them too), else none (the process's apply).
     ``undo`` takes all of it off again, where it was not there before, if it unwinds on an error."""
     for part, marker in ((mlp, mlp.FUSED_MLP_ATTR), (group, GROUP_ATTR)):
@@ -97,7 +126,7 @@ def install_fused_forwards(undo: contextlib.ExitStack, model: nn.Module, options
     if options is None:
         return
     for module in model.modules():
-        if module is model or isinstance(module, LoraLinear) or is_peft_lora_layer(module) \
+        if module is model or isinstance(module, LoraLinear) or is_peft_adapter_layer(module) \
                 or mlp.FUSED_MLP_ATTR in module.__dict__:
             undo.callback(restore_entry, module.__dict__, OPTIONS_ATTR, module.__dict__.get(OPTIONS_ATTR, MISSING))
             module.__dict__[OPTIONS_ATTR] = options

@@ -7,7 +7,8 @@ Two entry points share one name:
   (fastpeft/targets.py), and freezes everything but the adapters, ``modules_to_save`` and the biases
   asked for.
 - ``patch(peft_model)`` on a ``peft.PeftModel`` keeps PEFT's modules, parameters and names and only
-  swaps the compute of each ``lora.Linear`` for fastpeft's (fastpeft/peft_bridge.py).
+  swaps the compute of each ``lora.Linear`` (and AdaLoRA ``SVDLinear``, (IA)³ ``ia3.Linear``) for
+  fastpeft's (fastpeft/peft_bridge.py).
 
 Either way the GLU MLPs whose three projections carry LoRA get the fused MLP forward (fastpeft/mlp.py).
 PEFT's mixed-adapter batches (``adapter_names=``, one adapter per row) run on a patched model's
@@ -35,12 +36,12 @@ from .model_state import (
     PEFT_PATCHED_ATTR,
     active_adapters,
     adapter_configs,
+    adapter_layers,
     check_model,
     fastpeft_layers,
     install_fused_forwards,
-    is_peft_lora_layer,
+    is_peft_adapter_layer,
     is_peft_model,
-    lora_layers,
     modules_to_save,
     restore_entry,
     uninstall_fused_forwards,
@@ -243,7 +244,7 @@ def patch(model: nn.Module, lora_config=None, adapter_name: str = "default", aut
     if options is not None and not isinstance(options, Options):
         raise TypeError(f"options must be a fastpeft.Options, got {type(options).__name__}")
     # A PeftModel, or a transformers model with PEFT layers injected (model.add_adapter / load_adapter).
-    has_peft_layers = is_peft_model(model) or any(is_peft_lora_layer(m) for m in model.modules())
+    has_peft_layers = is_peft_model(model) or any(is_peft_adapter_layer(m) for m in model.modules())
     if has_peft_layers:
         if lora_config is not None:
             raise ValueError(
@@ -295,23 +296,25 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
 
 
 def merge(model: nn.Module, safe_merge: bool = False, adapter_names=None) -> None:
-    """Merge the active adapters (or ``adapter_names``) into the base weights of every LoRA layer."""
+    """Merge the active adapters (or ``adapter_names``) into the base weights of every LoRA layer (and
+    PEFT AdaLoRA / (IA)³ layer, by PEFT's own merge)."""
     check_model(model, "fastpeft.merge")
     if isinstance(adapter_names, str):
         raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
-    layers = lora_layers(model)
+    layers = adapter_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRA layers to merge")
+        raise ValueError(f"{type(model).__name__} has no LoRA layers to merge (nor PEFT AdaLoRA or IA3 layers)")
     for _, layer in layers:
         layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
 
 def unmerge(model: nn.Module) -> None:
-    """Subtract the merged adapters from the base weights of every LoRA layer."""
+    """Take the merged adapters out of the base weights of every LoRA layer (and PEFT AdaLoRA / (IA)³
+    layer)."""
     check_model(model, "fastpeft.unmerge")
-    layers = lora_layers(model)
+    layers = adapter_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRA layers to unmerge")
+        raise ValueError(f"{type(model).__name__} has no LoRA layers to unmerge (nor PEFT AdaLoRA or IA3 layers)")
     merged = [layer for _, layer in layers if layer.merged]
     if not merged:
         warnings.warn("Already unmerged. Nothing to do.")

@@ -149,6 +149,18 @@ def qlora_linear(
     return y + lora.to(y.dtype)
 
 
+def ia3_linear(x, weight, bias, scale, feedforward: bool):
+    """(IA)³ over a linear layer, as PEFT's ``ia3.Linear`` computes it: weight (N, K), bias (N,) or None.
+
+    feedforward (``scale`` (K,), on the input): y = ((x ⊙ l) in l's dtype, cast to x's)·Wᵀ + b;
+    otherwise (``scale`` (N,), on the output, bias included): y = ((x·Wᵀ + b) ⊙ l), cast to its dtype.
+    """
+    if feedforward:
+        return F.linear((x.to(scale.dtype) * scale).to(x.dtype), weight, bias)
+    y = F.linear(x, weight, bias)
+    return (y * scale).to(y.dtype)
+
+
 def gated_act(g: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
     """h = act(g) · u of a GLU MLP (act "silu" or "gelu_tanh"), in fp32, cast to g's dtype."""
     gf = g.float()
