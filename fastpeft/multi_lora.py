@@ -186,13 +186,16 @@ def mixed_batch(model: nn.Module, adapter_names, num_beams: Optional[int] = None
 
 
 # --- the serving wrapper ------------------------------------------------------------------------------
-class _Rows(threading.local):
-    """The slots of the batch's rows (a device tensor (B,)), set by ``MultiLora.use``; per thread.
-    ``grouped`` keeps, per (rows, tokens per row) of the forwards inside one ``use``, the tokens'
-    slots and their segments: worked out by the first layer, reused by every other layer and by every
-    decode step of the same shape."""
-    slots: Optional[torch.Tensor] = None
-    grouped: Optional[dict] = None
+class _Rows:
+    """The slots of the batch's rows (a device tensor (B,)), set by ``MultiLora.use`` for the model's
+    forwards. ``grouped`` keeps, per (rows, tokens per row) of the forwards inside one ``use``, the
+    tokens' slots and their segments: worked out by the first layer, reused by every other layer and
+    by every decode step of the same shape. A plain object (instance attributes, no thread-local
+    storage), so that torch.compile reads ``slots`` as a graph input."""
+
+    def __init__(self):
+        self.slots: Optional[torch.Tensor] = None
+        self.grouped: Optional[dict] = None
 
     def tokens(self, x: torch.Tensor, num_slots: int, kernels: bool):
         """(indices (T,), segments or None) of a batch x (rows, ..., K) over ``slots``' rows (beams: each

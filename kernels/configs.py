@@ -65,13 +65,14 @@ NF4_DEQUANT_CONFIGS = {"sm90": (4096, 4), "interpreter": (256, 4)}
 # BLOCK_R, num_warps, num_stages)). BLOCK_R is a cap: block_r(R) where that is smaller. The shrink
 # halves BLOCK_K where its products run in fp32 (fp32 or split operands: three or two tensor-core
 # products). split_k > 1 splits the shrink's K over programs (atomics into a zeroed t) so that few
-# tokens per slot still fill the GPU. The sm90 entries are not measured yet: they are the tiles that
-# compile for sm90 without spills in every dtype pairing (cuobjdump -res-usage), nothing more. The
-# interpreter's small-bucket entry splits K so that the CPU tests take that path too.
+# tokens per slot still fill the GPU. sm90: the first and last entries are tools/tune_multi_lora.py's
+# best on an H100 at r = 16 (T = 64 and 256 over 32 slots; T = 4096 in 8 runs; docs/performance.md), the
+# middle one is untimed. The interpreter's small-bucket entry splits K so that the CPU tests take that
+# path too.
 MULTI_LORA_CONFIGS = {
-    "sm90": ((16, ((16, 128, 16, 4, 4, 3), (16, 64, 16, 4, 2))),
-             (64, ((32, 64, 32, 2, 4, 3), (32, 128, 16, 4, 2))),
-             (None, ((64, 64, 32, 1, 8, 3), (64, 128, 16, 8, 2)))),
+    "sm90": ((16, ((16, 64, 16, 16, 4, 3), (16, 128, 16, 4, 2))),
+             (64, ((16, 128, 16, 4, 4, 3), (32, 128, 16, 4, 2))),
+             (None, ((16, 256, 32, 1, 4, 3), (64, 128, 16, 4, 2)))),
     "interpreter": ((4, ((16, 32, 16, 2, 4, 1), (16, 32, 16, 4, 1))),
                     (None, ((16, 32, 16, 1, 4, 1), (16, 32, 16, 4, 1)))),
 }
