@@ -45,19 +45,13 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: 
     return reference.multi_lora(x, y, indices, lora_a, lora_b, scales, ranks)
 
 
-def _segments(indices: torch.Tensor, num_slots: int):
-    from .kernels.multi_lora import segments
-
-    return tuple(segments(indices, num_slots))
-
-
 @torch.library.custom_op("fastpeft::multi_lora_", mutates_args=("y",))
 def _multi_lora_op(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, order: Optional[torch.Tensor],
                    starts: Optional[torch.Tensor], counts: Optional[torch.Tensor], lora_a: torch.Tensor,
                    lora_b: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor) -> None:
     """``multi_lora`` into y in place, as one opaque op for torch.compile (and the CUDA graphs of
     its "reduce-overhead" mode): the kernels' launchers stay out of the traced graph. order, starts,
-    counts: the kernels' ``segments(indices, S)`` (None on the reference path)."""
+    counts: the kernels' ``segments(indices, S)`` where the caller has them (None: worked out inside)."""
     seg = None
     if order is not None:
         from .kernels.multi_lora import Segments
@@ -244,14 +238,14 @@ class MultiLoraLinear(nn.Module):
         x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         S = len(self.ranks)
         if torch.compiler.is_compiling():
-            # traced: the tokens' slots and their grouping as torch ops (the same ops on the same input in
-            # every layer, which the graph's common-subexpression pass computes once), the kernels as one op
+            # traced: the tokens' slots as torch ops; their grouping (one small kernel) and the two
+            # kernels inside one custom op
             if len(x) % len(slots):
                 raise ValueError(f"MultiLora: the batch has {len(x)} rows but use() was given {len(slots)}")
             per_token = len(x) // len(slots) * (x2.shape[0] // max(len(x), 1))
             indices = slots.repeat_interleave(per_token) if per_token != 1 else slots
-            seg = _segments(indices, S) if use_triton(x) else (None, None, None)
-            torch.ops.fastpeft.multi_lora_(x2, y2, indices, *seg, self.lora_A, self.lora_B, self.scales, self.ranks)
+            torch.ops.fastpeft.multi_lora_(x2, y2, indices, None, None, None, self.lora_A, self.lora_B, self.scales,
+                                           self.ranks)
             return y
         kernels = use_triton(x)
         indices, seg = self._rows.tokens(x, S, kernels)
@@ -288,8 +282,8 @@ class MultiLora:
     Within one ``use`` block the tokens' slots are grouped (sorted by slot) once per batch shape and
     shared by every layer and every decode step, and each layer keeps its kernels' launches per batch
     shape. Under torch.compile (``generate(..., cache_implementation="static")`` compiles the decode
-    step with CUDA graphs) the grouping is traced as torch ops and each layer's kernels are one custom
-    op, ``fastpeft::multi_lora_``; a compiled forward is not counted as running.
+    step with CUDA graphs) each layer's grouping and kernels are one custom op, ``fastpeft::multi_lora_``;
+    a compiled forward is not counted as running.
     """
 
     def __init__(self, model: nn.Module, max_adapters: int, max_rank: int, target_modules="all-linear",

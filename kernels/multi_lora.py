@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .common import NATIVE, block_r, dot, dot_mode, expand_mode, fp32_precision
 from .configs import multi_lora_config
-from .launch import Plan, cached, cdiv
+from .launch import INTERPRETING, Plan, cached, cdiv
 
 _INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -50,10 +50,37 @@ class Segments(NamedTuple):
     counts: torch.Tensor
 
 
+# One program sorts up to this many tokens (and this many slots + 2 histogram bins); past it, torch ops.
+SEGMENTS_MAX_TOKENS, SEGMENTS_MAX_SLOTS = 8192, 2046
+
+
+@triton.jit
+def _segments_kernel(indices_ptr, order_ptr, starts_ptr, counts_ptr, T, S, BLOCK_T: tl.constexpr,
+                     BLOCK_S: tl.constexpr):
+    """``segments`` in one program: the tokens' keys (slot + 1) · BLOCK_T + token (-1 and out-of-range
+    slots as slot -1) sorted, so that ``order`` is stable within a slot and the tokens with no slot
+    come first; counts from a histogram of slot + 1 over BLOCK_S bins (padding lanes in the last bin,
+    never read), starts its exclusive sum."""
+    t = tl.arange(0, BLOCK_T)
+    ok = t < T
+    idx = tl.load(indices_ptr + t, mask=ok, other=-1).to(tl.int32)
+    slot = tl.where((idx >= 0) & (idx < S), idx, -1)
+    key = tl.where(ok, (slot + 1) * BLOCK_T + t, (S + 1) * BLOCK_T + t)
+    tl.store(order_ptr + t, tl.sort(key) % BLOCK_T, mask=ok)
+    hist = tl.histogram(tl.where(ok, slot + 1, BLOCK_S - 1), BLOCK_S)
+    before = tl.cumsum(hist, 0) - hist
+    b = tl.arange(0, BLOCK_S)
+    real = (b >= 1) & (b <= S)
+    tl.store(starts_ptr + b - 1, before.to(tl.int32), mask=real)
+    tl.store(counts_ptr + b - 1, hist.to(tl.int32), mask=real)
+
+
 def segments(indices: torch.Tensor, num_slots: int) -> Segments:
     """The tokens grouped by slot: ``indices`` (T,) any integer dtype, -1 (no adapter) or a slot in
-    0 .. num_slots - 1. Computed with torch ops on indices' device, without a host sync, so values
-    cannot be checked: one outside -1 .. num_slots - 1 is taken as -1 (no adapter)."""
+    0 .. num_slots - 1. No host sync, so values cannot be checked: one outside -1 .. num_slots - 1 is
+    taken as -1 (no adapter). Up to SEGMENTS_MAX_TOKENS tokens (and SEGMENTS_MAX_SLOTS slots) on a GPU
+    (or under the interpreter): one kernel launch (``_segments_kernel``); else torch ops (a stable sort,
+    two searchsorted)."""
     if not isinstance(indices, torch.Tensor) or indices.dtype not in _INDEX_DTYPES:
         raise ValueError(f"segments: indices must be an integer tensor, got "
                          f"{indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__}")
@@ -61,6 +88,16 @@ def segments(indices: torch.Tensor, num_slots: int) -> Segments:
         raise ValueError(f"segments: indices must be 1-D (T,), got shape {tuple(indices.shape)}")
     if int(num_slots) < 1:
         raise ValueError(f"segments: num_slots must be >= 1, got {num_slots}")
+    T, S = indices.shape[0], int(num_slots)
+    if (indices.is_cuda or INTERPRETING) and 0 < T <= SEGMENTS_MAX_TOKENS and S <= SEGMENTS_MAX_SLOTS:
+        order = torch.empty(T, dtype=torch.int32, device=indices.device)
+        starts = torch.empty(S, dtype=torch.int32, device=indices.device)
+        counts = torch.empty(S, dtype=torch.int32, device=indices.device)
+        src = indices if indices.stride(0) == 1 else indices.contiguous()
+        block_t = max(16, triton.next_power_of_2(T))
+        _segments_kernel[(1,)](src, order, starts, counts, T, S, BLOCK_T=block_t,
+                               BLOCK_S=max(16, triton.next_power_of_2(S + 2)), num_warps=8 if block_t > 2048 else 4)
+        return Segments(order, starts, counts)
     key = indices.long()
     key = torch.where((key >= 0) & (key < num_slots), key, -1)
     sorted_key, order = torch.sort(key, stable=True)

@@ -154,10 +154,11 @@ def test_multilora_rows_equal_each_adapter_alone(adapter_dirs, backend, request)
         torch.testing.assert_close(plain, _alone(adapter_dirs, None, inputs, device), rtol=1e-5, atol=1e-6)
 
 
-def test_multilora_compiles_whole(adapter_dirs, set_options):
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+def test_multilora_compiles_whole(adapter_dirs, backend, request):
     """Under torch.compile(fullgraph=True) each layer's adapters are one op (fastpeft::multi_lora_), the
     hooks traced away: the compiled model's rows equal the eager ones."""
-    set_options(backend="reference")
+    _backend(request, backend)
     model = make_model("llama").eval()
     ml = fastpeft.MultiLora(model, max_adapters=4, max_rank=8, target_modules="all-linear")
     for name in ADAPTERS:
