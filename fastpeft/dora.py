@@ -12,7 +12,7 @@ both adapters and adds the dense product to W every forward):
     ‖W + s·BA‖²_row = ‖W‖²_row + 2s·rowsum(B ⊙ (W·Aᵀ)) + s²·rowsum((B·(A·Aᵀ)) ⊙ B)
 
 ‖W‖²_row is kept per frozen weight (rebuilt when its data changes); the rest is one pass over W with
-r output columns (W·Aᵀ) and products of r-wide matrices.
+r output columns (W·Aᵀ), B·(A·Aᵀ), and one kernel for the row sums, the root and g (kernels/dora.py).
 
 ``DoraFunction`` (eval, or dropout 0): z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ from the fused LoRA forward (route.py: the
 dense or 4-bit base routes), y = g ⊙ z + b in one pass (kernels/dora.py); it saves z. Backward: one
@@ -71,29 +71,42 @@ def _row_sq(owner: nn.Module, weight) -> torch.Tensor:
 
 
 @torch.no_grad()
-def weight_norm(owner: nn.Module, weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """‖W + s·B·A‖ per output row (N,) fp32, detached, from ‖W‖²_row (kept on ``owner``), W·Aᵀ and A·Aᵀ."""
+def norm_and_scale(owner: nn.Module, weight, lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor,
+                   scaling: float, kernels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖W + s·B·A‖ per output row, g = m / that), both (N,) fp32 and detached, from ‖W‖²_row (kept on
+    ``owner``), W·Aᵀ (one pass over W) and B·(A·Aᵀ); ``kernels``: the last step in one launch
+    (kernels/dora.py dora_norm), else torch ops."""
     w = dense_weight(weight)
     sq = _row_sq(owner, weight)
     a = lora_a.to(w.dtype) if w.is_cuda else lora_a.float()
-    wa = F.linear(a, w if w.is_cuda else w.float()).float()  # (r, N): one pass over W
+    wa = F.linear(a, w if w.is_cuda else w.float())  # (r, N)
     af, bf = lora_a.float(), lora_b.float()
-    cross = (bf * wa.t()).sum(1)
-    gram = (bf @ (af @ af.t())) * bf
-    return (sq + (2 * scaling) * cross + (scaling * scaling) * gram.sum(1)).clamp_min_(0).sqrt_()
+    h = bf @ (af @ af.t())  # (N, r)
+    if kernels:
+        from .kernels.dora import dora_norm
+
+        return dora_norm(sq, wa, lora_b, h, magnitude.detach(), scaling)
+    n2 = sq + (bf * ((2 * scaling) * wa.float().t() + (scaling * scaling) * h)).sum(1)
+    norm = n2.clamp_min_(0).sqrt_()
+    return norm, magnitude.detach().float() / norm
+
+
+def weight_norm(owner: nn.Module, weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """‖W + s·B·A‖ per output row (N,) fp32, detached (``norm_and_scale`` without the magnitude)."""
+    return norm_and_scale(owner, weight, lora_a, lora_b, torch.ones(lora_b.shape[0], device=lora_b.device),
+                          scaling)[0]
 
 
 class DoraFunction(torch.autograd.Function):
     """y = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, g = m / norm; the fused LoRA forward and backward inside."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scaling, norm):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scaling, norm, g):
         from . import ops
         from .kernels.dora import dora_scale
 
         x2 = x.reshape(-1, x.shape[-1])
         z, xa = ops.forward_impl(x2, weight, None, lora_a, lora_b, scaling, 0.0, None)
-        g = magnitude.detach().float() / norm
         y = dora_scale(z, g, bias)
         ctx.save_for_backward(x, *ops._tensor_bases(ctx, (weight,)), bias, lora_a, lora_b, xa, z, g, norm)
         ctx.scaling, ctx.m_dtype = scaling, magnitude.dtype
@@ -115,7 +128,7 @@ class DoraFunction(torch.autograd.Function):
                                        None, need[0], need[3], need[4])
         dm = (dg / norm).to(ctx.m_dtype) if need[5] else None
         dbias = dy2.sum(0).to(bias.dtype) if bias is not None and need[2] else None
-        return (None if dx is None else dx.reshape(x.shape)), None, dbias, da, db, dm, None, None
+        return (None if dx is None else dx.reshape(x.shape)), None, dbias, da, db, dm, None, None, None
 
 
 class _Dropout(torch.autograd.Function):
@@ -158,9 +171,9 @@ def dora_linear(owner: nn.Module, x: torch.Tensor, weight, bias, lora_a, lora_b,
     if not use_triton(x, backend) or torch.compiler.is_compiling():
         return reference.dora_linear(x, dense_weight(weight, x.dtype if isinstance(weight, torch.Tensor) else None),
                                      bias, lora_a, lora_b, magnitude, scaling, dropout_p, seed)
-    norm = weight_norm(owner, weight, lora_a, lora_b, scaling)
+    norm, g = norm_and_scale(owner, weight, lora_a, lora_b, magnitude, scaling, kernels=True)
     if seed is not None and dropout_p > 0.0:
         return _dropout_forward(x, weight, bias, lora_a, lora_b, magnitude, scaling, norm, dropout_p, seed)
     from .ops import _apply
 
-    return _apply(DoraFunction, x, weight, bias, lora_a, lora_b, magnitude, float(scaling), norm)
+    return _apply(DoraFunction, x, weight, bias, lora_a, lora_b, magnitude, float(scaling), norm, g)

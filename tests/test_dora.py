@@ -239,3 +239,15 @@ def test_scale_kernels_equal_torch(M, N, dtype, bias, row_stride, kernel_device)
     torch.testing.assert_close(dg, (dy.float() * z.float()).sum(0), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="dora_scale: g must be"):
         dora_scale(z, g[:-1], b)
+
+
+def test_norm_kernel_equals_torch(kernel_device):
+    for M, K, N, r in ((3, 40, 70, 4), (3, 64, 300, 16), (2, 32, 33, 24)):
+        x, w, b, a, bb, m = _layer_case(M, K, N, r, torch.float32, kernel_device)
+        owner = torch.nn.Module()
+        ref_norm, ref_g = dora.norm_and_scale(owner, w, a, bb, m, 0.7)
+        norm, g = dora.norm_and_scale(owner, w, a, bb, m, 0.7, kernels=True)
+        torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-6)
+        truth = torch.linalg.norm(w + 0.7 * (bb.detach() @ a.detach()), dim=1)
+        torch.testing.assert_close(norm, truth, rtol=1e-4, atol=1e-5)
