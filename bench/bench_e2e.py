@@ -74,30 +74,19 @@ TABLE = "e2e_train_step"
 BASE_NAMES = ("bf16", "nf4")
 
 
-def _bases(value: str) -> tuple[str, ...]:
-    """FASTPEFT_E2E_BASES: "bf16", "nf4" or both, comma- or space-separated; empty means both."""
+def _choices(variable: str, value: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """An environment list (comma- or space-separated) of some of ``allowed``, in allowed's order; empty
+    means all."""
     names = tuple(v for v in value.replace(",", " ").split() if v)
-    unknown = [v for v in names if v not in BASE_NAMES]
-    if unknown:
-        raise ValueError(f"FASTPEFT_E2E_BASES must name bf16 and/or nf4, got {value!r}")
-    return tuple(b for b in BASE_NAMES if b in names) if names else BASE_NAMES
+    if any(v not in allowed for v in names):
+        raise ValueError(f"{variable} must name some of {', '.join(allowed)}, got {value!r}")
+    return tuple(b for b in allowed if b in names) if names else allowed
 
 
-BASES = _bases(os.environ.get("FASTPEFT_E2E_BASES", ""))
+BASES = _choices("FASTPEFT_E2E_BASES", os.environ.get("FASTPEFT_E2E_BASES", ""), BASE_NAMES)
 METHOD_NAMES = ("lora", "dora", "ia3", "adalora")
 DROPOUT_METHODS = ("lora", "dora")  # the LoRA-config methods: both dropouts, both bases
-
-
-def _methods(value: str) -> tuple[str, ...]:
-    """FASTPEFT_E2E_METHODS: any of lora, dora, ia3, adalora, comma- or space-separated; empty means all."""
-    names = tuple(v for v in value.replace(",", " ").split() if v)
-    unknown = [v for v in names if v not in METHOD_NAMES]
-    if unknown:
-        raise ValueError(f"FASTPEFT_E2E_METHODS must name some of {', '.join(METHOD_NAMES)}, got {value!r}")
-    return tuple(m for m in METHOD_NAMES if m in names) if names else METHOD_NAMES
-
-
-METHODS = _methods(os.environ.get("FASTPEFT_E2E_METHODS", ""))
+METHODS = _choices("FASTPEFT_E2E_METHODS", os.environ.get("FASTPEFT_E2E_METHODS", ""), METHOD_NAMES)
 
 
 def _setup(impl: str, method: str) -> str:

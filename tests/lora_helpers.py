@@ -80,3 +80,23 @@ def train_step(model, inputs, seed: int = 3):
     out = model(**inputs).logits
     out.square().mean().backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check_one_disabled_merged(pm, fm, inputs, assert_rel, merged_layers):
+    """PEFT model ``pm`` and its fastpeft-patched copy ``fm`` (a llama): with "default" the one active
+    adapter fm gives pm's logits, with adapters disabled the plain model's, merged (PEFT's merge) the
+    same as unmerged; ``merged_layers(model)``: the adapter layers that must report merged. Returns the
+    one-adapter logits."""
+    from tiny_models import make_model
+
+    pm.base_model.set_adapter("default")
+    fm.base_model.set_adapter("default")
+    expected = logits(pm, inputs)
+    assert_rel(logits(fm, inputs), expected, "one active adapter")
+    device = next(iter(inputs.values())).device
+    with fm.disable_adapter():
+        assert_rel(logits(fm, inputs), logits(make_model("llama").to(device), inputs), "adapters disabled")
+    fastpeft.merge(fm)  # PEFT's merge, layer by layer
+    assert all(m.merged for m in merged_layers(fm))
+    assert_rel(logits(fm, inputs), expected, "merged")
+    return expected

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fastpeft
-from lora_helpers import logits
+from lora_helpers import check_one_disabled_merged, logits
 from tiny_models import make_inputs, make_model
 from tolerance import assert_close, rel_err
 
@@ -287,15 +287,8 @@ def test_several_active_disabled_merged_unpatch(backend):
     fastpeft.patch(fm)
     inputs = inputs_on("llama", backend)
     assert_rel(logits(fm, inputs), logits(pm, inputs), "two active adapters")
-    pm.base_model.set_adapter("default")
-    fm.base_model.set_adapter("default")
-    expected = logits(pm, inputs)
-    assert_rel(logits(fm, inputs), expected, "one active adapter")
-    with fm.disable_adapter():
-        assert_rel(logits(fm, inputs), logits(make_model("llama").to(backend), inputs), "adapters disabled")
-    fastpeft.merge(fm)  # PEFT's merge, layer by layer
-    assert all(m.merged for n, m in fm.named_modules() if hasattr(m, "lora_E"))
-    assert_rel(logits(fm, inputs), expected, "merged")
+    expected = check_one_disabled_merged(pm, fm, inputs, assert_rel,
+                                         lambda model: [m for m in model.modules() if hasattr(m, "lora_E")])
     fastpeft.unmerge(fm)
     assert_rel(logits(fm, inputs), expected, "unmerged")
     layer = fm.base_model.model.model.layers[0].self_attn.q_proj

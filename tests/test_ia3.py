@@ -18,7 +18,7 @@ import torch
 import fastpeft
 from fastpeft import reference
 from fastpeft.ia3 import ia3_linear
-from lora_helpers import logits
+from lora_helpers import check_one_disabled_merged, logits
 from tiny_models import make_inputs, make_model
 from tolerance import assert_close, rel_err
 
@@ -280,15 +280,8 @@ def test_several_active_disabled_merged_unpatch(backend):
     fm = fastpeft.patch(copy.deepcopy(pm))
     inputs = inputs_on("llama", backend)
     assert_rel(logits(fm, inputs), logits(pm, inputs), "two active adapters (v_proj scaled by both)")
-    pm.base_model.set_adapter("default")
-    fm.base_model.set_adapter("default")
-    expected = logits(pm, inputs)
-    assert_rel(logits(fm, inputs), expected, "one active adapter")
-    with fm.disable_adapter():
-        assert_rel(logits(fm, inputs), logits(make_model("llama").to(backend), inputs), "adapters disabled")
-    fastpeft.merge(fm)  # PEFT's merge, layer by layer
-    assert all(m.merged for n, m in fm.named_modules() if "default" in getattr(m, "ia3_l", {}))
-    assert_rel(logits(fm, inputs), expected, "merged")
+    expected = check_one_disabled_merged(pm, fm, inputs, assert_rel, lambda model: [
+        m for m in model.modules() if "default" in getattr(m, "ia3_l", {})])
     with pytest.warns(UserWarning, match="inaccurate"):  # PEFT's: unmerging divides by the vectors
         fastpeft.unmerge(fm)
     assert_rel(logits(fm, inputs), expected, "unmerged")
