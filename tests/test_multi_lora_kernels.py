@@ -261,3 +261,16 @@ def test_cuda_graph_replay(gpu):
         graph.replay()
         expected = multi_lora(x, y0.clone(), indices, A, B, scales, ranks_t)
         torch.testing.assert_close(y, expected, rtol=2e-3, atol=2e-3)  # split-K atomics: not bit-exact
+
+
+def test_segments_kernel_and_torch_paths_agree(kernel_device):
+    """segments' one-program kernel (up to SEGMENTS_MAX_TOKENS tokens) and its torch path (past it) give
+    the same grouping; many slots, most of them empty."""
+    from fastpeft.kernels import multi_lora as ml
+
+    g = torch.Generator().manual_seed(3)
+    for T, S in ((ml.SEGMENTS_MAX_TOKENS, 300), (ml.SEGMENTS_MAX_TOKENS + 1, 7), (5, 1000)):
+        indices = torch.randint(-1, S + 2, (T,), generator=g, dtype=torch.int32).to(kernel_device)
+        order, starts, counts = _segments_in_python(indices.tolist(), S)
+        seg = segments(indices, S)
+        assert seg.order.tolist() == order and seg.starts.tolist() == starts and seg.counts.tolist() == counts
