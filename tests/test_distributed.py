@@ -46,9 +46,10 @@ def half(ids: torch.Tensor, rank: int) -> torch.Tensor:
     return ids[rank * per_rank:(rank + 1) * per_rank]
 
 
-def build(dropout: float = 0.0, lora_b_seed: int = 3):
-    """The tiny Llama with a fastpeft LoRA adapter (reference backend), in training mode."""
-    model = fastpeft.patch(make_model("llama"), fastpeft.LoraConfig(
+def build(dropout: float = 0.0, lora_b_seed: int = 3, dtype=torch.float32):
+    """The tiny Llama with a fastpeft LoRA adapter (reference backend), in training mode; a bf16 base
+    gets fp32 adapters (as PEFT's autocast_adapter_dtype)."""
+    model = fastpeft.patch(make_model("llama", dtype=dtype), fastpeft.LoraConfig(
         r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"), options=REFERENCE)
     randomize_lora_b(model, lora_b_seed)
     return model.train()
@@ -118,15 +119,27 @@ def scenario_ddp_dropout(rank: int, tmp: str) -> dict:
     return out
 
 
+def shard(model):
+    """FSDP2: each decoder layer, then the root (the embeddings, final norm and lm_head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def scenario_fsdp2_bf16(rank: int, tmp: str) -> dict:
+    """A frozen bf16 base with fp32 adapters under FSDP2 (mixed dtypes in one shard group; no
+    MixedPrecisionPolicy: the base is bf16 already)."""
+    model = shard(build(dtype=torch.bfloat16))
+    loss = loss_of(model, half(global_batch(), rank))
+    loss.backward()
+    return {"loss": _mean_over_ranks(loss), "grads": lora_grads(model)}
+
+
 def scenario_fsdp2(rank: int, tmp: str) -> dict:
     """One AdamW step under FSDP2 (each decoder layer and the root sharded), then save and load."""
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
-
-    def shard(model):
-        for layer in model.model.layers:
-            fully_shard(layer)
-        return fully_shard(model)
 
     model = shard(build())
     sharded = [k for k, t in peft_state_dict(model).items() if not isinstance(t, DTensor)]
@@ -153,7 +166,8 @@ def scenario_fsdp2(rank: int, tmp: str) -> dict:
     return out
 
 
-SCENARIOS = {"ddp": scenario_ddp, "ddp_dropout": scenario_ddp_dropout, "fsdp2": scenario_fsdp2}
+SCENARIOS = {"ddp": scenario_ddp, "ddp_dropout": scenario_ddp_dropout, "fsdp2": scenario_fsdp2,
+             "fsdp2_bf16": scenario_fsdp2_bf16}
 
 
 def _worker(rank: int, tmp: str) -> None:
@@ -260,6 +274,20 @@ def test_fsdp2_step_matches_single_process(ranks):
         assert abs(result["loss"] - loss) <= ATOL + RTOL * abs(loss), f"rank {r}: FSDP2 loss {result['loss']} vs {loss}"
         assert_tensors_close(result["grads"], grads, f"rank {r} FSDP2 grad")
         assert_tensors_close(result["params"], params, f"rank {r} FSDP2 param after AdamW")
+
+
+def test_fsdp2_bf16_base_matches_single_process(ranks):
+    """bf16 base: the halves' bf16 products may round differently from the whole batch's, so the bound
+    is bf16's (rtol 1e-2, atol 1e-4), not fp32's."""
+    model = build(dtype=torch.bfloat16)
+    loss = loss_of(model, global_batch())
+    loss.backward()
+    grads = lora_grads(model)
+    for r, result in enumerate(results_of(ranks, "fsdp2_bf16")):
+        assert abs(result["loss"] - loss.item()) <= 1e-2 * abs(loss.item()), f"rank {r}: {result['loss']} vs {loss.item()}"
+        for k, g in grads.items():
+            assert result["grads"][k].dtype == torch.float32, f"rank {r}: {k} grad is {result['grads'][k].dtype}"
+            torch.testing.assert_close(result["grads"][k], g, rtol=1e-2, atol=1e-4, msg=lambda m: f"rank {r} {k}: {m}")
 
 
 def test_fsdp2_save_writes_full_tensors(ranks, tmp_path):
