@@ -4,6 +4,11 @@ The tensors and their keys are ``peft_format.peft_state_dict`` of the patched mo
 writes it, ``load_adapter`` checks a file against it and copies each tensor in. Only safetensors is read
 or written (never pickle). Loading checks every key, shape and dtype kind before copying anything in,
 and a new adapter is patched in only for that check: a bad file leaves the model as it was.
+
+Distributed training (README, "Multi-GPU"): a ``DistributedDataParallel`` wrapper is unwrapped (its
+``.module`` holds the adapter); a model sharded by FSDP2 (``fully_shard``: its parameters are
+DTensors) saves the full tensors, gathered by every rank and written by rank 0 alone, and loads
+each rank's shard of the file's full tensors into its local shard.
 """
 from __future__ import annotations
 
@@ -24,20 +29,63 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 
+def _dtensor_class():
+    """torch's ``DTensor`` class, or None where torch.distributed is not built in."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _is_sharded(model: nn.Module, tensors) -> bool:
+    """Whether saving ``tensors`` of ``model`` is a collective: some are DTensors, or the model is an FSDP2
+    module (whose parameters may sit unsharded between its forward and backward)."""
+    dtensor = _dtensor_class()
+    if dtensor is None:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule) or any(isinstance(t, dtensor) for t in tensors)
+
+
+def _unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (which holds the adapters), else ``model``."""
+    if torch.distributed.is_available() and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
 def _adapter_dir(directory: str, adapter_name: str) -> str:
     """PEFT writes a non-default adapter to ``directory/<adapter_name>/``."""
     return directory if adapter_name == "default" else os.path.join(directory, adapter_name)
 
 
+def _model_class(model: nn.Module) -> type:
+    """The model's class; under FSDP2 the one ``fully_shard`` subclassed (``FSDP<name>``)."""
+    cls = type(model)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
+            cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls
+
+
 def _auto_mapping(model: nn.Module) -> dict:
-    return {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    cls = _model_class(model)
+    return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
 
 def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default") -> str:
-    """Write adapter ``adapter_name`` of a fastpeft-patched model in PEFT's format; returns the folder used."""
-    from safetensors.torch import save_file
+    """Write adapter ``adapter_name`` of a fastpeft-patched model in PEFT's format; returns the folder used.
 
+    A ``DistributedDataParallel`` wrapper is unwrapped; call it on one rank (every rank holds the same
+    adapter). A model sharded by FSDP2 (``fully_shard``, DTensor parameters): call it on every rank,
+    which gathers the full tensors (a collective); rank 0 writes them, and all ranks return after it has.
+    """
     check_model(model, "fastpeft.save_adapter")
+    model = _unwrap_ddp(model)
     if is_peft_model(model):
         raise TypeError("this is a PEFT model: save it with peft_model.save_pretrained(directory)")
     tensors = peft_state_dict(model, adapter_name)
@@ -45,6 +93,26 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     out_dir = _adapter_dir(directory, adapter_name)
     if os.path.isfile(out_dir):
         raise ValueError(f"expected a directory to save the adapter in, got the file {out_dir}")
+    sharded = _is_sharded(model, tensors.values())
+    if sharded:  # every rank gathers each tensor, in the same (state-dict) order
+        dtensor = _dtensor_class()
+        tensors = {k: t.detach().full_tensor() if isinstance(t, dtensor) else t for k, t in tensors.items()}
+        if torch.distributed.get_rank() != 0:
+            torch.distributed.barrier()  # returns once rank 0 has written the files
+            return out_dir
+        try:
+            _write(model, tensors, config, out_dir)
+        finally:  # the other ranks wait here; an error on rank 0 raises there
+            torch.distributed.barrier()
+    else:
+        _write(model, tensors, config, out_dir)
+    return out_dir
+
+
+def _write(model: nn.Module, tensors: dict, config: LoraConfig, out_dir: str) -> None:
+    """adapter_model.safetensors (``tensors``, full ones) and adapter_config.json into ``out_dir``."""
+    from safetensors.torch import save_file
+
     os.makedirs(out_dir, exist_ok=True)
     state, seen = {}, {}
     for key, t in tensors.items():
@@ -59,7 +127,6 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = model.__dict__.get("name_or_path", None) or None
     config.save(out_dir, auto_mapping=_auto_mapping(model) if config.task_type is None else None)
-    return out_dir
 
 
 # A Hugging Face Hub repo id ("org/name"), as a path that does not exist locally might be meant.
@@ -120,9 +187,15 @@ def _load_tensors(model: nn.Module, adapter_name: str, loaded: dict[str, torch.T
             raise ValueError(f"shape mismatch for {k} in {where}: the file has {tuple(got.shape)}, the model expects {tuple(target.shape)}")
         if not got.dtype.is_floating_point and target.dtype.is_floating_point:
             raise ValueError(f"dtype mismatch for {k} in {where}: the file has {got.dtype}, the model expects {target.dtype}")
+    dtensor = _dtensor_class()
     with torch.no_grad():
         for key, target in expected.items():
-            target.copy_(loaded[key].to(device=target.device, dtype=target.dtype))
+            source = loaded[key].to(device=target.device, dtype=target.dtype)
+            if dtensor is not None and isinstance(target, dtensor):  # this rank's shard of the full tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                source = distribute_tensor(source, target.device_mesh, target.placements, src_data_rank=None)
+            target.copy_(source)
     return expected
 
 
@@ -139,8 +212,13 @@ def load_adapter(
     further adapter is added inactive, as PEFT's ``load_adapter`` does). Strict: a missing, unexpected
     or mis-shaped tensor, or a missing/unreadable config, raises and leaves the model as it was.
     ``is_trainable=False`` (PEFT's default) freezes the loaded adapter and puts the model in eval mode.
+
+    Distributed: every rank reads the file. Into a ``DistributedDataParallel`` wrapper or a model sharded
+    by FSDP2 (DTensor parameters) only an existing adapter loads (patch it in before wrapping or
+    sharding); each rank then copies its shard of every tensor into its local shard, no communication.
     """
     check_model(model, "fastpeft.load_adapter")
+    wrapper, model = model, _unwrap_ddp(model)
     if is_peft_model(model):
         raise TypeError("this is a PEFT model: load adapters with peft_model.load_adapter(directory, adapter_name)")
     path_dir = _find_adapter_dir(directory, adapter_name)
@@ -150,6 +228,13 @@ def load_adapter(
     configs = adapter_configs(model)
     was_patched = bool(configs)
 
+    if adapter_name not in configs and (wrapper is not model or _is_sharded(model, model.parameters())):
+        how = ("is wrapped in DistributedDataParallel" if wrapper is not model
+               else "is sharded by fully_shard (its parameters are DTensors)")
+        raise ValueError(
+            f"cannot add adapter {adapter_name!r} to a model that {how}: patch it in before wrapping or sharding "
+            f"(fastpeft.patch or load_adapter on the plain model), then load_adapter loads into it"
+        )
     if adapter_name in configs:  # load into the existing adapter
         expected = _load_tensors(model, adapter_name, loaded, where)
         configs[adapter_name].inference_mode = not is_trainable
@@ -168,5 +253,5 @@ def load_adapter(
         for target in expected.values():
             if isinstance(target, nn.Parameter):
                 target.requires_grad_(False)
-        model.eval()
-    return model
+        wrapper.eval()
+    return wrapper

@@ -41,6 +41,16 @@ _dtype = operator.attrgetter("dtype")
 # from CPU builds of torch, where the direct path is never taken
 _current_device = getattr(torch._C, "_cuda_getDevice", None)
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_tensor_device = torch.Tensor.get_device  # a tensor's CUDA device index, -1 for a CPU tensor
+
+
+def _other_device(tensors: tuple):
+    """The CUDA device of ``tensors`` (the first one's) where it is not the current device, else None.
+    Triton launches on the current device, as do the kept C launches: a process that never called
+    ``torch.cuda.set_device`` (one of several GPUs, say under DDP) would launch there with another
+    device's pointers."""
+    index = _tensor_device(tensors[0]) if tensors else -1
+    return index if index >= 0 and index != _current_device() else None
 
 
 def cdiv(a: int, b: int) -> int:
@@ -135,7 +145,12 @@ def launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, **meta):
     name) and the launch options (num_warps, num_stages).
 
     Returns the direct call of this specialization when every pointer is 16-byte aligned and one is
-    known (``Plan`` keeps it), else None."""
+    known (``Plan`` keeps it), else None. Tensors on a CUDA device other than the current one launch
+    with theirs made current for the call."""
+    other = _other_device(tensors)
+    if other is not None:
+        with torch.cuda.device(other):
+            return launch(kernel, grid, tensors, scalars, **meta)
     if not ENABLED:
         kernel[grid](*tensors, *scalars, **meta)
         return None
@@ -184,8 +199,8 @@ class Plan:
                 call(self.grid3, _current_stream(device), ptrs + self.scalars)
                 return
         self.call = launch(self.kernel, self.grid, tensors, self.scalars, **self.meta)
-        if self.call is not None:
-            self.device = _current_device()
+        if self.call is not None:  # the device it was compiled for: the direct path runs only while it is current
+            self.device = _tensor_device(tensors[0])
 
 
 class DescriptorPlan:
@@ -230,6 +245,10 @@ class DescriptorPlan:
     def run(self, descriptor_tensors: tuple, tensors: tuple) -> None:
         """Launch on ``descriptor_tensors`` (one per descriptor parameter) and the pointer ``tensors``."""
         ptrs = tuple(map(_data_ptr, tensors))
+        index = self.stream_index
+        if index is not None and index != _current_device():  # Triton launches on the current device
+            with torch.cuda.device(index):
+                return self.run(descriptor_tensors, tensors)
         direct = self.direct
         if direct is not None and ENABLED and aligned16(ptrs):
             call, expand = direct

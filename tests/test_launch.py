@@ -1,5 +1,7 @@
 """kernels/launch.py: the direct path reuses a compiled kernel only for what Triton would reuse it for,
 and hands the compiled kernel's C launcher the arguments in Triton's own layout."""
+import contextlib
+
 import pytest
 import torch
 import triton
@@ -50,6 +52,7 @@ def fast(monkeypatch):
     monkeypatch.setattr(L, "ENABLED", True)
     monkeypatch.setattr(L, "_compiled", {})
     monkeypatch.setattr(L, "_current_device", lambda: 0)
+    monkeypatch.setattr(L, "_tensor_device", lambda t: 0)  # the tensors "on" the current device
     monkeypatch.setattr(L, "_current_stream", lambda device: 77)
 
 
@@ -139,6 +142,39 @@ def test_plan_launches_directly_after_its_first_run(fast):
     assert [entry[0] for entry in k.log] == ["triton", "runner", "triton", "runner"]
     assert k.log[1][2] == (y.data_ptr(), 32, 1.0, 16, True)
     assert k.log[3][2] == (x.data_ptr(), 32, 1.0, 16, True)
+
+
+def test_tensors_on_another_device_launch_there(fast, monkeypatch):
+    """Triton launches on the current device: tensors on device 1 while device 0 is current (a process
+    that never called torch.cuda.set_device) launch with device 1 made current, and a Plan's direct
+    path runs only while device 1 is current."""
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(index):
+        previous, current[0] = current[0], index
+        try:
+            yield
+        finally:
+            current[0] = previous
+
+    class Log(list):  # each launch, with the device current when it ran
+        def append(self, entry):
+            super().append((entry[0], current[0]))
+
+    monkeypatch.setattr(L, "_current_device", lambda: current[0])
+    monkeypatch.setattr(L, "_tensor_device", lambda t: 1)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    k = _Kernel()
+    k.log = Log()
+    plan = L.Plan(k, (4,), (32, 1.0), BLOCK=16, FLAG=True, num_warps=4)
+    x = torch.zeros(64)
+    plan.run((x,))
+    plan.run((x,))  # device 0 current: through launch, which makes device 1 current
+    assert current == [0]
+    current[0] = 1  # torch.cuda.set_device(1): the direct path
+    plan.run((x,))
+    assert list(k.log) == [("triton", 1), ("runner", 1), ("runner", 1)]
 
 
 def test_cached_builds_once_per_key(monkeypatch):
