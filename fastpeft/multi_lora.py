@@ -67,15 +67,30 @@ def _(x, y, indices, order, starts, counts, lora_a, lora_b, scales, ranks) -> No
     return None
 
 
-def add_rows(x: torch.Tensor, result: torch.Tensor, row_slots: torch.Tensor, lora_a, lora_b, scales, ranks,
-             backend=None) -> torch.Tensor:
-    """``result`` (x's rows, any leading shape) + each row's adapter: ``row_slots`` (B,) gives row i of x
-    (B, ..., K) its slot (-1: none) for every one of its tokens; ``multi_lora`` on the 2-D views."""
-    tokens = x.numel() // max(x.shape[-1], 1) // max(len(x), 1)
-    indices = row_slots.repeat_interleave(tokens) if tokens != 1 else row_slots
-    out = multi_lora(x.reshape(-1, x.shape[-1]), result.reshape(-1, result.shape[-1]), indices, lora_a, lora_b,
-                     scales, ranks, backend)
-    return out.reshape(result.shape)
+_GROUPED: dict = {}  # (names, rows' names, tokens per row, device, kernels) -> (indices, segments or None)
+_GROUPED_MAX = 256
+
+
+def _grouped(names: tuple, adapter_names, tokens: int, device, kernels: bool):
+    """The tokens' slots (T,) of a mixed batch whose rows name ``adapter_names`` over a layer holding the
+    adapters ``names`` (slot i: names[i]; other names: -1), and their grouping where the kernels run;
+    worked out once per distinct batch (one host-to-device copy, one grouping) and kept, so the layers
+    and decode steps of one batch share them."""
+    key = (names, tuple(adapter_names), tokens, device, kernels)
+    found = _GROUPED.get(key)
+    if found is None:
+        slot = {n: i for i, n in enumerate(names)}
+        row_slots = torch.tensor([slot.get(n, -1) for n in adapter_names], dtype=torch.int32, device=device)
+        indices = row_slots.repeat_interleave(tokens) if tokens != 1 else row_slots
+        seg = None
+        if kernels:
+            from .kernels.multi_lora import segments
+
+            seg = segments(indices, len(names))
+        if len(_GROUPED) >= _GROUPED_MAX:
+            _GROUPED.clear()
+        found = _GROUPED[key] = (indices, seg)
+    return found
 
 
 # --- PEFT's adapter_names on a patched model ------------------------------------------------------
@@ -123,10 +138,13 @@ def mixed_batch_forward(layer, x: torch.Tensor, adapter_names: Sequence[str], *a
     names = tuple(sorted(n for n in set(adapter_names) if n in layer.lora_A))
     if not names:
         return result
-    slot = {n: i for i, n in enumerate(names)}
-    row_slots = torch.tensor([slot.get(n, -1) for n in adapter_names], dtype=torch.int32, device=x.device)
+    backend = options.of(layer).backend
+    tokens = x.numel() // max(x.shape[-1], 1) // max(len(x), 1)
+    indices, seg = _grouped(names, adapter_names, tokens, x.device, use_triton(x, backend))
     stacked = _stacked(layer, names, x.device, layer.lora_A[names[0]].weight.dtype)
-    return add_rows(x, result, row_slots, *stacked, options.of(layer).backend)
+    out = multi_lora(x.reshape(-1, x.shape[-1]), result.reshape(-1, result.shape[-1]), indices, *stacked, backend,
+                     seg=seg)
+    return out.reshape(result.shape)
 
 
 def _check_names(model: nn.Module, adapter_names) -> list:
