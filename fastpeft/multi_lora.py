@@ -46,47 +46,56 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: 
 
 
 @torch.library.custom_op("fastpeft::multi_lora_", mutates_args=("y",))
-def _multi_lora_op(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, order: Optional[torch.Tensor],
-                   starts: Optional[torch.Tensor], counts: Optional[torch.Tensor], lora_a: torch.Tensor,
+def _multi_lora_op(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: torch.Tensor,
                    lora_b: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor) -> None:
-    """``multi_lora`` into y in place, as one opaque op for torch.compile (and the CUDA graphs of
-    its "reduce-overhead" mode): the kernels' launchers stay out of the traced graph. order, starts,
-    counts: the kernels' ``segments(indices, S)`` where the caller has them (None: worked out inside)."""
-    seg = None
-    if order is not None:
-        from .kernels.multi_lora import Segments
-
-        seg = Segments(order, starts, counts)
-    out = multi_lora(x, y, indices, lora_a, lora_b, scales, ranks, seg=seg)
+    """``multi_lora`` into y in place, the tokens' grouping included, as one opaque op for torch.compile
+    (and the CUDA graphs of its "reduce-overhead" mode): the kernels' launchers stay out of the traced
+    graph."""
+    out = multi_lora(x, y, indices, lora_a, lora_b, scales, ranks)
     if out is not y:
         y.copy_(out)
 
 
 @_multi_lora_op.register_fake
-def _(x, y, indices, order, starts, counts, lora_a, lora_b, scales, ranks) -> None:
+def _(x, y, indices, lora_a, lora_b, scales, ranks) -> None:
     return None
 
 
-_GROUPED: dict = {}  # (names, rows' names, tokens per row, device, kernels) -> (indices, segments or None)
+def token_slots(row_slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each token's slot (T,) of a batch x (rows, ..., K) whose rows are ``row_slots``' rows, each
+    repeated for its beams (rows a multiple of len(row_slots)) and for its tokens."""
+    rows = len(x)
+    if rows % len(row_slots):
+        raise ValueError(f"MultiLora: the batch has {rows} rows but use() was given {len(row_slots)}")
+    per_token = rows // len(row_slots) * (x.numel() // max(x.shape[-1], 1) // max(rows, 1))
+    return row_slots.repeat_interleave(per_token) if per_token != 1 else row_slots
+
+
+def _grouping(indices: torch.Tensor, num_slots: int, kernels: bool):
+    """The kernels' ``segments(indices, num_slots)`` where they run, else None."""
+    if not kernels:
+        return None
+    from .kernels.multi_lora import segments
+
+    return segments(indices, num_slots)
+
+
+_GROUPED: dict = {}  # (names, rows' names, x's leading shape, device, kernels) -> (indices, segments or None)
 _GROUPED_MAX = 256
 
 
-def _grouped(names: tuple, adapter_names, tokens: int, device, kernels: bool):
-    """The tokens' slots (T,) of a mixed batch whose rows name ``adapter_names`` over a layer holding the
-    adapters ``names`` (slot i: names[i]; other names: -1), and their grouping where the kernels run;
+def _grouped(names: tuple, adapter_names, x: torch.Tensor, kernels: bool):
+    """The tokens' slots (T,) of a mixed batch x whose rows name ``adapter_names`` over a layer holding
+    the adapters ``names`` (slot i: names[i]; other names: -1), and their grouping where the kernels run;
     worked out once per distinct batch (one host-to-device copy, one grouping) and kept, so the layers
     and decode steps of one batch share them."""
-    key = (names, tuple(adapter_names), tokens, device, kernels)
+    key = (names, tuple(adapter_names), x.shape[:-1], x.device, kernels)
     found = _GROUPED.get(key)
     if found is None:
         slot = {n: i for i, n in enumerate(names)}
-        row_slots = torch.tensor([slot.get(n, -1) for n in adapter_names], dtype=torch.int32, device=device)
-        indices = row_slots.repeat_interleave(tokens) if tokens != 1 else row_slots
-        seg = None
-        if kernels:
-            from .kernels.multi_lora import segments
-
-            seg = segments(indices, len(names))
+        row_slots = torch.tensor([slot.get(n, -1) for n in adapter_names], dtype=torch.int32, device=x.device)
+        indices = token_slots(row_slots, x)
+        seg = _grouping(indices, len(names), kernels)
         if len(_GROUPED) >= _GROUPED_MAX:
             _GROUPED.clear()
         found = _GROUPED[key] = (indices, seg)
@@ -139,8 +148,7 @@ def mixed_batch_forward(layer, x: torch.Tensor, adapter_names: Sequence[str], *a
     if not names:
         return result
     backend = options.of(layer).backend
-    tokens = x.numel() // max(x.shape[-1], 1) // max(len(x), 1)
-    indices, seg = _grouped(names, adapter_names, tokens, x.device, use_triton(x, backend))
+    indices, seg = _grouped(names, adapter_names, x, use_triton(x, backend))
     stacked = _stacked(layer, names, x.device, layer.lora_A[names[0]].weight.dtype)
     out = multi_lora(x.reshape(-1, x.shape[-1]), result.reshape(-1, result.shape[-1]), indices, *stacked, backend,
                      seg=seg)
@@ -210,22 +218,13 @@ class _Rows:
         self.grouped: Optional[dict] = None
 
     def tokens(self, x: torch.Tensor, num_slots: int, kernels: bool):
-        """(indices (T,), segments or None) of a batch x (rows, ..., K) over ``slots``' rows (beams: each
-        row's slot repeated); the segments (over ``num_slots``) only where the kernels run."""
-        slots, rows = self.slots, len(x)
-        if rows % len(slots):
-            raise ValueError(f"MultiLora: the batch has {rows} rows but use() was given {len(slots)}")
-        per_token = rows // len(slots) * (x.numel() // max(x.shape[-1], 1) // max(rows, 1))
-        key = (rows, per_token, num_slots, kernels)
+        """(indices (T,), segments or None) of a batch x (rows, ..., K) over ``slots``' rows
+        (``token_slots``); the segments (over ``num_slots``) only where the kernels run."""
+        key = (x.shape[:-1], num_slots, kernels)
         found = None if self.grouped is None else self.grouped.get(key)
         if found is None:
-            indices = slots.repeat_interleave(per_token) if per_token != 1 else slots
-            seg = None
-            if kernels:
-                from .kernels.multi_lora import segments
-
-                seg = segments(indices, num_slots)
-            found = (indices, seg)
+            indices = token_slots(self.slots, x)
+            found = (indices, _grouping(indices, num_slots, kernels))
             if self.grouped is not None:
                 self.grouped[key] = found
         return found
@@ -246,7 +245,6 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(slots, dtype=torch.float32, device=device))
         self.register_buffer("ranks", torch.zeros(slots, dtype=torch.int32, device=device))
         self._rows = rows
-        self._runs: dict = {}  # the kernels' launches per input shape (kernels/multi_lora.py multi_lora_plan)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
@@ -254,30 +252,13 @@ class MultiLoraLinear(nn.Module):
         if slots is None:
             return y
         x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        S = len(self.ranks)
         if torch.compiler.is_compiling():
-            # traced: the tokens' slots as torch ops; their grouping (one small kernel) and the two
-            # kernels inside one custom op
-            if len(x) % len(slots):
-                raise ValueError(f"MultiLora: the batch has {len(x)} rows but use() was given {len(slots)}")
-            per_token = len(x) // len(slots) * (x2.shape[0] // max(len(x), 1))
-            indices = slots.repeat_interleave(per_token) if per_token != 1 else slots
-            torch.ops.fastpeft.multi_lora_(x2, y2, indices, None, None, None, self.lora_A, self.lora_B, self.scales,
+            # traced: the tokens' slots as torch ops; their grouping and the kernels in one custom op
+            torch.ops.fastpeft.multi_lora_(x2, y2, token_slots(slots, x), self.lora_A, self.lora_B, self.scales,
                                            self.ranks)
             return y
-        kernels = use_triton(x)
-        indices, seg = self._rows.tokens(x, S, kernels)
-        if not kernels:
-            return multi_lora(x2, y2, indices, self.lora_A, self.lora_B, self.scales, self.ranks).reshape(y.shape)
-        key = (x2.shape, x2.stride(), x2.dtype, y2.stride(), y2.dtype, x2.device)
-        run = self._runs.get(key)
-        if run is None:
-            from .kernels.multi_lora import multi_lora_plan
-
-            run = self._runs[key] = multi_lora_plan(x2, y2, indices, self.lora_A, self.lora_B, self.scales,
-                                                    self.ranks, seg)
-        run(x2, y2, self.lora_A, self.lora_B, self.scales, self.ranks, seg)
-        return y
+        indices, seg = self._rows.tokens(x, len(self.ranks), use_triton(x))
+        return multi_lora(x2, y2, indices, self.lora_A, self.lora_B, self.scales, self.ranks, seg=seg).reshape(y.shape)
 
     def extra_repr(self) -> str:
         S, R, _ = self.lora_A.shape
@@ -298,8 +279,7 @@ class MultiLora:
     Loading or unloading while an eager forward runs is refused.
 
     Within one ``use`` block the tokens' slots are grouped (sorted by slot) once per batch shape and
-    shared by every layer and every decode step, and each layer keeps its kernels' launches per batch
-    shape. Under torch.compile (``generate(..., cache_implementation="static")`` compiles the decode
+    shared by every layer and every decode step. Under torch.compile (``generate(..., cache_implementation="static")`` compiles the decode
     step with CUDA graphs) each layer's grouping and kernels are one custom op, ``fastpeft::multi_lora_``;
     a compiled forward is not counted as running.
     """

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .common import NATIVE, block_r, dot, dot_mode, expand_mode, fp32_precision
 from .configs import multi_lora_config
-from .launch import INTERPRETING, Plan, cached, cdiv
+from .launch import INTERPRETING, Plan, cached, cdiv, launch
 
 _INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -95,8 +95,8 @@ def segments(indices: torch.Tensor, num_slots: int) -> Segments:
         counts = torch.empty(S, dtype=torch.int32, device=indices.device)
         src = indices if indices.stride(0) == 1 else indices.contiguous()
         block_t = max(16, triton.next_power_of_2(T))
-        _segments_kernel[(1,)](src, order, starts, counts, T, S, BLOCK_T=block_t,
-                               BLOCK_S=max(16, triton.next_power_of_2(S + 2)), num_warps=8 if block_t > 2048 else 4)
+        launch(_segments_kernel, (1,), (src, order, starts, counts), (T, S), BLOCK_T=block_t,
+               BLOCK_S=max(16, triton.next_power_of_2(S + 2)), num_warps=8 if block_t > 2048 else 4)
         return Segments(order, starts, counts)
     key = indices.long()
     key = torch.where((key >= 0) & (key < num_slots), key, -1)
@@ -379,24 +379,27 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, A: torch
 
     x (T, K); indices (T,) any integer dtype (-1: no adapter); A (S, R, K) and B (S, N, R) the stacked
     adapters; scales (S,) fp32; ranks (S,) int32; seg: ``segments(indices, S)`` where the caller
-    already has it (one per batch serves every layer). Two kernel launches (plus ``segments``' few
-    torch ops where seg is not given, and a zero fill where the shrink splits K), no host sync, grids
-    fixed by T, S, N and R: capturable in a CUDA graph."""
-    key = (multi_lora, x.shape, y.shape, indices.shape, indices.dtype, A.shape, B.shape, scales.shape, ranks.shape)
-    cached(key, _check_layer, x, y, indices, A, B, scales, ranks)
+    already has it (one per batch serves every layer). Two kernel launches (plus ``segments``' where
+    seg is not given, and a zero fill where the shrink splits K), no host sync, grids fixed by T, S, N
+    and R: capturable in a CUDA graph. The checks and both launches are worked out once per key of
+    shapes, strides, dtypes and devices (``_layer_plan``), so a repeated call builds one key."""
+    key = (multi_lora, x.shape, x.stride(), x.dtype, x.device, y.shape, y.stride(), y.dtype, y.device,
+           indices.shape, indices.dtype, indices.device, A.shape, A.stride(), A.dtype, A.device,
+           B.shape, B.stride(), B.dtype, B.device, scales.shape, scales.dtype, scales.device,
+           ranks.shape, ranks.dtype, ranks.device, None if seg is None else _seg_key("multi_lora", seg),
+           fp32_precision())
+    run = cached(key, _layer_plan, x, y, indices, A, B, scales, ranks, seg)
     if seg is None:
         seg = segments(indices, A.shape[0])
-    return multi_lora_expand(multi_lora_shrink(x, A, seg, ranks), B, seg, ranks, scales, y)
+    return run(x, y, A, B, scales, ranks, seg)
 
 
-def multi_lora_plan(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                    scales: torch.Tensor, ranks: torch.Tensor, seg: Segments):
-    """``multi_lora``'s two launches for these shapes, strides and dtypes, checked and planned once:
-    returns run(x, y, A, B, scales, ranks, seg), which adds the LoRA terms into y and returns it with
-    no further checks (a caller that keeps it per shape, as a serving layer does, skips the per-call
-    key building of the launchers)."""
+def _layer_plan(x, y, indices, A, B, scales, ranks, seg):
+    """multi_lora's work for one key: the checks, then the shrink's and the expand's plans; returns
+    run(x, y, A, B, scales, ranks, seg), which adds the LoRA terms into y and returns it."""
     _check_layer(x, y, indices, A, B, scales, ranks)
-    _seg_key("multi_lora", seg)
+    if seg is None:  # the grouping's shapes and device, for the launchers' checks
+        seg = segments(indices, A.shape[0])
     shrink = _shrink_plan(x, A, seg, ranks, None)
     t = torch.empty((x.shape[0], A.shape[1]), dtype=torch.float32, device=x.device)
     expand = _expand_plan(t, B, seg, ranks, scales, y)
