@@ -15,9 +15,9 @@ both adapters and adds the dense product to W every forward):
 r output columns (W·Aᵀ), B·(A·Aᵀ), and one kernel for the row sums, the root and g (kernels/dora.py).
 
 ``DoraFunction`` (eval, or dropout 0): z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ from the fused LoRA forward (route.py: the
-dense or 4-bit base routes), y = g ⊙ z + b in one pass (kernels/dora.py); it saves z. Backward: one
-pass gives dz = g ⊙ dY and Σ_tokens dY ⊙ z (so dm = that / ‖·‖), dz goes into the fused LoRA
-backward (dX, dA, dB). With dropout in training DoRA needs the base
+dense or 4-bit base routes), y = g ⊙ z + b in one pass (the column scale of kernels/ia3.py, which
+(IA)³ uses too); it saves z. Backward: one pass gives dz = g ⊙ dY and Σ_tokens dY ⊙ z (so dm = that /
+‖·‖), dz goes into the fused LoRA backward (dX, dA, dB). With dropout in training DoRA needs the base
 product of x̃ as well as of x, by definition: that path is PEFT's algorithm in torch ops (F.linear on
 the base, fastpeft's dropout mask) with the norm above. The reference path (CPU, torch.compile) is
 ``reference.dora_linear``, PEFT's own computation.
@@ -54,14 +54,14 @@ def dense_weight(weight, dtype=None) -> torch.Tensor:
 _ROW_SQ = "_fastpeft_dora_row_sq"  # on the magnitude module: (weight key, ‖W‖²_row fp32)
 
 
-def _row_sq(owner: nn.Module, weight) -> torch.Tensor:
-    """‖W‖² per row (N,) fp32 of the frozen base, kept on ``owner`` until W's data changes."""
+def _row_sq(owner: nn.Module, weight, w: torch.Tensor) -> torch.Tensor:
+    """‖W‖² per row (N,) fp32 of the frozen base ``weight`` (``w``: it as a dense tensor), kept on
+    ``owner`` until W's data changes."""
     probe = weight if isinstance(weight, torch.Tensor) else weight.packed
     key = (probe.data_ptr(), probe._version, tuple(probe.shape), id(weight) if probe is not weight else None)
     cached = owner.__dict__.get(_ROW_SQ)
     if cached is not None and cached[0] == key:
         return cached[1]
-    w = dense_weight(weight)
     sq = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
     step = max(1, (1 << 24) // max(w.shape[1], 1))  # rows per chunk: no fp32 copy of the whole of W
     for i in range(0, w.shape[0], step):
@@ -77,7 +77,7 @@ def norm_and_scale(owner: nn.Module, weight, lora_a: torch.Tensor, lora_b: torch
     ``owner``), W·Aᵀ (one pass over W) and B·(A·Aᵀ); ``kernels``: the last step in one launch
     (kernels/dora.py dora_norm), else torch ops."""
     w = dense_weight(weight)
-    sq = _row_sq(owner, weight)
+    sq = _row_sq(owner, weight, w)
     a = lora_a.to(w.dtype) if w.is_cuda else lora_a.float()
     wa = F.linear(a, w if w.is_cuda else w.float())  # (r, N)
     af, bf = lora_a.float(), lora_b.float()
@@ -91,23 +91,17 @@ def norm_and_scale(owner: nn.Module, weight, lora_a: torch.Tensor, lora_b: torch
     return norm, magnitude.detach().float() / norm
 
 
-def weight_norm(owner: nn.Module, weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """‖W + s·B·A‖ per output row (N,) fp32, detached (``norm_and_scale`` without the magnitude)."""
-    return norm_and_scale(owner, weight, lora_a, lora_b, torch.ones(lora_b.shape[0], device=lora_b.device),
-                          scaling)[0]
-
-
 class DoraFunction(torch.autograd.Function):
     """y = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, g = m / norm; the fused LoRA forward and backward inside."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scaling, norm, g):
         from . import ops
-        from .kernels.dora import dora_scale
+        from .kernels.ia3 import ia3_scale
 
         x2 = x.reshape(-1, x.shape[-1])
         z, xa = ops.forward_impl(x2, weight, None, lora_a, lora_b, scaling, 0.0, None)
-        y = dora_scale(z, g, bias)
+        y = ia3_scale(z, g, bias)
         ctx.save_for_backward(x, *ops._tensor_bases(ctx, (weight,)), bias, lora_a, lora_b, xa, z, g, norm)
         ctx.scaling, ctx.m_dtype = scaling, magnitude.dtype
         return y.reshape(*x.shape[:-1], z.shape[-1])
@@ -115,15 +109,13 @@ class DoraFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         from . import ops
-        from .kernels.dora import dora_scale_backward
+        from .kernels.ia3 import ia3_scale_backward
 
         x, weight, bias, lora_a, lora_b, xa, z, g, norm = ctx.saved_tensors
         (weight,) = ops._restore_bases(ctx, (weight,))
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])
-        if dy2.stride(-1) != 1:
-            dy2 = dy2.contiguous()
-        dz, dg = dora_scale_backward(dy2, z, g)
+        dz, dg = ia3_scale_backward(dy2, z, g, dy.dtype, True, need[5])
         dx, da, db = ops.backward_impl(dz, x.reshape(-1, x.shape[-1]), weight, lora_a, lora_b, xa, ctx.scaling, 0.0,
                                        None, need[0], need[3], need[4])
         dm = (dg / norm).to(ctx.m_dtype) if need[5] else None
@@ -167,10 +159,11 @@ def dora_linear(owner: nn.Module, x: torch.Tensor, weight, bias, lora_a, lora_b,
                 scaling: float, dropout_p: float, seed, backend=None) -> torch.Tensor:
     """DoRA's output for x (..., K): the kernels (``DoraFunction``, or the dropout path in training)
     where ``use_triton``, else PEFT's computation (``reference.dora_linear``). ``owner``: the magnitude's
-    module (it keeps ‖W‖²_row); ``seed``: the dropout seed, None without dropout."""
+    module (it keeps ‖W‖²_row); ``seed``: the dropout seed, None without dropout (``functional.dora_linear``
+    draws it)."""
     if not use_triton(x, backend) or torch.compiler.is_compiling():
-        return reference.dora_linear(x, dense_weight(weight, x.dtype if isinstance(weight, torch.Tensor) else None),
-                                     bias, lora_a, lora_b, magnitude, scaling, dropout_p, seed)
+        return reference.dora_linear(x, dense_weight(weight), bias, lora_a, lora_b, magnitude, scaling, dropout_p,
+                                     seed)
     norm, g = norm_and_scale(owner, weight, lora_a, lora_b, magnitude, scaling, kernels=True)
     if seed is not None and dropout_p > 0.0:
         return _dropout_forward(x, weight, bias, lora_a, lora_b, magnitude, scaling, norm, dropout_p, seed)

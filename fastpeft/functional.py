@@ -1,4 +1,4 @@
-"""Functional LoRA and (IA)³ linears: pick the fused kernels or the reference path (fastpeft/backend.py)."""
+"""Functional LoRA, DoRA and (IA)³ linears: pick the fused kernels or the reference path (fastpeft/backend.py)."""
 from __future__ import annotations
 
 import torch
@@ -40,6 +40,18 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: floa
         return reference.qlora_linear(x, weight.packed, weight.state, bias, lora_a, lora_b, scaling, dropout_p, seed,
                                       weight.compute_dtype)
     return reference.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+
+
+def dora_linear(owner, x, weight, bias, lora_a, lora_b, magnitude, scaling: float, dropout_p: float = 0.0,
+                training: bool = False, backend=None):
+    """DoRA: y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b with g = m / ‖W + s·B·A‖ per output row (PEFT's forms with
+    dropout in fastpeft/dora.py); ``owner``: the magnitude's module (it keeps ‖W‖²_row). Dropout and
+    autocast as in ``lora_linear``."""
+    from . import dora
+
+    x = _autocast(x)
+    seed = draw_dropout_seed(x.device) if (training and dropout_p > 0.0) else None
+    return dora.dora_linear(owner, x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p, seed, backend)
 
 
 def ia3_linear(x, weight, bias, scale, feedforward: bool, backend=None):

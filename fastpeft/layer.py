@@ -160,10 +160,8 @@ def lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if len(active) > 1:
             raise NotImplementedError(f"fastpeft computes DoRA for one active adapter at a time, got {active}")
         lora_a, lora_b, scaling, p = _adapter(layer, active[0])
-        x = functional._autocast(x)
-        seed = functional.draw_dropout_seed(x.device) if (training and p > 0.0) else None
         mag = magnitude(layer, active[0])
-        return dora.dora_linear(mag, x, weight, bias, lora_a, lora_b, mag.weight, scaling, p, seed, backend)
+        return functional.dora_linear(mag, x, weight, bias, lora_a, lora_b, mag.weight, scaling, p, training, backend)
     y = None
     for name in active:
         lora_a, lora_b, scaling, p = _adapter(layer, name)

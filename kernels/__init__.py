@@ -4,7 +4,7 @@ Math only: ``@triton.jit`` kernels and the launchers that check shapes and pick 
 kernel family per file, its launcher beside it: ``shrink``, ``shrink_expand``, ``linear`` (the matmul
 with the LoRA epilogue, Triton and TMA), ``nf4`` (the 4-bit base product from bitsandbytes' packed
 weights), ``grads`` (the adapter gradients), ``activation`` (the GLU MLP's), ``dropout`` (the Philox
-keep mask), ``multi_lora`` (many adapters in one serving batch, one per token), ``dora`` (DoRA's magnitude scale, forward and backward), ``ia3`` ((IA)³'s
+keep mask), ``multi_lora`` (many adapters in one serving batch, one per token), ``dora`` (DoRA's weight norm per row), ``ia3`` ((IA)³'s
 column scaling and its backward). Shared: ``common`` (dot modes, precision, PDL, device
 properties), ``configs`` (tile tables per GPU family), ``launch`` (direct launches, kept plans, TMA
 descriptors). Nothing here imports from ``fastpeft``.

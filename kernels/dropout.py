@@ -84,6 +84,8 @@ def dropout_apply(x, seed, threshold: int, scale: float):
     dimension). Applied to a gradient with the same seed it is dropout's backward."""
     import torch
 
+    from .launch import cdiv, launch
+
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     if K > 1 and x2.stride(1) != 1:
@@ -91,7 +93,6 @@ def dropout_apply(x, seed, threshold: int, scale: float):
     M = x2.shape[0]
     out = torch.empty((M, K), dtype=x.dtype, device=x.device)
     if M and K:
-        grid = (triton.cdiv(M, 32), triton.cdiv(K, 128))
-        _dropout_apply_kernel[grid](seed, x2, out, M, K, x2.stride(0), out.stride(0), threshold, float(scale),
-                                    BLOCK_M=32, BLOCK_K=128)
+        launch(_dropout_apply_kernel, (cdiv(M, 32), cdiv(K, 128)), (seed, x2, out),
+               (M, K, x2.stride(0), out.stride(0), threshold, float(scale)), BLOCK_M=32, BLOCK_K=128)
     return out.reshape(x.shape)

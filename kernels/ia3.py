@@ -1,6 +1,6 @@
 """(IA)³'s elementwise parts: a vector scaling the columns of a 2-D tensor, and its backward.
 
-* ``ia3_scale(a, l)``                          out = a ⊙ l[None, :]                      (R, C), a's dtype
+* ``ia3_scale(a, l, bias)``                    out = a ⊙ l[None, :] (+ bias[None, :])    (R, C), a's dtype
 * ``ia3_scale_backward(g, v, l, dg_dtype, ...)`` dg = g ⊙ l[None, :] (R, C) in ``dg_dtype`` and
                                                dl = Σ_rows g ⊙ v (C,) in fp32, each when asked for
 
@@ -11,7 +11,8 @@ fp32 vectors over a bf16/fp16 tensor. ``ia3_scale``'s output has a's layout (row
 rows of a ``BLOCK_C`` column block in registers and writes one fp32 partial row; torch sums the
 cdiv(R, ROWS) partial rows. fastpeft/ia3.py calls them around cuBLAS' matmuls: on the weight
 (scaling its input columns, the feedforward case) or on the base output (the output case), and in
-backward on dY·W (dX and dl of the feedforward case) or on dY (the output case).
+backward on dY·W (dX and dl of the feedforward case) or on dY (the output case). fastpeft/dora.py
+calls the same pair for DoRA's magnitude scale (y = g ⊙ z + b; dz = g ⊙ dY and Σ_rows dY ⊙ z).
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ _BLOCK_R, _BLOCK_C = 16, 128  # a tile: 2048 elements, 16 a thread at 4 warps
 
 
 @triton.jit
-def _ia3_scale_kernel(a_ptr, l_ptr, out_ptr, R, C, stride_ar, stride_ac, stride_or, stride_oc,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[r, c] = a[r, c] · l[c] in fp32, rounded to out's dtype; one (BLOCK_R, BLOCK_C) tile a program."""
+def _ia3_scale_kernel(a_ptr, l_ptr, b_ptr, out_ptr, R, C, stride_ar, stride_ac, stride_or, stride_oc,
+                      HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[r, c] = a[r, c] · l[c] (+ b[c]) in fp32, rounded to out's dtype; one (BLOCK_R, BLOCK_C) tile a
+    program."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
@@ -35,6 +37,8 @@ def _ia3_scale_kernel(a_ptr, l_ptr, out_ptr, R, C, stride_ar, stride_ac, stride_
     a = tl.load(a_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ac, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(l_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     out = a * scale[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_or + cols[None, :] * stride_oc, out.to(out_ptr.dtype.element_ty),
              mask=mask)
 
@@ -81,15 +85,21 @@ def _check(what: str, l: torch.Tensor, *tensors) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def ia3_scale(a: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """a ⊙ l[None, :] (a (R, C), l (C,)), in a's dtype and layout; fp32 math, one rounding."""
+def ia3_scale(a: torch.Tensor, l: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a ⊙ l[None, :] + bias[None, :] (a (R, C), l (C,), bias (C,) or None), in a's dtype and layout;
+    fp32 math, one rounding."""
     R, C = _check("ia3_scale", l, a)
+    if bias is not None:
+        if tuple(bias.shape) != (C,) or bias.device != a.device or not bias.dtype.is_floating_point:
+            raise ValueError(f"ia3_scale: bias must be ({C},) floating point on {a.device}, got {tuple(bias.shape)} "
+                             f"{bias.dtype} on {bias.device}")
+        bias = bias.contiguous()
     out = torch.empty_like(a)  # a's strides when a is dense (a transposed view stays transposed)
     l = l.contiguous()
     if a.numel():
-        launch(_ia3_scale_kernel, (cdiv(R, _BLOCK_R), cdiv(C, _BLOCK_C)), (a, l, out),
+        launch(_ia3_scale_kernel, (cdiv(R, _BLOCK_R), cdiv(C, _BLOCK_C)), (a, l, l if bias is None else bias, out),
                (R, C, a.stride(0), a.stride(1), out.stride(0), out.stride(1)),
-               BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=4)
+               HAS_BIAS=bias is not None, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=4)
     return out
 
 

@@ -195,7 +195,7 @@ def test_dora_op_equals_reference(M, K, N, r, dtype, bias, strided, kernels_on):
     x, w, b, a, bb, m = _layer_case(M, K, N, r, dtype, kernels_on, bias, strided)
     owner = torch.nn.Module()
     s = 1.5
-    norm = dora.weight_norm(owner, w, a, bb, s)
+    norm, _ = dora.norm_and_scale(owner, w, a, bb, m, s)
     truth = torch.linalg.norm(w.float() + s * (bb.float() @ a.float()), dim=1)
     torch.testing.assert_close(norm, truth, rtol=1e-4 if dtype == torch.float32 else 2e-3, atol=1e-5)
     got = dora.dora_linear(owner, x, w, b, a, bb, m, s, 0.0, None)
@@ -212,10 +212,10 @@ def test_dora_op_equals_reference(M, K, N, r, dtype, bias, strided, kernels_on):
 def test_row_norm_cache_follows_weight(kernels_on):
     x, w, b, a, bb, m = _layer_case(4, 32, 16, 4, torch.float32, kernels_on)
     owner = torch.nn.Module()
-    first = dora.weight_norm(owner, w, a, bb, 1.0)
+    first, _ = dora.norm_and_scale(owner, w, a, bb, m, 1.0)
     with torch.no_grad():
         w.mul_(2)  # an in-place change of the frozen weight (a merge) bumps its version
-    second = dora.weight_norm(owner, w, a, bb, 1.0)
+    second, _ = dora.norm_and_scale(owner, w, a, bb, m, 1.0)
     torch.testing.assert_close(second, torch.linalg.norm(w + bb.detach() @ a.detach(), dim=1), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(first, second)
 
@@ -223,22 +223,26 @@ def test_row_norm_cache_follows_weight(kernels_on):
 @pytest.mark.parametrize("M,N,dtype,bias,row_stride", [(37, 300, torch.float32, True, 0), (5, 17, torch.float16, False, 5),
                                                        (70, 520, torch.float16, True, 0)])
 def test_scale_kernels_equal_torch(M, N, dtype, bias, row_stride, kernel_device):
-    from fastpeft.kernels.dora import dora_scale, dora_scale_backward
+    """DoRA's magnitude scale through kernels/ia3.py's column scale: y = g ⊙ z + b, dz = g ⊙ dY with
+    Σ_rows dY ⊙ z."""
+    from fastpeft.kernels.ia3 import ia3_scale, ia3_scale_backward
 
     g0 = torch.Generator().manual_seed(M + N)
     z = torch.randn(M, N + row_stride, generator=g0).to(kernel_device, dtype)[:, :N]
     dy = torch.randn(M, N + row_stride, generator=g0).to(kernel_device, dtype)[:, :N]
     g = torch.rand(N, generator=g0).to(kernel_device) + 0.5
     b = torch.randn(N, generator=g0).to(kernel_device, dtype) if bias else None
-    y = dora_scale(z, g, b)
+    y = ia3_scale(z, g, b)
     ref = z.float() * g + (b.float() if bias else 0)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(y, ref.to(dtype), **tol)
-    dz, dg = dora_scale_backward(dy, z, g)
+    dz, dg = ia3_scale_backward(dy, z, g, dtype)
     torch.testing.assert_close(dz, (dy.float() * g).to(dtype), **tol)
     torch.testing.assert_close(dg, (dy.float() * z.float()).sum(0), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="dora_scale: g must be"):
-        dora_scale(z, g[:-1], b)
+    with pytest.raises(ValueError, match="ia3_scale: the scale vector must be"):
+        ia3_scale(z, g[:-1], b)
+    with pytest.raises(ValueError, match="ia3_scale: bias must be"):
+        ia3_scale(z, g, torch.zeros(N + 1, device=kernel_device))
 
 
 def test_norm_kernel_equals_torch(kernel_device):
