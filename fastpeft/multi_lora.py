@@ -45,6 +45,44 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: 
     return reference.multi_lora(x, y, indices, lora_a, lora_b, scales, ranks)
 
 
+# The base product inside the multi-adapter matmul (kernels/multi_lora.py multi_lora_linear) where the
+# base layer allows it (``fusable``), instead of F.linear then the LoRA terms added in place.
+FUSE_BASE = True
+
+
+def fusable(base_layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether ``base_layer(x)`` is a plain product the multi-adapter matmul can run itself: an
+    ``nn.Linear`` (not a subclass) without hooks, its weight in x's dtype, called with x alone, no
+    autocast, the kernels running."""
+    return (FUSE_BASE and type(base_layer) is nn.Linear and not args and not kwargs
+            and base_layer.weight.dtype == x.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and not base_layer._forward_hooks and not base_layer._forward_pre_hooks
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def linear_multi_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], indices: torch.Tensor,
+                      lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor,
+                      seg=None) -> torch.Tensor:
+    """A new y (T, N) = x·Wᵀ + bias + each token's LoRA term (``multi_lora``'s), in one matmul whose
+    epilogue adds the terms (kernels' ``multi_lora_linear``); for the kernels only."""
+    from .kernels.multi_lora import multi_lora_linear
+
+    return multi_lora_linear(x, weight, bias, indices, lora_a, lora_b, scales, ranks, seg)
+
+
+@torch.library.custom_op("fastpeft::linear_multi_lora", mutates_args=())
+def _linear_multi_lora_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], indices: torch.Tensor,
+                          lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+                          ranks: torch.Tensor) -> torch.Tensor:
+    """``linear_multi_lora`` (the tokens' grouping included) as one opaque op for torch.compile."""
+    return linear_multi_lora(x, weight, bias, indices, lora_a, lora_b, scales, ranks)
+
+
+@_linear_multi_lora_op.register_fake
+def _(x, weight, bias, indices, lora_a, lora_b, scales, ranks):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
 @torch.library.custom_op("fastpeft::multi_lora_", mutates_args=("y",))
 def _multi_lora_op(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: torch.Tensor,
                    lora_b: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor) -> None:
@@ -143,15 +181,20 @@ def mixed_batch_forward(layer, x: torch.Tensor, adapter_names: Sequence[str], *a
                          "`unmerge_adapter` first.")
     if any(getattr(layer, "use_dora", {}).get(n, False) for n in set(adapter_names) if n != BASE):
         raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
-    result = layer.base_layer(x, *args, **kwargs)
     names = tuple(sorted(n for n in set(adapter_names) if n in layer.lora_A))
+    base = layer.base_layer
     if not names:
-        return result
+        return base(x, *args, **kwargs)
     backend = options.of(layer).backend
-    indices, seg = _grouped(names, adapter_names, x, use_triton(x, backend))
+    kernels = use_triton(x, backend)
+    indices, seg = _grouped(names, adapter_names, x, kernels)
     stacked = _stacked(layer, names, x.device, layer.lora_A[names[0]].weight.dtype)
-    out = multi_lora(x.reshape(-1, x.shape[-1]), result.reshape(-1, result.shape[-1]), indices, *stacked, backend,
-                     seg=seg)
+    x2 = x.reshape(-1, x.shape[-1])
+    if kernels and fusable(base, x, args, kwargs):
+        y2 = linear_multi_lora(x2, base.weight, base.bias, indices, *stacked, seg=seg)
+        return y2.reshape(*x.shape[:-1], y2.shape[-1])
+    result = base(x, *args, **kwargs)
+    out = multi_lora(x2, result.reshape(-1, result.shape[-1]), indices, *stacked, backend, seg=seg)
     return out.reshape(result.shape)
 
 
@@ -247,18 +290,27 @@ class MultiLoraLinear(nn.Module):
         self._rows = rows
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
         slots = self._rows.slots
+        base = self.base_layer
         if slots is None:
-            return y
-        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+            return base(x, *args, **kwargs)
+        x2 = x.reshape(-1, x.shape[-1])
+        fused = use_triton(x) and fusable(base, x, args, kwargs)
+        lora = (self.lora_A, self.lora_B, self.scales, self.ranks)
         if torch.compiler.is_compiling():
             # traced: the tokens' slots as torch ops; their grouping and the kernels in one custom op
-            torch.ops.fastpeft.multi_lora_(x2, y2, token_slots(slots, x), self.lora_A, self.lora_B, self.scales,
-                                           self.ranks)
+            if fused:
+                y2 = torch.ops.fastpeft.linear_multi_lora(x2, base.weight, base.bias, token_slots(slots, x), *lora)
+                return y2.reshape(*x.shape[:-1], y2.shape[-1])
+            y = base(x, *args, **kwargs)
+            torch.ops.fastpeft.multi_lora_(x2, y.reshape(-1, y.shape[-1]), token_slots(slots, x), *lora)
             return y
         indices, seg = self._rows.tokens(x, len(self.ranks), use_triton(x))
-        return multi_lora(x2, y2, indices, self.lora_A, self.lora_B, self.scales, self.ranks, seg=seg).reshape(y.shape)
+        if fused:
+            y2 = linear_multi_lora(x2, base.weight, base.bias, indices, *lora, seg=seg)
+            return y2.reshape(*x.shape[:-1], y2.shape[-1])
+        y = base(x, *args, **kwargs)
+        return multi_lora(x2, y.reshape(-1, y.shape[-1]), indices, *lora, seg=seg).reshape(y.shape)
 
     def extra_repr(self) -> str:
         S, R, _ = self.lora_A.shape

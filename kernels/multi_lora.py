@@ -30,8 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import NATIVE, block_r, dot, dot_mode, expand_mode, fp32_precision
-from .configs import multi_lora_config
+from .common import (NATIVE, block_r, dot, dot_mode, expand_mode, fp32_precision, gdc_launch_dependents, gdc_wait,
+                     pdl_meta, pdl_ok)
+from .configs import linear_config, multi_lora_config
+from .linear import _grouped_tile
 from .launch import INTERPRETING, Plan, cached, cdiv, launch
 
 _INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -133,6 +135,7 @@ def _multi_lora_shrink_kernel(
     stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_tt, stride_tr,
     MODE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):
     """t[tok, :] (fp32) = x[tok, :] · A[s, :rank]ᵀ for the tokens tok of each slot s, zeros past the
     rank; any strides. Program (pid, pid_rk): token block pid (``_slot_block``), columns
@@ -140,7 +143,10 @@ def _multi_lora_shrink_kernel(
 
     SPLIT_K == 1: plain stores; programs past the rank and those of the extra slot (the tokens with no
     adapter) store zeros, so t needs no zeroing. SPLIT_K > 1: atomic adds of the partial sums into
-    a zeroed t, up to the rank only."""
+    a zeroed t, up to the rank only. LAUNCH_DEPENDENTS: the next kernel (launched with PDL) may start
+    at once; it waits for this one's writes before it reads t."""
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     pid_r = tl.program_id(1) // SPLIT_K
     pid_k = tl.program_id(1) % SPLIT_K
@@ -222,6 +228,72 @@ def _multi_lora_expand_kernel(
     tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _multi_lora_linear_kernel(
+    x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, order_ptr, starts_ptr, counts_ptr, ranks_ptr, scales_ptr, y_ptr,
+    T, N, K, R, S,
+    stride_xt, stride_xk, stride_wn, stride_wk, stride_tt, stride_tr, stride_bs, stride_bn, stride_br,
+    stride_yt, stride_yn,
+    HAS_BIAS: tl.constexpr, MODE: tl.constexpr, EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    SLOTS_PER_STEP: tl.constexpr, BLOCK_S: tl.constexpr, GROUP_M: tl.constexpr, PDL_WAIT: tl.constexpr,
+):
+    """y[tok] = x[tok]·Wᵀ + bias + scales[s]·t[tok, :rank]·B[s, :, :rank]ᵀ (s: tok's slot) for
+    BLOCK_M tokens in slot order (``order``) by BLOCK_N columns; any strides. The main loop is a
+    plain matmul over x's rows gathered through ``order``; since the rows are sorted, a tile's tokens
+    cover a short run of slots, and the epilogue adds their LoRA terms in steps of SLOTS_PER_STEP
+    slots as one product: [t masked to each slot's rows, times its scale] (BLOCK_M, SLOTS_PER_STEP·
+    BLOCK_R) by the slots' B columns stacked (SLOTS_PER_STEP·BLOCK_R, BLOCK_N), rank padding masked
+    (never read). Tokens with no slot get the base product alone."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = pos < T
+    tok = tl.load(order_ptr + pos, mask=m_ok, other=0).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tok[:, None] * stride_xt + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = dot(x, w, acc, MODE, PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    # each position's slot: the number of slots that end at or before it (the tokens with no slot,
+    # first in order, come before every end); -1 for those
+    ss = tl.arange(0, BLOCK_S)
+    s_ok = ss < S
+    ends = tl.load(starts_ptr + ss, mask=s_ok, other=0) + tl.load(counts_ptr + ss, mask=s_ok, other=0)
+    ends = tl.where(s_ok, ends, T + 1)
+    slot = tl.sum((ends[None, :] <= pos[:, None]).to(tl.int32), 1)
+    has = m_ok & (pos >= tl.load(starts_ptr)) & (slot < S)
+    slot = tl.where(has, slot, -1)
+    first = tl.min(tl.where(has, slot, S), 0)
+    last = tl.max(slot, 0)
+    if PDL_WAIT:  # launched with PDL behind the shrink that writes t: wait for it here, not earlier
+        gdc_wait()
+    scale = tl.load(scales_ptr + slot, mask=has, other=0.0).to(tl.float32)
+    kk = tl.arange(0, SLOTS_PER_STEP * BLOCK_R)
+    kr = kk % BLOCK_R
+    t_rows = t_ptr + tok[:, None] * stride_tt + kr[None, :] * stride_tr
+    b_cols = b_ptr + rn[None, :].to(tl.int64) * stride_bn + kr[:, None] * stride_br
+    for s0 in range(first, last + 1, SLOTS_PER_STEP):
+        ks = s0 + kk // BLOCK_R
+        rank = tl.minimum(tl.load(ranks_ptr + ks, mask=ks <= last, other=0), R)
+        k_ok = (ks <= last) & (kr < rank)
+        lw = tl.load(t_rows, mask=(slot[:, None] == ks[None, :]) & k_ok[None, :], other=0.0) * scale[:, None]
+        bw = tl.load(b_cols + ks[:, None].to(tl.int64) * stride_bs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = dot(lw, bw, acc, EXPAND_MODE, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + tok[:, None] * stride_yt + rn[None, :].to(tl.int64) * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
 def _device_error(what: str, tensors: dict, device: torch.device):
     for name, t in tensors.items():
         if t.device != device:
@@ -270,8 +342,9 @@ def multi_lora_shrink(x: torch.Tensor, A: torch.Tensor, seg: Segments, ranks: to
     return cached(key, _shrink_plan, x, A, seg, ranks, out)(x, A, seg, ranks, out)
 
 
-def _shrink_plan(x, A, seg, ranks, out):
-    """multi_lora_shrink's work for one shape key: the checks, the tiles, the grid, once."""
+def _shrink_plan(x, A, seg, ranks, out, launch_dependents=False):
+    """multi_lora_shrink's work for one shape key: the checks, the tiles, the grid, once.
+    ``launch_dependents``: the next kernel, launched with PDL, may start while this one runs."""
     what = "multi_lora_shrink"
     if x.dim() != 2 or x.dtype not in _FLOATS:
         raise ValueError(f"{what}: x must be (T, K) fp16, bf16 or fp32, got {tuple(x.shape)} {x.dtype}")
@@ -300,7 +373,7 @@ def _shrink_plan(x, A, seg, ranks, out):
         K, R, S, *x.stride(), *A.stride(), *(out.stride() if out is not None else (R, 1)),
     ), MODE=mode, PRECISION=fp32_precision(), SPLIT_K=split_k,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, BLOCK_S=triton.next_power_of_2(S + 1),
-        num_warps=warps, num_stages=stages,
+        LAUNCH_DEPENDENTS=launch_dependents, num_warps=warps, num_stages=stages,
     )
     zeroed = split_k > 1
 
@@ -434,3 +507,70 @@ def _check_layer(x, y, indices, A, B, scales, ranks):
         if tuple(t.shape) != (A.shape[0],):
             raise ValueError(f"{what}: {name} must be ({A.shape[0]},), one per slot, got {tuple(t.shape)}")
     return True
+
+
+def multi_lora_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, indices: torch.Tensor,
+                      A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor,
+                      seg: Segments | None = None) -> torch.Tensor:
+    """A whole layer over a batch of many adapters, the base matmul included: a new y (T, N) =
+    x·wᵀ + bias, plus for each token i with slot s = indices[i] >= 0: scales[s] · x[i] · A[s, :r]ᵀ ·
+    B[s, :, :r]ᵀ, r = ranks[s].
+
+    x (T, K) fp16/bf16/fp32 and w (N, K) in x's dtype, any strides; bias (N,) or None; the rest as
+    ``multi_lora``. Two launches (plus ``segments``' where seg is not given, and a zero fill where the
+    shrink splits K): ``multi_lora_shrink``, then one matmul over the tokens in slot order whose
+    epilogue adds the LoRA terms (``_multi_lora_linear_kernel``; on Hopper launched with PDL, its main
+    loop running while the shrink finishes). No host sync; capturable in a CUDA graph."""
+    key = (multi_lora_linear, x.shape, x.stride(), x.dtype, x.device, w.shape, w.stride(), w.dtype, w.device,
+           None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
+           indices.shape, indices.dtype, indices.device, A.shape, A.stride(), A.dtype, A.device,
+           B.shape, B.stride(), B.dtype, B.device, scales.shape, scales.dtype, scales.device,
+           ranks.shape, ranks.dtype, ranks.device, None if seg is None else _seg_key("multi_lora_linear", seg),
+           fp32_precision())
+    run = cached(key, _linear_layer_plan, x, w, bias, indices, A, B, scales, ranks, seg)
+    if seg is None:
+        seg = segments(indices, A.shape[0])
+    return run(x, w, bias, A, B, scales, ranks, seg)
+
+
+def _linear_layer_plan(x, w, bias, indices, A, B, scales, ranks, seg):
+    """multi_lora_linear's work for one key: the checks, the shrink's plan and the matmul's; returns
+    run(x, w, bias, A, B, scales, ranks, seg) -> y."""
+    what = "multi_lora_linear"
+    if w.dim() != 2 or x.dim() != 2 or w.shape[1] != x.shape[1]:
+        raise ValueError(f"{what}: x must be (T, K) and w (N, K), got x {tuple(x.shape)} and w {tuple(w.shape)}")
+    if w.dtype != x.dtype:
+        raise ValueError(f"{what}: w must have x's dtype {x.dtype}, got {w.dtype}")
+    T, K = x.shape
+    N = w.shape[0]
+    if bias is not None and (tuple(bias.shape) != (N,) or not bias.dtype.is_floating_point):
+        raise ValueError(f"{what}: bias must be ({N},) floating point, got {tuple(bias.shape)} {bias.dtype}")
+    y = torch.empty((T, N), dtype=x.dtype, device=x.device)
+    _check_layer(x, y, indices, A, B, scales, ranks)
+    _device_error(what, {"w": w, **({} if bias is None else {"bias": bias})}, x.device)
+    if seg is None:  # the grouping's shapes and device, for the checks
+        seg = segments(indices, A.shape[0])
+    device = x.device
+    pdl = pdl_ok(device)
+    shrink = _shrink_plan(x, A, seg, ranks, None, launch_dependents=pdl)
+    t = torch.empty((T, A.shape[1]), dtype=torch.float32, device=device)
+    _expand_plan(t, B, seg, ranks, scales, y)  # the expand's checks of B, scales and the segments
+    S, _, R = B.shape
+    BM, BN, BK, GM, warps, stages = linear_config(T, device)
+    BLOCK_R = block_r(R)
+    plan = Plan(_multi_lora_linear_kernel, (cdiv(T, BM) * cdiv(N, BN),), (
+        T, N, K, R, S, *x.stride(), *w.stride(), *t.stride(), *B.stride(), *y.stride(),
+    ), HAS_BIAS=bias is not None, MODE=dot_mode(x.dtype, w.dtype), EXPAND_MODE=expand_mode(x.dtype),
+        PRECISION=fp32_precision(), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BLOCK_R,
+        SLOTS_PER_STEP=max(1, 128 // BLOCK_R), BLOCK_S=max(16, triton.next_power_of_2(S)), GROUP_M=GM,
+        num_warps=warps, num_stages=stages, **pdl_meta(pdl),
+    )
+
+    def run(x, w, bias, A, B, scales, ranks, seg):
+        y = torch.empty((T, N), dtype=x.dtype, device=device)
+        if T and N:
+            t = shrink(x, A, seg, ranks, None)
+            plan.run((x, w, t if bias is None else bias, t, B, seg.order, seg.starts, seg.counts, ranks, scales, y))
+        return y
+
+    return run

@@ -1,5 +1,6 @@
 """The multi-adapter kernels (kernels/multi_lora.py) against fastpeft.reference.multi_lora (fp64 oracle),
-on the GPU or under the interpreter.
+on the GPU or under the interpreter: the in-place LoRA part (``multi_lora``) and the whole layer with
+its base matmul (``multi_lora_linear``).
 
 Batches mix ranks (1 .. R, with R past one BLOCK_R chunk), rows with no adapter (-1), repeated and
 unsorted indices, one segment and many, odd T/K/N, strided and transposed x and y; every slot's rows
@@ -10,7 +11,10 @@ import pytest
 import torch
 
 from fastpeft import reference
-from fastpeft.kernels.multi_lora import Segments, multi_lora, multi_lora_expand, multi_lora_shrink, segments
+import torch.nn.functional as F
+
+from fastpeft.kernels.multi_lora import (Segments, multi_lora, multi_lora_expand, multi_lora_linear,
+                                         multi_lora_shrink, segments)
 from tolerance import DTYPE_PAIRS, dtype_pair_id, assert_close
 
 # (T, K, N, ranks, R): R is the stacked width, ranks one per slot
@@ -274,3 +278,79 @@ def test_segments_kernel_and_torch_paths_agree(kernel_device):
         order, starts, counts = _segments_in_python(indices.tolist(), S)
         seg = segments(indices, S)
         assert seg.order.tolist() == order and seg.starts.tolist() == starts and seg.counts.tolist() == counts
+
+
+def _check_linear(x, w, bias, indices, A, B, scales, ranks, dtype, seg=None):
+    """multi_lora_linear against x·wᵀ + bias then the reference's LoRA terms, slot by slot; rows with
+    no adapter against the base product alone."""
+    out = multi_lora_linear(x, w, bias, indices, A, B, scales, ranks, seg)
+    assert out.dtype == x.dtype and tuple(out.shape) == (x.shape[0], w.shape[0])
+    base64 = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+    base = F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
+    exact = reference.multi_lora(x.double(), base64, indices, *_f64(A, B, scales), ranks)
+    same = reference.multi_lora(x, base, indices, A, B, scales, ranks)
+    assert_close(out[indices < 0], base64[indices < 0], base[indices < 0], dtype, "y, rows with no adapter")
+    for s, r in enumerate(ranks.tolist()):
+        rows = indices == s
+        if rows.any():
+            assert_close(out[rows], exact[rows], same[rows], dtype, f"y, slot {s} (rank {r})")
+    return out
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=dtype_pair_id)
+def test_multi_lora_linear_matches_reference(kernel_device, dtypes):
+    dtype, adapter_dtype = dtypes
+    for i, (T, K, N, ranks, R) in enumerate(_cases(kernel_device)):
+        x, _, indices, A, B, scales, ranks_t = _batch(T, K, N, ranks, R, dtype, adapter_dtype, kernel_device)
+        w = torch.randn(N, K, device=kernel_device, dtype=dtype) / K**0.5
+        bias = torch.randn(N, device=kernel_device, dtype=dtype) if i % 2 else None
+        _check_linear(x, w, bias, indices, A, B, scales, ranks_t, dtype)
+
+
+def test_multi_lora_linear_layouts_and_runs(kernel_device):
+    """Strided x, transposed w, an fp32 bias on fp16; a prefill-like batch (long sorted runs, a slot
+    no token uses, rank 0); every row -1 (the base product alone); the segments given."""
+    dtype = torch.float16
+    x, _, indices, A, B, scales, ranks = _batch(37, 45, 29, (1, 3, 8, 16), 16, dtype, torch.float32, kernel_device,
+                                                x_layout="strided")
+    w = torch.randn(45, 29, device=kernel_device, dtype=dtype).t()
+    bias = torch.randn(29, device=kernel_device)
+    _check_linear(x, w, bias, indices, A, B, scales, ranks, dtype)
+    runs = torch.tensor([0] * 30 + [2] * 25 + [3] * 15, device=kernel_device)
+    x, _, _, A, B, scales, ranks = _batch(70, 40, 33, (8, 16, 3, 0), 16, dtype, dtype, kernel_device, indices=runs)
+    w = torch.randn(33, 40, device=kernel_device, dtype=dtype) / 40**0.5
+    a = _check_linear(x, w, None, runs, A, B, scales, ranks, dtype)
+    assert torch.equal(a, multi_lora_linear(x, w, None, runs, A, B, scales, ranks, segments(runs, 4)))
+    nothing = torch.full((70,), -1, device=kernel_device)
+    _check_linear(x, w, None, nothing, A, B, scales, ranks, dtype)
+
+
+def test_multi_lora_linear_errors():
+    x, y, indices, A, B, scales, ranks = _batch(6, 8, 10, (1, 3), 4, torch.float32, torch.float32, "cpu")
+    w = torch.randn(10, 8)
+    with pytest.raises(ValueError, match="w must have x's dtype"):
+        multi_lora_linear(x, w.half(), None, indices, A, B, scales, ranks)
+    with pytest.raises(ValueError, match="x must be \\(T, K\\) and w \\(N, K\\)"):
+        multi_lora_linear(x, w[:, :7], None, indices, A, B, scales, ranks)
+    with pytest.raises(ValueError, match="bias must be \\(10,\\)"):
+        multi_lora_linear(x, w, torch.zeros(9), indices, A, B, scales, ranks)
+    with pytest.raises(ValueError, match="B's N is 9"):
+        multi_lora_linear(x, w, None, indices, A, B[:, :9], scales, ranks)
+
+
+def test_multi_lora_linear_cuda_graph_replay(gpu):
+    """Captured once (segments included), replayed on new indices and x."""
+    T, K, N, ranks, R = 256, 512, 384, (16, 8, 4, 1) * 4, 16
+    x, _, indices, A, B, scales, ranks_t = _batch(T, K, N, ranks, R, torch.bfloat16, torch.bfloat16, gpu)
+    w = torch.randn(N, K, device=gpu, dtype=torch.bfloat16) / K**0.5
+    multi_lora_linear(x, w, None, indices, A, B, scales, ranks_t)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = multi_lora_linear(x, w, None, indices, A, B, scales, ranks_t)
+    for _ in range(2):
+        indices.copy_(torch.randint(-1, len(ranks), (T,), device=gpu))
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        expected = multi_lora_linear(x, w, None, indices, A, B, scales, ranks_t)
+        torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)  # split-K atomics: not bit-exact

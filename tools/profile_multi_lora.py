@@ -1,0 +1,113 @@
+"""Development: where a multi-LoRA layer's time goes, on a GPU, measured two ways.
+
+* kernels: each kernel's own duration (torch.profiler, CUDA time per kernel, L2 warm), no launch gaps;
+* chain: LAYERS layers with distinct weights (so each reads its weights from memory, as a model's
+  layers do) captured in one CUDA graph and replayed: µs per layer for the base ``F.linear`` alone,
+  for ``F.linear`` + ``multi_lora`` and for ``multi_lora_linear`` (the grouping done once per batch,
+  as MultiLora shares it): the ratios the serving targets name, without one graph launch per layer.
+
+    python tools/profile_multi_lora.py
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+from common import time_ms  # noqa: E402
+
+from fastpeft.kernels.multi_lora import multi_lora, multi_lora_linear, segments  # noqa: E402
+
+LAYERS = int(os.environ.get("FASTPEFT_PROFILE_LAYERS", "16"))
+CASES = [(4096, 4096, 1, 32, "decode"), (4096, 4096, 16, 32, "decode"), (4096, 4096, 256, 32, "decode"),
+         (4096, 4096, 256, 128, "decode"), (4096, 4096, 4096, 8, "prefill"), (4096, 14336, 256, 32, "decode"),
+         (4096, 14336, 4096, 8, "prefill")]
+R = 16
+
+
+def _indices(T, slots, layout):
+    gen = torch.Generator(device="cpu").manual_seed(T * 131 + slots)
+    if layout == "prefill":
+        return torch.randint(0, slots, (8,), generator=gen).repeat_interleave(T // 8).to(torch.int32).cuda()
+    return torch.randint(0, slots, (T,), generator=gen).to(torch.int32).cuda()
+
+
+def _graph(fn):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def _kernel_us(fn, reps=20):
+    """Mean CUDA time per call of each kernel ``fn`` launches, by kernel name (µs)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            out[ev.name[:40]] += ev.device_time / reps
+    return dict(out)
+
+
+def main() -> None:
+    print(f"# {torch.cuda.get_device_name()}; r={R}; chain of {LAYERS} layers with distinct weights in one graph")
+    print("| K | N | T | slots | layout | base µs/layer | +multi_lora µs/layer | ratio | multi_lora_linear µs/layer | "
+          "ratio | rel diff | segments µs | kernels (µs, L2 warm) | fused kernels |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for K, N, T, slots, layout in CASES:
+        x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5 for _ in range(LAYERS)]
+        As = [torch.randn(slots, R, K, device="cuda", dtype=torch.bfloat16) / K**0.5 for _ in range(LAYERS)]
+        Bs = [torch.randn(slots, N, R, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
+        scales = torch.full((slots,), 2.0, device="cuda")
+        ranks = torch.full((slots,), R, device="cuda", dtype=torch.int32)
+        idx = _indices(T, slots, layout)
+        seg = segments(idx, slots)
+
+        def base():
+            for w in ws:
+                F.linear(x, w)
+
+        def fast():
+            for w, A, B in zip(ws, As, Bs):
+                multi_lora(x, F.linear(x, w), idx, A, B, scales, ranks, seg)
+
+        def fused():
+            for w, A, B in zip(ws, As, Bs):
+                multi_lora_linear(x, w, None, idx, A, B, scales, ranks, seg)
+
+        y0 = multi_lora(x, F.linear(x, ws[0]), idx, As[0], Bs[0], scales, ranks, seg).float()
+        y1 = multi_lora_linear(x, ws[0], None, idx, As[0], Bs[0], scales, ranks, seg).float()
+        err = ((y1 - y0).norm() / y0.norm()).item()
+        gb, gf, gu = _graph(base), _graph(fast), _graph(fused)
+        tb = time_ms(gb.replay) * 1e3 / LAYERS
+        tf = time_ms(gf.replay) * 1e3 / LAYERS
+        tu = time_ms(gu.replay) * 1e3 / LAYERS
+        ts = time_ms(_graph(lambda: segments(idx, slots)).replay) * 1e3
+        ks = _kernel_us(lambda: multi_lora(x, F.linear(x, ws[0]), idx, As[0], Bs[0], scales, ranks))
+        ku = _kernel_us(lambda: multi_lora_linear(x, ws[0], None, idx, As[0], Bs[0], scales, ranks, seg))
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in ks.items())
+        uparts = ", ".join(f"{k} {v:.1f}" for k, v in ku.items())
+        print(f"| {K} | {N} | {T} | {slots} | {layout} | {tb:.1f} | {tf:.1f} | {tf / tb:.2f} | {tu:.1f} | "
+              f"{tu / tb:.2f} | {err:.1e} | {ts:.1f} | {parts} | {uparts} |", flush=True)
+        ws = As = Bs = None
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
