@@ -4,13 +4,15 @@ One bf16 linear layer (K in, N out) with ``slots`` adapters resident (stacked A 
 (slots, N, r_max), bf16) and T tokens, each with its adapter: "decode" batches scatter one token per
 sequence over the adapters at random, "prefill" batches hold 8 sequences of T/8 tokens, one adapter each.
 Columns, timed in the same run (common.time_ms, A B B A order): ``base_ms`` (``F.linear`` alone, the
-floor), ``fastpeft_ms`` (``F.linear`` then ``kernels.multi_lora.multi_lora`` adding every token's LoRA
-term into the output in place, segments included), ``fastpeft_graph_ms`` (the same replayed in a CUDA
-graph: the GPU time without the host), ``seg_given_graph_ms`` (the same with the tokens' grouping,
-``segments``, done once per batch outside the layer, as ``MultiLora`` shares it across layers and decode
-steps), ``peft_ms`` (PEFT's ``lora.Linear`` with ``adapter_names=``, the
-adapters as separate modules, up to 32 of them). Ranks: one r for every adapter, or "mixed" (8 to 64 by
-slot, r_max 64).
+floor), ``fastpeft_ms`` (``kernels.multi_lora.multi_lora_linear``: the base product and every token's
+LoRA term in one matmul behind the shrink, the tokens' grouping ``segments`` included), ``peft_ms``
+(PEFT's ``lora.Linear`` with ``adapter_names=``, the adapters as separate modules, up to 32 of them).
+In CUDA graphs (the GPU time without the host): ``*_graph_ms`` one layer replayed; ``*_chain_us``
+CHAIN layers with distinct weights replayed as one graph, per layer (what a model's decode step pays:
+no graph launch per layer, each layer's weights read from memory), with the grouping done once per
+batch outside the layers as ``MultiLora`` shares it; ``unfused_chain_us`` the same for ``F.linear``
+then ``multi_lora`` adding the LoRA terms in place (the route a non-``nn.Linear`` base takes). Ranks:
+one r for every adapter, or "mixed" (8 to 64 by slot, r_max 64).
 
     pytest bench/bench_multi_lora.py -s           # the grid below (GPU only)
 """
@@ -28,7 +30,13 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from common import RESULTS, graph_time_ms, register, time_ms  # noqa: E402
 
+
+def _chain_us(fn) -> float:
+    """µs per layer of ``fn(layer)`` over CHAIN layers captured in one CUDA graph and replayed."""
+    return graph_time_ms(lambda: [fn(i) for i in range(CHAIN)]) * 1e3 / CHAIN
+
 TABLE = "multi_lora_layer"
+CHAIN = int(os.environ.get("FASTPEFT_BENCH_CHAIN", "16"))
 SHAPES = [(4096, 4096), (4096, 14336)]  # (K, N)
 TOKENS = [1, 16, 256, 4096]
 SLOTS = [1, 8, 32, 128]
@@ -81,7 +89,7 @@ def _peft_layer(K, N, ranks, A, B, scales):
 
 @pytest.mark.parametrize("K,N,T,slots,r,layout", list(_grid()), ids=lambda v: str(v))
 def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, benchmark):
-    from fastpeft.kernels.multi_lora import multi_lora, segments
+    from fastpeft.kernels.multi_lora import multi_lora, multi_lora_linear, segments
 
     ranks = _ranks(slots, r)
     r_max = max(ranks)
@@ -97,12 +105,13 @@ def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, ben
         return F.linear(x, w)
 
     def fast():
-        return multi_lora(x, F.linear(x, w), indices, A, B, scales, rank_t)
+        return multi_lora_linear(x, w, None, indices, A, B, scales, rank_t)
 
     seg = segments(indices, slots)
-
-    def fast_seg():  # the tokens grouped once per batch, outside the layer (as MultiLora shares them)
-        return multi_lora(x, F.linear(x, w), indices, A, B, scales, rank_t, seg)
+    # CHAIN layers' weights (W, A, B; the first one's are the single layer's), for the chain columns
+    ws = [w] + [torch.randn_like(w) / K**0.5 for _ in range(CHAIN - 1)]
+    As = [A] + [torch.randn_like(A) / K**0.5 for _ in range(CHAIN - 1)]
+    Bs = [B] + [torch.randn_like(B) * 0.02 for _ in range(CHAIN - 1)]
 
     row = {"K": K, "N": N, "T": T, "slots": slots, "r": r, "layout": layout}
     impls = {"base": base, "fastpeft": fast}
@@ -131,11 +140,16 @@ def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, ben
         for name, ts in times.items():
             row[f"{name}_ms"] = sum(ts) / len(ts)
         row["fastpeft_graph_ms"] = graph_time_ms(fast)
-        row["seg_given_graph_ms"] = graph_time_ms(fast_seg)
         row["base_graph_ms"] = graph_time_ms(base)
+        row["base_chain_us"] = _chain_us(lambda i: F.linear(x, ws[i]))
+        row["fastpeft_chain_us"] = _chain_us(
+            lambda i: multi_lora_linear(x, ws[i], None, indices, As[i], Bs[i], scales, rank_t, seg))
+        row["unfused_chain_us"] = _chain_us(
+            lambda i: multi_lora(x, F.linear(x, ws[i]), indices, As[i], Bs[i], scales, rank_t, seg))
     row["fastpeft/base"] = row["fastpeft_ms"] / row["base_ms"]
     row["graph fastpeft/base"] = row["fastpeft_graph_ms"] / row["base_graph_ms"]
-    row["graph seg given/base"] = row["seg_given_graph_ms"] / row["base_graph_ms"]
+    row["chain fastpeft/base"] = row["fastpeft_chain_us"] / row["base_chain_us"]
+    row["chain unfused/base"] = row["unfused_chain_us"] / row["base_chain_us"]
     if "peft_ms" in row:
         row["peft/fastpeft"] = row["peft_ms"] / row["fastpeft_ms"]
     bench_record(TABLE, row)
@@ -146,4 +160,6 @@ def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, ben
 
 RESULTS.derive(TABLE, lambda rows: rows, note=(
     "bf16 layer, adapters bf16 (PEFT's fp32 copies), scaling 2; decode: one token per row, adapters at random; "
-    "prefill: 8 sequences of T/8 tokens; fastpeft = F.linear + multi_lora in place; *_graph_ms: CUDA-graph replay."))
+    "prefill: 8 sequences of T/8 tokens; fastpeft = multi_lora_linear (segments included); *_graph_ms: one "
+    "layer's CUDA-graph replay; *_chain_us: per layer of a chain of distinct layers in one graph, segments given; "
+    "unfused: F.linear then multi_lora in place."))

@@ -60,6 +60,17 @@ def fusable(base_layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -
             and not torch.is_autocast_enabled(x.device.type))
 
 
+def kernel_4bit_base(owner: nn.Module, base: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
+    """The kernels' ``qlora.Base4bit`` of a bitsandbytes 4-bit ``base`` (owner: the layer holding it) where
+    fastpeft's 4-bit kernels can compute ``base(x)`` (x alone, compute dtype x's, even K), else None."""
+    from . import qlora
+
+    if args or kwargs or not qlora.is_4bit(base):
+        return None
+    w = qlora.base_of(owner, base.weight)
+    return w if w.quant is not None and w.compute_dtype in (None, x.dtype) else None
+
+
 def linear_multi_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], indices: torch.Tensor,
                       lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor,
                       seg=None) -> torch.Tensor:
@@ -193,6 +204,12 @@ def mixed_batch_forward(layer, x: torch.Tensor, adapter_names: Sequence[str], *a
     if kernels and fusable(base, x, args, kwargs):
         y2 = linear_multi_lora(x2, base.weight, base.bias, indices, *stacked, seg=seg)
         return y2.reshape(*x.shape[:-1], y2.shape[-1])
+    w4 = kernel_4bit_base(layer, base, x, args, kwargs) if kernels else None
+    if w4 is not None:  # the 4-bit base by fastpeft's kernels, not bitsandbytes' forward
+        from . import qlora
+
+        y2 = multi_lora(x2, qlora.linear_4bit(x2, w4, base.bias), indices, *stacked, backend, seg=seg)
+        return y2.reshape(*x.shape[:-1], y2.shape[-1])
     result = base(x, *args, **kwargs)
     out = multi_lora(x2, result.reshape(-1, result.shape[-1]), indices, *stacked, backend, seg=seg)
     return out.reshape(result.shape)
@@ -273,6 +290,19 @@ class _Rows:
         return found
 
 
+def _kernels_read_4bit(base_layer: nn.Module) -> bool:
+    """Whether ``base_layer`` is a bitsandbytes 4-bit layer that fastpeft's 4-bit kernels read."""
+    from . import qlora
+
+    if not qlora.is_4bit(base_layer):
+        return False
+    try:
+        qlora.check_4bit("", base_layer)
+    except (ValueError, NotImplementedError):
+        return False
+    return True
+
+
 class MultiLoraLinear(nn.Module):
     """A frozen linear (``nn.Linear`` or bitsandbytes ``Linear4bit``) plus ``slots`` adapter slots:
     A (slots, max_rank, in), B (slots, out, max_rank), scaling and rank per slot (rank 0: empty, or an
@@ -288,6 +318,7 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(slots, dtype=torch.float32, device=device))
         self.register_buffer("ranks", torch.zeros(slots, dtype=torch.int32, device=device))
         self._rows = rows
+        self._is_4bit = _kernels_read_4bit(base_layer)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         slots = self._rows.slots
@@ -305,9 +336,16 @@ class MultiLoraLinear(nn.Module):
             y = base(x, *args, **kwargs)
             torch.ops.fastpeft.multi_lora_(x2, y.reshape(-1, y.shape[-1]), token_slots(slots, x), *lora)
             return y
-        indices, seg = self._rows.tokens(x, len(self.ranks), use_triton(x))
+        kernels = use_triton(x)
+        indices, seg = self._rows.tokens(x, len(self.ranks), kernels)
         if fused:
             y2 = linear_multi_lora(x2, base.weight, base.bias, indices, *lora, seg=seg)
+            return y2.reshape(*x.shape[:-1], y2.shape[-1])
+        w4 = kernel_4bit_base(self, base, x, args, kwargs) if kernels and self._is_4bit else None
+        if w4 is not None:  # the 4-bit base by fastpeft's kernels, not bitsandbytes' forward
+            from . import qlora
+
+            y2 = multi_lora(x2, qlora.linear_4bit(x2, w4, base.bias), indices, *lora, seg=seg)
             return y2.reshape(*x.shape[:-1], y2.shape[-1])
         y = base(x, *args, **kwargs)
         return multi_lora(x2, y.reshape(-1, y.shape[-1]), indices, *lora, seg=seg).reshape(y.shape)

@@ -175,6 +175,17 @@ def matmul_4bit(x2: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> tor
     return torch.nn.functional.linear(x2, nf4_dequantize(w, x2.dtype), bias)
 
 
+def linear_4bit(x2: torch.Tensor, w: Base4bit, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x2 (M, K) · Wᵀ + bias over a 4-bit base, no LoRA term (a multi-adapter layer's base product): the
+    decode kernel up to FUSED_MAX_M rows, else W dequantized as bitsandbytes does, then cuBLAS."""
+    from .kernels.nf4 import nf4_matmul
+
+    b = None if bias is None else route.as_dtype(bias, x2.dtype)
+    if _decode(x2.shape[0], w.quant):
+        return nf4_matmul(x2, w.quant, b)
+    return torch.nn.functional.linear(x2, w.dequantized(x2.dtype), b)
+
+
 def _decode(M: int, quant) -> bool:
     """Whether an M-row product over ``quant`` (a Packed4bit or None) takes the decode kernel."""
     return quant is not None and M <= FUSED_MAX_M and quant.K % quant.blocksize == 0

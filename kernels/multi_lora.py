@@ -9,6 +9,10 @@ take no adapter. Two kernels, Punica's SGMV / vLLM's lora_shrink and lora_expand
     multi_lora_shrink   t (T, R) fp32 = x · A[slot]ᵀ per token, zeros past the slot's rank
     multi_lora_expand   y += scale[slot] · t · B[slot]ᵀ in place, fp32 sums, one rounding into y
 
+and the whole layer with its base product, ``multi_lora_linear``: the shrink, then one matmul
+y = x · Wᵀ + bias + scale[slot] · t · B[slot]ᵀ over the tokens in slot order, the expand in its
+epilogue (no second pass over y, one launch fewer).
+
 Both are grouped by segment: ``segments`` sorts the tokens by slot on the device (no host sync), and
 each program takes BLOCK_M tokens of one slot, gathers their rows through ``order`` and loads that
 slot's weight tiles once for all of them (a prefill batch with long runs of one adapter reads each
