@@ -282,14 +282,8 @@ def test_generate_equals_peft(tiny_dir, set_options, backend, request):
     """Greedy generation from a patched 4-bit model: the tokens of PEFT over bitsandbytes (fp32 compute,
     so that ties from rounding do not decide), adapters on, then disabled (train mode: see above); the
     kernels run the decode kernel at every step (M = batch rows)."""
-    from fastpeft import qlora
-
-    calls = []
     if backend == "kernels":
         request.getfixturevalue("kernels_on")
-        monkeypatch = request.getfixturevalue("monkeypatch")
-        real = qlora.linear_4bit
-        monkeypatch.setattr(qlora, "linear_4bit", lambda *a: calls.append(1) or real(*a))
     else:
         set_options(backend="reference")
     pm = peft.get_peft_model(load_4bit(tiny_dir, compute_dtype=torch.float32, dtype=torch.float32),
@@ -365,18 +359,16 @@ def test_unsupported_quant_state_refused(tiny_dir):
 
 
 @pytest.mark.parametrize("backend", ["reference", "kernels"])
-def test_mixed_batch_over_4bit(tiny_dir, tmp_path, backend, request, set_options):
+def test_mixed_batch_over_4bit(tiny_dir, tmp_path, backend, request, set_options, monkeypatch):
     """PEFT's adapter_names= on a patched 4-bit model (two adapters loaded by name) and MultiLora over its
     Linear4bit layers: PEFT's mixed batch over the same 4-bit model (eval, as mixed batches require).
     With the kernels, the base product runs fastpeft's 4-bit kernels, not bitsandbytes' forward."""
     from fastpeft import qlora
 
-    calls = []
+    calls, real = [], qlora.linear_4bit
+    monkeypatch.setattr(qlora, "linear_4bit", lambda *a: calls.append(1) or real(*a))
     if backend == "kernels":
         request.getfixturevalue("kernels_on")
-        monkeypatch = request.getfixturevalue("monkeypatch")
-        real = qlora.linear_4bit
-        monkeypatch.setattr(qlora, "linear_4bit", lambda *a: calls.append(1) or real(*a))
     else:
         set_options(backend="reference")
     pm = peft.get_peft_model(load_4bit(tiny_dir), peft.LoraConfig(**LORA), adapter_name="one")
@@ -407,14 +399,8 @@ def test_mixed_batch_over_4bit(tiny_dir, tmp_path, backend, request, set_options
 def test_dora_over_4bit_equals_peft(tiny_dir, backend, request, set_options):
     """DoRA (use_dora=True) over the 4-bit base: fastpeft against PEFT's DoRA over bitsandbytes, the
     magnitude's gradient included; merged (requantized), the adapter's effect is kept."""
-    from fastpeft import qlora
-
-    calls = []
     if backend == "kernels":
         request.getfixturevalue("kernels_on")
-        monkeypatch = request.getfixturevalue("monkeypatch")
-        real = qlora.linear_4bit
-        monkeypatch.setattr(qlora, "linear_4bit", lambda *a: calls.append(1) or real(*a))
     else:
         set_options(backend="reference")
     cfg = dict(LORA, use_dora=True)
