@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-from common import time_ms  # noqa: E402
+from common import graph_time_ms  # noqa: E402
 
 from fastpeft.kernels.multi_lora import multi_lora, multi_lora_linear, segments  # noqa: E402
 
@@ -34,19 +34,6 @@ def _indices(T, slots, layout):
     if layout == "prefill":
         return torch.randint(0, slots, (8,), generator=gen).repeat_interleave(T // 8).to(torch.int32).cuda()
     return torch.randint(0, slots, (T,), generator=gen).to(torch.int32).cuda()
-
-
-def _graph(fn):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def _kernel_us(fn, reps=20):
@@ -94,11 +81,8 @@ def main() -> None:
         y0 = multi_lora(x, F.linear(x, ws[0]), idx, As[0], Bs[0], scales, ranks, seg).float()
         y1 = multi_lora_linear(x, ws[0], None, idx, As[0], Bs[0], scales, ranks, seg).float()
         err = ((y1 - y0).norm() / y0.norm()).item()
-        gb, gf, gu = _graph(base), _graph(fast), _graph(fused)
-        tb = time_ms(gb.replay) * 1e3 / LAYERS
-        tf = time_ms(gf.replay) * 1e3 / LAYERS
-        tu = time_ms(gu.replay) * 1e3 / LAYERS
-        ts = time_ms(_graph(lambda: segments(idx, slots)).replay) * 1e3
+        tb, tf, tu = (graph_time_ms(fn) * 1e3 / LAYERS for fn in (base, fast, fused))
+        ts = graph_time_ms(lambda: segments(idx, slots)) * 1e3
         ks = _kernel_us(lambda: multi_lora(x, F.linear(x, ws[0]), idx, As[0], Bs[0], scales, ranks))
         ku = _kernel_us(lambda: multi_lora_linear(x, ws[0], None, idx, As[0], Bs[0], scales, ranks, seg))
         parts = ", ".join(f"{k} {v:.1f}" for k, v in ks.items())
