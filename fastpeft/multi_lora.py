@@ -55,9 +55,12 @@ def fusable(base_layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -
     ``nn.Linear`` (not a subclass) without hooks, its weight in x's dtype, called with x alone, no
     autocast, the kernels running."""
     return (FUSE_BASE and type(base_layer) is nn.Linear and not args and not kwargs
-            and base_layer.weight.dtype == x.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and base_layer._parameters["weight"].dtype == x.dtype and x.dtype in _FUSED_DTYPES
             and not base_layer._forward_hooks and not base_layer._forward_pre_hooks
             and not torch.is_autocast_enabled(x.device.type))
+
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def kernel_4bit_base(owner: nn.Module, base: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
@@ -322,12 +325,14 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         slots = self._rows.slots
-        base = self.base_layer
+        base = self._modules["base_layer"]
         if slots is None:
             return base(x, *args, **kwargs)
         x2 = x.reshape(-1, x.shape[-1])
-        fused = use_triton(x) and fusable(base, x, args, kwargs)
-        lora = (self.lora_A, self.lora_B, self.scales, self.ranks)
+        kernels = use_triton(x)
+        fused = kernels and fusable(base, x, args, kwargs)
+        buffers = self._buffers  # not through nn.Module.__getattr__: this runs per layer and decode step
+        lora = (buffers["lora_A"], buffers["lora_B"], buffers["scales"], buffers["ranks"])
         if torch.compiler.is_compiling():
             # traced: the tokens' slots as torch ops; their grouping and the kernels in one custom op
             if fused:
@@ -336,8 +341,7 @@ class MultiLoraLinear(nn.Module):
             y = base(x, *args, **kwargs)
             torch.ops.fastpeft.multi_lora_(x2, y.reshape(-1, y.shape[-1]), token_slots(slots, x), *lora)
             return y
-        kernels = use_triton(x)
-        indices, seg = self._rows.tokens(x, len(self.ranks), kernels)
+        indices, seg = self._rows.tokens(x, len(lora[3]), kernels)
         if fused:
             y2 = linear_multi_lora(x2, base.weight, base.bias, indices, *lora, seg=seg)
             return y2.reshape(*x.shape[:-1], y2.shape[-1])

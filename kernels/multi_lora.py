@@ -329,7 +329,8 @@ def _seg_key(what: str, seg: Segments) -> tuple:
     if not isinstance(seg, tuple) or len(seg) != 3 or not all(isinstance(t, torch.Tensor) for t in seg):
         raise ValueError(f"{what}: seg must be the Segments that segments(indices, S) returns, got "
                          f"{type(seg).__name__}")
-    return tuple((t.shape, t.dtype, t.device) for t in seg)
+    o, s, c = seg
+    return o.shape, o.dtype, o.device, s.shape, s.dtype, s.device, c.shape, c.dtype, c.device
 
 
 def multi_lora_shrink(x: torch.Tensor, A: torch.Tensor, seg: Segments, ranks: torch.Tensor,
