@@ -5,13 +5,14 @@ One bf16 linear layer (K in, N out) with ``slots`` adapters resident (stacked A 
 sequence over the adapters at random, "prefill" batches hold 8 sequences of T/8 tokens, one adapter each.
 Columns, timed in the same run (common.time_ms, A B B A order): ``base_ms`` (``F.linear`` alone, the
 floor), ``fastpeft_ms`` (``kernels.multi_lora.multi_lora_linear``: the base product and every token's
-LoRA term in one matmul behind the shrink, the tokens' grouping ``segments`` included), ``peft_ms``
+LoRA term in one matmul behind the shrink, the tokens' grouping ``segments`` included; MultiLora's
+route with ``fastpeft.multi_lora.FUSE_BASE``, off by default until timed), ``peft_ms``
 (PEFT's ``lora.Linear`` with ``adapter_names=``, the adapters as separate modules, up to 32 of them).
 In CUDA graphs (the GPU time without the host): ``*_graph_ms`` one layer replayed; ``*_chain_us``
 CHAIN layers with distinct weights replayed as one graph, per layer (what a model's decode step pays:
 no graph launch per layer, each layer's weights read from memory), with the grouping done once per
 batch outside the layers as ``MultiLora`` shares it; ``unfused_chain_us`` the same for ``F.linear``
-then ``multi_lora`` adding the LoRA terms in place (the route a non-``nn.Linear`` base takes). Ranks:
+then ``multi_lora`` adding the LoRA terms in place (MultiLora's default route). Ranks:
 one r for every adapter, or "mixed" (8 to 64 by slot, r_max 64).
 
     pytest bench/bench_multi_lora.py -s           # the grid below (GPU only)

@@ -46,8 +46,10 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: 
 
 
 # The base product inside the multi-adapter matmul (kernels/multi_lora.py multi_lora_linear) where the
-# base layer allows it (``fusable``), instead of F.linear then the LoRA terms added in place.
-FUSE_BASE = True
+# base layer allows it (``fusable``), instead of F.linear then the LoRA terms added in place. Off by
+# default until it has run and been timed on a GPU (it has run under the interpreter only): set
+# ``fastpeft.multi_lora.FUSE_BASE = True``, or FASTPEFT_MULTI_LORA_FUSED=1 before import, to take it.
+FUSE_BASE = os.environ.get("FASTPEFT_MULTI_LORA_FUSED", "0") == "1"
 
 
 def fusable(base_layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:

@@ -129,8 +129,15 @@ def _alone(adapter_dirs, name, inputs, device):
     return logits(peft.PeftModel.from_pretrained(base, adapter_dirs / name).eval(), inputs)
 
 
-@pytest.mark.parametrize("backend", ["reference", "kernels"])
-def test_multilora_rows_equal_each_adapter_alone(adapter_dirs, backend, request):
+@pytest.mark.parametrize("backend,fused", [("reference", False), ("kernels", False), ("kernels", True)])
+def test_multilora_rows_equal_each_adapter_alone(adapter_dirs, backend, fused, request, monkeypatch):
+    """MultiLora's rows against each adapter alone; with the kernels, over the in-place route and the
+    fused one (multi_lora_linear, the base product in the same matmul)."""
+    from fastpeft import multi_lora
+
+    monkeypatch.setattr(multi_lora, "FUSE_BASE", fused)
+    calls, real = [], multi_lora.linear_multi_lora
+    monkeypatch.setattr(multi_lora, "linear_multi_lora", lambda *a, **k: calls.append(1) or real(*a, **k))
     device = _backend(request, backend)
     model = make_model("llama").to(device).eval()
     ml = fastpeft.MultiLora(model, max_adapters=4, max_rank=8, target_modules="all-linear")
@@ -152,6 +159,7 @@ def test_multilora_rows_equal_each_adapter_alone(adapter_dirs, backend, request)
                                                 do_sample=False, pad_token_id=0))
         plain = logits(model, inputs)  # outside use(): the base model
         torch.testing.assert_close(plain, _alone(adapter_dirs, None, inputs, device), rtol=1e-5, atol=1e-6)
+    assert bool(calls) == fused
 
 
 @pytest.mark.parametrize("backend", ["reference", "kernels"])
