@@ -7,6 +7,8 @@ early stop). Setups, timed in the same run (the median wall time of 3 generates 
 
 - ``base``: the model alone, no adapter (the floor);
 - ``fastpeft``: ``fastpeft.MultiLora`` over the model, the 32 adapters loaded in slots, ``ml.use(names)``;
+- ``fastpeft-fused``: the same with ``fastpeft.multi_lora.FUSE_BASE`` (each layer's base product inside
+  the multi-adapter matmul, ``multi_lora_linear``);
 - ``peft``: PEFT's mixed batch, ``peft_model.generate(..., adapter_names=names)`` (eager only).
 
 Cache: "dynamic" (eager, transformers' default) or "static" (``cache_implementation="static"``:
@@ -105,7 +107,7 @@ def _timed(fn, warmup: int, reps: int = 3):
     return statistics.median(times), out
 
 
-CASES = [(setup, cache) for cache in CACHES for setup in ("base", "peft", "fastpeft")
+CASES = [(setup, cache) for cache in CACHES for setup in ("base", "peft", "fastpeft", "fastpeft-fused")
          if not (setup == "peft" and cache == "static")]
 
 
@@ -123,14 +125,17 @@ def test_generate(setup, cache, gpu_name, bench_record):
         seconds, out = _timed(lambda: _generate(state["peft"], ids, cache, adapter_names=names), 0, reps=1)
     else:
         import fastpeft
+        from fastpeft import multi_lora
 
         ml = fastpeft.MultiLora(state["base"], max_adapters=ADAPTERS, max_rank=RANK, target_modules=TARGETS)
+        saved, multi_lora.FUSE_BASE = multi_lora.FUSE_BASE, setup == "fastpeft-fused"
         try:
             for name, adapter in state["adapters"].items():
                 ml.load_adapter(name, adapter)
             with ml.use(names):
                 seconds, out = _timed(lambda: _generate(state["base"], ids, cache), warmup)
         finally:
+            multi_lora.FUSE_BASE = saved
             ml.close()
     new_tokens = out[:, PROMPT:]
     assert new_tokens.shape == (SEQS, NEW), f"{setup}: generated {tuple(new_tokens.shape)}"
@@ -138,7 +143,7 @@ def test_generate(setup, cache, gpu_name, bench_record):
     row = {"setup": setup, "cache": cache, "seqs": SEQS, "adapters": ADAPTERS if setup != "base" else 0,
            "new_tokens": NEW, "s": seconds, "tokens_per_s": SEQS * NEW / seconds}
     peft_tokens = state["tokens"].get(("peft", "dynamic"))
-    if setup == "fastpeft" and peft_tokens is not None:
+    if setup.startswith("fastpeft") and peft_tokens is not None:
         row["same_tokens"] = (new_tokens == peft_tokens).all(dim=1).float().mean().item()
         row["same_first_token"] = (new_tokens[:, 0] == peft_tokens[:, 0]).float().mean().item()
     bench_record(TABLE, row)
@@ -151,7 +156,8 @@ def _derive(rows):
     for r in rows:
         base, peft_row = by.get(("base", r["cache"])), by.get(("peft", "dynamic"))
         r["vs_base"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
-        r["vs_peft"] = r["tokens_per_s"] / peft_row["tokens_per_s"] if peft_row and r["setup"] == "fastpeft" else None
+        r["vs_peft"] = (r["tokens_per_s"] / peft_row["tokens_per_s"] if peft_row and r["setup"].startswith("fastpeft")
+                        else None)
     return rows
 
 

@@ -46,17 +46,25 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: 
 
 
 # The base product inside the multi-adapter matmul (kernels/multi_lora.py multi_lora_linear) where the
-# base layer allows it (``fusable``), instead of F.linear then the LoRA terms added in place. Off by
-# default until it has run and been timed on a GPU (it has run under the interpreter only): set
-# ``fastpeft.multi_lora.FUSE_BASE = True``, or FASTPEFT_MULTI_LORA_FUSED=1 before import, to take it.
-FUSE_BASE = os.environ.get("FASTPEFT_MULTI_LORA_FUSED", "0") == "1"
+# base layer allows it (``fusable``), instead of F.linear then the LoRA terms added in place: True / False,
+# or None for the FASTPEFT_MULTI_LORA_FUSED switch (kernels/tuning.py; default off until the fused route
+# has run and been timed on a GPU: it has run under the interpreter only).
+FUSE_BASE: Optional[bool] = None
+
+
+def _fuse_base() -> bool:
+    if FUSE_BASE is not None:
+        return FUSE_BASE
+    from .kernels import tuning
+
+    return bool(tuning.pinned(tuning.MULTI_LORA_FUSED))
 
 
 def fusable(base_layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-    """Whether ``base_layer(x)`` is a plain product the multi-adapter matmul can run itself: an
-    ``nn.Linear`` (not a subclass) without hooks, its weight in x's dtype, called with x alone, no
-    autocast, the kernels running."""
-    return (FUSE_BASE and type(base_layer) is nn.Linear and not args and not kwargs
+    """Whether ``base_layer(x)`` is a plain product the multi-adapter matmul can run itself (where the
+    fused route is on): an ``nn.Linear`` (not a subclass) without hooks, its weight in x's dtype,
+    called with x alone, no autocast."""
+    return (type(base_layer) is nn.Linear and _fuse_base() and not args and not kwargs
             and base_layer._parameters["weight"].dtype == x.dtype and x.dtype in _FUSED_DTYPES
             and not base_layer._forward_hooks and not base_layer._forward_pre_hooks
             and not torch.is_autocast_enabled(x.device.type))

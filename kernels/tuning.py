@@ -15,6 +15,9 @@ measure them against each other (tools/ab.sh) or reproduce a run.
     FASTPEFT_NF4_TILED_CONFIG  nf4_matmul's tiled path, nf4_matmul_t   lora_linear's fields
     FASTPEFT_NF4_LUT        the 4-bit kernels' table lookup: 2 value pairs per byte, 1 a read per
                             element, 0 tl.gather (kernels/nf4.py)
+    FASTPEFT_MULTI_LORA_FUSED  1: a mixed-adapter batch over a plain nn.Linear runs the base product in
+                            the multi-adapter matmul (multi_lora_linear); default 0, F.linear then the
+                            LoRA terms in place (fastpeft/multi_lora.py ``fusable``)
 
 They are read once, at first use, not per call: a script or test that changes them afterwards calls
 ``reload()``, which reads them again and drops the launchers' kept plans (``launch._plans``), since
@@ -35,7 +38,8 @@ PDL = "FASTPEFT_PDL"
 NF4_GEMV = "FASTPEFT_NF4_GEMV_CONFIG"
 NF4_TILED = "FASTPEFT_NF4_TILED_CONFIG"
 NF4_LUT = "FASTPEFT_NF4_LUT"
-SWITCHES = (SHRINK, LINEAR, TMA, GEMM, TMA_MIN_M, PDL, NF4_GEMV, NF4_TILED, NF4_LUT)
+MULTI_LORA_FUSED = "FASTPEFT_MULTI_LORA_FUSED"
+SWITCHES = (SHRINK, LINEAR, TMA, GEMM, TMA_MIN_M, PDL, NF4_GEMV, NF4_TILED, NF4_LUT, MULTI_LORA_FUSED)
 GEMM_ROUTES = ("auto", "triton", "cublas", "tma")
 
 
@@ -86,6 +90,7 @@ _PARSERS = {
     NF4_GEMV: lambda name, value: _ints(name, value, "BLOCK_N,GROUPS,split_k,num_warps,num_stages"),
     NF4_TILED: lambda name, value: _ints(name, value, "BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,num_stages"),
     NF4_LUT: _lut,
+    MULTI_LORA_FUSED: lambda name, value: value == "1",
 }
 _pins: dict | None = None  # switch -> its parsed config, or None where unset; read at first use
 

@@ -135,7 +135,8 @@ def test_multilora_rows_equal_each_adapter_alone(adapter_dirs, backend, fused, r
     fused one (multi_lora_linear, the base product in the same matmul)."""
     from fastpeft import multi_lora
 
-    monkeypatch.setattr(multi_lora, "FUSE_BASE", fused)
+    if fused:  # the switch (kernels/tuning.py); unset, the in-place route
+        request.getfixturevalue("pin_config")("FASTPEFT_MULTI_LORA_FUSED", "1")
     calls, real = [], multi_lora.linear_multi_lora
     monkeypatch.setattr(multi_lora, "linear_multi_lora", lambda *a, **k: calls.append(1) or real(*a, **k))
     device = _backend(request, backend)
