@@ -28,6 +28,7 @@ GPU_CASES = CPU_CASES + [
     (256, 4096, 4096, tuple([16, 8, 4, 1] * 8), 16),      # decode: one token per sequence, 32 adapters
     (3000, 1000, 2000, (64, 7, 32, 1, 64, 16), 64),
     (8192, 2048, 1024, (16, 16, 8, 4), 16),                # prefill: long runs of one adapter
+    (9000, 256, 384, (16, 4, 9), 16),                      # past SEGMENTS_MAX_TOKENS: the torch grouping
 ]
 
 
@@ -245,6 +246,12 @@ def test_int64_offsets(gpu):
     same = reference.multi_lora(*sub, A, B, scales, ranks_t)
     exact = reference.multi_lora(*_f64(x[rows], before), indices[rows], *_f64(A, B, scales), ranks_t)
     assert_close(y[rows], exact, same, torch.float16, "y, first and last rows")
+    w = torch.randn(N, K, device=gpu, dtype=torch.float16) / K**0.5  # the fused layer gathers the same rows
+    fused = multi_lora_linear(x, w, None, indices, A, B, scales, ranks_t)[rows]
+    base = F.linear(x[rows], w)
+    same = reference.multi_lora(x[rows], base, indices[rows], A, B, scales, ranks_t)
+    exact = reference.multi_lora(*_f64(x[rows], base), indices[rows], *_f64(A, B, scales), ranks_t)
+    assert_close(fused, exact, same, torch.float16, "multi_lora_linear, first and last rows")
 
 
 def test_cuda_graph_replay(gpu):
