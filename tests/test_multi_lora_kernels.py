@@ -248,9 +248,10 @@ def test_int64_offsets(gpu):
     assert_close(y[rows], exact, same, torch.float16, "y, first and last rows")
     w = torch.randn(N, K, device=gpu, dtype=torch.float16) / K**0.5  # the fused layer gathers the same rows
     fused = multi_lora_linear(x, w, None, indices, A, B, scales, ranks_t)[rows]
-    base = F.linear(x[rows], w)
-    same = reference.multi_lora(x[rows], base, indices[rows], A, B, scales, ranks_t)
-    exact = reference.multi_lora(*_f64(x[rows], base), indices[rows], *_f64(A, B, scales), ranks_t)
+    xs = x[rows]
+    same = reference.multi_lora(xs, F.linear(xs.float(), w.float()).half(), indices[rows], A, B, scales, ranks_t)
+    exact = reference.multi_lora(xs.double(), F.linear(xs.double(), w.double()), indices[rows], *_f64(A, B, scales),
+                                 ranks_t)
     assert_close(fused, exact, same, torch.float16, "multi_lora_linear, first and last rows")
 
 
