@@ -408,8 +408,8 @@ def multi_lora_expand(t: torch.Tensor, B: torch.Tensor, seg: Segments, ranks: to
     return cached(key, _expand_plan, t, B, seg, ranks, scales, y)(t, B, seg, ranks, scales, y)
 
 
-def _expand_plan(t, B, seg, ranks, scales, y):
-    """multi_lora_expand's work for one shape key: the checks, the tiles, the grid, once."""
+def _check_expand(t, B, seg, ranks, scales, y) -> tuple:
+    """multi_lora_expand's checks of its arguments; returns (T, N, S, R)."""
     what = "multi_lora_expand"
     if y.dim() != 2 or y.dtype not in _FLOATS:
         raise ValueError(f"{what}: y must be (T, N) fp16, bf16 or fp32, got {tuple(y.shape)} {y.dtype}")
@@ -430,6 +430,12 @@ def _expand_plan(t, B, seg, ranks, scales, y):
         raise ValueError(f"{what}: scales must be ({S},) fp32 (one per slot), got {tuple(scales.shape)} {scales.dtype}")
     _device_error(what, {"t": t, "B": B, "ranks": ranks, "scales": scales, "seg.order": seg.order,
                          "seg.starts": seg.starts, "seg.counts": seg.counts}, y.device)
+    return T, N, S, R
+
+
+def _expand_plan(t, B, seg, ranks, scales, y):
+    """multi_lora_expand's work for one shape key: the checks, the tiles, the grid, once."""
+    T, N, S, R = _check_expand(t, B, seg, ranks, scales, y)
     device = y.device
     _, (BLOCK_M, BLOCK_N, r_cap, warps, stages) = multi_lora_config(cdiv(max(T, 1), S), device)
     BLOCK_R = block_r(R, r_cap)
@@ -449,6 +455,15 @@ def _expand_plan(t, B, seg, ranks, scales, y):
     return run
 
 
+def _layer_key(what: str, x, indices, A, B, scales, ranks, seg) -> tuple:
+    """The part of a layer launcher's key (``multi_lora``, ``multi_lora_linear``) that both take: the
+    shapes, strides, dtypes and devices of x, the indices, the stacked adapters and seg."""
+    return (x.shape, x.stride(), x.dtype, x.device, indices.shape, indices.dtype, indices.device,
+            A.shape, A.stride(), A.dtype, A.device, B.shape, B.stride(), B.dtype, B.device,
+            scales.shape, scales.dtype, scales.device, ranks.shape, ranks.dtype, ranks.device,
+            None if seg is None else _seg_key(what, seg), fp32_precision())
+
+
 def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                scales: torch.Tensor, ranks: torch.Tensor, seg: Segments | None = None) -> torch.Tensor:
     """A layer's LoRA part over a batch of many adapters: y (T, N), the base output, += for each token
@@ -461,11 +476,8 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, A: torch
     seg is not given, and a zero fill where the shrink splits K), no host sync, grids fixed by T, S, N
     and R: capturable in a CUDA graph. The checks and both launches are worked out once per key of
     shapes, strides, dtypes and devices (``_layer_plan``), so a repeated call builds one key."""
-    key = (multi_lora, x.shape, x.stride(), x.dtype, x.device, y.shape, y.stride(), y.dtype, y.device,
-           indices.shape, indices.dtype, indices.device, A.shape, A.stride(), A.dtype, A.device,
-           B.shape, B.stride(), B.dtype, B.device, scales.shape, scales.dtype, scales.device,
-           ranks.shape, ranks.dtype, ranks.device, None if seg is None else _seg_key("multi_lora", seg),
-           fp32_precision())
+    key = (multi_lora, y.shape, y.stride(), y.dtype, y.device,
+           *_layer_key("multi_lora", x, indices, A, B, scales, ranks, seg))
     run = cached(key, _layer_plan, x, y, indices, A, B, scales, ranks, seg)
     if seg is None:
         seg = segments(indices, A.shape[0])
@@ -526,12 +538,9 @@ def multi_lora_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     shrink splits K): ``multi_lora_shrink``, then one matmul over the tokens in slot order whose
     epilogue adds the LoRA terms (``_multi_lora_linear_kernel``; on Hopper launched with PDL, its main
     loop running while the shrink finishes). No host sync; capturable in a CUDA graph."""
-    key = (multi_lora_linear, x.shape, x.stride(), x.dtype, x.device, w.shape, w.stride(), w.dtype, w.device,
+    key = (multi_lora_linear, w.shape, w.stride(), w.dtype, w.device,
            None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
-           indices.shape, indices.dtype, indices.device, A.shape, A.stride(), A.dtype, A.device,
-           B.shape, B.stride(), B.dtype, B.device, scales.shape, scales.dtype, scales.device,
-           ranks.shape, ranks.dtype, ranks.device, None if seg is None else _seg_key("multi_lora_linear", seg),
-           fp32_precision())
+           *_layer_key("multi_lora_linear", x, indices, A, B, scales, ranks, seg))
     run = cached(key, _linear_layer_plan, x, w, bias, indices, A, B, scales, ranks, seg)
     if seg is None:
         seg = segments(indices, A.shape[0])
@@ -559,7 +568,7 @@ def _linear_layer_plan(x, w, bias, indices, A, B, scales, ranks, seg):
     pdl = pdl_ok(device)
     shrink = _shrink_plan(x, A, seg, ranks, None, launch_dependents=pdl)
     t = torch.empty((T, A.shape[1]), dtype=torch.float32, device=device)
-    _expand_plan(t, B, seg, ranks, scales, y)  # the expand's checks of B, scales and the segments
+    _check_expand(t, B, seg, ranks, scales, y)  # B, scales and the segments, as the expand checks them
     S, _, R = B.shape
     BM, BN, BK, GM, warps, stages = linear_config(T, device)
     BLOCK_R = block_r(R)
