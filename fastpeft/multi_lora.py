@@ -213,19 +213,30 @@ def mixed_batch_forward(layer, x: torch.Tensor, adapter_names: Sequence[str], *a
     kernels = use_triton(x, backend)
     indices, seg = _grouped(names, adapter_names, x, kernels)
     stacked = _stacked(layer, names, x.device, layer.lora_A[names[0]].weight.dtype)
+    return layer_forward(layer, base, x, args, kwargs, indices, seg, stacked, kernels, backend)
+
+
+def layer_forward(owner: nn.Module, base: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict,
+                  indices: torch.Tensor, seg, lora: tuple, kernels: bool, backend=None,
+                  read_4bit: bool = True) -> torch.Tensor:
+    """``base(x, *args, **kwargs)`` plus each token's LoRA term (``multi_lora``; lora = (A, B, scales,
+    ranks) stacked, indices (T,) the tokens' slots, seg their grouping or None), by the route the base
+    allows: the base product inside the multi-adapter matmul (``fusable``); a 4-bit base by fastpeft's
+    4-bit kernels where they read it (``read_4bit``: the caller has not ruled it out), then the terms in
+    place; else the base layer's own forward, then the terms in place. ``owner``: the layer holding
+    ``base`` (it keeps the 4-bit weight's kernel form)."""
     x2 = x.reshape(-1, x.shape[-1])
     if kernels and fusable(base, x, args, kwargs):
-        y2 = linear_multi_lora(x2, base.weight, base.bias, indices, *stacked, seg=seg)
+        y2 = linear_multi_lora(x2, base.weight, base.bias, indices, *lora, seg=seg)
         return y2.reshape(*x.shape[:-1], y2.shape[-1])
-    w4 = kernel_4bit_base(layer, base, x, args, kwargs) if kernels else None
+    w4 = kernel_4bit_base(owner, base, x, args, kwargs) if kernels and read_4bit else None
     if w4 is not None:  # the 4-bit base by fastpeft's kernels, not bitsandbytes' forward
         from . import qlora
 
-        y2 = multi_lora(x2, qlora.linear_4bit(x2, w4, base.bias), indices, *stacked, backend, seg=seg)
+        y2 = multi_lora(x2, qlora.linear_4bit(x2, w4, base.bias), indices, *lora, backend, seg=seg)
         return y2.reshape(*x.shape[:-1], y2.shape[-1])
-    result = base(x, *args, **kwargs)
-    out = multi_lora(x2, result.reshape(-1, result.shape[-1]), indices, *stacked, backend, seg=seg)
-    return out.reshape(result.shape)
+    y = base(x, *args, **kwargs)
+    return multi_lora(x2, y.reshape(-1, y.shape[-1]), indices, *lora, backend, seg=seg).reshape(y.shape)
 
 
 def _check_names(model: nn.Module, adapter_names) -> list:
@@ -338,31 +349,20 @@ class MultiLoraLinear(nn.Module):
         base = self._modules["base_layer"]
         if slots is None:
             return base(x, *args, **kwargs)
-        x2 = x.reshape(-1, x.shape[-1])
         kernels = use_triton(x)
-        fused = kernels and fusable(base, x, args, kwargs)
         buffers = self._buffers  # not through nn.Module.__getattr__: this runs per layer and decode step
         lora = (buffers["lora_A"], buffers["lora_B"], buffers["scales"], buffers["ranks"])
         if torch.compiler.is_compiling():
             # traced: the tokens' slots as torch ops; their grouping and the kernels in one custom op
-            if fused:
+            x2 = x.reshape(-1, x.shape[-1])
+            if kernels and fusable(base, x, args, kwargs):
                 y2 = torch.ops.fastpeft.linear_multi_lora(x2, base.weight, base.bias, token_slots(slots, x), *lora)
                 return y2.reshape(*x.shape[:-1], y2.shape[-1])
             y = base(x, *args, **kwargs)
             torch.ops.fastpeft.multi_lora_(x2, y.reshape(-1, y.shape[-1]), token_slots(slots, x), *lora)
             return y
         indices, seg = self._rows.tokens(x, len(lora[3]), kernels)
-        if fused:
-            y2 = linear_multi_lora(x2, base.weight, base.bias, indices, *lora, seg=seg)
-            return y2.reshape(*x.shape[:-1], y2.shape[-1])
-        w4 = kernel_4bit_base(self, base, x, args, kwargs) if kernels and self._is_4bit else None
-        if w4 is not None:  # the 4-bit base by fastpeft's kernels, not bitsandbytes' forward
-            from . import qlora
-
-            y2 = multi_lora(x2, qlora.linear_4bit(x2, w4, base.bias), indices, *lora, seg=seg)
-            return y2.reshape(*x.shape[:-1], y2.shape[-1])
-        y = base(x, *args, **kwargs)
-        return multi_lora(x2, y.reshape(-1, y.shape[-1]), indices, *lora, seg=seg).reshape(y.shape)
+        return layer_forward(self, base, x, args, kwargs, indices, seg, lora, kernels, read_4bit=self._is_4bit)
 
     def extra_repr(self) -> str:
         S, R, _ = self.lora_A.shape
