@@ -29,12 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import RESULTS, graph_time_ms, register, time_ms  # noqa: E402
-
-
-def _chain_us(fn) -> float:
-    """µs per layer of ``fn(layer)`` over CHAIN layers captured in one CUDA graph and replayed."""
-    return graph_time_ms(lambda: [fn(i) for i in range(CHAIN)]) * 1e3 / CHAIN
+from common import RESULTS, chain_us, graph_time_ms, register, time_ms  # noqa: E402
 
 TABLE = "multi_lora_layer"
 CHAIN = int(os.environ.get("FASTPEFT_BENCH_CHAIN", "16"))
@@ -142,11 +137,11 @@ def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, ben
             row[f"{name}_ms"] = sum(ts) / len(ts)
         row["fastpeft_graph_ms"] = graph_time_ms(fast)
         row["base_graph_ms"] = graph_time_ms(base)
-        row["base_chain_us"] = _chain_us(lambda i: F.linear(x, ws[i]))
-        row["fastpeft_chain_us"] = _chain_us(
-            lambda i: multi_lora_linear(x, ws[i], None, indices, As[i], Bs[i], scales, rank_t, seg))
-        row["unfused_chain_us"] = _chain_us(
-            lambda i: multi_lora(x, F.linear(x, ws[i]), indices, As[i], Bs[i], scales, rank_t, seg))
+        row["base_chain_us"] = chain_us(lambda i: F.linear(x, ws[i]), CHAIN)
+        row["fastpeft_chain_us"] = chain_us(
+            lambda i: multi_lora_linear(x, ws[i], None, indices, As[i], Bs[i], scales, rank_t, seg), CHAIN)
+        row["unfused_chain_us"] = chain_us(
+            lambda i: multi_lora(x, F.linear(x, ws[i]), indices, As[i], Bs[i], scales, rank_t, seg), CHAIN)
     row["fastpeft/base"] = row["fastpeft_ms"] / row["base_ms"]
     row["graph fastpeft/base"] = row["fastpeft_graph_ms"] / row["base_graph_ms"]
     row["chain fastpeft/base"] = row["fastpeft_chain_us"] / row["base_chain_us"]

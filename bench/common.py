@@ -47,6 +47,12 @@ def graph_time_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float
     return time_ms(graph.replay, warmup_ms, rep_ms)
 
 
+def chain_us(fn: Callable[[int], object], layers: int) -> float:
+    """µs per layer of ``fn(0)`` ... ``fn(layers - 1)`` captured in one CUDA graph and replayed (a model's
+    layers in sequence: no graph launch per layer, each layer's own weights read from memory)."""
+    return graph_time_ms(lambda: [fn(i) for i in range(layers)]) * 1e3 / layers
+
+
 def synchronized(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` followed by a CUDA synchronize, so wall-clock timers (pytest-benchmark) see the GPU work."""
     import torch

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-from common import graph_time_ms  # noqa: E402
+from common import chain_us, graph_time_ms  # noqa: E402
 
 from fastpeft.kernels.multi_lora import multi_lora, multi_lora_linear, segments  # noqa: E402
 
@@ -66,25 +66,21 @@ def main() -> None:
         idx = _indices(T, slots, layout)
         seg = segments(idx, slots)
 
-        def base():
-            for w in ws:
-                F.linear(x, w)
+        def base(i):
+            return F.linear(x, ws[i])
 
-        def fast():
-            for w, A, B in zip(ws, As, Bs):
-                multi_lora(x, F.linear(x, w), idx, A, B, scales, ranks, seg)
+        def fast(i):
+            return multi_lora(x, F.linear(x, ws[i]), idx, As[i], Bs[i], scales, ranks, seg)
 
-        def fused():
-            for w, A, B in zip(ws, As, Bs):
-                multi_lora_linear(x, w, None, idx, A, B, scales, ranks, seg)
+        def fused(i):
+            return multi_lora_linear(x, ws[i], None, idx, As[i], Bs[i], scales, ranks, seg)
 
-        y0 = multi_lora(x, F.linear(x, ws[0]), idx, As[0], Bs[0], scales, ranks, seg).float()
-        y1 = multi_lora_linear(x, ws[0], None, idx, As[0], Bs[0], scales, ranks, seg).float()
+        y0, y1 = fast(0).float(), fused(0).float()
         err = ((y1 - y0).norm() / y0.norm()).item()
-        tb, tf, tu = (graph_time_ms(fn) * 1e3 / LAYERS for fn in (base, fast, fused))
+        tb, tf, tu = (chain_us(fn, LAYERS) for fn in (base, fast, fused))
         ts = graph_time_ms(lambda: segments(idx, slots)) * 1e3
-        ks = _kernel_us(lambda: multi_lora(x, F.linear(x, ws[0]), idx, As[0], Bs[0], scales, ranks))
-        ku = _kernel_us(lambda: multi_lora_linear(x, ws[0], None, idx, As[0], Bs[0], scales, ranks, seg))
+        ks = _kernel_us(lambda: fast(0))
+        ku = _kernel_us(lambda: fused(0))
         parts = ", ".join(f"{k} {v:.1f}" for k, v in ks.items())
         uparts = ", ".join(f"{k} {v:.1f}" for k, v in ku.items())
         print(f"| {K} | {N} | {T} | {slots} | {layout} | {tb:.1f} | {tf:.1f} | {tf / tb:.2f} | {tu:.1f} | "
