@@ -342,6 +342,10 @@ def test_multi_lora_linear_errors():
         multi_lora_linear(x, w[:, :7], None, indices, A, B, scales, ranks)
     with pytest.raises(ValueError, match="bias must be \\(10,\\)"):
         multi_lora_linear(x, w, torch.zeros(9), indices, A, B, scales, ranks)
+    with pytest.raises(ValueError, match="bias must be \\(10,\\) floating point"):
+        multi_lora_linear(x, w, torch.zeros(10, dtype=torch.int32), indices, A, B, scales, ranks)
+    with pytest.raises(ValueError, match="scales must be \\(2,\\)"):
+        multi_lora_linear(x, w, None, indices, A, B, torch.ones(3), ranks)
     with pytest.raises(ValueError, match="B's N is 9"):
         multi_lora_linear(x, w, None, indices, A, B[:, :9], scales, ranks)
 
