@@ -64,10 +64,11 @@ NF4_DEQUANT_CONFIGS = {"sm90": (4096, 4), "interpreter": (256, 4)}
 # one): (shrink (BLOCK_M, BLOCK_K, BLOCK_R, split_k, num_warps, num_stages), expand (BLOCK_M, BLOCK_N,
 # BLOCK_R, num_warps, num_stages)). BLOCK_R is a cap: block_r(R) where that is smaller. The shrink
 # halves BLOCK_K where its products run in fp32 (fp32 or split operands: three or two tensor-core
-# products). split_k > 1 splits the shrink's K over programs (atomics into a zeroed t) so that few
-# tokens per slot still fill the GPU. sm90: the first and last entries are tools/tune_multi_lora.py's
-# best on an H100 at r = 16 (T = 64 and 256 over 32 slots; T = 4096 in 8 runs; docs/performance.md), the
-# middle one is untimed. The interpreter's small-bucket entry splits K so that the CPU tests take that
+# products). split_k > 1 splits the shrink's K over programs so that few tokens per slot still fill
+# the GPU: atomics into a zeroed t (multi_lora_shrink), or at most MAX_PARTIALS partial sums that the
+# layer launchers' consumer adds up (multi_lora, multi_lora_linear). sm90: the first and last entries
+# are tools/tune_multi_lora.py's best on an H100 at r = 16 (T = 64 and 256 over 32 slots; T = 4096 in
+# 8 runs; docs/performance.md), the middle one is untimed. The interpreter's small-bucket entry splits K so that the CPU tests take that
 # path too.
 MULTI_LORA_CONFIGS = {
     "sm90": ((16, ((16, 64, 16, 16, 4, 3), (16, 128, 16, 4, 2))),

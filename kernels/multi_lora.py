@@ -38,6 +38,7 @@ from .common import (NATIVE, block_r, dot, dot_mode, expand_mode, fp32_precision
                      pdl_meta, pdl_ok)
 from .configs import linear_config, multi_lora_config
 from .linear import _grouped_tile
+from .shrink import MAX_PARTIALS
 from .launch import INTERPRETING, Plan, cached, cdiv, launch
 
 _INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -136,8 +137,8 @@ def _slot_block(counts_ptr, starts_ptr, pid, S, BLOCK_M: tl.constexpr, BLOCK_S: 
 def _multi_lora_shrink_kernel(
     x_ptr, a_ptr, order_ptr, starts_ptr, counts_ptr, ranks_ptr, t_ptr,
     K, R, S,
-    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_tt, stride_tr,
-    MODE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_tt, stride_tr, stride_tp,
+    MODE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
     LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):
@@ -146,17 +147,19 @@ def _multi_lora_shrink_kernel(
     BLOCK_R·(pid_rk // SPLIT_K) onward, every SPLIT_K-th K block from pid_rk % SPLIT_K.
 
     SPLIT_K == 1: plain stores; programs past the rank and those of the extra slot (the tokens with no
-    adapter) store zeros, so t needs no zeroing. SPLIT_K > 1: atomic adds of the partial sums into
-    a zeroed t, up to the rank only. LAUNCH_DEPENDENTS: the next kernel (launched with PDL) may start
-    at once; it waits for this one's writes before it reads t."""
+    adapter) store zeros, so t needs no zeroing. SPLIT_K > 1 with PARTIAL: the same, split pid_k's
+    partial sum at t + pid_k·stride_tp, for the consumer to add up. SPLIT_K > 1 otherwise: atomic adds
+    of the partial sums into a zeroed t, up to the rank only. LAUNCH_DEPENDENTS: the next kernel
+    (launched with PDL) may start at once; it waits for this one's writes before it reads t."""
     if LAUNCH_DEPENDENTS:
         gdc_launch_dependents()
     pid = tl.program_id(0)
     pid_r = tl.program_id(1) // SPLIT_K
     pid_k = tl.program_id(1) % SPLIT_K
-    slot, first, count = _slot_block(counts_ptr, starts_ptr, pid, S, BLOCK_M, BLOCK_S, SPLIT_K == 1)
+    STORES: tl.constexpr = SPLIT_K == 1 or PARTIAL  # every element of t (of its split) stored, zeros too
+    slot, first, count = _slot_block(counts_ptr, starts_ptr, pid, S, BLOCK_M, BLOCK_S, STORES)
     n_slots = S
-    if SPLIT_K == 1:  # with the extra slot of the tokens with no adapter
+    if STORES:  # with the extra slot of the tokens with no adapter
         n_slots = S + 1
     if slot >= n_slots:
         return
@@ -168,9 +171,11 @@ def _multi_lora_shrink_kernel(
     tok = tl.load(order_ptr + start + rows, mask=row_ok, other=0).to(tl.int64)
     r0 = pid_r * BLOCK_R
     rr = r0 + tl.arange(0, BLOCK_R)
+    if PARTIAL:  # split pid_k's own partial sum
+        t_ptr += pid_k.to(tl.int64) * stride_tp
     t_ptrs = t_ptr + tok[:, None] * stride_tt + rr[None, :] * stride_tr
     if r0 >= rank:  # columns past the slot's rank, or a token with no adapter: zeros, no product
-        if SPLIT_K == 1:
+        if STORES:
             tl.store(t_ptrs, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), mask=row_ok[:, None] & (rr[None, :] < R))
         return
     r_ok = rr < rank
@@ -184,24 +189,35 @@ def _multi_lora_shrink_kernel(
         x = tl.load(x_rows + ks[None, :].to(tl.int64) * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         a = tl.load(a_cols + ks[:, None].to(tl.int64) * stride_ak, mask=r_ok[None, :] & k_ok[:, None], other=0.0)
         acc = dot(x, a, acc, MODE, PRECISION)
-    if SPLIT_K == 1:  # acc is zero past the rank (A's columns there were masked): those zeros go too
+    if STORES:  # acc is zero past the rank (A's columns there were masked): those zeros go too
         tl.store(t_ptrs, acc, mask=row_ok[:, None] & (rr[None, :] < R))
     else:
         tl.atomic_add(t_ptrs, acc, mask=row_ok[:, None] & r_ok[None, :], sem="relaxed")
 
 
 @triton.jit
+def _load_t(ptrs, mask, stride_tp, T_SPLIT: tl.constexpr):
+    """t at ``ptrs`` (fp32, zeros where masked): the sum of the shrink's T_SPLIT partial sums,
+    stride_tp apart, added in a fixed order."""
+    t = tl.load(ptrs, mask=mask, other=0.0)
+    for _ in tl.static_range(1, T_SPLIT):
+        ptrs += stride_tp
+        t += tl.load(ptrs, mask=mask, other=0.0)
+    return t
+
+
+@triton.jit
 def _multi_lora_expand_kernel(
     t_ptr, b_ptr, order_ptr, starts_ptr, counts_ptr, ranks_ptr, scales_ptr, y_ptr,
     N, R, S,
-    stride_tt, stride_tr, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
-    MODE: tl.constexpr, PRECISION: tl.constexpr,
+    stride_tt, stride_tr, stride_tp, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
+    MODE: tl.constexpr, PRECISION: tl.constexpr, T_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """y[tok, n] += scales[s] · t[tok, :rank] · B[s, n, :rank]ᵀ for the tokens tok of each slot s, in
     fp32 with one rounding into y; any strides. Program (pid, pid_n): token block pid
-    (``_slot_block``), columns BLOCK_N·pid_n onward. Tokens with no adapter, and slots of rank 0,
-    are not touched."""
+    (``_slot_block``), columns BLOCK_N·pid_n onward. t may be T_SPLIT partial sums stride_tp apart,
+    added in order. Tokens with no adapter, and slots of rank 0, are not touched."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot, first, count = _slot_block(counts_ptr, starts_ptr, pid, S, BLOCK_M, BLOCK_S, False)
@@ -222,7 +238,7 @@ def _multi_lora_expand_kernel(
     for r0 in range(0, rank, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_ok = rr < rank
-        t = tl.load(t_rows + rr[None, :] * stride_tr, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        t = _load_t(t_rows + rr[None, :] * stride_tr, row_ok[:, None] & r_ok[None, :], stride_tp, T_SPLIT)
         b = tl.load(b_cols + rr[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         acc = dot(t, b, acc, MODE, PRECISION)
     scale = tl.load(scales_ptr + slot).to(tl.float32)
@@ -236,9 +252,10 @@ def _multi_lora_expand_kernel(
 def _multi_lora_linear_kernel(
     x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, order_ptr, starts_ptr, counts_ptr, ranks_ptr, scales_ptr, y_ptr,
     T, N, K, R, S,
-    stride_xt, stride_xk, stride_wn, stride_wk, stride_tt, stride_tr, stride_bs, stride_bn, stride_br,
+    stride_xt, stride_xk, stride_wn, stride_wk, stride_tt, stride_tr, stride_tp, stride_bs, stride_bn, stride_br,
     stride_yt, stride_yn,
     HAS_BIAS: tl.constexpr, MODE: tl.constexpr, EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
+    T_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     SLOTS_PER_STEP: tl.constexpr, BLOCK_S: tl.constexpr, GROUP_M: tl.constexpr, PDL_WAIT: tl.constexpr,
 ):
@@ -248,7 +265,8 @@ def _multi_lora_linear_kernel(
     cover a short run of slots, and the epilogue adds their LoRA terms in steps of SLOTS_PER_STEP
     slots as one product: [t masked to each slot's rows, times its scale] (BLOCK_M, SLOTS_PER_STEP·
     BLOCK_R) by the slots' B columns stacked (SLOTS_PER_STEP·BLOCK_R, BLOCK_N), rank padding masked
-    (never read). Tokens with no slot get the base product alone."""
+    (never read); t may be T_SPLIT partial sums stride_tp apart, added in order. Tokens with no slot
+    get the base product alone."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = pos < T
@@ -289,7 +307,7 @@ def _multi_lora_linear_kernel(
         ks = s0 + kk // BLOCK_R
         rank = tl.minimum(tl.load(ranks_ptr + ks, mask=ks <= last, other=0), R)
         k_ok = (ks <= last) & (kr < rank)
-        lw = tl.load(t_rows, mask=(slot[:, None] == ks[None, :]) & k_ok[None, :], other=0.0) * scale[:, None]
+        lw = _load_t(t_rows, (slot[:, None] == ks[None, :]) & k_ok[None, :], stride_tp, T_SPLIT) * scale[:, None]
         bw = tl.load(b_cols + ks[:, None].to(tl.int64) * stride_bs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = dot(lw, bw, acc, EXPAND_MODE, PRECISION)
     if HAS_BIAS:
@@ -347,9 +365,23 @@ def multi_lora_shrink(x: torch.Tensor, A: torch.Tensor, seg: Segments, ranks: to
     return cached(key, _shrink_plan, x, A, seg, ranks, out)(x, A, seg, ranks, out)
 
 
-def _shrink_plan(x, A, seg, ranks, out, launch_dependents=False):
+def _shrink_tiles(T: int, S: int, x_dtype, a_dtype, device, partial: bool) -> tuple:
+    """(BLOCK_M, BLOCK_K, r_cap, split_k, warps, stages, mode) of the shrink: the config's, K halved
+    where the products run in fp32, split_k at most MAX_PARTIALS with ``partial``."""
+    (BLOCK_M, BLOCK_K, r_cap, split_k, warps, stages), _ = multi_lora_config(cdiv(max(T, 1), S), device)
+    mode = dot_mode(x_dtype, a_dtype)
+    if mode != NATIVE:  # fp32 products (two or three on the tensor cores): half the K step, or they spill
+        BLOCK_K = max(16, BLOCK_K // 2)
+    if partial:
+        split_k = min(split_k, MAX_PARTIALS)
+    return BLOCK_M, BLOCK_K, r_cap, split_k, warps, stages, mode
+
+
+def _shrink_plan(x, A, seg, ranks, out, launch_dependents=False, partial=False):
     """multi_lora_shrink's work for one shape key: the checks, the tiles, the grid, once.
-    ``launch_dependents``: the next kernel, launched with PDL, may start while this one runs."""
+    ``launch_dependents``: the next kernel, launched with PDL, may start while this one runs.
+    ``partial`` (the layer launchers'): t comes back as (P, T, R), the P >= 1 split-K partial sums
+    that the consumer adds up: no zero fill, no atomics."""
     what = "multi_lora_shrink"
     if x.dim() != 2 or x.dtype not in _FLOATS:
         raise ValueError(f"{what}: x must be (T, K) fp16, bf16 or fp32, got {tuple(x.shape)} {x.dtype}")
@@ -367,24 +399,25 @@ def _shrink_plan(x, A, seg, ranks, out, launch_dependents=False):
         raise ValueError(f"{what}: out must be ({T}, {R}) fp32, got {tuple(out.shape)} {out.dtype}")
     _device_error(what, {"A": A, "ranks": ranks, "seg.order": seg.order, "seg.starts": seg.starts,
                          "seg.counts": seg.counts, **({} if out is None else {"out": out})}, x.device)
+    if partial and out is not None:
+        raise AssertionError("the shrink's partial sums are allocated by the plan, not given")
     device = x.device
-    (BLOCK_M, BLOCK_K, r_cap, split_k, warps, stages), _ = multi_lora_config(cdiv(max(T, 1), S), device)
-    mode = dot_mode(x.dtype, A.dtype)
-    if mode != NATIVE:  # fp32 products (two or three on the tensor cores): half the K step, or they spill
-        BLOCK_K = max(16, BLOCK_K // 2)
+    BLOCK_M, BLOCK_K, r_cap, split_k, warps, stages, mode = _shrink_tiles(T, S, x.dtype, A.dtype, device, partial)
     BLOCK_R = block_r(R, r_cap)
-    n_blocks = min(T, cdiv(T, BLOCK_M) + S + (split_k == 1))  # non-empty (slot, token block) pairs, at most
+    stores = split_k == 1 or partial  # every element stored (zeros too), the no-adapter tokens' included
+    n_blocks = min(T, cdiv(T, BLOCK_M) + S + stores)  # non-empty (slot, token block) pairs, at most
     plan = Plan(_multi_lora_shrink_kernel, (n_blocks, cdiv(R, BLOCK_R) * split_k), (
-        K, R, S, *x.stride(), *A.stride(), *(out.stride() if out is not None else (R, 1)),
-    ), MODE=mode, PRECISION=fp32_precision(), SPLIT_K=split_k,
+        K, R, S, *x.stride(), *A.stride(), *(out.stride() if out is not None else (R, 1)), T * R,
+    ), MODE=mode, PRECISION=fp32_precision(), SPLIT_K=split_k, PARTIAL=partial,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, BLOCK_S=triton.next_power_of_2(S + 1),
         LAUNCH_DEPENDENTS=launch_dependents, num_warps=warps, num_stages=stages,
     )
-    zeroed = split_k > 1
+    zeroed = not stores
+    shape = (split_k, T, R) if partial else (T, R)
 
     def run(x, A, seg, ranks, out):
         if out is None:
-            t = (torch.zeros if zeroed else torch.empty)((T, R), dtype=torch.float32, device=device)
+            t = (torch.zeros if zeroed else torch.empty)(shape, dtype=torch.float32, device=device)
         else:
             t = out.zero_() if zeroed else out
         if T and R:
@@ -399,7 +432,8 @@ def multi_lora_expand(t: torch.Tensor, B: torch.Tensor, seg: Segments, ranks: to
     """y += scales[s] · t[i, :r] · B[s, :, :r]ᵀ in place for each token i with a slot s (r = ranks[s]),
     summed in fp32 and rounded once into y; rows of tokens with no slot are not written. Returns y.
 
-    t (T, R) fp32 (multi_lora_shrink's); B (S, N, R) in fp32 or y's dtype, any strides; seg from
+    t (T, R) fp32 (multi_lora_shrink's), or (P, T, R) split-K partial sums that the expand adds up;
+    B (S, N, R) in fp32 or y's dtype, any strides; seg from
     ``segments(indices, S)``; ranks (S,) int32 and scales (S,) fp32 on y's device; y (T, N)
     fp16/bf16/fp32, any strides."""
     key = (_multi_lora_expand_kernel, t.shape, t.stride(), t.dtype, t.device, B.shape, B.stride(), B.dtype, B.device,
@@ -421,9 +455,9 @@ def _check_expand(t, B, seg, ranks, scales, y) -> tuple:
         raise ValueError(f"{what}: B must hold at least one slot, got {tuple(B.shape)}")
     if B.dtype not in (torch.float32, y.dtype):
         raise ValueError(f"{what}: B must be fp32 or y's dtype {y.dtype}, got {B.dtype}")
-    if tuple(t.shape) != (T, R) or t.dtype != torch.float32:
-        raise ValueError(f"{what}: t must be (T={T}, R={R}) fp32 (y is {tuple(y.shape)}, B {tuple(B.shape)}), "
-                         f"got {tuple(t.shape)} {t.dtype}")
+    if t.dim() not in (2, 3) or tuple(t.shape[-2:]) != (T, R) or t.dtype != torch.float32 or t.shape[0] < 1:
+        raise ValueError(f"{what}: t must be (T={T}, R={R}) fp32, or (P, T, R) partial sums (y is {tuple(y.shape)}, "
+                         f"B {tuple(B.shape)}), got {tuple(t.shape)} {t.dtype}")
     _check_segments(what, seg, T, S)
     _check_ranks(what, ranks, S)
     if tuple(scales.shape) != (S,) or not scales.dtype.is_floating_point:
@@ -441,8 +475,8 @@ def _expand_plan(t, B, seg, ranks, scales, y):
     BLOCK_R = block_r(R, r_cap)
     n_blocks = min(T, cdiv(T, BLOCK_M) + S)
     plan = Plan(_multi_lora_expand_kernel, (n_blocks, cdiv(N, BLOCK_N)), (
-        N, R, S, *t.stride(), *B.stride(), *y.stride(),
-    ), MODE=expand_mode(y.dtype), PRECISION=fp32_precision(),
+        N, R, S, *_t_strides(t), *B.stride(), *y.stride(),
+    ), MODE=expand_mode(y.dtype), PRECISION=fp32_precision(), T_SPLIT=_t_split(t),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_S=triton.next_power_of_2(S + 1),
         num_warps=warps, num_stages=stages,
     )
@@ -453,6 +487,16 @@ def _expand_plan(t, B, seg, ranks, scales, y):
         return y
 
     return run
+
+
+def _t_split(t: torch.Tensor) -> int:
+    """How many partial sums t (T, R) or (P, T, R) holds."""
+    return t.shape[0] if t.dim() == 3 else 1
+
+
+def _t_strides(t: torch.Tensor) -> tuple:
+    """(stride_tt, stride_tr, stride_tp) of t (T, R) or (P, T, R)."""
+    return (*t.stride()[1:], t.stride(0)) if t.dim() == 3 else (*t.stride(), 0)
 
 
 def _layer_key(what: str, x, indices, A, B, scales, ranks, seg) -> tuple:
@@ -473,8 +517,8 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, A: torch
     x (T, K); indices (T,) any integer dtype (-1: no adapter); A (S, R, K) and B (S, N, R) the stacked
     adapters; scales (S,) fp32; ranks (S,) int32; seg: ``segments(indices, S)`` where the caller
     already has it (one per batch serves every layer). Two kernel launches (plus ``segments``' where
-    seg is not given, and a zero fill where the shrink splits K), no host sync, grids fixed by T, S, N
-    and R: capturable in a CUDA graph. The checks and both launches are worked out once per key of
+    seg is not given; where the shrink splits K it leaves partial sums that the expand adds up, so t
+    needs no zero fill), no host sync, grids fixed by T, S, N and R: capturable in a CUDA graph. The checks and both launches are worked out once per key of
     shapes, strides, dtypes and devices (``_layer_plan``), so a repeated call builds one key."""
     key = (multi_lora, y.shape, y.stride(), y.dtype, y.device,
            *_layer_key("multi_lora", x, indices, A, B, scales, ranks, seg))
@@ -490,14 +534,21 @@ def _layer_plan(x, y, indices, A, B, scales, ranks, seg):
     _check_layer(x, y, indices, A, B, scales, ranks)
     if seg is None:  # the grouping's shapes and device, for the launchers' checks
         seg = segments(indices, A.shape[0])
-    shrink = _shrink_plan(x, A, seg, ranks, None)
-    t = torch.empty((x.shape[0], A.shape[1]), dtype=torch.float32, device=x.device)
+    shrink = _shrink_plan(x, A, seg, ranks, None, partial=True)
+    t = _partials_like(x, A, seg)
     expand = _expand_plan(t, B, seg, ranks, scales, y)
 
     def run(x, y, A, B, scales, ranks, seg):
         return expand(shrink(x, A, seg, ranks, None), B, seg, ranks, scales, y)
 
     return run
+
+
+def _partials_like(x, A, seg) -> torch.Tensor:
+    """An empty tensor shaped as the shrink's partial sums (P, T, R) for x and A, for the consumer's
+    plan (its checks and strides)."""
+    split = _shrink_tiles(x.shape[0], A.shape[0], x.dtype, A.dtype, x.device, True)[3]
+    return torch.empty((split, x.shape[0], A.shape[1]), dtype=torch.float32, device=x.device)
 
 
 def _check_layer(x, y, indices, A, B, scales, ranks):
@@ -534,8 +585,8 @@ def multi_lora_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     B[s, :, :r]ᵀ, r = ranks[s].
 
     x (T, K) fp16/bf16/fp32 and w (N, K) in x's dtype, any strides; bias (N,) or None; the rest as
-    ``multi_lora``. Two launches (plus ``segments``' where seg is not given, and a zero fill where the
-    shrink splits K): ``multi_lora_shrink``, then one matmul over the tokens in slot order whose
+    ``multi_lora``. Two launches (plus ``segments``' where seg is not given): the shrink (split-K
+    partial sums, no zero fill), then one matmul over the tokens in slot order whose
     epilogue adds the LoRA terms (``_multi_lora_linear_kernel``; on Hopper launched with PDL, its main
     loop running while the shrink finishes). No host sync; capturable in a CUDA graph."""
     key = (multi_lora_linear, w.shape, w.stride(), w.dtype, w.device,
@@ -566,16 +617,16 @@ def _linear_layer_plan(x, w, bias, indices, A, B, scales, ranks, seg):
         seg = segments(indices, A.shape[0])
     device = x.device
     pdl = pdl_ok(device)
-    shrink = _shrink_plan(x, A, seg, ranks, None, launch_dependents=pdl)
-    t = torch.empty((T, A.shape[1]), dtype=torch.float32, device=device)
+    shrink = _shrink_plan(x, A, seg, ranks, None, launch_dependents=pdl, partial=True)
+    t = _partials_like(x, A, seg)
     _check_expand(t, B, seg, ranks, scales, y)  # B, scales and the segments, as the expand checks them
     S, _, R = B.shape
     BM, BN, BK, GM, warps, stages = linear_config(T, device)
     BLOCK_R = block_r(R)
     plan = Plan(_multi_lora_linear_kernel, (cdiv(T, BM) * cdiv(N, BN),), (
-        T, N, K, R, S, *x.stride(), *w.stride(), *t.stride(), *B.stride(), *y.stride(),
+        T, N, K, R, S, *x.stride(), *w.stride(), *_t_strides(t), *B.stride(), *y.stride(),
     ), HAS_BIAS=bias is not None, MODE=dot_mode(x.dtype, w.dtype), EXPAND_MODE=expand_mode(x.dtype),
-        PRECISION=fp32_precision(), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BLOCK_R,
+        PRECISION=fp32_precision(), T_SPLIT=_t_split(t), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BLOCK_R,
         SLOTS_PER_STEP=max(1, 128 // BLOCK_R), BLOCK_S=max(16, triton.next_power_of_2(S)), GROUP_M=GM,
         num_warps=warps, num_stages=stages, **pdl_meta(pdl),
     )

@@ -147,7 +147,7 @@ def test_batch_equals_rows_alone(kernel_device):
 def test_given_segments_and_out(kernel_device):
     """multi_lora with the batch's segments given (one per batch, for every layer) gives what it gives
     computing them; multi_lora_shrink writes into a given (strided, dirty) out; shrink + expand is
-    multi_lora."""
+    multi_lora, with t whole or as partial sums."""
     x, y, indices, A, B, scales, ranks = _batch(24, 70, 50, (40, 17, 1, 5, 33, 0, 8, 2), 40, torch.float16,
                                                 torch.float16, kernel_device)
     seg = segments(indices, 8)
@@ -159,6 +159,9 @@ def test_given_segments_and_out(kernel_device):
     assert t is out
     torch.testing.assert_close(t, multi_lora_shrink(x, A, seg, ranks), rtol=1e-5, atol=1e-5)
     assert torch.equal(multi_lora_expand(t, B, seg, ranks, scales, y.clone()), a)
+    # t as (P, T, R) partial sums, summed in order by the expand, as the layer launchers pass them
+    parts = torch.stack([t * 0.25, t * 0.5, t * 0.25])
+    assert torch.equal(multi_lora_expand(parts, B, seg, ranks, scales, y.clone()), a)
 
 
 def test_empty_batch(kernel_device):
@@ -229,6 +232,8 @@ def test_errors():
     t = torch.zeros(6, 4)
     with pytest.raises(ValueError, match="t must be \\(T=6, R=4\\) fp32"):
         multi_lora_expand(t[:, :3], B, seg, ranks, scales, y)
+    with pytest.raises(ValueError, match="or \\(P, T, R\\) partial sums"):
+        multi_lora_expand(torch.zeros(0, 6, 4), B, seg, ranks, scales, y)
     with pytest.raises(ValueError, match="B must be fp32 or y's dtype"):
         multi_lora_expand(t, B.half(), seg, ranks, scales, y.bfloat16())
 

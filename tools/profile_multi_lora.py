@@ -3,8 +3,10 @@
 * kernels: each kernel's own duration (torch.profiler, CUDA time per kernel, L2 warm), no launch gaps;
 * chain: LAYERS layers with distinct weights (so each reads its weights from memory, as a model's
   layers do) captured in one CUDA graph and replayed: µs per layer for the base ``F.linear`` alone,
-  for ``F.linear`` + ``multi_lora`` and for ``multi_lora_linear`` (the grouping done once per batch,
-  as MultiLora shares it): the ratios the serving targets name, without one graph launch per layer.
+  for ``F.linear`` + ``multi_lora``, for ``multi_lora_linear`` (the grouping done once per batch,
+  as MultiLora shares it) and for ``F.linear`` + the public shrink and expand (t zero-filled, split-K
+  sums by atomics: what the layer launchers did before their partial sums): the ratios the serving
+  targets name, without one graph launch per layer.
 
     python tools/profile_multi_lora.py
 """
@@ -20,7 +22,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from common import chain_us, graph_time_ms  # noqa: E402
 
-from fastpeft.kernels.multi_lora import multi_lora, multi_lora_linear, segments  # noqa: E402
+from fastpeft.kernels.multi_lora import (multi_lora, multi_lora_expand, multi_lora_linear,  # noqa: E402
+                                         multi_lora_shrink, segments)
 
 LAYERS = int(os.environ.get("FASTPEFT_PROFILE_LAYERS", "16"))
 CASES = [(4096, 4096, 1, 32, "decode"), (4096, 4096, 16, 32, "decode"), (4096, 4096, 256, 32, "decode"),
@@ -54,8 +57,8 @@ def _kernel_us(fn, reps=20):
 def main() -> None:
     print(f"# {torch.cuda.get_device_name()}; r={R}; chain of {LAYERS} layers with distinct weights in one graph")
     print("| K | N | T | slots | layout | base µs/layer | +multi_lora µs/layer | ratio | multi_lora_linear µs/layer | "
-          "ratio | rel diff | segments µs | kernels (µs, L2 warm) | fused kernels |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "ratio | zero-filled t µs/layer | rel diff | segments µs | kernels (µs, L2 warm) | fused kernels |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for K, N, T, slots, layout in CASES:
         x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
         ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5 for _ in range(LAYERS)]
@@ -75,16 +78,20 @@ def main() -> None:
         def fused(i):
             return multi_lora_linear(x, ws[i], None, idx, As[i], Bs[i], scales, ranks, seg)
 
+        def zeroed(i):
+            t = multi_lora_shrink(x, As[i], seg, ranks)
+            return multi_lora_expand(t, Bs[i], seg, ranks, scales, F.linear(x, ws[i]))
+
         y0, y1 = fast(0).float(), fused(0).float()
         err = ((y1 - y0).norm() / y0.norm()).item()
-        tb, tf, tu = (chain_us(fn, LAYERS) for fn in (base, fast, fused))
+        tb, tf, tu, tz = (chain_us(fn, LAYERS) for fn in (base, fast, fused, zeroed))
         ts = graph_time_ms(lambda: segments(idx, slots)) * 1e3
         ks = _kernel_us(lambda: fast(0))
         ku = _kernel_us(lambda: fused(0))
         parts = ", ".join(f"{k} {v:.1f}" for k, v in ks.items())
         uparts = ", ".join(f"{k} {v:.1f}" for k, v in ku.items())
         print(f"| {K} | {N} | {T} | {slots} | {layout} | {tb:.1f} | {tf:.1f} | {tf / tb:.2f} | {tu:.1f} | "
-              f"{tu / tb:.2f} | {err:.1e} | {ts:.1f} | {parts} | {uparts} |", flush=True)
+              f"{tu / tb:.2f} | {tz:.1f} | {err:.1e} | {ts:.1f} | {parts} | {uparts} |", flush=True)
         ws = As = Bs = None
         torch.cuda.empty_cache()
 
