@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import os
 import re
 import threading
@@ -27,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from . import reference
+from .kernels.common import fp32_precision
 from .backend import use_triton
 
 BASE = "__base__"
@@ -343,6 +345,7 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("ranks", torch.zeros(slots, dtype=torch.int32, device=device))
         self._rows = rows
         self._is_4bit = _kernels_read_4bit(base_layer)
+        self._kept = None  # (key, objects, run): the kernels' launches of the last forward (_kept_forward)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         slots = self._rows.slots
@@ -361,8 +364,46 @@ class MultiLoraLinear(nn.Module):
             y = base(x, *args, **kwargs)
             torch.ops.fastpeft.multi_lora_(x2, y.reshape(-1, y.shape[-1]), token_slots(slots, x), *lora)
             return y
-        indices, seg = self._rows.tokens(x, len(lora[3]), kernels)
+        indices, seg = self._rows.tokens(x, lora[3].shape[0], kernels)
+        if kernels and seg is not None and not args and not kwargs:
+            y = self._kept_forward(x, base, indices, seg, lora)
+            if y is not None:
+                return y
         return layer_forward(self, base, x, args, kwargs, indices, seg, lora, kernels, read_4bit=self._is_4bit)
+
+    def _kept_forward(self, x: torch.Tensor, base: nn.Module, indices: torch.Tensor, seg, lora: tuple):
+        """``layer_forward``'s fused or in-place route with the kernels' launches kept from this layer's
+        last forward (the previous decode step) where its key is the same: x's shape, strides, dtype and
+        device, the output's or the weight's, fp32 precision, and the same objects for the grouping,
+        the slot buffers and the weight and bias. Saves building the launchers' keys (tens of values)
+        per layer and step, eager decode's host time. None for the 4-bit route (``layer_forward``'s)."""
+        fused = fusable(base, x, (), {})
+        if not fused and self._is_4bit:
+            return None
+        x2 = x.reshape(-1, x.shape[-1])
+        if fused:
+            params = base._parameters
+            w, bias = params["weight"], params["bias"]
+            key = (True, x2.shape, x2.stride(), x.dtype, x.device, w.shape, w.stride(), w.device, fp32_precision())
+            objects = (seg, w, bias, *lora)
+        else:
+            y = base(x)
+            y2 = y.reshape(-1, y.shape[-1])
+            key = (False, x2.shape, x2.stride(), x.dtype, x.device, y2.shape, y2.stride(), y2.dtype, y2.device,
+                   fp32_precision())
+            objects = (seg, *lora)
+        kept = self._kept
+        if kept is None or kept[0] != key or not all(map(operator.is_, kept[1], objects)):
+            from .kernels import multi_lora as kernels
+
+            run = (kernels.multi_lora_linear_plan(x2, w, bias, indices, *lora, seg) if fused
+                   else kernels.multi_lora_plan(x2, y2, indices, *lora, seg))
+            kept = self._kept = (key, objects, run)
+        if fused:
+            y2 = kept[2](x2, w, bias, *lora, seg)
+            return y2.reshape(*x.shape[:-1], y2.shape[-1])
+        kept[2](x2, y2, *lora, seg)
+        return y
 
     def extra_repr(self) -> str:
         S, R, _ = self.lora_A.shape

@@ -520,12 +520,19 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, A: torch
     seg is not given; where the shrink splits K it leaves partial sums that the expand adds up, so t
     needs no zero fill), no host sync, grids fixed by T, S, N and R: capturable in a CUDA graph. The checks and both launches are worked out once per key of
     shapes, strides, dtypes and devices (``_layer_plan``), so a repeated call builds one key."""
-    key = (multi_lora, y.shape, y.stride(), y.dtype, y.device,
-           *_layer_key("multi_lora", x, indices, A, B, scales, ranks, seg))
-    run = cached(key, _layer_plan, x, y, indices, A, B, scales, ranks, seg)
+    run = multi_lora_plan(x, y, indices, A, B, scales, ranks, seg)
     if seg is None:
         seg = segments(indices, A.shape[0])
     return run(x, y, A, B, scales, ranks, seg)
+
+
+def multi_lora_plan(x, y, indices, A, B, scales, ranks, seg=None):
+    """``multi_lora``'s checked launches for its arguments' key: run(x, y, A, B, scales, ranks, seg)
+    for any arguments of the same shapes, strides, dtypes and devices (seg given), with no key built;
+    for a caller that keeps it across calls (``MultiLoraLinear``'s decode steps)."""
+    key = (multi_lora, y.shape, y.stride(), y.dtype, y.device,
+           *_layer_key("multi_lora", x, indices, A, B, scales, ranks, seg))
+    return cached(key, _layer_plan, x, y, indices, A, B, scales, ranks, seg)
 
 
 def _layer_plan(x, y, indices, A, B, scales, ranks, seg):
@@ -589,13 +596,19 @@ def multi_lora_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     partial sums, no zero fill), then one matmul over the tokens in slot order whose
     epilogue adds the LoRA terms (``_multi_lora_linear_kernel``; on Hopper launched with PDL, its main
     loop running while the shrink finishes). No host sync; capturable in a CUDA graph."""
-    key = (multi_lora_linear, w.shape, w.stride(), w.dtype, w.device,
-           None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
-           *_layer_key("multi_lora_linear", x, indices, A, B, scales, ranks, seg))
-    run = cached(key, _linear_layer_plan, x, w, bias, indices, A, B, scales, ranks, seg)
+    run = multi_lora_linear_plan(x, w, bias, indices, A, B, scales, ranks, seg)
     if seg is None:
         seg = segments(indices, A.shape[0])
     return run(x, w, bias, A, B, scales, ranks, seg)
+
+
+def multi_lora_linear_plan(x, w, bias, indices, A, B, scales, ranks, seg=None):
+    """``multi_lora_linear``'s checked launches for its arguments' key: run(x, w, bias, A, B, scales,
+    ranks, seg) -> y for any arguments of the same shapes, strides, dtypes and devices (seg given)."""
+    key = (multi_lora_linear, w.shape, w.stride(), w.dtype, w.device,
+           None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
+           *_layer_key("multi_lora_linear", x, indices, A, B, scales, ranks, seg))
+    return cached(key, _linear_layer_plan, x, w, bias, indices, A, B, scales, ranks, seg)
 
 
 def _linear_layer_plan(x, w, bias, indices, A, B, scales, ranks, seg):

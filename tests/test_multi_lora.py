@@ -133,12 +133,9 @@ def _alone(adapter_dirs, name, inputs, device):
 def test_multilora_rows_equal_each_adapter_alone(adapter_dirs, backend, fused, request, monkeypatch):
     """MultiLora's rows against each adapter alone; with the kernels, over the in-place route and the
     fused one (multi_lora_linear, the base product in the same matmul)."""
-    from fastpeft import multi_lora
-
     if fused:  # the switch (kernels/tuning.py); unset, the in-place route
         request.getfixturevalue("pin_config")("FASTPEFT_MULTI_LORA_FUSED", "1")
-    calls, real = [], multi_lora.linear_multi_lora
-    monkeypatch.setattr(multi_lora, "linear_multi_lora", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _spy_fused(monkeypatch)
     device = _backend(request, backend)
     model = make_model("llama").to(device).eval()
     ml = fastpeft.MultiLora(model, max_adapters=4, max_rank=8, target_modules="all-linear")
@@ -161,6 +158,57 @@ def test_multilora_rows_equal_each_adapter_alone(adapter_dirs, backend, fused, r
         plain = logits(model, inputs)  # outside use(): the base model
         torch.testing.assert_close(plain, _alone(adapter_dirs, None, inputs, device), rtol=1e-5, atol=1e-6)
     assert bool(calls) == fused
+
+
+def _spy_fused(monkeypatch) -> list:
+    """A list that grows by one each time the fused route's launches are worked out or looked up (the
+    kernels' multi_lora_linear_plan, which MultiLoraLinear and multi_lora_linear call)."""
+    from fastpeft.kernels import multi_lora as kernels
+
+    calls, real = [], kernels.multi_lora_linear_plan
+    monkeypatch.setattr(kernels, "multi_lora_linear_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_multilora_kept_launches_follow_changes(adapter_dirs, fused, request, set_options, monkeypatch):
+    """Each MultiLoraLinear keeps its last forward's launches (decode steps skip the launchers' keys):
+    a new base weight (another Parameter), another dtype, another batch shape or the other route
+    give the reference path's numbers, never the kept launches' stale ones."""
+    device = request.getfixturevalue("kernels_on")
+    pin = request.getfixturevalue("pin_config")
+    pin("FASTPEFT_MULTI_LORA_FUSED", "1" if fused else None)
+    calls = _spy_fused(monkeypatch)
+    model = make_model("llama").to(device).eval()
+    ml = fastpeft.MultiLora(model, max_adapters=4, max_rank=8, target_modules="all-linear")
+    for name in ADAPTERS:
+        ml.load_adapter(name, adapter_dirs / name)
+    rows = ["chat", None, "sql", "math"]
+    inputs = {k: v.to(device) for k, v in make_inputs("llama", batch=len(rows)).items()}
+    layer = ml.layers["model.layers.0.self_attn.q_proj"]
+
+    def both(inputs):  # the kernels' logits, then the reference path's
+        set_options(backend="triton")
+        got = logits(model, inputs)
+        set_options(backend="reference")
+        want = logits(model, inputs)
+        return got, want
+
+    with torch.no_grad(), ml.use(rows):
+        for step in ("first", "again", "new weight", "shorter", "fp16", "route"):
+            if step == "new weight":
+                layer.base_layer.weight = torch.nn.Parameter(layer.base_layer.weight * 2)
+                layer.base_layer.bias = torch.nn.Parameter(torch.randn_like(layer.base_layer.weight[:, 0]))
+            elif step == "shorter":
+                inputs = {k: v[:, :-3] for k, v in inputs.items()}
+            elif step == "fp16":
+                model.half()
+            elif step == "route":
+                pin("FASTPEFT_MULTI_LORA_FUSED", None if fused else "1")
+            got, want = both(inputs)
+            tol = dict(rtol=2e-3, atol=2e-3) if step in ("fp16", "route") else dict(rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{step}: {m}")
+    assert bool(calls)
 
 
 @pytest.mark.parametrize("backend", ["reference", "kernels"])
