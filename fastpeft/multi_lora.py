@@ -8,7 +8,8 @@ weights, the kernels of kernels/multi_lora.py on CUDA tensors, the reference pat
   ``"__base__"`` rows get the base model alone. PEFT's semantics and errors (not in training mode,
   names that exist in some layer, no merged adapters, one name per row; ``num_beams`` repeats each
   name). ``mixed_batch(model, names)`` hands the names to every LoRA layer for the forwards inside it;
-  each layer stacks its adapters' weights once (kept until one of them changes).
+  each layer stacks its adapters' weights once (kept until one of them changes, which inside one
+  forward or generate is checked at the layer's first forward only) and keeps its kernel launches.
 - ``MultiLora(model, max_adapters=..., max_rank=..., target_modules=...)``: a serving wrapper with
   preallocated slots (stacked A (slots, r_max, in), B (slots, out, r_max), per-slot scaling and rank),
   PEFT-format adapters loaded into and unloaded from slots, and ``with ml.use([...]):`` choosing each
@@ -197,25 +198,49 @@ def mixed_batch_forward(layer, x: torch.Tensor, adapter_names: Sequence[str], *a
     """PEFT's ``_mixed_batch_forward`` of a LoRA layer (fastpeft's or PEFT's): the base output, plus
     each row's adapter (rows of "__base__" or of an adapter this layer lacks: nothing), all adapters of
     the batch in one ``multi_lora`` call."""
-    from . import options
-
     if len(x) != len(adapter_names):
         raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
                          f"{len(adapter_names)} and {len(x)} respectively.")
+    batch = adapter_names if type(adapter_names) is _Batch else None
+    part = None if batch is None else batch.layers.get(layer)
+    if part is None:
+        part = _layer_batch(layer, x, adapter_names)
+        if batch is not None:
+            batch.layers[layer] = part
+    names, stacked, backend, is_4bit, launches = part
+    base = layer.base_layer
+    if not names:
+        return base(x, *args, **kwargs)
+    kernels = use_triton(x, backend)
+    if batch is None:
+        indices, seg = _grouped(names, adapter_names, x, kernels)
+    else:  # the batch's own table: no key over every row's name
+        key = (names, x.shape[:-1], x.device, kernels)
+        grouped = batch.grouped.get(key)
+        if grouped is None:
+            grouped = batch.grouped[key] = _grouped(names, adapter_names, x, kernels)
+        indices, seg = grouped
+        if kernels and seg is not None and not args and not kwargs:
+            y, launches[0] = kept_forward(launches[0], base, x, indices, seg, stacked, is_4bit)
+            if y is not None:
+                return y
+    return layer_forward(layer, base, x, args, kwargs, indices, seg, stacked, kernels, backend)
+
+
+def _layer_batch(layer, x: torch.Tensor, adapter_names) -> tuple:
+    """A LoRA layer's part of a mixed batch, PEFT's checks first: (the names of the rows' adapters it
+    holds, sorted; those adapters stacked (``_stacked``) or None; the layer's backend; whether its base
+    is 4-bit; a one-item list for ``kept_forward``'s launches)."""
+    from . import options, qlora
+
     if layer.merged:
         raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
                          "`unmerge_adapter` first.")
     if any(getattr(layer, "use_dora", {}).get(n, False) for n in set(adapter_names) if n != BASE):
         raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
     names = tuple(sorted(n for n in set(adapter_names) if n in layer.lora_A))
-    base = layer.base_layer
-    if not names:
-        return base(x, *args, **kwargs)
-    backend = options.of(layer).backend
-    kernels = use_triton(x, backend)
-    indices, seg = _grouped(names, adapter_names, x, kernels)
-    stacked = _stacked(layer, names, x.device, layer.lora_A[names[0]].weight.dtype)
-    return layer_forward(layer, base, x, args, kwargs, indices, seg, stacked, kernels, backend)
+    stacked = _stacked(layer, names, x.device, layer.lora_A[names[0]].weight.dtype) if names else None
+    return names, stacked, options.of(layer).backend, qlora.is_4bit(layer.base_layer), [None]
 
 
 def layer_forward(owner: nn.Module, base: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict,
@@ -241,6 +266,42 @@ def layer_forward(owner: nn.Module, base: nn.Module, x: torch.Tensor, args: tupl
     return multi_lora(x2, y.reshape(-1, y.shape[-1]), indices, *lora, backend, seg=seg).reshape(y.shape)
 
 
+def kept_forward(kept, base: nn.Module, x: torch.Tensor, indices: torch.Tensor, seg, lora: tuple, is_4bit: bool):
+    """``layer_forward``'s fused or in-place route for the kernels, ``base(x)`` plus the LoRA terms,
+    with the kernels' launches ``kept`` from the layer's last forward (the previous decode step) where
+    its key is the same: x's shape, strides, dtype and device, the output's or the weight's, fp32
+    precision, and the same objects for the grouping, the stacked adapters and the weight and bias.
+    Saves building the launchers' keys (tens of values) per layer and step: eager decode's host time.
+    Returns (y, kept), the caller keeping ``kept`` (None at first); y None where ``is_4bit`` (a 4-bit
+    base: ``layer_forward``'s own route)."""
+    fused = fusable(base, x, (), {})
+    if not fused and is_4bit:
+        return None, kept
+    x2 = x.reshape(-1, x.shape[-1])
+    if fused:
+        params = base._parameters
+        w, bias = params["weight"], params["bias"]
+        key = (True, x2.shape, x2.stride(), x.dtype, x.device, w.shape, w.stride(), w.device, fp32_precision())
+        objects = (seg, w, bias, *lora)
+    else:
+        y = base(x)
+        y2 = y.reshape(-1, y.shape[-1])
+        key = (False, x2.shape, x2.stride(), x.dtype, x.device, y2.shape, y2.stride(), y2.dtype, y2.device,
+               fp32_precision())
+        objects = (seg, *lora)
+    if kept is None or kept[0] != key or not all(map(operator.is_, kept[1], objects)):
+        from .kernels import multi_lora as kernels
+
+        run = (kernels.multi_lora_linear_plan(x2, w, bias, indices, *lora, seg) if fused
+               else kernels.multi_lora_plan(x2, y2, indices, *lora, seg))
+        kept = (key, objects, run)
+    if fused:
+        y2 = kept[2](x2, w, bias, *lora, seg)
+        return y2.reshape(*x.shape[:-1], y2.shape[-1]), kept
+    kept[2](x2, y2, *lora, seg)
+    return y, kept
+
+
 def _check_names(model: nn.Module, adapter_names) -> list:
     """PEFT's checks of ``adapter_names`` on a model: a list of str, not in training mode, each (but
     "__base__") an adapter of some LoRA layer."""
@@ -259,6 +320,20 @@ def _check_names(model: nn.Module, adapter_names) -> list:
     return list(adapter_names)
 
 
+class _Batch(list):
+    """The rows' adapter names that ``mixed_batch`` hands to every LoRA layer (a list, as PEFT's
+    ``adapter_names``), with what the layers work out from them on their first forward inside the block
+    kept for the later ones (the decode steps): each layer's checks and stacked adapters
+    (``_layer_batch``; adapter weights do not change inside one forward or generate), the tokens'
+    grouping per shape, and each layer's kernel launches (``kept_forward``)."""
+
+    def __init__(self, names):
+        super().__init__(names)
+        self.layers: dict = {}   # LoRA layer -> _layer_batch's tuple
+        self.checked: dict = {}  # PEFT layer -> whether fastpeft computes its mixed batch (peft_bridge)
+        self.grouped: dict = {}  # (names, x's leading shape, device, kernels) -> (indices, segments)
+
+
 def _inject(names):
     def hook(module, args, kwargs):
         kwargs["adapter_names"] = names
@@ -273,10 +348,9 @@ def mixed_batch(model: nn.Module, adapter_names, num_beams: Optional[int] = None
     encoder (which sees the original rows), as PEFT does."""
     from .model_state import lora_layers
 
-    names = _check_names(model, adapter_names)
-    original = names
+    original = names = _Batch(_check_names(model, adapter_names))
     if isinstance(num_beams, int) and num_beams > 1:
-        names = [n for n in names for _ in range(num_beams)]
+        names = _Batch([n for n in original for _ in range(num_beams)])
     handles = []
     encoder = getattr(model, "get_encoder", None)
     encoder = encoder() if callable(encoder) and getattr(model.config, "is_encoder_decoder", False) else None
@@ -345,7 +419,7 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("ranks", torch.zeros(slots, dtype=torch.int32, device=device))
         self._rows = rows
         self._is_4bit = _kernels_read_4bit(base_layer)
-        self._kept = None  # (key, objects, run): the kernels' launches of the last forward (_kept_forward)
+        self._kept = None  # (key, objects, run): the kernels' launches of the last forward (kept_forward)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         slots = self._rows.slots
@@ -366,44 +440,10 @@ class MultiLoraLinear(nn.Module):
             return y
         indices, seg = self._rows.tokens(x, lora[3].shape[0], kernels)
         if kernels and seg is not None and not args and not kwargs:
-            y = self._kept_forward(x, base, indices, seg, lora)
+            y, self._kept = kept_forward(self._kept, base, x, indices, seg, lora, self._is_4bit)
             if y is not None:
                 return y
         return layer_forward(self, base, x, args, kwargs, indices, seg, lora, kernels, read_4bit=self._is_4bit)
-
-    def _kept_forward(self, x: torch.Tensor, base: nn.Module, indices: torch.Tensor, seg, lora: tuple):
-        """``layer_forward``'s fused or in-place route with the kernels' launches kept from this layer's
-        last forward (the previous decode step) where its key is the same: x's shape, strides, dtype and
-        device, the output's or the weight's, fp32 precision, and the same objects for the grouping,
-        the slot buffers and the weight and bias. Saves building the launchers' keys (tens of values)
-        per layer and step, eager decode's host time. None for the 4-bit route (``layer_forward``'s)."""
-        fused = fusable(base, x, (), {})
-        if not fused and self._is_4bit:
-            return None
-        x2 = x.reshape(-1, x.shape[-1])
-        if fused:
-            params = base._parameters
-            w, bias = params["weight"], params["bias"]
-            key = (True, x2.shape, x2.stride(), x.dtype, x.device, w.shape, w.stride(), w.device, fp32_precision())
-            objects = (seg, w, bias, *lora)
-        else:
-            y = base(x)
-            y2 = y.reshape(-1, y.shape[-1])
-            key = (False, x2.shape, x2.stride(), x.dtype, x.device, y2.shape, y2.stride(), y2.dtype, y2.device,
-                   fp32_precision())
-            objects = (seg, *lora)
-        kept = self._kept
-        if kept is None or kept[0] != key or not all(map(operator.is_, kept[1], objects)):
-            from .kernels import multi_lora as kernels
-
-            run = (kernels.multi_lora_linear_plan(x2, w, bias, indices, *lora, seg) if fused
-                   else kernels.multi_lora_plan(x2, y2, indices, *lora, seg))
-            kept = self._kept = (key, objects, run)
-        if fused:
-            y2 = kept[2](x2, w, bias, *lora, seg)
-            return y2.reshape(*x.shape[:-1], y2.shape[-1])
-        kept[2](x2, y2, *lora, seg)
-        return y
 
     def extra_repr(self) -> str:
         S, R, _ = self.lora_A.shape

@@ -97,7 +97,18 @@ def ia3_forward(self, x, *args, **kwargs):
 
 
 def _mixed_ok(layer, adapter_names) -> bool:
-    """Whether fastpeft computes PEFT's mixed batch on this layer: plain LoRA for every adapter named."""
+    """Whether fastpeft computes PEFT's mixed batch on this layer: plain LoRA for every adapter named.
+    Worked out once per layer for the names of a ``mixed_batch`` block (its ``checked`` table)."""
+    checked = getattr(adapter_names, "checked", None)
+    if checked is None:
+        return _mixed_ok_now(layer, adapter_names)
+    ok = checked.get(layer)
+    if ok is None:
+        ok = checked[layer] = _mixed_ok_now(layer, adapter_names)
+    return ok
+
+
+def _mixed_ok_now(layer, adapter_names) -> bool:
     variants = getattr(layer, "lora_variant", {}) or {}
     for name in set(adapter_names):
         if name in layer.lora_A and (name in variants or layer.lora_B[name].bias is not None

@@ -76,6 +76,32 @@ def test_adapter_names_equals_peft(adapter_dirs, backend, request):
     assert not any(m._forward_pre_hooks for m in fm.modules() if isinstance(m, fastpeft.LoraLinear))
 
 
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+def test_adapter_names_follow_weight_changes(adapter_dirs, backend, request):
+    """A mixed batch keeps each layer's stacked adapters and launches for the forwards of one block
+    (one model call, one generate); an adapter changed between blocks (in place, or a new Parameter)
+    gives PEFT's new numbers."""
+    from fastpeft.model_state import lora_layers
+
+    device = _backend(request, backend)
+    pm, fm = _peft_all(adapter_dirs, device), _fast_all(adapter_dirs, device)
+    inputs = {k: v.to(device) for k, v in make_inputs("llama", batch=len(ROWS)).items()}
+    generate = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        for change in (None, "in place", "new parameter"):
+            for model in (pm, fm):
+                for _, layer in lora_layers(model):
+                    if change == "in place" and "sql" in layer.lora_B:
+                        layer.lora_B["sql"].weight.mul_(-3)
+                    elif change == "new parameter" and "math" in layer.lora_A:
+                        a = layer.lora_A["math"]
+                        a.weight = torch.nn.Parameter(a.weight.flip(0))
+            torch.testing.assert_close(logits(fm, dict(inputs, adapter_names=ROWS)),
+                                       logits(pm, dict(inputs, adapter_names=ROWS)), rtol=1e-4, atol=1e-5)
+            assert torch.equal(fm.generate(inputs["input_ids"], adapter_names=ROWS, **generate),
+                               pm.generate(inputs["input_ids"], adapter_names=ROWS, **generate)), change
+
+
 def test_adapter_names_encoder_decoder(tmp_path, set_options):
     """T5: the encoder and decoder layers each get the rows' adapters."""
     set_options(backend="reference")
