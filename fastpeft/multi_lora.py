@@ -220,17 +220,14 @@ def mixed_batch_forward(layer, x: torch.Tensor, adapter_names: Sequence[str], *a
         if grouped is None:
             grouped = batch.grouped[key] = _grouped(names, adapter_names, x, kernels)
         indices, seg = grouped
-        if kernels and seg is not None and not args and not kwargs:
-            y, launches[0] = kept_forward(launches[0], base, x, indices, seg, stacked, is_4bit)
-            if y is not None:
-                return y
-    return layer_forward(layer, base, x, args, kwargs, indices, seg, stacked, kernels, backend)
+    return layer_forward(layer, base, x, args, kwargs, indices, seg, stacked, kernels, backend, read_4bit=is_4bit,
+                         launches=None if batch is None else launches)
 
 
 def _layer_batch(layer, x: torch.Tensor, adapter_names) -> tuple:
     """A LoRA layer's part of a mixed batch, PEFT's checks first: (the names of the rows' adapters it
     holds, sorted; those adapters stacked (``_stacked``) or None; the layer's backend; whether its base
-    is 4-bit; a one-item list for ``kept_forward``'s launches)."""
+    is 4-bit; a one-item list for ``layer_forward``'s kept launches)."""
     from . import options, qlora
 
     if layer.merged:
@@ -245,13 +242,19 @@ def _layer_batch(layer, x: torch.Tensor, adapter_names) -> tuple:
 
 def layer_forward(owner: nn.Module, base: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict,
                   indices: torch.Tensor, seg, lora: tuple, kernels: bool, backend=None,
-                  read_4bit: bool = True) -> torch.Tensor:
+                  read_4bit: bool = True, launches: Optional[list] = None) -> torch.Tensor:
     """``base(x, *args, **kwargs)`` plus each token's LoRA term (``multi_lora``; lora = (A, B, scales,
     ranks) stacked, indices (T,) the tokens' slots, seg their grouping or None), by the route the base
     allows: the base product inside the multi-adapter matmul (``fusable``); a 4-bit base by fastpeft's
     4-bit kernels where they read it (``read_4bit``: the caller has not ruled it out), then the terms in
     place; else the base layer's own forward, then the terms in place. ``owner``: the layer holding
-    ``base`` (it keeps the 4-bit weight's kernel form)."""
+    ``base`` (it keeps the 4-bit weight's kernel form). ``launches``: a one-item list the caller keeps
+    across forwards, where the kernels' launches of the fused and in-place routes are kept
+    (``_kept_forward``), or None."""
+    if launches is not None and kernels and seg is not None and not args and not kwargs:
+        y, launches[0] = _kept_forward(launches[0], base, x, indices, seg, lora, read_4bit)
+        if y is not None:
+            return y
     x2 = x.reshape(-1, x.shape[-1])
     if kernels and fusable(base, x, args, kwargs):
         y2 = linear_multi_lora(x2, base.weight, base.bias, indices, *lora, seg=seg)
@@ -266,14 +269,14 @@ def layer_forward(owner: nn.Module, base: nn.Module, x: torch.Tensor, args: tupl
     return multi_lora(x2, y.reshape(-1, y.shape[-1]), indices, *lora, backend, seg=seg).reshape(y.shape)
 
 
-def kept_forward(kept, base: nn.Module, x: torch.Tensor, indices: torch.Tensor, seg, lora: tuple, is_4bit: bool):
+def _kept_forward(kept, base: nn.Module, x: torch.Tensor, indices: torch.Tensor, seg, lora: tuple, is_4bit: bool):
     """``layer_forward``'s fused or in-place route for the kernels, ``base(x)`` plus the LoRA terms,
     with the kernels' launches ``kept`` from the layer's last forward (the previous decode step) where
     its key is the same: x's shape, strides, dtype and device, the output's or the weight's, fp32
     precision, and the same objects for the grouping, the stacked adapters and the weight and bias.
     Saves building the launchers' keys (tens of values) per layer and step: eager decode's host time.
     Returns (y, kept), the caller keeping ``kept`` (None at first); y None where ``is_4bit`` (a 4-bit
-    base: ``layer_forward``'s own route)."""
+    base the kernels read: ``layer_forward``'s 4-bit route)."""
     fused = fusable(base, x, (), {})
     if not fused and is_4bit:
         return None, kept
@@ -325,7 +328,7 @@ class _Batch(list):
     ``adapter_names``), with what the layers work out from them on their first forward inside the block
     kept for the later ones (the decode steps): each layer's checks and stacked adapters
     (``_layer_batch``; adapter weights do not change inside one forward or generate), the tokens'
-    grouping per shape, and each layer's kernel launches (``kept_forward``)."""
+    grouping per shape, and each layer's kernel launches (``layer_forward``'s ``launches``)."""
 
     def __init__(self, names):
         super().__init__(names)
@@ -419,7 +422,7 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("ranks", torch.zeros(slots, dtype=torch.int32, device=device))
         self._rows = rows
         self._is_4bit = _kernels_read_4bit(base_layer)
-        self._kept = None  # (key, objects, run): the kernels' launches of the last forward (kept_forward)
+        self._launches = [None]  # the kernels' launches of the last forward (layer_forward's, kept)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         slots = self._rows.slots
@@ -439,11 +442,8 @@ class MultiLoraLinear(nn.Module):
             torch.ops.fastpeft.multi_lora_(x2, y.reshape(-1, y.shape[-1]), token_slots(slots, x), *lora)
             return y
         indices, seg = self._rows.tokens(x, lora[3].shape[0], kernels)
-        if kernels and seg is not None and not args and not kwargs:
-            y, self._kept = kept_forward(self._kept, base, x, indices, seg, lora, self._is_4bit)
-            if y is not None:
-                return y
-        return layer_forward(self, base, x, args, kwargs, indices, seg, lora, kernels, read_4bit=self._is_4bit)
+        return layer_forward(self, base, x, args, kwargs, indices, seg, lora, kernels, read_4bit=self._is_4bit,
+                             launches=self._launches)
 
     def extra_repr(self) -> str:
         S, R, _ = self.lora_A.shape
