@@ -56,6 +56,7 @@ _IGNORED_OPTIONS = {
     "eva_config",  # only used with init_lora_weights="eva"
     "corda_config",  # only used with init_lora_weights="corda"
     "lora_ga_config",  # only used with init_lora_weights="lora_ga"
+    "astra_config",  # only used with init_lora_weights="astra" (peft >= 0.22)
     "runtime_config",  # run-time only; PEFT drops it from JSON too
 }
 

@@ -64,10 +64,32 @@ DEFAULT_TARGET_MODULES: dict[str, Union[list[str], str]] = {
     "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 
+
+def _classifier_heads() -> list[str]:
+    """The heads PEFT's classification models add to modules_to_save: the installed PEFT's own list
+    (peft >= 0.22 adds DistilBERT's ``pre_classifier``), else peft 0.22's."""
+    try:
+        from peft.peft_model import CLASSIFIER_MODULE_NAMES
+    except ImportError:
+        return ["classifier", "score"] if _peft_before("0.22") else ["classifier", "score", "pre_classifier"]
+    return list(CLASSIFIER_MODULE_NAMES)
+
+
+def _peft_before(version: str) -> bool:
+    """Whether an installed peft is older than ``version`` (False without peft)."""
+    try:
+        from importlib.metadata import version as installed
+        from packaging.version import Version
+
+        return Version(installed("peft")) < Version(version)
+    except Exception:
+        return False
+
+
 # Heads PEFT's task-specific PeftModel classes add to modules_to_save (peft_model.py).
 TASK_MODULES_TO_SAVE: dict[str, list[str]] = {
-    "SEQ_CLS": ["classifier", "score"],
-    "TOKEN_CLS": ["classifier", "score"],
+    "SEQ_CLS": _classifier_heads(),
+    "TOKEN_CLS": _classifier_heads(),
     "QUESTION_ANS": ["qa_outputs"],
 }
 
