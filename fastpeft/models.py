@@ -66,24 +66,16 @@ DEFAULT_TARGET_MODULES: dict[str, Union[list[str], str]] = {
 
 
 def _classifier_heads() -> list[str]:
-    """The heads PEFT's classification models add to modules_to_save: the installed PEFT's own list
-    (peft >= 0.22 adds DistilBERT's ``pre_classifier``), else peft 0.22's."""
+    """The heads PEFT's classification models add to modules_to_save, as the installed PEFT does
+    (read from its version, without importing it): peft >= 0.22 adds DistilBERT's ``pre_classifier``."""
     try:
-        from peft.peft_model import CLASSIFIER_MODULE_NAMES
-    except ImportError:
-        return ["classifier", "score"] if _peft_before("0.22") else ["classifier", "score", "pre_classifier"]
-    return list(CLASSIFIER_MODULE_NAMES)
-
-
-def _peft_before(version: str) -> bool:
-    """Whether an installed peft is older than ``version`` (False without peft)."""
-    try:
-        from importlib.metadata import version as installed
+        from importlib.metadata import version
         from packaging.version import Version
 
-        return Version(installed("peft")) < Version(version)
-    except Exception:
-        return False
+        before = Version(version("peft")) < Version("0.22")
+    except Exception:  # no peft installed: the newest PEFT's list
+        before = False
+    return ["classifier", "score"] if before else ["classifier", "score", "pre_classifier"]
 
 
 # Heads PEFT's task-specific PeftModel classes add to modules_to_save (peft_model.py).

@@ -9,6 +9,7 @@ included (FalconLinear: an nn.Linear subclass with nn.Linear's forward).
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import sys
 
@@ -460,7 +461,9 @@ def test_print_trainable_parameters_equals_peft(model_type, kwargs, capsys):
 def test_modules_to_save_trainable():
     model = fastpeft.patch(make_model("llama", head="seq_cls"), fastpeft.LoraConfig(r=4, task_type="SEQ_CLS"))
     assert model.score.weight.requires_grad
-    assert model.fastpeft_config["default"].modules_to_save == ["classifier", "score"]
+    peft_model = importlib.import_module("peft.peft_model")  # PEFT's own list: 0.22 adds pre_classifier
+    peft_heads = list(getattr(peft_model, "CLASSIFIER_MODULE_NAMES", ("classifier", "score")))
+    assert model.fastpeft_config["default"].modules_to_save == peft_heads
     assert not model.model.embed_tokens.weight.requires_grad
 
 
