@@ -27,6 +27,7 @@ import operator
 import os
 
 import torch
+from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Read once, as triton.jit itself does when it decorates a kernel (the kernel modules use it too).
@@ -181,7 +182,9 @@ class Plan:
     constexprs and launch options. A launcher builds one per shape key (``cached``) and ``run``s it
     on each call's tensors (the same dtypes, by the key). Once the first run has compiled the kernel,
     runs whose pointers are all 16-byte aligned (the common case) call the compiled kernel's launcher
-    with no further work; any other run goes through ``launch``."""
+    with no further work; any other run goes through ``launch``. A config whose pipeline needs more
+    shared memory than the GPU has (Triton's OutOfResources, raised before anything runs) is
+    compiled again with one stage less, down to one, and the plan keeps the stages that fit."""
 
     __slots__ = ("kernel", "grid", "grid3", "scalars", "meta", "call", "device")
 
@@ -198,7 +201,15 @@ class Plan:
             if aligned16(ptrs) and device == self.device:
                 call(self.grid3, _current_stream(device), ptrs + self.scalars)
                 return
-        self.call = launch(self.kernel, self.grid, tensors, self.scalars, **self.meta)
+        while True:
+            try:
+                self.call = launch(self.kernel, self.grid, tensors, self.scalars, **self.meta)
+                break
+            except OutOfResources:  # the tile's pipeline does not fit this GPU's shared memory: one stage less
+                stages = self.meta.get("num_stages", 1)
+                if stages <= 1:
+                    raise
+                self.meta = {**self.meta, "num_stages": stages - 1}
         if self.call is not None:  # the device it was compiled for: the direct path runs only while it is current
             self.device = _tensor_device(tensors[0])
 

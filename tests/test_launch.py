@@ -144,6 +144,37 @@ def test_plan_launches_directly_after_its_first_run(fast):
     assert k.log[3][2] == (x.data_ptr(), 32, 1.0, 16, True)
 
 
+def test_plan_drops_stages_that_do_not_fit(fast):
+    """A config whose pipeline needs more shared memory than the GPU has (Triton raises OutOfResources
+    before running anything) compiles again with one stage less; the plan keeps the stages that fit,
+    and a kernel that does not fit in one stage is the caller's error."""
+    class Big(_Kernel):
+        def __init__(self, fits: int):
+            super().__init__()
+            self.fits = fits
+
+        def __getitem__(self, grid):
+            run = super().__getitem__(grid)
+
+            def check(*args, **meta):
+                if meta["num_stages"] > self.fits:
+                    self.log.append(("too big", meta["num_stages"]))
+                    raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+                return run(*args, **meta)
+            return check
+
+    k = Big(fits=2)
+    plan = L.Plan(k, (4,), (32, 1.0), BLOCK=16, FLAG=True, num_warps=4, num_stages=4)
+    x = torch.zeros(64)
+    plan.run((x,))
+    plan.run((x,))
+    assert [entry[:2] for entry in k.log[:2]] == [("too big", 4), ("too big", 3)]
+    assert [entry[0] for entry in k.log[2:]] == ["triton", "runner"]
+    assert k.log[2][3]["num_stages"] == 2 and plan.meta["num_stages"] == 2
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        L.Plan(Big(fits=0), (4,), (32, 1.0), BLOCK=16, FLAG=True, num_warps=4, num_stages=2).run((x,))
+
+
 def test_tensors_on_another_device_launch_there(fast, monkeypatch):
     """Triton launches on the current device: tensors on device 1 while device 0 is current (a process
     that never called torch.cuda.set_device) launch with device 1 made current, and a Plan's direct
