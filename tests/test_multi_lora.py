@@ -241,12 +241,12 @@ def test_multilora_kept_launches_follow_changes(adapter_dirs, fused, request, se
 def test_multilora_compiles_whole(adapter_dirs, backend, request):
     """Under torch.compile(fullgraph=True) each layer's adapters are one op (fastpeft::multi_lora_), the
     hooks traced away: the compiled model's rows equal the eager ones."""
-    _backend(request, backend)
-    model = make_model("llama").eval()
+    device = _backend(request, backend)
+    model = make_model("llama").to(device).eval()
     ml = fastpeft.MultiLora(model, max_adapters=4, max_rank=8, target_modules="all-linear")
     for name in ADAPTERS:
         ml.load_adapter(name, adapter_dirs / name)
-    inputs = make_inputs("llama", batch=4)
+    inputs = {k: v.to(device) for k, v in make_inputs("llama", batch=4).items()}
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad(), ml.use(["chat", None, "sql", "math"]):
         eager = logits(model, inputs)
