@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from . import reference
 from .kernels.common import fp32_precision
-from .backend import use_triton
+from .backend import interpreter_enabled, use_triton
 
 BASE = "__base__"
 
@@ -97,32 +97,44 @@ def linear_multi_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return multi_lora_linear(x, weight, bias, indices, lora_a, lora_b, scales, ranks, seg)
 
 
+def _seg_of(order: Optional[torch.Tensor], starts: Optional[torch.Tensor], counts: Optional[torch.Tensor]):
+    """The kernels' Segments from a custom op's three tensors, or None (the op groups the tokens itself)."""
+    if order is None:
+        return None
+    from .kernels.multi_lora import Segments
+
+    return Segments(order, starts, counts)
+
+
 @torch.library.custom_op("fastpeft::linear_multi_lora", mutates_args=())
 def _linear_multi_lora_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], indices: torch.Tensor,
-                          lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
-                          ranks: torch.Tensor) -> torch.Tensor:
-    """``linear_multi_lora`` (the tokens' grouping included) as one opaque op for torch.compile."""
-    return linear_multi_lora(x, weight, bias, indices, lora_a, lora_b, scales, ranks)
+                          lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor,
+                          order: Optional[torch.Tensor] = None, starts: Optional[torch.Tensor] = None,
+                          counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``linear_multi_lora`` as one opaque op for torch.compile; the tokens' grouping (order, starts,
+    counts: the kernels' Segments) given, or worked out inside where it is not."""
+    return linear_multi_lora(x, weight, bias, indices, lora_a, lora_b, scales, ranks, _seg_of(order, starts, counts))
 
 
 @_linear_multi_lora_op.register_fake
-def _(x, weight, bias, indices, lora_a, lora_b, scales, ranks):
+def _(x, weight, bias, indices, lora_a, lora_b, scales, ranks, order=None, starts=None, counts=None):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 @torch.library.custom_op("fastpeft::multi_lora_", mutates_args=("y",))
 def _multi_lora_op(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: torch.Tensor,
-                   lora_b: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor) -> None:
-    """``multi_lora`` into y in place, the tokens' grouping included, as one opaque op for torch.compile
-    (and the CUDA graphs of its "reduce-overhead" mode): the kernels' launchers stay out of the traced
-    graph."""
-    out = multi_lora(x, y, indices, lora_a, lora_b, scales, ranks)
+                   lora_b: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor, order: Optional[torch.Tensor] = None,
+                   starts: Optional[torch.Tensor] = None, counts: Optional[torch.Tensor] = None) -> None:
+    """``multi_lora`` into y in place as one opaque op for torch.compile (and the CUDA graphs of its
+    "reduce-overhead" mode): the kernels' launchers stay out of the traced graph. The tokens' grouping
+    (order, starts, counts) given, or worked out inside where it is not."""
+    out = multi_lora(x, y, indices, lora_a, lora_b, scales, ranks, seg=_seg_of(order, starts, counts))
     if out is not y:
         y.copy_(out)
 
 
 @_multi_lora_op.register_fake
-def _(x, y, indices, lora_a, lora_b, scales, ranks) -> None:
+def _(x, y, indices, lora_a, lora_b, scales, ranks, order=None, starts=None, counts=None) -> None:
     return None
 
 
@@ -371,14 +383,27 @@ def mixed_batch(model: nn.Module, adapter_names, num_beams: Optional[int] = None
 # --- the serving wrapper ------------------------------------------------------------------------------
 class _Rows:
     """The slots of the batch's rows (a device tensor (B,)), set by ``MultiLora.use`` for the model's
-    forwards. ``grouped`` keeps, per (rows, tokens per row) of the forwards inside one ``use``, the
-    tokens' slots and their segments: worked out by the first layer, reused by every other layer and
-    by every decode step of the same shape. A plain object (instance attributes, no thread-local
-    storage), so that torch.compile reads ``slots`` as a graph input."""
+    forwards, and where the kernels run their grouping ``seg`` (num_slots, the kernels' Segments of
+    ``slots``), worked out once by ``use``: a batch's tokens at any length are grouped from it
+    (``repeat_segments``), with no sort. ``grouped`` keeps, per (rows, tokens per row) of the eager
+    forwards inside one ``use``, the tokens' slots and their segments: worked out by the first layer,
+    reused by every other layer and by every decode step of the same shape. A plain object (instance
+    attributes, no thread-local storage), so that torch.compile reads ``slots`` and ``seg`` as graph
+    inputs."""
 
     def __init__(self):
         self.slots: Optional[torch.Tensor] = None
+        self.seg: Optional[tuple] = None
         self.grouped: Optional[dict] = None
+
+    def token_segments(self, indices: torch.Tensor, num_slots: int):
+        """The kernels' segments of the tokens ``indices`` (``token_slots(slots, x)``) over ``num_slots``:
+        from the rows' grouping where ``use`` worked it out, else by ``segments``."""
+        if self.seg is not None and self.seg[0] == num_slots:
+            from .kernels.multi_lora import repeat_segments
+
+            return repeat_segments(self.seg[1], len(indices) // len(self.slots))
+        return _grouping(indices, num_slots, True)
 
     def tokens(self, x: torch.Tensor, num_slots: int, kernels: bool):
         """(indices (T,), segments or None) of a batch x (rows, ..., K) over ``slots``' rows
@@ -387,7 +412,7 @@ class _Rows:
         found = None if self.grouped is None else self.grouped.get(key)
         if found is None:
             indices = token_slots(self.slots, x)
-            found = (indices, _grouping(indices, num_slots, kernels))
+            found = (indices, self.token_segments(indices, num_slots) if kernels else None)
             if self.grouped is not None:
                 self.grouped[key] = found
         return found
@@ -433,13 +458,16 @@ class MultiLoraLinear(nn.Module):
         buffers = self._buffers  # not through nn.Module.__getattr__: this runs per layer and decode step
         lora = (buffers["lora_A"], buffers["lora_B"], buffers["scales"], buffers["ranks"])
         if torch.compiler.is_compiling():
-            # traced: the tokens' slots as torch ops; their grouping and the kernels in one custom op
+            # traced: the tokens' slots and grouping as torch ops (none for one token per row: the rows'
+            # own), the kernels in one custom op
             x2 = x.reshape(-1, x.shape[-1])
+            indices = token_slots(slots, x)
+            seg = tuple(self._rows.token_segments(indices, lora[3].shape[0])) if kernels else ()
             if kernels and fusable(base, x, args, kwargs):
-                y2 = torch.ops.fastpeft.linear_multi_lora(x2, base.weight, base.bias, token_slots(slots, x), *lora)
+                y2 = torch.ops.fastpeft.linear_multi_lora(x2, base.weight, base.bias, indices, *lora, *seg)
                 return y2.reshape(*x.shape[:-1], y2.shape[-1])
             y = base(x, *args, **kwargs)
-            torch.ops.fastpeft.multi_lora_(x2, y.reshape(-1, y.shape[-1]), token_slots(slots, x), *lora)
+            torch.ops.fastpeft.multi_lora_(x2, y.reshape(-1, y.shape[-1]), indices, *lora, *seg)
             return y
         indices, seg = self._rows.tokens(x, lora[3].shape[0], kernels)
         return layer_forward(self, base, x, args, kwargs, indices, seg, lora, kernels, read_4bit=self._is_4bit,
@@ -464,9 +492,11 @@ class MultiLora:
     Loading or unloading while an eager forward runs is refused.
 
     Within one ``use`` block the tokens' slots are grouped (sorted by slot) once per batch shape and
-    shared by every layer and every decode step. Under torch.compile (``generate(..., cache_implementation="static")`` compiles the decode
-    step with CUDA graphs) each layer's grouping and kernels are one custom op, ``fastpeft::multi_lora_``;
-    a compiled forward is not counted as running.
+    shared by every layer and every decode step; the rows are grouped (sorted by slot) once per ``use``,
+    and a batch's tokens grouped from that, with no sort. Under torch.compile
+    (``generate(..., cache_implementation="static")`` compiles the decode step with CUDA graphs) each
+    layer's kernels are one custom op, ``fastpeft::multi_lora_``, given the grouping (at one token per
+    row, the rows' own: no op per layer); a compiled forward is not counted as running.
     """
 
     def __init__(self, model: nn.Module, max_adapters: int, max_rank: int, target_modules="all-linear",
@@ -623,12 +653,19 @@ class MultiLora:
         device = next(iter(self.layers.values())).ranks.device
         slots = torch.tensor([-1 if a is None or a == BASE else self._slots[a] for a in adapters], dtype=torch.int32,
                              device=device)
-        previous = self._rows.slots, self._rows.grouped
-        self._rows.slots, self._rows.grouped = slots, {}
+        seg = None
+        if slots.is_cuda or interpreter_enabled():
+            if use_triton(slots):  # the layers' choice (the process's backend, as theirs)
+                from .kernels.multi_lora import segments
+
+                seg = (self.max_adapters, segments(slots, self.max_adapters))
+        rows = self._rows
+        previous = rows.slots, rows.seg, rows.grouped
+        rows.slots, rows.seg, rows.grouped = slots, seg, {}
         try:
             yield self
         finally:
-            self._rows.slots, self._rows.grouped = previous
+            rows.slots, rows.seg, rows.grouped = previous
 
     def close(self) -> nn.Module:
         """Put the base layers back and drop the slots; returns the model."""

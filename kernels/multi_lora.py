@@ -114,6 +114,18 @@ def segments(indices: torch.Tensor, num_slots: int) -> Segments:
     return Segments(order.to(torch.int32), starts, ends - starts)
 
 
+def repeat_segments(seg: Segments, repeats: int) -> Segments:
+    """The grouping of ``indices.repeat_interleave(repeats)`` from ``seg = segments(indices, S)``, by a
+    few elementwise torch ops (no sort, traceable): token j·repeats + k follows row j's place in
+    ``order``, and the starts and counts scale by ``repeats``. A batch's rows grouped once serve its
+    tokens at any length (prefill, decode steps, beams)."""
+    if repeats == 1:
+        return seg
+    order, starts, counts = seg
+    step = torch.arange(repeats, dtype=torch.int32, device=order.device)
+    return Segments((order[:, None] * repeats + step).reshape(-1), starts * repeats, counts * repeats)
+
+
 @triton.jit
 def _slot_block(counts_ptr, starts_ptr, pid, S, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
                 WITH_NONE: tl.constexpr):

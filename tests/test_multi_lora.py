@@ -158,10 +158,15 @@ def _alone(adapter_dirs, name, inputs, device):
 @pytest.mark.parametrize("backend,fused", [("reference", False), ("kernels", False), ("kernels", True)])
 def test_multilora_rows_equal_each_adapter_alone(adapter_dirs, backend, fused, request, monkeypatch):
     """MultiLora's rows against each adapter alone; with the kernels, over the in-place route and the
-    fused one (multi_lora_linear, the base product in the same matmul)."""
+    fused one (multi_lora_linear, the base product in the same matmul). The kernels sort the rows by
+    slot once per ``use`` (``segments``): the prompt's tokens and each decode step are grouped from that."""
+    from fastpeft.kernels import multi_lora as kernels
+
     if fused:  # the switch (kernels/tuning.py); unset, the in-place route
         request.getfixturevalue("pin_config")("FASTPEFT_MULTI_LORA_FUSED", "1")
     calls = _spy_fused(monkeypatch)
+    sorts, real_segments = [], kernels.segments
+    monkeypatch.setattr(kernels, "segments", lambda *a: sorts.append(1) or real_segments(*a))
     device = _backend(request, backend)
     model = make_model("llama").to(device).eval()
     ml = fastpeft.MultiLora(model, max_adapters=4, max_rank=8, target_modules="all-linear")
@@ -174,6 +179,7 @@ def test_multilora_rows_equal_each_adapter_alone(adapter_dirs, backend, fused, r
         with ml.use(rows):
             got = logits(model, inputs)
             tokens = model.generate(inputs["input_ids"], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert len(sorts) == (backend == "kernels")
         for i, name in enumerate(rows):
             one = {k: v[i:i + 1] for k, v in inputs.items()}
             torch.testing.assert_close(got[i:i + 1], _alone(adapter_dirs, name, one, device), rtol=1e-4, atol=1e-5)

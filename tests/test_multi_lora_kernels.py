@@ -293,6 +293,24 @@ def test_segments_kernel_and_torch_paths_agree(kernel_device):
         assert seg.order.tolist() == order and seg.starts.tolist() == starts and seg.counts.tolist() == counts
 
 
+def test_repeat_segments_group_repeated_rows(kernel_device):
+    """repeat_segments(segments(rows, S), p) is segments(rows.repeat_interleave(p), S) (a batch's tokens,
+    p per row, grouped from its rows'), with rows of no adapter, out-of-range slots and repeated ones;
+    p = 1 gives the rows' grouping itself."""
+    from fastpeft.kernels.multi_lora import repeat_segments
+
+    g = torch.Generator().manual_seed(5)
+    for T, S in ((1, 3), (7, 3), (64, 32), (300, 5)):
+        rows = torch.randint(-1, S + 1, (T,), generator=g, dtype=torch.int32).to(kernel_device)
+        seg = segments(rows, S)
+        assert repeat_segments(seg, 1) is seg
+        for p in (2, 5):
+            got = repeat_segments(seg, p)
+            order, starts, counts = _segments_in_python(rows.repeat_interleave(p).tolist(), S)
+            assert all(t.dtype == torch.int32 for t in got)
+            assert got.order.tolist() == order and got.starts.tolist() == starts and got.counts.tolist() == counts
+
+
 def _check_linear(x, w, bias, indices, A, B, scales, ranks, dtype, seg=None):
     """multi_lora_linear against x·wᵀ + bias then the reference's LoRA terms, slot by slot; rows with
     no adapter against the base product alone."""
