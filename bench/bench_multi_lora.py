@@ -4,15 +4,15 @@ One bf16 linear layer (K in, N out) with ``slots`` adapters resident (stacked A 
 (slots, N, r_max), bf16) and T tokens, each with its adapter: "decode" batches scatter one token per
 sequence over the adapters at random, "prefill" batches hold 8 sequences of T/8 tokens, one adapter each.
 Columns, timed in the same run (common.time_ms, A B B A order): ``base_ms`` (``F.linear`` alone, the
-floor), ``fastpeft_ms`` (``kernels.multi_lora.multi_lora_linear``: the base product and every token's
-LoRA term in one matmul behind the shrink, the tokens' grouping ``segments`` included; MultiLora's
-route with ``fastpeft.multi_lora.FUSE_BASE``, off by default until timed), ``peft_ms``
-(PEFT's ``lora.Linear`` with ``adapter_names=``, the adapters as separate modules, up to 32 of them).
-In CUDA graphs (the GPU time without the host): ``*_graph_ms`` one layer replayed; ``*_chain_us``
-CHAIN layers with distinct weights replayed as one graph, per layer (what a model's decode step pays:
-no graph launch per layer, each layer's weights read from memory), with the grouping done once per
-batch outside the layers as ``MultiLora`` shares it; ``unfused_chain_us`` the same for ``F.linear``
-then ``multi_lora`` adding the LoRA terms in place (MultiLora's default route). Ranks:
+floor), ``fastpeft_ms`` (MultiLora's default route: ``F.linear``, then ``kernels.multi_lora.multi_lora``
+adding every token's LoRA term in place, the tokens' grouping ``segments`` included), ``fused_ms``
+(``multi_lora_linear``: the base product and the LoRA terms in one matmul behind the shrink, the route
+``FASTPEFT_MULTI_LORA_FUSED=1`` takes), ``peft_ms`` (PEFT's ``lora.Linear`` with ``adapter_names=``,
+the adapters as separate modules, up to 32 of them). In CUDA graphs (the GPU time without the host):
+``*_graph_ms`` one layer replayed; ``*_chain_us`` CHAIN layers with distinct weights replayed as one
+graph, per layer (what a model's decode step pays: no graph launch per layer, each layer's weights
+read from memory), with the grouping done once per batch outside the layers as ``MultiLora`` shares
+it. ``rel_diff`` / ``fused_rel_diff``: each route's relative distance from PEFT's output. Ranks:
 one r for every adapter, or "mixed" (8 to 64 by slot, r_max 64).
 
     pytest bench/bench_multi_lora.py -s           # the grid below (GPU only)
@@ -100,7 +100,10 @@ def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, ben
     def base():
         return F.linear(x, w)
 
-    def fast():
+    def fast():  # MultiLora's default route: F.linear, then the LoRA terms in place
+        return multi_lora(x, F.linear(x, w), indices, A, B, scales, rank_t)
+
+    def fused():  # the fused route (FASTPEFT_MULTI_LORA_FUSED=1)
         return multi_lora_linear(x, w, None, indices, A, B, scales, rank_t)
 
     seg = segments(indices, slots)
@@ -110,7 +113,7 @@ def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, ben
     Bs = [B] + [torch.randn_like(B) * 0.02 for _ in range(CHAIN - 1)]
 
     row = {"K": K, "N": N, "T": T, "slots": slots, "r": r, "layout": layout}
-    impls = {"base": base, "fastpeft": fast}
+    impls = {"base": base, "fastpeft": fast, "fused": fused}
     if slots <= PEFT_MAX_SLOTS:
         try:
             model, layer = _peft_layer(K, N, ranks, A, B, scales)
@@ -124,8 +127,8 @@ def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, ben
             impls["peft"] = peft_call
             with torch.no_grad():
                 ref = peft_call().squeeze(1).float()
-                got = fast().float()
-                row["rel_diff"] = ((got - ref).norm() / ref.norm()).item()
+                for name, fn in (("rel_diff", fast), ("fused_rel_diff", fused)):
+                    row[name] = ((fn().float() - ref).norm() / ref.norm()).item()
         except ImportError:
             pass
     times: dict = {}
@@ -139,23 +142,24 @@ def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, ben
         row["base_graph_ms"] = graph_time_ms(base)
         row["base_chain_us"] = chain_us(lambda i: F.linear(x, ws[i]), CHAIN)
         row["fastpeft_chain_us"] = chain_us(
-            lambda i: multi_lora_linear(x, ws[i], None, indices, As[i], Bs[i], scales, rank_t, seg), CHAIN)
-        row["unfused_chain_us"] = chain_us(
             lambda i: multi_lora(x, F.linear(x, ws[i]), indices, As[i], Bs[i], scales, rank_t, seg), CHAIN)
+        row["fused_chain_us"] = chain_us(
+            lambda i: multi_lora_linear(x, ws[i], None, indices, As[i], Bs[i], scales, rank_t, seg), CHAIN)
     row["fastpeft/base"] = row["fastpeft_ms"] / row["base_ms"]
     row["graph fastpeft/base"] = row["fastpeft_graph_ms"] / row["base_graph_ms"]
     row["chain fastpeft/base"] = row["fastpeft_chain_us"] / row["base_chain_us"]
-    row["chain unfused/base"] = row["unfused_chain_us"] / row["base_chain_us"]
+    row["chain fused/base"] = row["fused_chain_us"] / row["base_chain_us"]
     if "peft_ms" in row:
         row["peft/fastpeft"] = row["peft_ms"] / row["fastpeft_ms"]
     bench_record(TABLE, row)
     register(benchmark, fast, gpu=gpu_name, **row)
-    if "rel_diff" in row:
-        assert row["rel_diff"] < 2e-2, f"fastpeft's mixed batch is {row['rel_diff']:.3e} off PEFT's"
+    for name in ("rel_diff", "fused_rel_diff"):
+        if name in row:
+            assert row[name] < 2e-2, f"fastpeft's mixed batch ({name}) is {row[name]:.3e} off PEFT's"
 
 
 RESULTS.derive(TABLE, lambda rows: rows, note=(
     "bf16 layer, adapters bf16 (PEFT's fp32 copies), scaling 2; decode: one token per row, adapters at random; "
-    "prefill: 8 sequences of T/8 tokens; fastpeft = multi_lora_linear (segments included); *_graph_ms: one "
-    "layer's CUDA-graph replay; *_chain_us: per layer of a chain of distinct layers in one graph, segments given; "
-    "unfused: F.linear then multi_lora in place."))
+    "prefill: 8 sequences of T/8 tokens; fastpeft = F.linear then multi_lora in place (MultiLora's default route; "
+    "segments included); fused = multi_lora_linear (FASTPEFT_MULTI_LORA_FUSED=1); *_graph_ms: one layer's "
+    "CUDA-graph replay; *_chain_us: per layer of a chain of distinct layers in one graph, segments given."))
