@@ -128,7 +128,10 @@ def test_patched_adalora_equals_peft(model_type, backend, monkeypatch):
     assert {n.split(".lora_")[1][0] for n in names} == {"A", "B", "E"}
     assert set(grads_f) == set(grads_p) and len(names) == 3 * layers
     for name in grads_p:
-        assert_rel(grads_f[name], grads_p[name], f"grad {name}")
+        # lora_E's gradient sums over every token with heavy cancellation: fp32 roundoff alone puts PEFT's
+        # own (llama, q/k_proj) 6-8e-6 from a float64 run and the reference path's up to 1.5e-5 (AMD EPYC)
+        tol = 5e-5 if ".lora_E" in name and fastpeft.get_options().backend == "reference" else None
+        assert_rel(grads_f[name], grads_p[name], f"grad {name}", tol)
     with torch.no_grad():  # the adapters are not a no-op
         assert not torch.allclose(logits(make_model(model_type).to(backend), inputs), out_f, atol=1e-3)
 
