@@ -54,18 +54,25 @@ def _kernel_us(fn, reps=20):
     return dict(out)
 
 
+def layer_chain(K: int, N: int, T: int, slots: int, layers: int = LAYERS) -> tuple:
+    """(x (T, K), ``layers`` weights (N, K), stacked A and B per layer, scales, ranks): bf16 on the GPU,
+    r = R in every slot, scaling 2."""
+    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+    ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5 for _ in range(layers)]
+    As = [torch.randn(slots, R, K, device="cuda", dtype=torch.bfloat16) / K**0.5 for _ in range(layers)]
+    Bs = [torch.randn(slots, N, R, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
+    scales = torch.full((slots,), 2.0, device="cuda")
+    ranks = torch.full((slots,), R, device="cuda", dtype=torch.int32)
+    return x, ws, As, Bs, scales, ranks
+
+
 def main() -> None:
     print(f"# {torch.cuda.get_device_name()}; r={R}; chain of {LAYERS} layers with distinct weights in one graph")
     print("| K | N | T | slots | layout | base µs/layer | +multi_lora µs/layer | ratio | multi_lora_linear µs/layer | "
           "ratio | zero-filled t µs/layer | rel diff | segments µs | kernels (µs, L2 warm) | fused kernels |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for K, N, T, slots, layout in CASES:
-        x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
-        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5 for _ in range(LAYERS)]
-        As = [torch.randn(slots, R, K, device="cuda", dtype=torch.bfloat16) / K**0.5 for _ in range(LAYERS)]
-        Bs = [torch.randn(slots, N, R, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
-        scales = torch.full((slots,), 2.0, device="cuda")
-        ranks = torch.full((slots,), R, device="cuda", dtype=torch.int32)
+        x, ws, As, Bs, scales, ranks = layer_chain(K, N, T, slots)
         idx = _indices(T, slots, layout)
         seg = segments(idx, slots)
 

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from common import chain_us  # noqa: E402
+from profile_multi_lora import layer_chain  # noqa: E402 (tools/, the script's own folder)
 
 from fastpeft.kernels import multi_lora as M  # noqa: E402
 
 LAYERS = 16
-R = 16
 CONFIGS = [None, (128, 128, 64, 8, 8, 3), (64, 64, 128, 8, 4, 4), (16, 32, 256, 8, 4, 4), (32, 32, 128, 8, 4, 4)]
 CASES = [(4096, 4096, 256, 32), (4096, 4096, 16, 32), (2048, 2048, 64, 32)]
 
@@ -25,12 +25,7 @@ CASES = [(4096, 4096, 256, 32), (4096, 4096, 16, 32), (2048, 2048, 64, 32)]
 def main():
     real = M.linear_config
     for K, N, T, slots in CASES:
-        x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
-        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5 for _ in range(LAYERS)]
-        As = [torch.randn(slots, R, K, device="cuda", dtype=torch.bfloat16) / K**0.5 for _ in range(LAYERS)]
-        Bs = [torch.randn(slots, N, R, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
-        scales = torch.full((slots,), 2.0, device="cuda")
-        ranks = torch.full((slots,), R, device="cuda", dtype=torch.int32)
+        x, ws, As, Bs, scales, ranks = layer_chain(K, N, T, slots, LAYERS)
         idx = torch.randint(0, slots, (T,), device="cuda", dtype=torch.int32)
         none = torch.full((T,), -1, device="cuda", dtype=torch.int32)
         seg, seg0 = M.segments(idx, slots), M.segments(none, slots)
