@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from . import reference
+from .kernels import tuning
 from .kernels.common import fp32_precision
 from .backend import interpreter_enabled, use_triton
 
@@ -59,8 +60,6 @@ FUSE_BASE: Optional[bool] = None
 def _fuse_base() -> bool:
     if FUSE_BASE is not None:
         return FUSE_BASE
-    from .kernels import tuning
-
     return bool(tuning.pinned(tuning.MULTI_LORA_FUSED))
 
 
