@@ -79,9 +79,10 @@ def _classifier_heads() -> list[str]:
 
 
 # Heads PEFT's task-specific PeftModel classes add to modules_to_save (peft_model.py).
+_CLASSIFIER_HEADS = _classifier_heads()
 TASK_MODULES_TO_SAVE: dict[str, list[str]] = {
-    "SEQ_CLS": _classifier_heads(),
-    "TOKEN_CLS": _classifier_heads(),
+    "SEQ_CLS": list(_CLASSIFIER_HEADS),
+    "TOKEN_CLS": list(_CLASSIFIER_HEADS),
     "QUESTION_ANS": ["qa_outputs"],
 }
 

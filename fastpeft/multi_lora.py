@@ -383,8 +383,8 @@ def mixed_batch(model: nn.Module, adapter_names, num_beams: Optional[int] = None
 # --- the serving wrapper ------------------------------------------------------------------------------
 class _Rows:
     """The slots of the batch's rows (a device tensor (B,)), set by ``MultiLora.use`` for the model's
-    forwards, and where the kernels run their grouping ``seg`` (num_slots, the kernels' Segments of
-    ``slots``), worked out once by ``use``: a batch's tokens at any length are grouped from it
+    forwards, and where the kernels run their grouping ``seg`` (the kernels' Segments of ``slots``),
+    worked out once by ``use``: a batch's tokens at any length are grouped from it
     (``repeat_segments``), with no sort. ``grouped`` keeps, per (rows, tokens per row) of the eager
     forwards inside one ``use``, the tokens' slots and their segments: worked out by the first layer,
     reused by every other layer and by every decode step of the same shape. A plain object (instance
@@ -393,16 +393,16 @@ class _Rows:
 
     def __init__(self):
         self.slots: Optional[torch.Tensor] = None
-        self.seg: Optional[tuple] = None
+        self.seg = None
         self.grouped: Optional[dict] = None
 
     def token_segments(self, indices: torch.Tensor, num_slots: int):
         """The kernels' segments of the tokens ``indices`` (``token_slots(slots, x)``) over ``num_slots``:
         from the rows' grouping where ``use`` worked it out, else by ``segments``."""
-        if self.seg is not None and self.seg[0] == num_slots:
+        if self.seg is not None and self.seg.counts.shape[0] == num_slots:
             from .kernels.multi_lora import repeat_segments
 
-            return repeat_segments(self.seg[1], len(indices) // len(self.slots))
+            return repeat_segments(self.seg, len(indices) // len(self.slots))
         return _grouping(indices, num_slots, True)
 
     def tokens(self, x: torch.Tensor, num_slots: int, kernels: bool):
@@ -653,12 +653,9 @@ class MultiLora:
         device = next(iter(self.layers.values())).ranks.device
         slots = torch.tensor([-1 if a is None or a == BASE else self._slots[a] for a in adapters], dtype=torch.int32,
                              device=device)
-        seg = None
-        if slots.is_cuda or interpreter_enabled():
-            if use_triton(slots):  # the layers' choice (the process's backend, as theirs)
-                from .kernels.multi_lora import segments
-
-                seg = (self.max_adapters, segments(slots, self.max_adapters))
+        # the layers' choice of backend (the process's); asked only where the kernels can run at all
+        kernels = (slots.is_cuda or interpreter_enabled()) and use_triton(slots)
+        seg = _grouping(slots, self.max_adapters, kernels)
         rows = self._rows
         previous = rows.slots, rows.seg, rows.grouped
         rows.slots, rows.seg, rows.grouped = slots, seg, {}

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from common import chain_us  # noqa: E402
 from profile_multi_lora import layer_chain  # noqa: E402 (tools/, the script's own folder)
 
-from fastpeft.kernels import multi_lora as M  # noqa: E402
+from fastpeft.kernels import launch, multi_lora as M  # noqa: E402
 
 LAYERS = 16
 CONFIGS = [None, (128, 128, 64, 8, 8, 3), (64, 64, 128, 8, 4, 4), (16, 32, 256, 8, 4, 4), (32, 32, 128, 8, 4, 4)]
@@ -36,8 +36,7 @@ def main():
               f"table config {real(T, x.device)}", flush=True)
         for cfg in CONFIGS:
             M.linear_config = real if cfg is None else (lambda T, d, c=cfg: c)
-            from fastpeft.kernels import launch
-            launch._plans.clear()
+            launch._plans.clear()  # the plans built with the previous tile
             try:
                 tf = chain_us(lambda i: M.multi_lora_linear(x, ws[i], None, idx, As[i], Bs[i], scales, ranks, seg), LAYERS)
                 t0 = chain_us(lambda i: M.multi_lora_linear(x, ws[i], None, none, As[i], Bs[i], scales, ranks, seg0), LAYERS)
