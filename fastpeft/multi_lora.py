@@ -51,8 +51,8 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: 
 
 # The base product inside the multi-adapter matmul (kernels/multi_lora.py multi_lora_linear) where the
 # base layer allows it (``fusable``), instead of F.linear then the LoRA terms added in place: True / False,
-# or None for the FASTPEFT_MULTI_LORA_FUSED switch (kernels/tuning.py; default off: on an H100 its matmul
-# takes 2-5x the GPU time of cuBLAS plus the in-place terms, and wins only in host-bound eager decode;
+# or None for the FASTPEFT_MULTI_LORA_FUSED switch (kernels/tuning.py; default off: its matmul takes more GPU
+# time than cuBLAS plus the in-place terms and wins only in host-bound eager decode, measured in
 # docs/performance.md, "Multi-LoRA serving").
 FUSE_BASE: Optional[bool] = None
 
