@@ -6,8 +6,8 @@ sequence over the adapters at random, "prefill" batches hold 8 sequences of T/8 
 Columns, timed in the same run (common.time_ms, A B B A order): ``base_ms`` (``F.linear`` alone, the
 floor), ``fastpeft_ms`` (MultiLora's default route: ``F.linear``, then ``kernels.multi_lora.multi_lora``
 adding every token's LoRA term in place, the tokens' grouping ``segments`` included), ``fused_ms``
-(``multi_lora_linear``: the base product and the LoRA terms in one matmul behind the shrink, the route
-``FASTPEFT_MULTI_LORA_FUSED=1`` takes), ``peft_ms`` (PEFT's ``lora.Linear`` with ``adapter_names=``,
+(``multi_lora_linear``: the shrink, the expand writing the LoRA terms, cuBLAS's addmm adding the base
+product onto them; the route ``FASTPEFT_MULTI_LORA_FUSED=1`` takes), ``peft_ms`` (PEFT's ``lora.Linear`` with ``adapter_names=``,
 the adapters as separate modules, up to 32 of them). In CUDA graphs (the GPU time without the host):
 ``*_graph_ms`` one layer replayed; ``*_chain_us`` CHAIN layers with distinct weights replayed as one
 graph, per layer (what a model's decode step pays: no graph launch per layer, each layer's weights

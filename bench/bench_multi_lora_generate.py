@@ -7,8 +7,8 @@ early stop). Setups, timed in the same run (the median wall time of 3 generates 
 
 - ``base``: the model alone, no adapter (the floor);
 - ``fastpeft``: ``fastpeft.MultiLora`` over the model, the 32 adapters loaded in slots, ``ml.use(names)``;
-- ``fastpeft-fused``: the same with ``fastpeft.multi_lora.FUSE_BASE`` (each layer's base product inside
-  the multi-adapter matmul, ``multi_lora_linear``);
+- ``fastpeft-fused``: the same with ``fastpeft.multi_lora.FUSE_BASE`` (each layer as
+  ``multi_lora_linear``: the LoRA terms written, then cuBLAS's addmm adds the base product);
 - ``peft``: PEFT's mixed batch, ``peft_model.generate(..., adapter_names=names)`` (eager only).
 
 Cache: "dynamic" (eager, transformers' default) or "static" (``cache_implementation="static"``:

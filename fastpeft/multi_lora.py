@@ -49,10 +49,11 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: 
     return reference.multi_lora(x, y, indices, lora_a, lora_b, scales, ranks)
 
 
-# The base product inside the multi-adapter matmul (kernels/multi_lora.py multi_lora_linear) where the
-# base layer allows it (``fusable``), instead of F.linear then the LoRA terms added in place: True / False,
-# or None for the FASTPEFT_MULTI_LORA_FUSED switch (kernels/tuning.py; default off: its matmul takes more GPU
-# time than cuBLAS plus the in-place terms and wins only in host-bound eager decode, measured in
+# The layer as one route with its base product (kernels/multi_lora.py multi_lora_linear: the expand
+# writes bias + the LoRA terms, then cuBLAS adds x·Wᵀ in its epilogue) where the base layer allows it
+# (``fusable``), instead of F.linear then the LoRA terms added in place: True / False, or None for the
+# FASTPEFT_MULTI_LORA_FUSED switch (kernels/tuning.py; default off: at par with the in-place route in
+# chained decode layers, 4% faster at a 4096 x 14336 prefill, not yet measured in generate;
 # docs/performance.md, "Multi-LoRA serving").
 FUSE_BASE: Optional[bool] = None
 
@@ -64,7 +65,7 @@ def _fuse_base() -> bool:
 
 
 def fusable(base_layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-    """Whether ``base_layer(x)`` is a plain product the multi-adapter matmul can run itself (where the
+    """Whether ``base_layer(x)`` is a plain product ``multi_lora_linear`` can run itself (where the
     fused route is on): an ``nn.Linear`` (not a subclass) without hooks, its weight in x's dtype,
     called with x alone, no autocast."""
     return (type(base_layer) is nn.Linear and _fuse_base() and not args and not kwargs
@@ -90,8 +91,9 @@ def kernel_4bit_base(owner: nn.Module, base: nn.Module, x: torch.Tensor, args: t
 def linear_multi_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], indices: torch.Tensor,
                       lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor,
                       seg=None) -> torch.Tensor:
-    """A new y (T, N) = x·Wᵀ + bias + each token's LoRA term (``multi_lora``'s), in one matmul whose
-    epilogue adds the terms (kernels' ``multi_lora_linear``); for the kernels only."""
+    """A new y (T, N) = x·Wᵀ + bias + each token's LoRA term (``multi_lora``'s): the kernels'
+    ``multi_lora_linear`` (the terms and bias written first, cuBLAS's product added onto them); for the
+    kernels only."""
     from .kernels.multi_lora import multi_lora_linear
 
     return multi_lora_linear(x, weight, bias, indices, lora_a, lora_b, scales, ranks, seg)
@@ -257,7 +259,7 @@ def layer_forward(owner: nn.Module, base: nn.Module, x: torch.Tensor, args: tupl
                   read_4bit: bool = True, launches: Optional[list] = None) -> torch.Tensor:
     """``base(x, *args, **kwargs)`` plus each token's LoRA term (``multi_lora``; lora = (A, B, scales,
     ranks) stacked, indices (T,) the tokens' slots, seg their grouping or None), by the route the base
-    allows: the base product inside the multi-adapter matmul (``fusable``); a 4-bit base by fastpeft's
+    allows: the base product and the terms in one route (``multi_lora_linear``, ``fusable``); a 4-bit base by fastpeft's
     4-bit kernels where they read it (``read_4bit``: the caller has not ruled it out), then the terms in
     place; else the base layer's own forward, then the terms in place. ``owner``: the layer holding
     ``base`` (it keeps the 4-bit weight's kernel form). ``launches``: a one-item list the caller keeps

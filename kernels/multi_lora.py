@@ -9,15 +9,15 @@ take no adapter. Two kernels, Punica's SGMV / vLLM's lora_shrink and lora_expand
     multi_lora_shrink   t (T, R) fp32 = x · A[slot]ᵀ per token, zeros past the slot's rank
     multi_lora_expand   y += scale[slot] · t · B[slot]ᵀ in place, fp32 sums, one rounding into y
 
-and the whole layer with its base product, ``multi_lora_linear``: the shrink, then one matmul
-y = x · Wᵀ + bias + scale[slot] · t · B[slot]ᵀ over the tokens in slot order, the expand in its
-epilogue (no second pass over y, one launch fewer).
+and the whole layer with its base product, ``multi_lora_linear``: the shrink, the expand writing
+y = bias + scale[slot] · t · B[slot]ᵀ (y not read), then cuBLAS adds x · Wᵀ into y in its epilogue
+(``addmm_``), where the product's own time hides the read.
 
 Both are grouped by segment: ``segments`` sorts the tokens by slot on the device (no host sync), and
 each program takes BLOCK_M tokens of one slot, gathers their rows through ``order`` and loads that
 slot's weight tiles once for all of them (a prefill batch with long runs of one adapter reads each
-tile once per BLOCK_M tokens, not once per token). The R loop stops at the slot's own rank, in
-BLOCK_R chunks, as S-LoRA's kernels do: rank padding costs neither reads nor products.
+tile once per BLOCK_M tokens, not once per token). The shrink's R loop stops at the slot's own rank,
+in BLOCK_R chunks, as S-LoRA's kernels do: rank padding costs neither reads nor products.
 
 Which program takes which block: the grid's first axis numbers the non-empty (slot, token block)
 pairs, slot after slot. There are at most min(T, cdiv(T, BLOCK_M) + S) of them whatever the
@@ -34,10 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (NATIVE, block_r, dot, dot_mode, expand_mode, fp32_precision, gdc_launch_dependents, gdc_wait,
-                     pdl_meta, pdl_ok)
-from .configs import linear_config, multi_lora_config
-from .linear import _grouped_tile
+from .common import NATIVE, block_r, dot, dot_mode, expand_mode, fp32_precision
+from .configs import multi_lora_config
 from .shrink import MAX_PARTIALS
 from .launch import INTERPRETING, Plan, cached, cdiv, launch
 
@@ -152,7 +150,6 @@ def _multi_lora_shrink_kernel(
     stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_tt, stride_tr, stride_tp,
     MODE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-    LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):
     """t[tok, :] (fp32) = x[tok, :] · A[s, :rank]ᵀ for the tokens tok of each slot s, zeros past the
     rank; any strides. Program (pid, pid_rk): token block pid (``_slot_block``), columns
@@ -161,10 +158,7 @@ def _multi_lora_shrink_kernel(
     SPLIT_K == 1: plain stores; programs past the rank and those of the extra slot (the tokens with no
     adapter) store zeros, so t needs no zeroing. SPLIT_K > 1 with PARTIAL: the same, split pid_k's
     partial sum at t + pid_k·stride_tp, for the consumer to add up. SPLIT_K > 1 otherwise: atomic adds
-    of the partial sums into a zeroed t, up to the rank only. LAUNCH_DEPENDENTS: the next kernel
-    (launched with PDL) may start at once; it waits for this one's writes before it reads t."""
-    if LAUNCH_DEPENDENTS:
-        gdc_launch_dependents()
+    of the partial sums into a zeroed t, up to the rank only."""
     pid = tl.program_id(0)
     pid_r = tl.program_id(1) // SPLIT_K
     pid_k = tl.program_id(1) % SPLIT_K
@@ -220,32 +214,43 @@ def _load_t(ptrs, mask, stride_tp, T_SPLIT: tl.constexpr):
 
 @triton.jit
 def _multi_lora_expand_kernel(
-    t_ptr, b_ptr, order_ptr, starts_ptr, counts_ptr, ranks_ptr, scales_ptr, y_ptr,
+    t_ptr, b_ptr, order_ptr, starts_ptr, counts_ptr, ranks_ptr, scales_ptr, y_ptr, bias_ptr,
     N, R, S,
     stride_tt, stride_tr, stride_tp, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
     MODE: tl.constexpr, PRECISION: tl.constexpr, T_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACCUMULATE: tl.constexpr = True, HAS_BIAS: tl.constexpr = False,
 ):
     """y[tok, n] += scales[s] · t[tok, :rank] · B[s, n, :rank]ᵀ for the tokens tok of each slot s, in
     fp32 with one rounding into y; any strides. Program (pid, pid_n): token block pid
     (``_slot_block``), columns BLOCK_N·pid_n onward. t may be T_SPLIT partial sums stride_tp apart,
-    added in order. Tokens with no adapter, and slots of rank 0, are not touched."""
+    added in order. Tokens with no adapter, and slots of rank 0, are not touched.
+
+    Not ACCUMULATE: y is written, not read: y[tok] = bias + the LoRA term for every token (bias alone,
+    or zeros, for the tokens with no adapter, taken as one more slot), so that a product added into y
+    afterwards (cuBLAS's addmm, which reads y in its epilogue) makes the layer."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slot, first, count = _slot_block(counts_ptr, starts_ptr, pid, S, BLOCK_M, BLOCK_S, False)
-    if slot >= S:
+    slot, first, count = _slot_block(counts_ptr, starts_ptr, pid, S, BLOCK_M, BLOCK_S, not ACCUMULATE)
+    if ACCUMULATE:
+        if slot >= S:
+            return
+    elif slot > S:
         return
-    rank = tl.minimum(tl.load(ranks_ptr + slot), R)
-    if rank <= 0:
-        return
-    start = tl.load(starts_ptr + slot)
+    has_slot = slot < S
+    s_ = tl.minimum(slot, S - 1)
+    rank = tl.where(has_slot, tl.minimum(tl.load(ranks_ptr + s_), R), 0)
+    if ACCUMULATE:
+        if rank <= 0:
+            return
+    start = tl.where(has_slot, tl.load(starts_ptr + s_), 0)
     rows = first + tl.arange(0, BLOCK_M)
     row_ok = rows < count
     tok = tl.load(order_ptr + start + rows, mask=row_ok, other=0).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     t_rows = t_ptr + tok[:, None] * stride_tt
-    b_cols = b_ptr + slot.to(tl.int64) * stride_bs + rn[None, :].to(tl.int64) * stride_bn
+    b_cols = b_ptr + s_.to(tl.int64) * stride_bs + rn[None, :].to(tl.int64) * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
@@ -253,79 +258,15 @@ def _multi_lora_expand_kernel(
         t = _load_t(t_rows + rr[None, :] * stride_tr, row_ok[:, None] & r_ok[None, :], stride_tp, T_SPLIT)
         b = tl.load(b_cols + rr[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         acc = dot(t, b, acc, MODE, PRECISION)
-    scale = tl.load(scales_ptr + slot).to(tl.float32)
+    scale = tl.where(has_slot, tl.load(scales_ptr + s_).to(tl.float32), 0.0)
     y_ptrs = y_ptr + tok[:, None] * stride_yt + rn[None, :].to(tl.int64) * stride_yn
     mask = row_ok[:, None] & n_ok[None, :]
-    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _multi_lora_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, order_ptr, starts_ptr, counts_ptr, ranks_ptr, scales_ptr, y_ptr,
-    T, N, K, R, S,
-    stride_xt, stride_xk, stride_wn, stride_wk, stride_tt, stride_tr, stride_tp, stride_bs, stride_bn, stride_br,
-    stride_yt, stride_yn,
-    HAS_BIAS: tl.constexpr, MODE: tl.constexpr, EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
-    T_SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    SLOTS_PER_STEP: tl.constexpr, BLOCK_S: tl.constexpr, GROUP_M: tl.constexpr, PDL_WAIT: tl.constexpr,
-):
-    """y[tok] = x[tok]·Wᵀ + bias + scales[s]·t[tok, :rank]·B[s, :, :rank]ᵀ (s: tok's slot) for
-    BLOCK_M tokens in slot order (``order``) by BLOCK_N columns; any strides. The main loop is a
-    plain matmul over x's rows gathered through ``order``; since the rows are sorted, a tile's tokens
-    cover a short run of slots, and the epilogue adds their LoRA terms in steps of SLOTS_PER_STEP
-    slots as one product: [t masked to each slot's rows, times its scale] (BLOCK_M, SLOTS_PER_STEP·
-    BLOCK_R) by the slots' B columns stacked (SLOTS_PER_STEP·BLOCK_R, BLOCK_N), rank padding masked
-    (never read); t may be T_SPLIT partial sums stride_tp apart, added in order. Tokens with no slot
-    get the base product alone."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = pos < T
-    tok = tl.load(order_ptr + pos, mask=m_ok, other=0).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    rk = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + tok[:, None] * stride_xt + rk[None, :] * stride_xk
-    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + rk) < K
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = dot(x, w, acc, MODE, PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-
-    # each position's slot: the number of slots that end at or before it (the tokens with no slot,
-    # first in order, come before every end); -1 for those
-    ss = tl.arange(0, BLOCK_S)
-    s_ok = ss < S
-    ends = tl.load(starts_ptr + ss, mask=s_ok, other=0) + tl.load(counts_ptr + ss, mask=s_ok, other=0)
-    ends = tl.where(s_ok, ends, T + 1)
-    slot = tl.sum((ends[None, :] <= pos[:, None]).to(tl.int32), 1)
-    has = m_ok & (pos >= tl.load(starts_ptr)) & (slot < S)
-    slot = tl.where(has, slot, -1)
-    first = tl.min(tl.where(has, slot, S), 0)
-    last = tl.max(slot, 0)
-    if PDL_WAIT:  # launched with PDL behind the shrink that writes t: wait for it here, not earlier
-        gdc_wait()
-    scale = tl.load(scales_ptr + slot, mask=has, other=0.0).to(tl.float32)
-    kk = tl.arange(0, SLOTS_PER_STEP * BLOCK_R)
-    kr = kk % BLOCK_R
-    t_rows = t_ptr + tok[:, None] * stride_tt + kr[None, :] * stride_tr
-    b_cols = b_ptr + rn[None, :].to(tl.int64) * stride_bn + kr[:, None] * stride_br
-    for s0 in range(first, last + 1, SLOTS_PER_STEP):
-        ks = s0 + kk // BLOCK_R
-        rank = tl.minimum(tl.load(ranks_ptr + ks, mask=ks <= last, other=0), R)
-        k_ok = (ks <= last) & (kr < rank)
-        lw = _load_t(t_rows, (slot[:, None] == ks[None, :]) & k_ok[None, :], stride_tp, T_SPLIT) * scale[:, None]
-        bw = tl.load(b_cols + ks[:, None].to(tl.int64) * stride_bs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = dot(lw, bw, acc, EXPAND_MODE, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + tok[:, None] * stride_yt + rn[None, :].to(tl.int64) * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    out = scale * acc
+    if ACCUMULATE:
+        out += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    elif HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _device_error(what: str, tensors: dict, device: torch.device):
@@ -389,9 +330,8 @@ def _shrink_tiles(T: int, S: int, x_dtype, a_dtype, device, partial: bool) -> tu
     return BLOCK_M, BLOCK_K, r_cap, split_k, warps, stages, mode
 
 
-def _shrink_plan(x, A, seg, ranks, out, launch_dependents=False, partial=False):
+def _shrink_plan(x, A, seg, ranks, out, partial=False):
     """multi_lora_shrink's work for one shape key: the checks, the tiles, the grid, once.
-    ``launch_dependents``: the next kernel, launched with PDL, may start while this one runs.
     ``partial`` (the layer launchers'): t comes back as (P, T, R), the P >= 1 split-K partial sums
     that the consumer adds up: no zero fill, no atomics."""
     what = "multi_lora_shrink"
@@ -422,7 +362,7 @@ def _shrink_plan(x, A, seg, ranks, out, launch_dependents=False, partial=False):
         K, R, S, *x.stride(), *A.stride(), *(out.stride() if out is not None else (R, 1)), T * R,
     ), MODE=mode, PRECISION=fp32_precision(), SPLIT_K=split_k, PARTIAL=partial,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, BLOCK_S=triton.next_power_of_2(S + 1),
-        LAUNCH_DEPENDENTS=launch_dependents, num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages,
     )
     zeroed = not stores
     shape = (split_k, T, R) if partial else (T, R)
@@ -479,23 +419,25 @@ def _check_expand(t, B, seg, ranks, scales, y) -> tuple:
     return T, N, S, R
 
 
-def _expand_plan(t, B, seg, ranks, scales, y):
-    """multi_lora_expand's work for one shape key: the checks, the tiles, the grid, once."""
+def _expand_plan(t, B, seg, ranks, scales, y, accumulate=True, bias=None):
+    """multi_lora_expand's work for one shape key: the checks, the tiles, the grid, once. Not
+    ``accumulate`` (``multi_lora_linear``'s): y is written, not read, as bias (when given; zeros
+    otherwise) + the LoRA terms, every row (``_multi_lora_expand_kernel``)."""
     T, N, S, R = _check_expand(t, B, seg, ranks, scales, y)
     device = y.device
     _, (BLOCK_M, BLOCK_N, r_cap, warps, stages) = multi_lora_config(cdiv(max(T, 1), S), device)
     BLOCK_R = block_r(R, r_cap)
-    n_blocks = min(T, cdiv(T, BLOCK_M) + S)
+    n_blocks = min(T, cdiv(T, BLOCK_M) + S + (not accumulate))  # not accumulate: the no-adapter tokens too
     plan = Plan(_multi_lora_expand_kernel, (n_blocks, cdiv(N, BLOCK_N)), (
         N, R, S, *_t_strides(t), *B.stride(), *y.stride(),
     ), MODE=expand_mode(y.dtype), PRECISION=fp32_precision(), T_SPLIT=_t_split(t),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_S=triton.next_power_of_2(S + 1),
-        num_warps=warps, num_stages=stages,
+        ACCUMULATE=accumulate, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages,
     )
 
-    def run(t, B, seg, ranks, scales, y):
-        if T and N and R:
-            plan.run((t, B, seg.order, seg.starts, seg.counts, ranks, scales, y))
+    def run(t, B, seg, ranks, scales, y, bias=None):
+        if T and N and (R or not accumulate):
+            plan.run((t, B, seg.order, seg.starts, seg.counts, ranks, scales, y, y if bias is None else bias))
         return y
 
     return run
@@ -604,10 +546,10 @@ def multi_lora_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     B[s, :, :r]ᵀ, r = ranks[s].
 
     x (T, K) fp16/bf16/fp32 and w (N, K) in x's dtype, any strides; bias (N,) or None; the rest as
-    ``multi_lora``. Two launches (plus ``segments``' where seg is not given): the shrink (split-K
-    partial sums, no zero fill), then one matmul over the tokens in slot order whose
-    epilogue adds the LoRA terms (``_multi_lora_linear_kernel``; on Hopper launched with PDL, its main
-    loop running while the shrink finishes). No host sync; capturable in a CUDA graph."""
+    ``multi_lora``. Three launches (plus ``segments``' where seg is not given): the shrink (split-K
+    partial sums), the expand writing y = bias + the LoRA terms (y written, not read), then cuBLAS's
+    y += x·wᵀ (``addmm_``: beta = 1, y read in
+    the product's epilogue, where a large product hides it). No host sync; capturable in a CUDA graph."""
     run = multi_lora_linear_plan(x, w, bias, indices, A, B, scales, ranks, seg)
     if seg is None:
         seg = segments(indices, A.shape[0])
@@ -624,7 +566,7 @@ def multi_lora_linear_plan(x, w, bias, indices, A, B, scales, ranks, seg=None):
 
 
 def _linear_layer_plan(x, w, bias, indices, A, B, scales, ranks, seg):
-    """multi_lora_linear's work for one key: the checks, the shrink's plan and the matmul's; returns
+    """multi_lora_linear's work for one key: the checks, the shrink's and the expand's plans; returns
     run(x, w, bias, A, B, scales, ranks, seg) -> y."""
     what = "multi_lora_linear"
     if w.dim() != 2 or x.dim() != 2 or w.shape[1] != x.shape[1]:
@@ -641,26 +583,14 @@ def _linear_layer_plan(x, w, bias, indices, A, B, scales, ranks, seg):
     if seg is None:  # the grouping's shapes and device, for the checks
         seg = segments(indices, A.shape[0])
     device = x.device
-    pdl = pdl_ok(device)
-    shrink = _shrink_plan(x, A, seg, ranks, None, launch_dependents=pdl, partial=True)
-    t = _partials_like(x, A, seg)
-    _check_expand(t, B, seg, ranks, scales, y)  # B, scales and the segments, as the expand checks them
-    S, _, R = B.shape
-    BM, BN, BK, GM, warps, stages = linear_config(T, device)
-    BLOCK_R = block_r(R)
-    plan = Plan(_multi_lora_linear_kernel, (cdiv(T, BM) * cdiv(N, BN),), (
-        T, N, K, R, S, *x.stride(), *w.stride(), *_t_strides(t), *B.stride(), *y.stride(),
-    ), HAS_BIAS=bias is not None, MODE=dot_mode(x.dtype, w.dtype), EXPAND_MODE=expand_mode(x.dtype),
-        PRECISION=fp32_precision(), T_SPLIT=_t_split(t), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BLOCK_R,
-        SLOTS_PER_STEP=max(1, 128 // BLOCK_R), BLOCK_S=max(16, triton.next_power_of_2(S)), GROUP_M=GM,
-        num_warps=warps, num_stages=stages, **pdl_meta(pdl),
-    )
+    shrink = _shrink_plan(x, A, seg, ranks, None, partial=True)
+    expand = _expand_plan(_partials_like(x, A, seg), B, seg, ranks, scales, y, accumulate=False, bias=bias)
 
     def run(x, w, bias, A, B, scales, ranks, seg):
         y = torch.empty((T, N), dtype=x.dtype, device=device)
         if T and N:
-            t = shrink(x, A, seg, ranks, None)
-            plan.run((x, w, t if bias is None else bias, t, B, seg.order, seg.starts, seg.counts, ranks, scales, y))
+            expand(shrink(x, A, seg, ranks, None), B, seg, ranks, scales, y, bias)
+            y.addmm_(x, w.t())
         return y
 
     return run

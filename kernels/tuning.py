@@ -15,9 +15,10 @@ measure them against each other (tools/ab.sh) or reproduce a run.
     FASTPEFT_NF4_TILED_CONFIG  nf4_matmul's tiled path, nf4_matmul_t   lora_linear's fields
     FASTPEFT_NF4_LUT        the 4-bit kernels' table lookup: 2 value pairs per byte, 1 a read per
                             element, 0 tl.gather (kernels/nf4.py)
-    FASTPEFT_MULTI_LORA_FUSED  1: a mixed-adapter batch over a plain nn.Linear runs the base product in
-                            the multi-adapter matmul (multi_lora_linear); default 0, F.linear then the
-                            LoRA terms in place (fastpeft/multi_lora.py ``fusable``)
+    FASTPEFT_MULTI_LORA_FUSED  1: a mixed-adapter batch over a plain nn.Linear runs the layer as
+                            multi_lora_linear (the LoRA terms and bias written, then cuBLAS's addmm);
+                            default 0, F.linear then the LoRA terms in place (fastpeft/multi_lora.py
+                            ``fusable``)
 
 They are read once, at first use, not per call: a script or test that changes them afterwards calls
 ``reload()``, which reads them again and drops the launchers' kept plans (``launch._plans``), since

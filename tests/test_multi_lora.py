@@ -158,8 +158,9 @@ def _alone(adapter_dirs, name, inputs, device):
 @pytest.mark.parametrize("backend,fused", [("reference", False), ("kernels", False), ("kernels", True)])
 def test_multilora_rows_equal_each_adapter_alone(adapter_dirs, backend, fused, request, monkeypatch):
     """MultiLora's rows against each adapter alone; with the kernels, over the in-place route and the
-    fused one (multi_lora_linear, the base product in the same matmul). The kernels sort the rows by
-    slot once per ``use`` (``segments``): the prompt's tokens and each decode step are grouped from that."""
+    fused one (multi_lora_linear: the LoRA terms written, then cuBLAS adds the base product). The
+    kernels sort the rows by slot once per ``use`` (``segments``): the prompt's tokens and each decode
+    step are grouped from that."""
     from fastpeft.kernels import multi_lora as kernels
 
     if fused:  # the switch (kernels/tuning.py); unset, the in-place route
