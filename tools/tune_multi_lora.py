@@ -3,6 +3,9 @@ GPU time a serving loop pays): ``segments``, ``multi_lora_shrink`` and ``multi_l
 sweep of configs, per batch shape, against the layer's base ``F.linear``.
 
     python tools/tune_multi_lora.py            # prints one table per part; the best config per shape
+    FASTPEFT_TUNE_SHRINK=0 python tools/tune_multi_lora.py   # the expand's configs alone
+
+The expand is timed as the layers run it: on the shrink's split-K partial sums.
 
 Pins configs by replacing the "sm90" entry of kernels/configs.py MULTI_LORA_CONFIGS for the run (and
 clearing the launchers' kept plans). What it finds goes into configs.py and docs/performance.md.
@@ -20,14 +23,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from common import graph_time_ms  # noqa: E402
 
 from fastpeft.kernels import configs, launch  # noqa: E402
-from fastpeft.kernels.multi_lora import multi_lora_expand, multi_lora_shrink, segments  # noqa: E402
+from fastpeft.kernels.multi_lora import _expand_plan, _shrink_plan, multi_lora_shrink, segments  # noqa: E402
 
 # (K, N, T, slots, layout): decode = tokens scattered over the slots, prefill = 8 runs of T/8
-CASES = [(4096, 4096, 64, 32, "decode"), (4096, 4096, 256, 32, "decode"), (4096, 4096, 4096, 8, "prefill"),
-         (4096, 14336, 4096, 8, "prefill")]
+CASES = [(2048, 2048, 64, 32, "decode"), (2048, 5632, 64, 32, "decode"), (4096, 4096, 64, 32, "decode"),
+         (4096, 4096, 256, 32, "decode"), (4096, 4096, 4096, 8, "prefill"), (4096, 14336, 4096, 8, "prefill")]
 R = 16
 SHRINK = [(bm, bk, 16, sk, w, st) for bm, bk, sk, w, st in itertools.product(
-    (16, 64), (64, 128, 256), (1, 4, 16), (4,), (3,))]
+    (16, 64), (64, 128, 256), (1, 4, 16), (4,), (3,))] if os.environ.get("FASTPEFT_TUNE_SHRINK", "1") == "1" else []
 EXPAND = [(bm, bn, 16, w, st) for bm, bn, w, st in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2,))]
 
 
@@ -65,7 +68,7 @@ def main() -> None:
         base = graph_time_ms(lambda: F.linear(x, w)) * 1e3
         seg_t = graph_time_ms(lambda: segments(idx, slots)) * 1e3
         seg = segments(idx, slots)
-        t = multi_lora_shrink(x, A, seg, ranks)
+        t = _shrink_plan(x, A, seg, ranks, None, partial=True)(x, A, seg, ranks, None)
         shrink_times, expand_times = {}, {}
         for cfg in [DEFAULT_SHRINK] + [c for c in SHRINK if c != DEFAULT_SHRINK]:
             pin(cfg, DEFAULT_EXPAND)
@@ -76,7 +79,8 @@ def main() -> None:
         for cfg in [DEFAULT_EXPAND] + [c for c in EXPAND if c != DEFAULT_EXPAND]:
             pin(DEFAULT_SHRINK, cfg)
             try:
-                expand_times[cfg] = graph_time_ms(lambda: multi_lora_expand(t, B, seg, ranks, scales, y)) * 1e3
+                expand = _expand_plan(t, B, seg, ranks, scales, y)
+                expand_times[cfg] = graph_time_ms(lambda: expand(t, B, seg, ranks, scales, y)) * 1e3
             except Exception as e:  # noqa: BLE001
                 print(f"<!-- expand {cfg}: {type(e).__name__} -->")
         bs = min(shrink_times, key=shrink_times.get)
