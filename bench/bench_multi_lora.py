@@ -7,13 +7,13 @@ Columns, timed in the same run (common.time_ms, A B B A order): ``base_ms`` (``F
 floor), ``fastpeft_ms`` (MultiLora's default route: ``F.linear``, then ``kernels.multi_lora.multi_lora``
 adding every token's LoRA term in place, the tokens' grouping ``segments`` included), ``fused_ms``
 (``multi_lora_linear``: the shrink, the expand writing the LoRA terms, cuBLAS's addmm adding the base
-product onto them; the route ``FASTPEFT_MULTI_LORA_FUSED=1`` takes), ``peft_ms`` (PEFT's ``lora.Linear`` with ``adapter_names=``,
-the adapters as separate modules, up to 32 of them). In CUDA graphs (the GPU time without the host):
-``*_graph_ms`` one layer replayed; ``*_chain_us`` CHAIN layers with distinct weights replayed as one
-graph, per layer (what a model's decode step pays: no graph launch per layer, each layer's weights
-read from memory), with the grouping done once per batch outside the layers as ``MultiLora`` shares
-it. ``rel_diff`` / ``fused_rel_diff``: each route's relative distance from PEFT's output. Ranks:
-one r for every adapter, or "mixed" (8 to 64 by slot, r_max 64).
+product onto them; the route ``FASTPEFT_MULTI_LORA_FUSED=1`` takes), ``peft_ms`` (PEFT's ``lora.Linear``
+with ``adapter_names=``, the adapters as separate modules, up to 32 of them). In CUDA graphs (the GPU
+time without the host): ``*_graph_ms`` one layer replayed; ``*_chain_us`` CHAIN layers with distinct
+weights replayed as one graph, per layer (what a model's decode step pays: no graph launch per layer,
+each layer's weights read from memory), with the grouping done once per batch outside the layers as
+``MultiLora`` shares it. ``rel_diff`` / ``fused_rel_diff``: each route's relative distance from PEFT's
+output. Ranks: one r for every adapter, or "mixed" (8 to 64 by slot, r_max 64).
 
     pytest bench/bench_multi_lora.py -s           # the grid below (GPU only)
 """

@@ -259,12 +259,12 @@ def layer_forward(owner: nn.Module, base: nn.Module, x: torch.Tensor, args: tupl
                   read_4bit: bool = True, launches: Optional[list] = None) -> torch.Tensor:
     """``base(x, *args, **kwargs)`` plus each token's LoRA term (``multi_lora``; lora = (A, B, scales,
     ranks) stacked, indices (T,) the tokens' slots, seg their grouping or None), by the route the base
-    allows: the base product and the terms in one route (``multi_lora_linear``, ``fusable``); a 4-bit base by fastpeft's
-    4-bit kernels where they read it (``read_4bit``: the caller has not ruled it out), then the terms in
-    place; else the base layer's own forward, then the terms in place. ``owner``: the layer holding
-    ``base`` (it keeps the 4-bit weight's kernel form). ``launches``: a one-item list the caller keeps
-    across forwards, where the kernels' launches of the fused and in-place routes are kept
-    (``_kept_forward``), or None."""
+    allows: the base product and the terms in one route (``multi_lora_linear``, ``fusable``); a 4-bit
+    base by fastpeft's 4-bit kernels where they read it (``read_4bit``: the caller has not ruled it
+    out), then the terms in place; else the base layer's own forward, then the terms in place.
+    ``owner``: the layer holding ``base`` (it keeps the 4-bit weight's kernel form). ``launches``: a
+    one-item list the caller keeps across forwards, where the kernels' launches of the fused and
+    in-place routes are kept (``_kept_forward``), or None."""
     if launches is not None and kernels and seg is not None and not args and not kwargs:
         y, launches[0] = _kept_forward(launches[0], base, x, indices, seg, lora, read_4bit)
         if y is not None:

@@ -548,8 +548,8 @@ def multi_lora_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     x (T, K) fp16/bf16/fp32 and w (N, K) in x's dtype, any strides; bias (N,) or None; the rest as
     ``multi_lora``. Three launches (plus ``segments``' where seg is not given): the shrink (split-K
     partial sums), the expand writing y = bias + the LoRA terms (y written, not read), then cuBLAS's
-    y += x·wᵀ (``addmm_``: beta = 1, y read in
-    the product's epilogue, where a large product hides it). No host sync; capturable in a CUDA graph."""
+    y += x·wᵀ (``addmm_``: beta = 1, y read in the product's epilogue, where a large product hides
+    it). No host sync; capturable in a CUDA graph."""
     run = multi_lora_linear_plan(x, w, bias, indices, A, B, scales, ranks, seg)
     if seg is None:
         seg = segments(indices, A.shape[0])
