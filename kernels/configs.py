@@ -62,20 +62,22 @@ NF4_DEQUANT_CONFIGS = {"sm90": (4096, 4), "interpreter": (256, 4)}
 # multi_lora_shrink / multi_lora_expand (kernels/multi_lora.py), each for up to its tokens per slot
 # (cdiv(T, S): decode batches spread a few tokens over many adapters, prefill batches bring long runs of
 # one): (shrink (BLOCK_M, BLOCK_K, BLOCK_R, split_k, num_warps, num_stages), expand (BLOCK_M, BLOCK_N,
-# BLOCK_R, num_warps, num_stages)). BLOCK_R is a cap: block_r(R) where that is smaller. The shrink
-# halves BLOCK_K where its products run in fp32 (fp32 or split operands: three or two tensor-core
-# products). split_k > 1 splits the shrink's K over programs so that few tokens per slot still fill
-# the GPU: atomics into a zeroed t (multi_lora_shrink), or at most MAX_PARTIALS partial sums that the
-# layer launchers' consumer adds up (multi_lora, multi_lora_linear). sm90: the first and last entries
-# are tools/tune_multi_lora.py's best on an H100 at r = 16 (T = 64 and 256 over 32 slots; T = 4096 in
-# 8 runs; docs/performance.md), the middle one is untimed. The interpreter's small-bucket entry splits K so that the CPU tests take that
-# path too.
+# BLOCK_R, num_warps, num_stages, programs per multiprocessor)). BLOCK_R is a cap: block_r(R) where
+# that is smaller (the columns expand loads t whole up to R_ONCE_MAX). The shrink halves BLOCK_K where
+# its products run in fp32 (fp32 or split operands: three or two tensor-core products). split_k > 1
+# splits the shrink's K over programs so that few tokens per slot still fill the GPU: atomics into a
+# zeroed t (multi_lora_shrink), or at most MAX_PARTIALS partial sums that the layer launchers' consumer
+# adds up (multi_lora, multi_lora_linear). The columns expand splits N so that there are about
+# "programs per multiprocessor" programs. sm90: the first and last entries' tiles are
+# tools/tune_multi_lora.py's best on an H100 at r = 16 (T = 64 and 256 over 32 slots; T = 4096 in 8
+# runs; docs/performance.md), the middle one is untimed. The interpreter's small-bucket entry splits K
+# so that the CPU tests take that path too.
 MULTI_LORA_CONFIGS = {
-    "sm90": ((16, ((16, 64, 16, 16, 4, 3), (16, 128, 16, 4, 2))),
-             (64, ((16, 128, 16, 4, 4, 3), (32, 128, 16, 4, 2))),
-             (None, ((16, 256, 32, 1, 4, 3), (64, 128, 16, 4, 2)))),
-    "interpreter": ((4, ((16, 32, 16, 2, 4, 1), (16, 32, 16, 4, 1))),
-                    (None, ((16, 32, 16, 1, 4, 1), (16, 32, 16, 4, 1)))),
+    "sm90": ((16, ((16, 64, 16, 16, 4, 3), (16, 128, 16, 4, 2, 4))),
+             (64, ((16, 128, 16, 4, 4, 3), (32, 128, 16, 4, 2, 4))),
+             (None, ((16, 256, 32, 1, 4, 3), (64, 128, 16, 4, 2, 2)))),
+    "interpreter": ((4, ((16, 32, 16, 2, 4, 1), (16, 32, 16, 4, 1, 1))),
+                    (None, ((16, 32, 16, 1, 4, 1), (16, 32, 16, 4, 1, 1)))),
 }
 
 def family(device: torch.device) -> str:

@@ -9,9 +9,17 @@ take no adapter. Two kernels, Punica's SGMV / vLLM's lora_shrink and lora_expand
     multi_lora_shrink   t (T, R) fp32 = x · A[slot]ᵀ per token, zeros past the slot's rank
     multi_lora_expand   y += scale[slot] · t · B[slot]ᵀ in place, fp32 sums, one rounding into y
 
-and the whole layer with its base product, ``multi_lora_linear``: the shrink, the expand writing
-y = bias + scale[slot] · t · B[slot]ᵀ (y not read), then cuBLAS adds x · Wᵀ into y in its epilogue
-(``addmm_``), where the product's own time hides the read.
+and the whole layer with its base product, two ways: ``multi_lora_linear``, the shrink, the expand
+writing y = bias + scale[slot] · t · B[slot]ᵀ (y not read), then cuBLAS adds x · Wᵀ into y in its
+epilogue (``addmm_``), where the product's own time hides the read; ``multi_lora_wide``, for a weight
+stored with the slots' A below it ([W; A] as one (N + S·R, K) matrix): one cuBLAS product gives the
+base output and every slot's t side by side, then the expand reads each token's own slot's columns.
+No shrink kernel, at the price of reading every slot's A, used or not.
+
+The expand (``_multi_lora_expand_cols_kernel``) gives each program a token block and a run of column
+blocks, so that there are a few programs per multiprocessor, each loading its tokens' t once; on
+Hopper it is launched with programmatic dependent launch behind the shrink (the grouping read while
+the shrink ends, t after ``gdc_wait``).
 
 Both are grouped by segment: ``segments`` sorts the tokens by slot on the device (no host sync), and
 each program takes BLOCK_M tokens of one slot, gathers their rows through ``order`` and loads that
@@ -31,12 +39,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import NATIVE, block_r, dot, dot_mode, expand_mode, fp32_precision
+from .common import (NATIVE, block_r, dot, dot_mode, expand_mode, fp32_precision, gdc_launch_dependents, gdc_wait,
+                     num_sms, pdl_meta, pdl_ok, pdl_on)
 from .configs import multi_lora_config
 from .shrink import MAX_PARTIALS
+from . import tuning
 from .launch import INTERPRETING, Plan, cached, cdiv, launch
 
 _INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -150,6 +161,7 @@ def _multi_lora_shrink_kernel(
     stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_tt, stride_tr, stride_tp,
     MODE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):
     """t[tok, :] (fp32) = x[tok, :] · A[s, :rank]ᵀ for the tokens tok of each slot s, zeros past the
     rank; any strides. Program (pid, pid_rk): token block pid (``_slot_block``), columns
@@ -158,7 +170,10 @@ def _multi_lora_shrink_kernel(
     SPLIT_K == 1: plain stores; programs past the rank and those of the extra slot (the tokens with no
     adapter) store zeros, so t needs no zeroing. SPLIT_K > 1 with PARTIAL: the same, split pid_k's
     partial sum at t + pid_k·stride_tp, for the consumer to add up. SPLIT_K > 1 otherwise: atomic adds
-    of the partial sums into a zeroed t, up to the rank only."""
+    of the partial sums into a zeroed t, up to the rank only. LAUNCH_DEPENDENTS: the next kernel
+    (launched with PDL) may start now; it waits (``gdc_wait``) before it reads t."""
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     pid_r = tl.program_id(1) // SPLIT_K
     pid_k = tl.program_id(1) % SPLIT_K
@@ -216,7 +231,7 @@ def _load_t(ptrs, mask, stride_tp, T_SPLIT: tl.constexpr):
 def _multi_lora_expand_kernel(
     t_ptr, b_ptr, order_ptr, starts_ptr, counts_ptr, ranks_ptr, scales_ptr, y_ptr, bias_ptr,
     N, R, S,
-    stride_tt, stride_tr, stride_tp, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
+    stride_tt, stride_tr, stride_tp, stride_ts, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
     MODE: tl.constexpr, PRECISION: tl.constexpr, T_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
     ACCUMULATE: tl.constexpr = True, HAS_BIAS: tl.constexpr = False,
@@ -249,7 +264,7 @@ def _multi_lora_expand_kernel(
     tok = tl.load(order_ptr + start + rows, mask=row_ok, other=0).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
-    t_rows = t_ptr + tok[:, None] * stride_tt
+    t_rows = t_ptr + tok[:, None] * stride_tt + s_.to(tl.int64) * stride_ts
     b_cols = b_ptr + s_.to(tl.int64) * stride_bs + rn[None, :].to(tl.int64) * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
@@ -267,6 +282,73 @@ def _multi_lora_expand_kernel(
     elif HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _multi_lora_expand_cols_kernel(
+    t_ptr, b_ptr, order_ptr, starts_ptr, counts_ptr, ranks_ptr, scales_ptr, y_ptr, bias_ptr,
+    N, R, S, N_PER,
+    stride_tt, stride_tr, stride_tp, stride_ts, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
+    MODE: tl.constexpr, PRECISION: tl.constexpr, T_SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, R_ONCE: tl.constexpr, PDL_WAIT: tl.constexpr,
+):
+    """``_multi_lora_expand_kernel``'s product with fewer, longer programs: program (pid, pid_n) takes
+    token block pid and the columns N_PER·pid_n .. N_PER·(pid_n + 1), BLOCK_N at a time, loading its
+    tokens' t once (R_ONCE: BLOCK_R >= R; else once per column block and R chunk). PDL_WAIT: launched
+    with programmatic dependent launch behind the shrink; the grouping is read first, t after the wait."""
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot, first, count = _slot_block(counts_ptr, starts_ptr, pid, S, BLOCK_M, BLOCK_S, not ACCUMULATE)
+    if ACCUMULATE:
+        if slot >= S:
+            return
+    elif slot > S:
+        return
+    has_slot = slot < S
+    s_ = tl.minimum(slot, S - 1)
+    rank = tl.where(has_slot, tl.minimum(tl.load(ranks_ptr + s_), R), 0)
+    if ACCUMULATE:
+        if rank <= 0:
+            return
+    start = tl.where(has_slot, tl.load(starts_ptr + s_), 0)
+    rows = first + tl.arange(0, BLOCK_M)
+    row_ok = rows < count
+    tok = tl.load(order_ptr + start + rows, mask=row_ok, other=0).to(tl.int64)
+    scale = tl.where(has_slot, tl.load(scales_ptr + s_).to(tl.float32), 0.0)
+    t_rows = t_ptr + tok[:, None] * stride_tt + s_.to(tl.int64) * stride_ts
+    b_slot = b_ptr + s_.to(tl.int64) * stride_bs
+    y_rows = y_ptr + tok[:, None] * stride_yt
+    n_first = pid_n * N_PER
+    n_end = tl.minimum(N, n_first + N_PER)
+    rr = tl.arange(0, BLOCK_R)
+    if PDL_WAIT:  # t is the shrink's: wait for it here, after the grouping's loads
+        gdc_wait()
+    if R_ONCE:
+        t = _load_t(t_rows + rr[None, :] * stride_tr, row_ok[:, None] & (rr < rank)[None, :], stride_tp, T_SPLIT)
+    for n0 in range(n_first, n_end, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < n_end
+        b_cols = b_slot + rn[None, :].to(tl.int64) * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if R_ONCE:
+            b = tl.load(b_cols + rr[:, None] * stride_br, mask=(rr < rank)[:, None] & n_ok[None, :], other=0.0)
+            acc = dot(t, b, acc, MODE, PRECISION)
+        else:
+            for r0 in range(0, rank, BLOCK_R):
+                rk = r0 + rr
+                r_ok = rk < rank
+                tk = _load_t(t_rows + rk[None, :] * stride_tr, row_ok[:, None] & r_ok[None, :], stride_tp, T_SPLIT)
+                b = tl.load(b_cols + rk[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = dot(tk, b, acc, MODE, PRECISION)
+        y_ptrs = y_rows + rn[None, :].to(tl.int64) * stride_yn
+        mask = row_ok[:, None] & n_ok[None, :]
+        out = scale * acc
+        if ACCUMULATE:
+            out += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        elif HAS_BIAS:
+            out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _device_error(what: str, tensors: dict, device: torch.device):
@@ -330,7 +412,7 @@ def _shrink_tiles(T: int, S: int, x_dtype, a_dtype, device, partial: bool) -> tu
     return BLOCK_M, BLOCK_K, r_cap, split_k, warps, stages, mode
 
 
-def _shrink_plan(x, A, seg, ranks, out, partial=False):
+def _shrink_plan(x, A, seg, ranks, out, partial=False, launch_dependents=False):
     """multi_lora_shrink's work for one shape key: the checks, the tiles, the grid, once.
     ``partial`` (the layer launchers'): t comes back as (P, T, R), the P >= 1 split-K partial sums
     that the consumer adds up: no zero fill, no atomics."""
@@ -362,7 +444,7 @@ def _shrink_plan(x, A, seg, ranks, out, partial=False):
         K, R, S, *x.stride(), *A.stride(), *(out.stride() if out is not None else (R, 1)), T * R,
     ), MODE=mode, PRECISION=fp32_precision(), SPLIT_K=split_k, PARTIAL=partial,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, BLOCK_S=triton.next_power_of_2(S + 1),
-        num_warps=warps, num_stages=stages,
+        LAUNCH_DEPENDENTS=pdl_on(launch_dependents), num_warps=warps, num_stages=stages,
     )
     zeroed = not stores
     shape = (split_k, T, R) if partial else (T, R)
@@ -394,8 +476,9 @@ def multi_lora_expand(t: torch.Tensor, B: torch.Tensor, seg: Segments, ranks: to
     return cached(key, _expand_plan, t, B, seg, ranks, scales, y)(t, B, seg, ranks, scales, y)
 
 
-def _check_expand(t, B, seg, ranks, scales, y) -> tuple:
-    """multi_lora_expand's checks of its arguments; returns (T, N, S, R)."""
+def _check_expand(t, B, seg, ranks, scales, y, slot_columns=False) -> tuple:
+    """multi_lora_expand's checks of its arguments (``slot_columns``: t is (T, S·R), slot s's columns
+    from s·R, in any float dtype); returns (T, N, S, R)."""
     what = "multi_lora_expand"
     if y.dim() != 2 or y.dtype not in _FLOATS:
         raise ValueError(f"{what}: y must be (T, N) fp16, bf16 or fp32, got {tuple(y.shape)} {y.dtype}")
@@ -407,7 +490,11 @@ def _check_expand(t, B, seg, ranks, scales, y) -> tuple:
         raise ValueError(f"{what}: B must hold at least one slot, got {tuple(B.shape)}")
     if B.dtype not in (torch.float32, y.dtype):
         raise ValueError(f"{what}: B must be fp32 or y's dtype {y.dtype}, got {B.dtype}")
-    if t.dim() not in (2, 3) or tuple(t.shape[-2:]) != (T, R) or t.dtype != torch.float32 or t.shape[0] < 1:
+    if slot_columns:
+        if t.dim() != 2 or tuple(t.shape) != (T, S * R) or t.dtype not in _FLOATS:
+            raise ValueError(f"{what}: t must be (T={T}, S·R={S * R}), each slot's R columns side by side, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+    elif t.dim() not in (2, 3) or tuple(t.shape[-2:]) != (T, R) or t.dtype != torch.float32 or t.shape[0] < 1:
         raise ValueError(f"{what}: t must be (T={T}, R={R}) fp32, or (P, T, R) partial sums (y is {tuple(y.shape)}, "
                          f"B {tuple(B.shape)}), got {tuple(t.shape)} {t.dtype}")
     _check_segments(what, seg, T, S)
@@ -419,21 +506,35 @@ def _check_expand(t, B, seg, ranks, scales, y) -> tuple:
     return T, N, S, R
 
 
-def _expand_plan(t, B, seg, ranks, scales, y, accumulate=True, bias=None):
+def _expand_plan(t, B, seg, ranks, scales, y, accumulate=True, bias=None, slot_columns=False, pdl=False):
     """multi_lora_expand's work for one shape key: the checks, the tiles, the grid, once. Not
     ``accumulate`` (``multi_lora_linear``'s): y is written, not read, as bias (when given; zeros
-    otherwise) + the LoRA terms, every row (``_multi_lora_expand_kernel``)."""
-    T, N, S, R = _check_expand(t, B, seg, ranks, scales, y)
+    otherwise) + the LoRA terms, every row. ``slot_columns``: t is (T, S·R), every slot's product for
+    every token (a wide base product's extra columns), and each token reads its own slot's R columns.
+    ``pdl``: launched with programmatic dependent launch behind a shrink that lets it
+    (``launch_dependents``).
+
+    The kernel (switch FASTPEFT_MULTI_LORA_EXPAND): "columns" ``_multi_lora_expand_cols_kernel``, the
+    columns split so that there are about ``per_sm`` programs per multiprocessor; "tiles"
+    ``_multi_lora_expand_kernel``, a program per (token block, BLOCK_N columns)."""
+    T, N, S, R = _check_expand(t, B, seg, ranks, scales, y, slot_columns)
     device = y.device
-    _, (BLOCK_M, BLOCK_N, r_cap, warps, stages) = multi_lora_config(cdiv(max(T, 1), S), device)
-    BLOCK_R = block_r(R, r_cap)
+    _, (BLOCK_M, BLOCK_N, r_cap, warps, stages, per_sm) = multi_lora_config(cdiv(max(T, 1), S), device)
     n_blocks = min(T, cdiv(T, BLOCK_M) + S + (not accumulate))  # not accumulate: the no-adapter tokens too
-    plan = Plan(_multi_lora_expand_kernel, (n_blocks, cdiv(N, BLOCK_N)), (
-        N, R, S, *_t_strides(t), *B.stride(), *y.stride(),
-    ), MODE=expand_mode(y.dtype), PRECISION=fp32_precision(), T_SPLIT=_t_split(t),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_S=triton.next_power_of_2(S + 1),
-        ACCUMULATE=accumulate, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages,
-    )
+    t_strides = _t_strides(t) if not slot_columns else (*t.stride(), 0, R * t.stride(1))
+    meta = dict(MODE=expand_mode(y.dtype), PRECISION=fp32_precision(), T_SPLIT=1 if slot_columns else _t_split(t),
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_S=triton.next_power_of_2(S + 1), ACCUMULATE=accumulate,
+                HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
+    if tuning.pinned(tuning.MULTI_LORA_EXPAND) == "tiles":
+        plan = Plan(_multi_lora_expand_kernel, (n_blocks, cdiv(N, BLOCK_N)), (N, R, S, *t_strides, *B.stride(),
+                    *y.stride()), BLOCK_R=block_r(R, r_cap), **meta)
+    else:
+        r_once = block_r(R, R_ONCE_MAX) >= R
+        splits = min(max(1, cdiv(per_sm * num_sms(device), max(1, n_blocks))), cdiv(N, BLOCK_N))
+        n_per = cdiv(cdiv(N, splits), BLOCK_N) * BLOCK_N
+        plan = Plan(_multi_lora_expand_cols_kernel, (n_blocks, cdiv(N, n_per)), (
+            N, R, S, n_per, *t_strides, *B.stride(), *y.stride(),
+        ), BLOCK_R=block_r(R, R_ONCE_MAX if r_once else r_cap), R_ONCE=r_once, **meta, **pdl_meta(pdl))
 
     def run(t, B, seg, ranks, scales, y, bias=None):
         if T and N and (R or not accumulate):
@@ -443,14 +544,17 @@ def _expand_plan(t, B, seg, ranks, scales, y, accumulate=True, bias=None):
     return run
 
 
+R_ONCE_MAX = 64  # the columns expand loads its tokens' t once where R is at most this
+
+
 def _t_split(t: torch.Tensor) -> int:
     """How many partial sums t (T, R) or (P, T, R) holds."""
     return t.shape[0] if t.dim() == 3 else 1
 
 
 def _t_strides(t: torch.Tensor) -> tuple:
-    """(stride_tt, stride_tr, stride_tp) of t (T, R) or (P, T, R)."""
-    return (*t.stride()[1:], t.stride(0)) if t.dim() == 3 else (*t.stride(), 0)
+    """(stride_tt, stride_tr, stride_tp, stride_ts) of t (T, R) or (P, T, R)."""
+    return (*t.stride()[1:], t.stride(0), 0) if t.dim() == 3 else (*t.stride(), 0, 0)
 
 
 def _layer_key(what: str, x, indices, A, B, scales, ranks, seg) -> tuple:
@@ -472,8 +576,10 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, A: torch
     adapters; scales (S,) fp32; ranks (S,) int32; seg: ``segments(indices, S)`` where the caller
     already has it (one per batch serves every layer). Two kernel launches (plus ``segments``' where
     seg is not given; where the shrink splits K it leaves partial sums that the expand adds up, so t
-    needs no zero fill), no host sync, grids fixed by T, S, N and R: capturable in a CUDA graph. The checks and both launches are worked out once per key of
-    shapes, strides, dtypes and devices (``_layer_plan``), so a repeated call builds one key."""
+    needs no zero fill; on Hopper the expand starts behind the shrink by programmatic dependent
+    launch), no host sync, grids fixed by T, S, N and R: capturable in a CUDA graph. The checks and
+    both launches are worked out once per key of shapes, strides, dtypes and devices
+    (``_layer_plan``), so a repeated call builds one key."""
     run = multi_lora_plan(x, y, indices, A, B, scales, ranks, seg)
     if seg is None:
         seg = segments(indices, A.shape[0])
@@ -495,14 +601,21 @@ def _layer_plan(x, y, indices, A, B, scales, ranks, seg):
     _check_layer(x, y, indices, A, B, scales, ranks)
     if seg is None:  # the grouping's shapes and device, for the launchers' checks
         seg = segments(indices, A.shape[0])
-    shrink = _shrink_plan(x, A, seg, ranks, None, partial=True)
+    pdl = _pdl(x.device)
+    shrink = _shrink_plan(x, A, seg, ranks, None, partial=True, launch_dependents=pdl)
     t = _partials_like(x, A, seg)
-    expand = _expand_plan(t, B, seg, ranks, scales, y)
+    expand = _expand_plan(t, B, seg, ranks, scales, y, pdl=pdl)
 
     def run(x, y, A, B, scales, ranks, seg):
         return expand(shrink(x, A, seg, ranks, None), B, seg, ranks, scales, y)
 
     return run
+
+
+def _pdl(device: torch.device) -> bool:
+    """Whether the layer launchers' expand follows their shrink with programmatic dependent launch:
+    on a GPU that has it, unless FASTPEFT_PDL=0."""
+    return tuning.pinned(tuning.PDL) is not False and pdl_ok(device)
 
 
 def _partials_like(x, A, seg) -> torch.Tensor:
@@ -583,14 +696,80 @@ def _linear_layer_plan(x, w, bias, indices, A, B, scales, ranks, seg):
     if seg is None:  # the grouping's shapes and device, for the checks
         seg = segments(indices, A.shape[0])
     device = x.device
-    shrink = _shrink_plan(x, A, seg, ranks, None, partial=True)
-    expand = _expand_plan(_partials_like(x, A, seg), B, seg, ranks, scales, y, accumulate=False, bias=bias)
+    pdl = _pdl(device)
+    shrink = _shrink_plan(x, A, seg, ranks, None, partial=True, launch_dependents=pdl)
+    expand = _expand_plan(_partials_like(x, A, seg), B, seg, ranks, scales, y, accumulate=False, bias=bias, pdl=pdl)
 
     def run(x, w, bias, A, B, scales, ranks, seg):
         y = torch.empty((T, N), dtype=x.dtype, device=device)
         if T and N:
             expand(shrink(x, A, seg, ranks, None), B, seg, ranks, scales, y, bias)
             y.addmm_(x, w.t())
+        return y
+
+    return run
+
+
+def multi_lora_wide(x: torch.Tensor, w_wide: torch.Tensor, bias_wide: torch.Tensor | None, indices: torch.Tensor,
+                    B: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor,
+                    seg: Segments | None = None) -> torch.Tensor:
+    """A whole layer whose stacked A lies below its weight: y_wide (T, N + S·R) = x·w_wideᵀ (+ bias_wide)
+    with w_wide = [W (N, K); A (S, R, K) as (S·R, K)], so that y_wide's last S·R columns are every
+    slot's x·A[s]ᵀ for every token; then y_wide[i, :N] += scales[s] · y_wide[i, N + s·R : N + s·R + r] ·
+    B[s, :, :r]ᵀ for each token i with slot s = indices[i] >= 0 (r = ranks[s]). Returns y_wide: the
+    layer's output is its view y_wide[:, :N].
+
+    x (T, K) fp16/bf16/fp32, w_wide and bias_wide (N + S·R,) or None in x's dtype;
+    B (S, N, R), scales, ranks, seg as ``multi_lora``. Two launches: cuBLAS's product, whose extra
+    columns are the shrink (it reads every slot's A, where the shrink reads the slots the batch uses),
+    then the expand (``slot_columns``). t is rounded to x's dtype, as PEFT's lora_A output is."""
+    run = multi_lora_wide_plan(x, w_wide, bias_wide, indices, B, scales, ranks, seg)
+    if seg is None:
+        seg = segments(indices, B.shape[0])
+    return run(x, w_wide, bias_wide, B, scales, ranks, seg)
+
+
+def multi_lora_wide_plan(x, w_wide, bias_wide, indices, B, scales, ranks, seg=None):
+    """``multi_lora_wide``'s checked launches for its arguments' key: run(x, w_wide, bias_wide, B,
+    scales, ranks, seg) -> y_wide for any arguments of the same shapes, strides, dtypes and devices."""
+    key = (multi_lora_wide, w_wide.shape, w_wide.stride(), w_wide.dtype, w_wide.device,
+           None if bias_wide is None else (bias_wide.shape, bias_wide.stride(), bias_wide.dtype, bias_wide.device),
+           x.shape, x.stride(), x.dtype, x.device, indices.shape, indices.dtype, indices.device,
+           B.shape, B.stride(), B.dtype, B.device, scales.shape, scales.dtype, scales.device,
+           ranks.shape, ranks.dtype, ranks.device, None if seg is None else _seg_key("multi_lora_wide", seg),
+           fp32_precision())
+    return cached(key, _wide_layer_plan, x, w_wide, bias_wide, indices, B, scales, ranks, seg)
+
+
+def _wide_layer_plan(x, w_wide, bias_wide, indices, B, scales, ranks, seg):
+    """multi_lora_wide's work for one key: the checks and the expand's plan; returns run(x, w_wide,
+    bias_wide, B, scales, ranks, seg) -> y_wide."""
+    what = "multi_lora_wide"
+    if x.dim() != 2 or x.dtype not in _FLOATS:
+        raise ValueError(f"{what}: x must be (T, K) fp16, bf16 or fp32, got {tuple(x.shape)} {x.dtype}")
+    if B.dim() != 3:
+        raise ValueError(f"{what}: B must be (S, N, R), got {tuple(B.shape)}")
+    T, K = x.shape
+    S, N, R = B.shape
+    if w_wide.dim() != 2 or tuple(w_wide.shape) != (N + S * R, K) or w_wide.dtype != x.dtype:
+        raise ValueError(f"{what}: w_wide must be (N + S·R = {N + S * R}, K = {K}) in x's dtype {x.dtype} (W above "
+                         f"A), got {tuple(w_wide.shape)} {w_wide.dtype}")
+    if bias_wide is not None and (tuple(bias_wide.shape) != (N + S * R,) or bias_wide.dtype != x.dtype):
+        raise ValueError(f"{what}: bias_wide must be ({N + S * R},) in x's dtype {x.dtype}, got "
+                         f"{tuple(bias_wide.shape)} {bias_wide.dtype}")
+    if indices.dtype not in _INDEX_DTYPES or tuple(indices.shape) != (T,):
+        raise ValueError(f"{what}: indices must be ({T},) integers, one per row of x, got {tuple(indices.shape)} "
+                         f"{indices.dtype}")
+    _device_error(what, {"w_wide": w_wide, **({} if bias_wide is None else {"bias_wide": bias_wide})}, x.device)
+    if seg is None:  # the grouping's shapes and device, for the checks
+        seg = segments(indices, S)
+    y = torch.empty((T, N + S * R), dtype=x.dtype, device=x.device)
+    expand = _expand_plan(y[:, N:], B, seg, ranks, scales, y[:, :N], slot_columns=True)
+
+    def run(x, w_wide, bias_wide, B, scales, ranks, seg):
+        y = F.linear(x, w_wide, bias_wide)
+        if T and N:
+            expand(y[:, N:], B, seg, ranks, scales, y[:, :N])
         return y
 
     return run

@@ -19,6 +19,11 @@ measure them against each other (tools/ab.sh) or reproduce a run.
                             multi_lora_linear (the LoRA terms and bias written, then cuBLAS's addmm);
                             default 0, F.linear then the LoRA terms in place (fastpeft/multi_lora.py
                             ``fusable``)
+    FASTPEFT_MULTI_LORA_EXPAND  the multi-adapter expand kernel: columns (default: fewer programs, each
+                            over a run of column blocks) or tiles (a program per column block)
+    FASTPEFT_MULTI_LORA_WIDE   1 / 0: MultiLora's layers over a plain nn.Linear are wide (the slots' A
+                            below the weight, one product, no shrink) wherever they can be, or never;
+                            unset, by size (fastpeft/multi_lora.py ``widens``)
 
 They are read once, at first use, not per call: a script or test that changes them afterwards calls
 ``reload()``, which reads them again and drops the launchers' kept plans (``launch._plans``), since
@@ -40,7 +45,10 @@ NF4_GEMV = "FASTPEFT_NF4_GEMV_CONFIG"
 NF4_TILED = "FASTPEFT_NF4_TILED_CONFIG"
 NF4_LUT = "FASTPEFT_NF4_LUT"
 MULTI_LORA_FUSED = "FASTPEFT_MULTI_LORA_FUSED"
-SWITCHES = (SHRINK, LINEAR, TMA, GEMM, TMA_MIN_M, PDL, NF4_GEMV, NF4_TILED, NF4_LUT, MULTI_LORA_FUSED)
+MULTI_LORA_EXPAND = "FASTPEFT_MULTI_LORA_EXPAND"
+MULTI_LORA_WIDE = "FASTPEFT_MULTI_LORA_WIDE"
+SWITCHES = (SHRINK, LINEAR, TMA, GEMM, TMA_MIN_M, PDL, NF4_GEMV, NF4_TILED, NF4_LUT, MULTI_LORA_FUSED,
+            MULTI_LORA_EXPAND, MULTI_LORA_WIDE)
 GEMM_ROUTES = ("auto", "triton", "cublas", "tma")
 
 
@@ -75,6 +83,12 @@ def _lut(name: str, value: str) -> int:
     return int(value)
 
 
+def _choice(name: str, value: str, choices: tuple) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be {' or '.join(choices)}, got {value!r}")
+    return value
+
+
 def _rows(name: str, value: str) -> int:
     if not value.isdigit():
         raise ValueError(f"{name} must be a row count (0: never), got {value!r}")
@@ -92,6 +106,8 @@ _PARSERS = {
     NF4_TILED: lambda name, value: _ints(name, value, "BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,num_stages"),
     NF4_LUT: _lut,
     MULTI_LORA_FUSED: lambda name, value: value == "1",
+    MULTI_LORA_EXPAND: lambda name, value: _choice(name, value, ("columns", "tiles")),
+    MULTI_LORA_WIDE: lambda name, value: _choice(name, value, ("0", "1")) == "1",
 }
 _pins: dict | None = None  # switch -> its parsed config, or None where unset; read at first use
 

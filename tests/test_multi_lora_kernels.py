@@ -13,8 +13,8 @@ import torch
 from fastpeft import reference
 import torch.nn.functional as F
 
-from fastpeft.kernels.multi_lora import (Segments, multi_lora, multi_lora_expand, multi_lora_linear,
-                                         multi_lora_shrink, segments)
+from fastpeft.kernels.multi_lora import (Segments, multi_lora, multi_lora_expand, multi_lora_linear, multi_lora_shrink,
+                                         multi_lora_wide, segments)
 from tolerance import DTYPE_PAIRS, dtype_pair_id, assert_close
 
 # (T, K, N, ranks, R): R is the stacked width, ranks one per slot
@@ -23,6 +23,7 @@ CPU_CASES = [
     (20, 33, 40, (5,), 16),                # one segment (one slot, rank below R)
     (24, 70, 50, (40, 17, 1, 5, 33, 0, 8, 2), 40),  # decode-like (3 tokens a slot: the split-K shrink), R > BLOCK_R
     (1, 64, 48, (4, 2), 4),
+    (9, 40, 70, (72, 3, 0), 72),           # R > R_ONCE_MAX: the expand reloads t per column block
 ]
 GPU_CASES = CPU_CASES + [
     (256, 4096, 4096, tuple([16, 8, 4, 1] * 8), 16),      # decode: one token per sequence, 32 adapters
@@ -311,10 +312,25 @@ def test_repeat_segments_group_repeated_rows(kernel_device):
             assert got.order.tolist() == order and got.starts.tolist() == starts and got.counts.tolist() == counts
 
 
-def _check_linear(x, w, bias, indices, A, B, scales, ranks, dtype, seg=None):
-    """multi_lora_linear against x·wᵀ + bias then the reference's LoRA terms, slot by slot; rows with
-    no adapter against the base product alone."""
-    out = multi_lora_linear(x, w, bias, indices, A, B, scales, ranks, seg)
+def _wide(x, w, bias, indices, A, B, scales, ranks, seg=None):
+    """multi_lora_wide's layer output (its first N columns) over w and A stacked as one weight (A past
+    each rank holds NaN: the product computes those columns, the expand must not read them)."""
+    S, R, K = A.shape
+    N = w.shape[0]
+    w_wide = torch.cat([w, A.to(w.dtype).reshape(S * R, K)])
+    bias_wide = None if bias is None else torch.cat([bias, bias.new_zeros(S * R)]).to(x.dtype)
+    y = multi_lora_wide(x, w_wide, bias_wide, indices, B, scales, ranks, seg)
+    assert tuple(y.shape) == (x.shape[0], N + S * R)
+    return y[:, :N]
+
+
+def _check_linear(x, w, bias, indices, A, B, scales, ranks, dtype, seg=None, wide=False):
+    """multi_lora_linear (``wide``: multi_lora_wide, A in x's dtype) against x·wᵀ + bias then the
+    reference's LoRA terms, slot by slot; rows with no adapter against the base product alone."""
+    if wide:  # A and the bias in x's dtype
+        A = A.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+    out = (_wide if wide else multi_lora_linear)(x, w, bias, indices, A, B, scales, ranks, seg)
     assert out.dtype == x.dtype and tuple(out.shape) == (x.shape[0], w.shape[0])
     base64 = F.linear(x.double(), w.double(), None if bias is None else bias.double())
     base = F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
@@ -328,32 +344,50 @@ def _check_linear(x, w, bias, indices, A, B, scales, ranks, dtype, seg=None):
     return out
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["addmm", "wide"])
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=dtype_pair_id)
-def test_multi_lora_linear_matches_reference(kernel_device, dtypes):
+def test_multi_lora_linear_matches_reference(kernel_device, dtypes, wide):
     dtype, adapter_dtype = dtypes
     for i, (T, K, N, ranks, R) in enumerate(_cases(kernel_device)):
         x, _, indices, A, B, scales, ranks_t = _batch(T, K, N, ranks, R, dtype, adapter_dtype, kernel_device)
         w = torch.randn(N, K, device=kernel_device, dtype=dtype) / K**0.5
         bias = torch.randn(N, device=kernel_device, dtype=dtype) if i % 2 else None
-        _check_linear(x, w, bias, indices, A, B, scales, ranks_t, dtype)
+        _check_linear(x, w, bias, indices, A, B, scales, ranks_t, dtype, wide=wide)
 
 
-def test_multi_lora_linear_layouts_and_runs(kernel_device):
-    """Strided x, transposed w, an fp32 bias on fp16; a prefill-like batch (long sorted runs, a slot
-    no token uses, rank 0); every row -1 (the base product alone); the segments given."""
+@pytest.mark.parametrize("wide", [False, True], ids=["addmm", "wide"])
+def test_multi_lora_linear_layouts_and_runs(kernel_device, wide):
+    """Strided x, transposed w (addmm), an fp32 bias on fp16; a prefill-like batch (long sorted runs, a
+    slot no token uses, rank 0); every row -1 (the base product alone); the segments given."""
     dtype = torch.float16
     x, _, indices, A, B, scales, ranks = _batch(37, 45, 29, (1, 3, 8, 16), 16, dtype, torch.float32, kernel_device,
                                                 x_layout="strided")
     w = torch.randn(45, 29, device=kernel_device, dtype=dtype).t()
     bias = torch.randn(29, device=kernel_device)
-    _check_linear(x, w, bias, indices, A, B, scales, ranks, dtype)
+    _check_linear(x, w, bias, indices, A, B, scales, ranks, dtype, wide=wide)
     runs = torch.tensor([0] * 30 + [2] * 25 + [3] * 15, device=kernel_device)
     x, _, _, A, B, scales, ranks = _batch(70, 40, 33, (8, 16, 3, 0), 16, dtype, dtype, kernel_device, indices=runs)
     w = torch.randn(33, 40, device=kernel_device, dtype=dtype) / 40**0.5
-    a = _check_linear(x, w, None, runs, A, B, scales, ranks, dtype)
-    assert torch.equal(a, multi_lora_linear(x, w, None, runs, A, B, scales, ranks, segments(runs, 4)))
+    a = _check_linear(x, w, None, runs, A, B, scales, ranks, dtype, wide=wide)
+    route = _wide if wide else multi_lora_linear
+    assert torch.equal(a, route(x, w, None, runs, A, B, scales, ranks, segments(runs, 4)))
     nothing = torch.full((70,), -1, device=kernel_device)
-    _check_linear(x, w, None, nothing, A, B, scales, ranks, dtype)
+    _check_linear(x, w, None, nothing, A, B, scales, ranks, dtype, wide=wide)
+
+
+def test_multi_lora_wide_errors():
+    x, y, indices, A, B, scales, ranks = _batch(6, 8, 10, (1, 3), 4, torch.float32, torch.float32, "cpu")
+    w_wide = torch.randn(10 + 2 * 4, 8)
+    with pytest.raises(ValueError, match="w_wide must be \(N \+ S·R = 18, K = 8\) in x's dtype"):
+        multi_lora_wide(x, w_wide[:10], None, indices, B, scales, ranks)
+    with pytest.raises(ValueError, match="w_wide must be .* in x's dtype torch.float32"):
+        multi_lora_wide(x, w_wide.half(), None, indices, B, scales, ranks)
+    with pytest.raises(ValueError, match="bias_wide must be \(18,\)"):
+        multi_lora_wide(x, w_wide, torch.zeros(10), indices, B, scales, ranks)
+    with pytest.raises(ValueError, match="indices must be \(6,\)"):
+        multi_lora_wide(x, w_wide, None, indices[:5], B, scales, ranks)
+    with pytest.raises(ValueError, match="scales must be \(2,\)"):
+        multi_lora_wide(x, w_wide, None, indices, B, torch.ones(3), ranks)
 
 
 def test_multi_lora_linear_errors():
@@ -373,19 +407,21 @@ def test_multi_lora_linear_errors():
         multi_lora_linear(x, w, None, indices, A, B[:, :9], scales, ranks)
 
 
-def test_multi_lora_linear_cuda_graph_replay(gpu):
+@pytest.mark.parametrize("wide", [False, True], ids=["addmm", "wide"])
+def test_multi_lora_linear_cuda_graph_replay(gpu, wide):
     """Captured once (segments included), replayed on new indices and x."""
     T, K, N, ranks, R = 256, 512, 384, (16, 8, 4, 1) * 4, 16
     x, _, indices, A, B, scales, ranks_t = _batch(T, K, N, ranks, R, torch.bfloat16, torch.bfloat16, gpu)
     w = torch.randn(N, K, device=gpu, dtype=torch.bfloat16) / K**0.5
-    multi_lora_linear(x, w, None, indices, A, B, scales, ranks_t)
+    route = _wide if wide else multi_lora_linear
+    route(x, w, None, indices, A, B, scales, ranks_t)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = multi_lora_linear(x, w, None, indices, A, B, scales, ranks_t)
+        y = route(x, w, None, indices, A, B, scales, ranks_t)
     for _ in range(2):
         indices.copy_(torch.randint(-1, len(ranks), (T,), device=gpu))
         x.copy_(torch.randn_like(x))
         graph.replay()
-        expected = multi_lora_linear(x, w, None, indices, A, B, scales, ranks_t)
+        expected = route(x, w, None, indices, A, B, scales, ranks_t)
         torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)  # split-K atomics: not bit-exact
