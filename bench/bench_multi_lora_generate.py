@@ -6,8 +6,11 @@ vocab 32000, random weights, bf16), 32 LoRA adapters (r=16, alpha 32, all-linear
 early stop). Setups, timed in the same run (the median wall time of 3 generates after warm-up):
 
 - ``base``: the model alone, no adapter (the floor);
-- ``fastpeft``: ``fastpeft.MultiLora`` over the model, the 32 adapters loaded in slots, ``ml.use(names)``;
-- ``fastpeft-fused``: the same with ``fastpeft.multi_lora.FUSE_BASE`` (each layer as
+- ``fastpeft``: ``fastpeft.MultiLora`` over the model, the 32 adapters loaded in slots, ``ml.use(names)``
+  (its layers wide by size: the slots' A below the weight, one cuBLAS product, then the expand);
+- ``fastpeft-narrow``: the same with no wide layer (FASTPEFT_MULTI_LORA_WIDE=0: ``F.linear``, then the
+  shrink and the expand in place);
+- ``fastpeft-fused``: no wide layer, ``fastpeft.multi_lora.FUSE_BASE`` (each layer as
   ``multi_lora_linear``: the LoRA terms written, then cuBLAS's addmm adds the base product);
 - ``peft``: PEFT's mixed batch, ``peft_model.generate(..., adapter_names=names)`` (eager only).
 
@@ -107,7 +110,8 @@ def _timed(fn, warmup: int, reps: int = 3):
     return statistics.median(times), out
 
 
-CASES = [(setup, cache) for cache in CACHES for setup in ("base", "peft", "fastpeft", "fastpeft-fused")
+SETUPS = ("base", "peft", "fastpeft", "fastpeft-narrow", "fastpeft-fused")
+CASES = [(setup, cache) for cache in CACHES for setup in SETUPS
          if not (setup == "peft" and cache == "static")]
 
 
@@ -126,8 +130,18 @@ def test_generate(setup, cache, gpu_name, bench_record):
     else:
         import fastpeft
         from fastpeft import multi_lora
+        from fastpeft.kernels import tuning
 
+        saved_wide = os.environ.get(tuning.MULTI_LORA_WIDE)
+        if setup != "fastpeft":  # no wide layer
+            os.environ[tuning.MULTI_LORA_WIDE] = "0"
+        tuning.reload()
         ml = fastpeft.MultiLora(state["base"], max_adapters=ADAPTERS, max_rank=RANK, target_modules=TARGETS)
+        if saved_wide is None:
+            os.environ.pop(tuning.MULTI_LORA_WIDE, None)
+        else:
+            os.environ[tuning.MULTI_LORA_WIDE] = saved_wide
+        tuning.reload()
         saved, multi_lora.FUSE_BASE = multi_lora.FUSE_BASE, setup == "fastpeft-fused"
         try:
             for name, adapter in state["adapters"].items():

@@ -65,10 +65,15 @@ def _fuse_base() -> bool:
 
 
 def fusable(base_layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-    """Whether ``base_layer(x)`` is a plain product ``multi_lora_linear`` can run itself (where the
-    fused route is on): an ``nn.Linear`` (not a subclass) without hooks, its weight in x's dtype,
-    called with x alone, no autocast."""
-    return (type(base_layer) is nn.Linear and _fuse_base() and not args and not kwargs
+    """Whether ``base_layer(x)`` is a plain product ``multi_lora_linear`` can run itself (``plain``),
+    where the fused route is on."""
+    return _fuse_base() and plain(base_layer, x, args, kwargs)
+
+
+def plain(base_layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether ``base_layer(x)`` is a plain product a launcher can run itself: an ``nn.Linear`` (not a
+    subclass) without hooks, its weight in x's dtype, called with x alone, no autocast."""
+    return (type(base_layer) is nn.Linear and not args and not kwargs
             and base_layer._parameters["weight"].dtype == x.dtype and x.dtype in _FUSED_DTYPES
             and not base_layer._forward_hooks and not base_layer._forward_pre_hooks
             and not torch.is_autocast_enabled(x.device.type))
@@ -121,6 +126,23 @@ def _linear_multi_lora_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
 @_linear_multi_lora_op.register_fake
 def _(x, weight, bias, indices, lora_a, lora_b, scales, ranks, order=None, starts=None, counts=None):
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("fastpeft::multi_lora_wide", mutates_args=())
+def _multi_lora_wide_op(x: torch.Tensor, w_wide: torch.Tensor, bias_wide: Optional[torch.Tensor], indices: torch.Tensor,
+                        lora_b: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor,
+                        order: Optional[torch.Tensor] = None, starts: Optional[torch.Tensor] = None,
+                        counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The kernels' ``multi_lora_wide`` as one opaque op for torch.compile: y_wide (T, N + S·R), the
+    layer's output its first N columns."""
+    from .kernels.multi_lora import multi_lora_wide
+
+    return multi_lora_wide(x, w_wide, bias_wide, indices, lora_b, scales, ranks, _seg_of(order, starts, counts))
+
+
+@_multi_lora_wide_op.register_fake
+def _(x, w_wide, bias_wide, indices, lora_b, scales, ranks, order=None, starts=None, counts=None):
+    return x.new_empty((x.shape[0], w_wide.shape[0]))
 
 
 @torch.library.custom_op("fastpeft::multi_lora_", mutates_args=("y",))
@@ -420,6 +442,33 @@ class _Rows:
         return found
 
 
+# A layer is wide (``MultiLoraLinear._widen``: the slots' A below the weight in one buffer, so the base
+# product computes every slot's x·Aᵀ and no shrink runs) where the slots' A take at most this many bytes:
+# the product then reads them all, for every batch, where the shrink reads the slots the batch uses.
+WIDE_MAX_BYTES = 8 << 20
+
+
+def widens(base_layer: nn.Module, slots: int, max_rank: int, dtype: torch.dtype) -> bool:
+    """Whether a ``MultiLoraLinear`` over ``base_layer`` is wide: a plain ``nn.Linear`` whose weight is
+    in the adapters' dtype, a half type or fp32, the slots' A within WIDE_MAX_BYTES; the switch
+    FASTPEFT_MULTI_LORA_WIDE (kernels/tuning.py) pins it on (1) or off (0) where the layer allows it."""
+    w = base_layer._parameters.get("weight") if type(base_layer) is nn.Linear else None
+    if w is None or w.dtype != dtype or dtype not in _FUSED_DTYPES:
+        return False
+    pinned = tuning.pinned(tuning.MULTI_LORA_WIDE)
+    if pinned is not None:
+        return pinned
+    return slots * max_rank * w.shape[1] * w.element_size() <= WIDE_MAX_BYTES
+
+
+def _shared_tensors(model: nn.Module) -> set:
+    """ids of the parameters that a model holds under more than one name (tied weights)."""
+    seen, shared = set(), set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        (shared if id(p) in seen else seen).add(id(p))
+    return shared
+
+
 def _kernels_read_4bit(base_layer: nn.Module) -> bool:
     """Whether ``base_layer`` is a bitsandbytes 4-bit layer that fastpeft's 4-bit kernels read."""
     from . import qlora
@@ -438,18 +487,81 @@ class MultiLoraLinear(nn.Module):
     A (slots, max_rank, in), B (slots, out, max_rank), scaling and rank per slot (rank 0: empty, or an
     adapter that does not target this layer). The rows' slots come from the owning ``MultiLora``."""
 
-    def __init__(self, base_layer: nn.Module, slots: int, max_rank: int, rows: _Rows, dtype: torch.dtype):
+    def __init__(self, base_layer: nn.Module, slots: int, max_rank: int, rows: _Rows, dtype: torch.dtype,
+                 wide: bool = False):
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        K, N = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = K, N
         device = next(base_layer.parameters()).device
-        self.register_buffer("lora_A", torch.zeros(slots, max_rank, self.in_features, device=device, dtype=dtype))
-        self.register_buffer("lora_B", torch.zeros(slots, self.out_features, max_rank, device=device, dtype=dtype))
+        self.register_buffer("lora_A", torch.zeros(slots, max_rank, K, device=device, dtype=dtype))
+        self.register_buffer("lora_B", torch.zeros(slots, N, max_rank, device=device, dtype=dtype))
         self.register_buffer("scales", torch.zeros(slots, dtype=torch.float32, device=device))
         self.register_buffer("ranks", torch.zeros(slots, dtype=torch.int32, device=device))
         self._rows = rows
         self._is_4bit = _kernels_read_4bit(base_layer)
         self._launches = [None]  # the kernels' launches of the last forward (layer_forward's, kept)
+        self._wide = None  # (w_wide, bias_wide, weight, bias) where the layer is wide (``_widen``)
+        if wide:
+            self._widen()
+
+    def _widen(self) -> None:
+        """Move the base weight (and bias) and the slots' A into one buffer, A's S·R rows below the
+        weight's N (``multi_lora_wide``); the base layer's parameters and ``lora_A`` become views of it
+        (no copy kept). ``close`` undoes it (``_narrow``)."""
+        base, A = self.base_layer, self._buffers["lora_A"]
+        w, b = base.weight, base.bias
+        (N, K), (S, R, _) = w.shape, A.shape
+        w_wide = torch.empty(N + S * R, K, device=w.device, dtype=w.dtype)
+        w_wide[:N].copy_(w.detach())
+        w_wide[N:].copy_(A.reshape(S * R, K))
+        w_param = base.weight = nn.Parameter(w_wide[:N], requires_grad=w.requires_grad)
+        b_wide = b_param = None
+        if b is not None:
+            b_wide = torch.zeros(N + S * R, device=b.device, dtype=b.dtype)
+            b_wide[:N].copy_(b.detach())
+            b_param = base.bias = nn.Parameter(b_wide[:N], requires_grad=b.requires_grad)
+        self._buffers["lora_A"] = w_wide[N:].view(S, R, K)
+        self._wide = (w_wide, b_wide, w_param, b_param)
+
+    def _narrow(self) -> None:
+        """The base layer's weight and bias, and ``lora_A``, as tensors of their own (``_widen`` undone)."""
+        if self._wide is None:
+            return
+        base = self.base_layer
+        base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=base.weight.requires_grad)
+        if base.bias is not None:
+            base.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=base.bias.requires_grad)
+        self._buffers["lora_A"] = self._buffers["lora_A"].clone()
+        self._wide = None
+
+    def _wide_now(self):
+        """(w_wide, bias_wide, ...) where the layer is wide and its buffer still holds the base layer's
+        parameters and ``lora_A``; widened again where one of them was replaced (a new Parameter, its
+        ``.data`` set); None where the layer is not wide."""
+        wide = self._wide
+        if wide is None or torch.compiler.is_compiling():
+            return wide
+        params, A = self.base_layer._parameters, self._buffers["lora_A"]
+        w, b = params["weight"], params.get("bias")
+        if (w is wide[2] and b is wide[3] and w.data_ptr() == wide[0].data_ptr() and A.data_ptr() ==
+                wide[0][w.shape[0]:].data_ptr() and (b is None or b.data_ptr() == wide[1].data_ptr())):
+            return wide
+        self._wide = None
+        if widens(self.base_layer, *A.shape[:2], A.dtype):
+            self._widen()
+        else:
+            self._buffers["lora_A"] = A.clone()
+        return self._wide
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (``.to``, ``.half``, ...), which gives the views of a wide layer's buffer
+        tensors of their own; the layer is widened again after it where it still can be."""
+        wide, self._wide = self._wide, None
+        out = super()._apply(fn, recurse)
+        if wide is not None and widens(self.base_layer, *self.lora_A.shape[:2], self.lora_A.dtype):
+            self._widen()
+        return out
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         slots = self._rows.slots
@@ -457,6 +569,7 @@ class MultiLoraLinear(nn.Module):
         if slots is None:
             return base(x, *args, **kwargs)
         kernels = use_triton(x)
+        wide = self._wide_now() if kernels and self._wide is not None and plain(base, x, args, kwargs) else None
         buffers = self._buffers  # not through nn.Module.__getattr__: this runs per layer and decode step
         lora = (buffers["lora_A"], buffers["lora_B"], buffers["scales"], buffers["ranks"])
         if torch.compiler.is_compiling():
@@ -465,6 +578,9 @@ class MultiLoraLinear(nn.Module):
             x2 = x.reshape(-1, x.shape[-1])
             indices = token_slots(slots, x)
             seg = tuple(self._rows.token_segments(indices, lora[3].shape[0])) if kernels else ()
+            if wide is not None:
+                y2 = torch.ops.fastpeft.multi_lora_wide(x2, *wide[:2], indices, *lora[1:], *seg)
+                return y2[:, :self.out_features].reshape(*x.shape[:-1], self.out_features)
             if kernels and fusable(base, x, args, kwargs):
                 y2 = torch.ops.fastpeft.linear_multi_lora(x2, base.weight, base.bias, indices, *lora, *seg)
                 return y2.reshape(*x.shape[:-1], y2.shape[-1])
@@ -472,8 +588,27 @@ class MultiLoraLinear(nn.Module):
             torch.ops.fastpeft.multi_lora_(x2, y.reshape(-1, y.shape[-1]), indices, *lora, *seg)
             return y
         indices, seg = self._rows.tokens(x, lora[3].shape[0], kernels)
+        if wide is not None:
+            return self._wide_forward(x, indices, seg, wide, lora)
         return layer_forward(self, base, x, args, kwargs, indices, seg, lora, kernels, read_4bit=self._is_4bit,
                              launches=self._launches)
+
+    def _wide_forward(self, x: torch.Tensor, indices: torch.Tensor, seg, wide: tuple, lora: tuple) -> torch.Tensor:
+        """The wide layer's forward by the kernels (``multi_lora_wide``), its launches kept across
+        forwards of the same x shape, strides, dtype and grouping (``_kept_forward``'s reason)."""
+        x2 = x.reshape(-1, x.shape[-1])
+        key = ("wide", x2.shape, x2.stride(), x.dtype, x.device, fp32_precision())
+        kept = self._launches[0]
+        if kept is None or kept[0] != key or kept[1][0] is not seg:
+            from .kernels.multi_lora import multi_lora_wide_plan
+
+            kept = self._launches[0] = (key, (seg,), multi_lora_wide_plan(x2, *wide[:2], indices, *lora[1:], seg))
+        if seg is None:
+            from .kernels.multi_lora import segments
+
+            seg = segments(indices, lora[3].shape[0])
+        y = kept[2](x2, *wide[:2], *lora[1:], seg)[:, :self.out_features]
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         S, R, _ = self.lora_A.shape
@@ -519,12 +654,14 @@ class MultiLora:
                                           f"serves nn.Linear and 4-bit Linear4bit layers")
         names = [t.name for t in plan.targets]
         self.layers: dict[str, MultiLoraLinear] = {}
+        shared = _shared_tensors(model)
         for name in names:
             base = model.get_submodule(name)
             w = base.weight
             layer_dtype = dtype or (w.dtype if w.dtype.is_floating_point else
                                     (getattr(base, "compute_dtype", None) or torch.float32))
-            layer = MultiLoraLinear(base, max_adapters, max_rank, self._rows, layer_dtype)
+            wide = widens(base, max_adapters, max_rank, layer_dtype) and not shared & {id(w), id(base.bias)}
+            layer = MultiLoraLinear(base, max_adapters, max_rank, self._rows, layer_dtype, wide)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
             self.layers[name] = layer
@@ -673,6 +810,7 @@ class MultiLora:
             handle.remove()
         for name, layer in self.layers.items():
             parent, _, child = name.rpartition(".")
+            layer._narrow()
             setattr(self.model.get_submodule(parent) if parent else self.model, child, layer.base_layer)
         self.layers, self._slots = {}, {}
         return self.model

@@ -155,17 +155,22 @@ def _alone(adapter_dirs, name, inputs, device):
     return logits(peft.PeftModel.from_pretrained(base, adapter_dirs / name).eval(), inputs)
 
 
-@pytest.mark.parametrize("backend,fused", [("reference", False), ("kernels", False), ("kernels", True)])
-def test_multilora_rows_equal_each_adapter_alone(adapter_dirs, backend, fused, request, monkeypatch):
-    """MultiLora's rows against each adapter alone; with the kernels, over the in-place route and the
-    fused one (multi_lora_linear: the LoRA terms written, then cuBLAS adds the base product). The
-    kernels sort the rows by slot once per ``use`` (``segments``): the prompt's tokens and each decode
-    step are grouped from that."""
+@pytest.mark.parametrize("backend,route", [("reference", None), ("kernels", "in place"), ("kernels", "fused"),
+                                           ("kernels", "wide")])
+def test_multilora_rows_equal_each_adapter_alone(adapter_dirs, backend, route, request, monkeypatch):
+    """MultiLora's rows against each adapter alone; with the kernels, over the in-place route, the
+    fused one (multi_lora_linear: the LoRA terms written, then cuBLAS adds the base product) and wide
+    layers (multi_lora_wide: the slots' A below the weight, no shrink); the reference path over layers
+    wide by size. The kernels sort the rows by slot once per ``use`` (``segments``): the prompt's
+    tokens and each decode step are grouped from that."""
     from fastpeft.kernels import multi_lora as kernels
 
-    if fused:  # the switch (kernels/tuning.py); unset, the in-place route
-        request.getfixturevalue("pin_config")("FASTPEFT_MULTI_LORA_FUSED", "1")
-    calls = _spy_fused(monkeypatch)
+    fused = route == "fused"
+    if route is not None:  # the switches (kernels/tuning.py); unset, wide by size, else in place
+        pin = request.getfixturevalue("pin_config")
+        pin("FASTPEFT_MULTI_LORA_FUSED", "1" if fused else None)
+        pin("FASTPEFT_MULTI_LORA_WIDE", "1" if route == "wide" else "0")
+    calls = _spy(monkeypatch, "multi_lora_wide_plan" if route == "wide" else "multi_lora_linear_plan")
     sorts, real_segments = [], kernels.segments
     monkeypatch.setattr(kernels, "segments", lambda *a: sorts.append(1) or real_segments(*a))
     device = _backend(request, backend)
@@ -190,28 +195,35 @@ def test_multilora_rows_equal_each_adapter_alone(adapter_dirs, backend, fused, r
                                                 do_sample=False, pad_token_id=0))
         plain = logits(model, inputs)  # outside use(): the base model
         torch.testing.assert_close(plain, _alone(adapter_dirs, None, inputs, device), rtol=1e-5, atol=1e-6)
-    assert bool(calls) == fused
+    assert bool(calls) == (route in ("fused", "wide"))
+    assert all((layer._wide is not None) == (route in ("wide", None)) for layer in ml.layers.values())
+    ml.close()
+    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in model.parameters()), \
+        "close() left parameters as views of a wide layer's buffer"
 
 
-def _spy_fused(monkeypatch) -> list:
-    """A list that grows by one each time the fused route's launches are worked out or looked up (the
-    kernels' multi_lora_linear_plan, which MultiLoraLinear and multi_lora_linear call)."""
+def _spy(monkeypatch, plan: str) -> list:
+    """A list that grows by one each time a route's launches are worked out or looked up (the kernels'
+    ``plan``: multi_lora_linear_plan for the fused route, multi_lora_wide_plan for wide layers)."""
     from fastpeft.kernels import multi_lora as kernels
 
-    calls, real = [], kernels.multi_lora_linear_plan
-    monkeypatch.setattr(kernels, "multi_lora_linear_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], getattr(kernels, plan)
+    monkeypatch.setattr(kernels, plan, lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_multilora_kept_launches_follow_changes(adapter_dirs, fused, request, set_options, monkeypatch):
+@pytest.mark.parametrize("route", ["in place", "fused", "wide"])
+def test_multilora_kept_launches_follow_changes(adapter_dirs, route, request, set_options, monkeypatch):
     """Each MultiLoraLinear keeps its last forward's launches (decode steps skip the launchers' keys):
     a new base weight (another Parameter), another dtype, another batch shape or the other route
-    give the reference path's numbers, never the kept launches' stale ones."""
+    give the reference path's numbers, never the kept launches' stale ones; a wide layer widens
+    again over the new weight and after ``.half()``."""
     device = request.getfixturevalue("kernels_on")
     pin = request.getfixturevalue("pin_config")
+    fused = route == "fused"
     pin("FASTPEFT_MULTI_LORA_FUSED", "1" if fused else None)
-    calls = _spy_fused(monkeypatch)
+    pin("FASTPEFT_MULTI_LORA_WIDE", "1" if route == "wide" else "0")
+    calls = _spy(monkeypatch, "multi_lora_wide_plan" if route == "wide" else "multi_lora_linear_plan")
     model = make_model("llama").to(device).eval()
     ml = fastpeft.MultiLora(model, max_adapters=4, max_rank=8, target_modules="all-linear")
     for name in ADAPTERS:
@@ -241,6 +253,7 @@ def test_multilora_kept_launches_follow_changes(adapter_dirs, fused, request, se
             got, want = both(inputs)
             tol = dict(rtol=2e-3, atol=2e-3) if step in ("fp16", "route") else dict(rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{step}: {m}")
+            assert (layer._wide is not None) == (route == "wide")
     assert bool(calls)
 
 

@@ -8,6 +8,14 @@
   - addmm: ``multi_lora_linear``: shrink, the expand writing bias + LoRA terms into a new y, cuBLAS
     ``y.addmm_(x, wᵀ)``;
   - overlap: the shrink on a second stream beside ``F.linear``, then the expand in place;
+  - tiles: in place with the expand kernel of a program per column block (FASTPEFT_MULTI_LORA_EXPAND=
+    tiles) and no PDL, the default before the columns kernel;
+  - wide: one ``F.linear`` over [W; A] (N + S·R rows: every slot's A below W, as one buffer), whose
+    extra columns are every slot's t for every token; the expand reads each token's own slot's
+    columns (``slot_columns``) and adds into the first N in place: no shrink kernel;
+  - wide dense: the same wide product, then the terms as a second cuBLAS product: the extra columns
+    masked to each token's own slot and scaled (one elementwise op, the mask made once per batch),
+    ``y.addmm_(t, B_all)`` with B_all (S·R, N);
 
     python tools/profile_multi_lora.py
 """
@@ -23,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from common import chain_us, graph_time_ms  # noqa: E402
 
+from fastpeft.kernels import tuning  # noqa: E402
 from fastpeft.kernels.multi_lora import (_expand_plan, _partials_like, _shrink_plan, multi_lora,  # noqa: E402
                                          multi_lora_linear, segments)
 
@@ -68,12 +77,31 @@ def layer_chain(K: int, N: int, T: int, slots: int, layers: int = LAYERS) -> tup
     return x, ws, As, Bs, scales, ranks
 
 
+def _pinned(env: dict, fn):
+    """``fn()`` with the tuning switches ``env`` set (the launchers' kept plans rebuilt), then unset."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    tuning.reload()
+    try:
+        return fn()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        tuning.reload()
+
+
+ROUTES = ("in place", "tiles", "addmm", "overlap", "wide", "wide dense")
+
+
 def main() -> None:
     print(f"# {torch.cuda.get_device_name()}; r={R}; chain of {LAYERS} layers with distinct weights in one graph; "
           "µs per layer (× base)")
-    print("| K | N | T | slots | layout | base | in place | addmm | overlap | addmm rel diff | "
-          "segments | kernels: in place | kernels: addmm |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| K | N | T | slots | layout | base | {' | '.join(ROUTES)} | rel diff: addmm, wide, wide dense | "
+          "segments | kernels: in place | kernels: tiles | kernels: wide |")
+    print("|---" * (12 + len(ROUTES)) + "|")
     side = torch.cuda.Stream()
     for K, N, T, slots, layout in CASES:
         x, ws, As, Bs, scales, ranks = layer_chain(K, N, T, slots)
@@ -82,6 +110,14 @@ def main() -> None:
         shrink = _shrink_plan(x, As[0], seg, ranks, None, partial=True)
         y0 = F.linear(x, ws[0])
         expand = _expand_plan(_partials_like(x, As[0], seg), Bs[0], seg, ranks, scales, y0)
+        # the wide routes' weights: [W; A] per layer, B as (S·R, N); the mask per batch
+        wides = [torch.cat([w, a.reshape(slots * R, K)]) for w, a in zip(ws, As)]
+        b_all = [b.permute(0, 2, 1).reshape(slots * R, N).contiguous() for b in Bs]
+        mask = torch.zeros(T, slots, R, device="cuda", dtype=torch.bfloat16)
+        mask[idx >= 0, idx[idx >= 0].long()] = scales[idx[idx >= 0].long()][:, None].to(torch.bfloat16)
+        mask = mask.reshape(T, slots * R)
+        y_wide = F.linear(x, wides[0])
+        wide_expand = _expand_plan(y_wide[:, N:], Bs[0], seg, ranks, scales, y_wide[:, :N], slot_columns=True)
 
         def base(i):
             return F.linear(x, ws[i])
@@ -101,21 +137,36 @@ def main() -> None:
             cur.wait_stream(side)
             return expand(t, Bs[i], seg, ranks, scales, y)
 
+        def wide(i):
+            y = F.linear(x, wides[i])
+            return wide_expand(y[:, N:], Bs[i], seg, ranks, scales, y[:, :N])
+
+        def wide_dense(i):
+            y = F.linear(x, wides[i])
+            return y[:, :N].addmm_(y[:, N:] * mask, b_all[i])
+
+        tiles = dict(FASTPEFT_MULTI_LORA_EXPAND="tiles", FASTPEFT_PDL="0")
+        fns = {"in place": (fast, {}), "tiles": (fast, tiles), "addmm": (via_addmm, {}), "overlap": (overlap, {}),
+               "wide": (wide, {}), "wide dense": (wide_dense, {})}
         ref = fast(0).float()
-        err = ((via_addmm(0).float() - ref).norm() / ref.norm()).item()
+        errs = [((fn(0).float() - ref).norm() / ref.norm()).item() for fn in (via_addmm, wide, wide_dense)]
         tb = chain_us(base, LAYERS)
         cols = []
-        for fn in (fast, via_addmm, overlap):
+        for route in ROUTES:
+            fn, env = fns[route]
             try:
-                us = chain_us(fn, LAYERS)
+                us = _pinned(env, lambda: chain_us(fn, LAYERS))
                 cols.append(f"{us:.1f} ({us / tb:.2f})")
             except Exception as e:  # a route that cannot be captured says why and the table goes on
                 cols.append(f"failed: {type(e).__name__}: {str(e)[:80]}")
         ts = graph_time_ms(lambda: segments(idx, slots)) * 1e3
-        parts = [", ".join(f"{k} {v:.1f}" for k, v in _kernel_us(lambda: fn(0)).items()) for fn in (fast, via_addmm)]
-        print(f"| {K} | {N} | {T} | {slots} | {layout} | {tb:.1f} | {' | '.join(cols)} | {err:.1e} | {ts:.1f} | "
-              f"{' | '.join(parts)} |", flush=True)
-        ws = As = Bs = None
+        parts = []
+        for r in ("in place", "tiles", "wide"):
+            fn, env = fns[r]
+            parts.append(", ".join(f"{k} {v:.1f}" for k, v in _pinned(env, lambda: _kernel_us(lambda: fn(0))).items()))
+        print(f"| {K} | {N} | {T} | {slots} | {layout} | {tb:.1f} | {' | '.join(cols)} | "
+              f"{', '.join(f'{e:.1e}' for e in errs)} | {ts:.1f} | {' | '.join(parts)} |", flush=True)
+        ws = As = Bs = wides = b_all = None
         torch.cuda.empty_cache()
 
 
