@@ -444,7 +444,12 @@ class _Rows:
 
 # A layer is wide (``MultiLoraLinear._widen``: the slots' A below the weight in one buffer, so the base
 # product computes every slot's x·Aᵀ and no shrink runs) where the slots' A take at most this many bytes:
-# the product then reads them all, for every batch, where the shrink reads the slots the batch uses.
+# the product then reads them all, for every batch, where the shrink reads the slots the batch uses, and
+# pays for r_max, where the shrink stops at each slot's rank. Measured on an H100 (docs/performance.md,
+# "Multi-LoRA serving"), wide layers were faster than F.linear + shrink + expand at every decode shape up
+# to 16 MiB of A (T = 256 over 128 slots: 2.10× F.linear against 2.37×) and level at prefill; 8 MiB keeps
+# the larger stacks (128 slots of r = 16, 32 of r = 64 at K = 4096) on the shrink, whose cost follows the
+# slots' real ranks. FASTPEFT_MULTI_LORA_WIDE=1 makes every plain layer wide.
 WIDE_MAX_BYTES = 8 << 20
 
 
@@ -632,8 +637,15 @@ class MultiLora:
     shared by every layer and every decode step; the rows are grouped (sorted by slot) once per ``use``,
     and a batch's tokens grouped from that, with no sort. Under torch.compile
     (``generate(..., cache_implementation="static")`` compiles the decode step with CUDA graphs) each
-    layer's kernels are one custom op, ``fastpeft::multi_lora_``, given the grouping (at one token per
-    row, the rows' own: no op per layer); a compiled forward is not counted as running.
+    layer's kernels are one custom op, ``fastpeft::multi_lora_`` (``fastpeft::multi_lora_wide`` for a
+    wide layer), given the grouping (at one token per row, the rows' own: no op per layer); a compiled
+    forward is not counted as running.
+
+    A plain ``nn.Linear`` layer whose slots' A take at most WIDE_MAX_BYTES is wide: its weight (and
+    bias) and the slots' A share one buffer, A's rows below the weight's, and the layer's parameters
+    are views of it (no copy; ``close()`` gives them tensors of their own again). One cuBLAS product
+    then yields the base output and every slot's x·Aᵀ, and the expand adds each token's own: no shrink
+    kernel (``kernels.multi_lora.multi_lora_wide``). Tied weights are left as they are.
     """
 
     def __init__(self, model: nn.Module, max_adapters: int, max_rank: int, target_modules="all-linear",

@@ -16,7 +16,7 @@ stored with the slots' A below it ([W; A] as one (N + S·R, K) matrix): one cuBL
 base output and every slot's t side by side, then the expand reads each token's own slot's columns.
 No shrink kernel, at the price of reading every slot's A, used or not.
 
-The expand (``_multi_lora_expand_cols_kernel``) gives each program a token block and a run of column
+The expand (``_multi_lora_expand_kernel``) gives each program a token block and a run of column
 blocks, so that there are a few programs per multiprocessor, each loading its tokens' t once; on
 Hopper it is launched with programmatic dependent launch behind the shrink (the grouping read while
 the shrink ends, t after ``gdc_wait``).
@@ -230,73 +230,23 @@ def _load_t(ptrs, mask, stride_tp, T_SPLIT: tl.constexpr):
 @triton.jit
 def _multi_lora_expand_kernel(
     t_ptr, b_ptr, order_ptr, starts_ptr, counts_ptr, ranks_ptr, scales_ptr, y_ptr, bias_ptr,
-    N, R, S,
-    stride_tt, stride_tr, stride_tp, stride_ts, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
-    MODE: tl.constexpr, PRECISION: tl.constexpr, T_SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-    ACCUMULATE: tl.constexpr = True, HAS_BIAS: tl.constexpr = False,
-):
-    """y[tok, n] += scales[s] · t[tok, :rank] · B[s, n, :rank]ᵀ for the tokens tok of each slot s, in
-    fp32 with one rounding into y; any strides. Program (pid, pid_n): token block pid
-    (``_slot_block``), columns BLOCK_N·pid_n onward. t may be T_SPLIT partial sums stride_tp apart,
-    added in order. Tokens with no adapter, and slots of rank 0, are not touched.
-
-    Not ACCUMULATE: y is written, not read: y[tok] = bias + the LoRA term for every token (bias alone,
-    or zeros, for the tokens with no adapter, taken as one more slot), so that a product added into y
-    afterwards (cuBLAS's addmm, which reads y in its epilogue) makes the layer."""
-    pid = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    slot, first, count = _slot_block(counts_ptr, starts_ptr, pid, S, BLOCK_M, BLOCK_S, not ACCUMULATE)
-    if ACCUMULATE:
-        if slot >= S:
-            return
-    elif slot > S:
-        return
-    has_slot = slot < S
-    s_ = tl.minimum(slot, S - 1)
-    rank = tl.where(has_slot, tl.minimum(tl.load(ranks_ptr + s_), R), 0)
-    if ACCUMULATE:
-        if rank <= 0:
-            return
-    start = tl.where(has_slot, tl.load(starts_ptr + s_), 0)
-    rows = first + tl.arange(0, BLOCK_M)
-    row_ok = rows < count
-    tok = tl.load(order_ptr + start + rows, mask=row_ok, other=0).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    t_rows = t_ptr + tok[:, None] * stride_tt + s_.to(tl.int64) * stride_ts
-    b_cols = b_ptr + s_.to(tl.int64) * stride_bs + rn[None, :].to(tl.int64) * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        r_ok = rr < rank
-        t = _load_t(t_rows + rr[None, :] * stride_tr, row_ok[:, None] & r_ok[None, :], stride_tp, T_SPLIT)
-        b = tl.load(b_cols + rr[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = dot(t, b, acc, MODE, PRECISION)
-    scale = tl.where(has_slot, tl.load(scales_ptr + s_).to(tl.float32), 0.0)
-    y_ptrs = y_ptr + tok[:, None] * stride_yt + rn[None, :].to(tl.int64) * stride_yn
-    mask = row_ok[:, None] & n_ok[None, :]
-    out = scale * acc
-    if ACCUMULATE:
-        out += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-    elif HAS_BIAS:
-        out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _multi_lora_expand_cols_kernel(
-    t_ptr, b_ptr, order_ptr, starts_ptr, counts_ptr, ranks_ptr, scales_ptr, y_ptr, bias_ptr,
     N, R, S, N_PER,
     stride_tt, stride_tr, stride_tp, stride_ts, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
     MODE: tl.constexpr, PRECISION: tl.constexpr, T_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
     ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, R_ONCE: tl.constexpr, PDL_WAIT: tl.constexpr,
 ):
-    """``_multi_lora_expand_kernel``'s product with fewer, longer programs: program (pid, pid_n) takes
-    token block pid and the columns N_PER·pid_n .. N_PER·(pid_n + 1), BLOCK_N at a time, loading its
-    tokens' t once (R_ONCE: BLOCK_R >= R; else once per column block and R chunk). PDL_WAIT: launched
-    with programmatic dependent launch behind the shrink; the grouping is read first, t after the wait."""
+    """y[tok, n] += scales[s] · t[tok, :rank] · B[s, n, :rank]ᵀ for the tokens tok of each slot s, in
+    fp32 with one rounding into y; any strides. Program (pid, pid_n): token block pid
+    (``_slot_block``), columns N_PER·pid_n .. N_PER·(pid_n + 1), BLOCK_N at a time, its tokens' t
+    loaded once (R_ONCE: BLOCK_R >= R; else once per column block and R chunk). t may be T_SPLIT
+    partial sums stride_tp apart, added in order; stride_ts: slot s's columns start s·stride_ts in
+    (``slot_columns``). Tokens with no adapter, and slots of rank 0, are not touched.
+
+    Not ACCUMULATE: y is written, not read: y[tok] = bias + the LoRA term for every token (bias alone,
+    or zeros, for the tokens with no adapter, taken as one more slot), so that a product added into y
+    afterwards (cuBLAS's addmm, which reads y in its epilogue) makes the layer. PDL_WAIT: launched with
+    programmatic dependent launch behind the shrink; the grouping is read first, t after the wait."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot, first, count = _slot_block(counts_ptr, starts_ptr, pid, S, BLOCK_M, BLOCK_S, not ACCUMULATE)
@@ -512,29 +462,23 @@ def _expand_plan(t, B, seg, ranks, scales, y, accumulate=True, bias=None, slot_c
     otherwise) + the LoRA terms, every row. ``slot_columns``: t is (T, S·R), every slot's product for
     every token (a wide base product's extra columns), and each token reads its own slot's R columns.
     ``pdl``: launched with programmatic dependent launch behind a shrink that lets it
-    (``launch_dependents``).
-
-    The kernel (switch FASTPEFT_MULTI_LORA_EXPAND): "columns" ``_multi_lora_expand_cols_kernel``, the
-    columns split so that there are about ``per_sm`` programs per multiprocessor; "tiles"
-    ``_multi_lora_expand_kernel``, a program per (token block, BLOCK_N columns)."""
+    (``launch_dependents``). The columns are split so that there are about ``per_sm`` programs per
+    multiprocessor (``_multi_lora_expand_kernel``)."""
     T, N, S, R = _check_expand(t, B, seg, ranks, scales, y, slot_columns)
     device = y.device
     _, (BLOCK_M, BLOCK_N, r_cap, warps, stages, per_sm) = multi_lora_config(cdiv(max(T, 1), S), device)
     n_blocks = min(T, cdiv(T, BLOCK_M) + S + (not accumulate))  # not accumulate: the no-adapter tokens too
     t_strides = _t_strides(t) if not slot_columns else (*t.stride(), 0, R * t.stride(1))
-    meta = dict(MODE=expand_mode(y.dtype), PRECISION=fp32_precision(), T_SPLIT=1 if slot_columns else _t_split(t),
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_S=triton.next_power_of_2(S + 1), ACCUMULATE=accumulate,
-                HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
-    if tuning.pinned(tuning.MULTI_LORA_EXPAND) == "tiles":
-        plan = Plan(_multi_lora_expand_kernel, (n_blocks, cdiv(N, BLOCK_N)), (N, R, S, *t_strides, *B.stride(),
-                    *y.stride()), BLOCK_R=block_r(R, r_cap), **meta)
-    else:
-        r_once = block_r(R, R_ONCE_MAX) >= R
-        splits = min(max(1, cdiv(per_sm * num_sms(device), max(1, n_blocks))), cdiv(N, BLOCK_N))
-        n_per = cdiv(cdiv(N, splits), BLOCK_N) * BLOCK_N
-        plan = Plan(_multi_lora_expand_cols_kernel, (n_blocks, cdiv(N, n_per)), (
-            N, R, S, n_per, *t_strides, *B.stride(), *y.stride(),
-        ), BLOCK_R=block_r(R, R_ONCE_MAX if r_once else r_cap), R_ONCE=r_once, **meta, **pdl_meta(pdl))
+    r_once = block_r(R, R_ONCE_MAX) >= R
+    splits = min(max(1, cdiv(per_sm * num_sms(device), max(1, n_blocks))), cdiv(N, BLOCK_N))
+    n_per = cdiv(cdiv(N, splits), BLOCK_N) * BLOCK_N
+    plan = Plan(_multi_lora_expand_kernel, (n_blocks, cdiv(N, n_per)), (
+        N, R, S, n_per, *t_strides, *B.stride(), *y.stride(),
+    ), MODE=expand_mode(y.dtype), PRECISION=fp32_precision(), T_SPLIT=1 if slot_columns else _t_split(t),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=block_r(R, R_ONCE_MAX if r_once else r_cap),
+        BLOCK_S=triton.next_power_of_2(S + 1), ACCUMULATE=accumulate, HAS_BIAS=bias is not None, R_ONCE=r_once,
+        num_warps=warps, num_stages=stages, **pdl_meta(pdl),
+    )
 
     def run(t, B, seg, ranks, scales, y, bias=None):
         if T and N and (R or not accumulate):
@@ -544,7 +488,7 @@ def _expand_plan(t, B, seg, ranks, scales, y, accumulate=True, bias=None, slot_c
     return run
 
 
-R_ONCE_MAX = 64  # the columns expand loads its tokens' t once where R is at most this
+R_ONCE_MAX = 64  # the expand loads its tokens' t once where R is at most this
 
 
 def _t_split(t: torch.Tensor) -> int:

@@ -19,8 +19,6 @@ measure them against each other (tools/ab.sh) or reproduce a run.
                             multi_lora_linear (the LoRA terms and bias written, then cuBLAS's addmm);
                             default 0, F.linear then the LoRA terms in place (fastpeft/multi_lora.py
                             ``fusable``)
-    FASTPEFT_MULTI_LORA_EXPAND  the multi-adapter expand kernel: columns (default: fewer programs, each
-                            over a run of column blocks) or tiles (a program per column block)
     FASTPEFT_MULTI_LORA_WIDE   1 / 0: MultiLora's layers over a plain nn.Linear are wide (the slots' A
                             below the weight, one product, no shrink) wherever they can be, or never;
                             unset, by size (fastpeft/multi_lora.py ``widens``)
@@ -45,10 +43,9 @@ NF4_GEMV = "FASTPEFT_NF4_GEMV_CONFIG"
 NF4_TILED = "FASTPEFT_NF4_TILED_CONFIG"
 NF4_LUT = "FASTPEFT_NF4_LUT"
 MULTI_LORA_FUSED = "FASTPEFT_MULTI_LORA_FUSED"
-MULTI_LORA_EXPAND = "FASTPEFT_MULTI_LORA_EXPAND"
 MULTI_LORA_WIDE = "FASTPEFT_MULTI_LORA_WIDE"
 SWITCHES = (SHRINK, LINEAR, TMA, GEMM, TMA_MIN_M, PDL, NF4_GEMV, NF4_TILED, NF4_LUT, MULTI_LORA_FUSED,
-            MULTI_LORA_EXPAND, MULTI_LORA_WIDE)
+            MULTI_LORA_WIDE)
 GEMM_ROUTES = ("auto", "triton", "cublas", "tma")
 
 
@@ -106,7 +103,6 @@ _PARSERS = {
     NF4_TILED: lambda name, value: _ints(name, value, "BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,num_stages"),
     NF4_LUT: _lut,
     MULTI_LORA_FUSED: lambda name, value: value == "1",
-    MULTI_LORA_EXPAND: lambda name, value: _choice(name, value, ("columns", "tiles")),
     MULTI_LORA_WIDE: lambda name, value: _choice(name, value, ("0", "1")) == "1",
 }
 _pins: dict | None = None  # switch -> its parsed config, or None where unset; read at first use

@@ -7,17 +7,17 @@
   - in place: ``F.linear``, then ``multi_lora`` adds the LoRA terms into its output (read and write);
   - addmm: ``multi_lora_linear``: shrink, the expand writing bias + LoRA terms into a new y, cuBLAS
     ``y.addmm_(x, wᵀ)``;
+  - no PDL: in place with the expand launched after the shrink, not with programmatic dependent launch;
   - overlap: the shrink on a second stream beside ``F.linear``, then the expand in place;
-  - tiles: in place with the expand kernel of a program per column block (FASTPEFT_MULTI_LORA_EXPAND=
-    tiles) and no PDL, the default before the columns kernel;
   - wide: one ``F.linear`` over [W; A] (N + S·R rows: every slot's A below W, as one buffer), whose
     extra columns are every slot's t for every token; the expand reads each token's own slot's
     columns (``slot_columns``) and adds into the first N in place: no shrink kernel;
   - wide dense: the same wide product, then the terms as a second cuBLAS product: the extra columns
     masked to each token's own slot and scaled (one elementwise op, the mask made once per batch),
-    ``y.addmm_(t, B_all)`` with B_all (S·R, N);
+    ``y.addmm_(t, B_all)`` with B_all (S·R, N).
 
     python tools/profile_multi_lora.py
+    FASTPEFT_PROFILE_T=4096 python tools/profile_multi_lora.py     # only the cases of these token counts
 """
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ CASES = [(2048, 2048, 64, 32, "decode"), (2048, 5632, 64, 32, "decode"), (4096, 
          (4096, 4096, 256, 128, "decode"), (4096, 4096, 4096, 8, "prefill"), (4096, 14336, 256, 32, "decode"),
          (4096, 14336, 4096, 8, "prefill")]
 R = 16
+if os.environ.get("FASTPEFT_PROFILE_T"):  # only the cases of these token counts (comma-separated)
+    CASES = [c for c in CASES if str(c[2]) in os.environ["FASTPEFT_PROFILE_T"].split(",")]
 
 
 def _indices(T, slots, layout):
@@ -93,14 +95,14 @@ def _pinned(env: dict, fn):
         tuning.reload()
 
 
-ROUTES = ("in place", "tiles", "addmm", "overlap", "wide", "wide dense")
+ROUTES = ("in place", "no PDL", "addmm", "overlap", "wide", "wide dense")
 
 
 def main() -> None:
     print(f"# {torch.cuda.get_device_name()}; r={R}; chain of {LAYERS} layers with distinct weights in one graph; "
           "µs per layer (× base)")
     print(f"| K | N | T | slots | layout | base | {' | '.join(ROUTES)} | rel diff: addmm, wide, wide dense | "
-          "segments | kernels: in place | kernels: tiles | kernels: wide |")
+          "segments | kernels: in place | kernels: no PDL | kernels: wide |")
     print("|---" * (12 + len(ROUTES)) + "|")
     side = torch.cuda.Stream()
     for K, N, T, slots, layout in CASES:
@@ -145,8 +147,8 @@ def main() -> None:
             y = F.linear(x, wides[i])
             return y[:, :N].addmm_(y[:, N:] * mask, b_all[i])
 
-        tiles = dict(FASTPEFT_MULTI_LORA_EXPAND="tiles", FASTPEFT_PDL="0")
-        fns = {"in place": (fast, {}), "tiles": (fast, tiles), "addmm": (via_addmm, {}), "overlap": (overlap, {}),
+        fns = {"in place": (fast, {}), "no PDL": (fast, {"FASTPEFT_PDL": "0"}), "addmm": (via_addmm, {}),
+               "overlap": (overlap, {}),
                "wide": (wide, {}), "wide dense": (wide_dense, {})}
         ref = fast(0).float()
         errs = [((fn(0).float() - ref).norm() / ref.norm()).item() for fn in (via_addmm, wide, wide_dense)]
@@ -161,7 +163,7 @@ def main() -> None:
                 cols.append(f"failed: {type(e).__name__}: {str(e)[:80]}")
         ts = graph_time_ms(lambda: segments(idx, slots)) * 1e3
         parts = []
-        for r in ("in place", "tiles", "wide"):
+        for r in ("in place", "no PDL", "wide"):
             fn, env = fns[r]
             parts.append(", ".join(f"{k} {v:.1f}" for k, v in _pinned(env, lambda: _kernel_us(lambda: fn(0))).items()))
         print(f"| {K} | {N} | {T} | {slots} | {layout} | {tb:.1f} | {' | '.join(cols)} | "

@@ -31,7 +31,8 @@ CASES = [(2048, 2048, 64, 32, "decode"), (2048, 5632, 64, 32, "decode"), (4096, 
 R = 16
 SHRINK = [(bm, bk, 16, sk, w, st) for bm, bk, sk, w, st in itertools.product(
     (16, 64), (64, 128, 256), (1, 4, 16), (4,), (3,))] if os.environ.get("FASTPEFT_TUNE_SHRINK", "1") == "1" else []
-EXPAND = [(bm, bn, 16, w, st) for bm, bn, w, st in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2,))]
+EXPAND = [(bm, bn, 16, w, st, per_sm) for bm, bn, w, st, per_sm in itertools.product(
+    (16, 32, 64), (64, 128), (4,), (2,), (1, 2, 4, 8))]
 
 
 def pin(shrink, expand) -> None:
