@@ -132,16 +132,8 @@ def test_generate(setup, cache, gpu_name, bench_record):
         from fastpeft import multi_lora
         from fastpeft.kernels import tuning
 
-        saved_wide = os.environ.get(tuning.MULTI_LORA_WIDE)
-        if setup != "fastpeft":  # no wide layer
-            os.environ[tuning.MULTI_LORA_WIDE] = "0"
-        tuning.reload()
-        ml = fastpeft.MultiLora(state["base"], max_adapters=ADAPTERS, max_rank=RANK, target_modules=TARGETS)
-        if saved_wide is None:
-            os.environ.pop(tuning.MULTI_LORA_WIDE, None)
-        else:
-            os.environ[tuning.MULTI_LORA_WIDE] = saved_wide
-        tuning.reload()
+        with tuning.switched({} if setup == "fastpeft" else {tuning.MULTI_LORA_WIDE: "0"}):  # no wide layer
+            ml = fastpeft.MultiLora(state["base"], max_adapters=ADAPTERS, max_rank=RANK, target_modules=TARGETS)
         saved, multi_lora.FUSE_BASE = multi_lora.FUSE_BASE, setup == "fastpeft-fused"
         try:
             for name, adapter in state["adapters"].items():

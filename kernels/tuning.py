@@ -25,10 +25,11 @@ measure them against each other (tools/ab.sh) or reproduce a run.
 
 They are read once, at first use, not per call: a script or test that changes them afterwards calls
 ``reload()``, which reads them again and drops the launchers' kept plans (``launch._plans``), since
-those were built with the old pins.
+those were built with the old pins; ``set_switches`` and ``switched`` (a block) set them and reload.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 from . import launch
@@ -125,3 +126,24 @@ def pinned(name: str):
     None where it is unset."""
     pins = _pins if _pins is not None else reload()
     return pins[name]
+
+
+def set_switches(values: dict) -> None:
+    """Set the switches ``values`` ({name: value, None to unset}) in the environment and read them again."""
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    reload()
+
+
+@contextlib.contextmanager
+def switched(values: dict):
+    """The switches ``values`` ({name: value, None to unset}) set within the block, restored after it."""
+    saved = {name: os.environ.get(name) for name in values}
+    set_switches(values)
+    try:
+        yield
+    finally:
+        set_switches(saved)

@@ -64,22 +64,8 @@ def pin_config():
     unsets it) and re-read them (kernels/tuning.py reads them once); restored after the test."""
     from fastpeft.kernels import tuning
 
-    saved = {name: os.environ.get(name) for name in tuning.SWITCHES}
-
-    def pin(name, value):
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-        tuning.reload()
-
-    yield pin
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    tuning.reload()
+    with tuning.switched({name: os.environ.get(name) for name in tuning.SWITCHES}):
+        yield lambda name, value: tuning.set_switches({name: value})
 
 
 @pytest.fixture

@@ -79,22 +79,6 @@ def layer_chain(K: int, N: int, T: int, slots: int, layers: int = LAYERS) -> tup
     return x, ws, As, Bs, scales, ranks
 
 
-def _pinned(env: dict, fn):
-    """``fn()`` with the tuning switches ``env`` set (the launchers' kept plans rebuilt), then unset."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    tuning.reload()
-    try:
-        return fn()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        tuning.reload()
-
-
 ROUTES = ("in place", "no PDL", "addmm", "overlap", "wide", "wide dense")
 
 
@@ -157,7 +141,8 @@ def main() -> None:
         for route in ROUTES:
             fn, env = fns[route]
             try:
-                us = _pinned(env, lambda: chain_us(fn, LAYERS))
+                with tuning.switched(env):
+                    us = chain_us(fn, LAYERS)
                 cols.append(f"{us:.1f} ({us / tb:.2f})")
             except Exception as e:  # a route that cannot be captured says why and the table goes on
                 cols.append(f"failed: {type(e).__name__}: {str(e)[:80]}")
@@ -165,7 +150,8 @@ def main() -> None:
         parts = []
         for r in ("in place", "no PDL", "wide"):
             fn, env = fns[r]
-            parts.append(", ".join(f"{k} {v:.1f}" for k, v in _pinned(env, lambda: _kernel_us(lambda: fn(0))).items()))
+            with tuning.switched(env):
+                parts.append(", ".join(f"{k} {v:.1f}" for k, v in _kernel_us(lambda: fn(0)).items()))
         print(f"| {K} | {N} | {T} | {slots} | {layout} | {tb:.1f} | {' | '.join(cols)} | "
               f"{', '.join(f'{e:.1e}' for e in errs)} | {ts:.1f} | {' | '.join(parts)} |", flush=True)
         ws = As = Bs = wides = b_all = None

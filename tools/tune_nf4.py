@@ -42,11 +42,8 @@ def quantized(K: int, N: int):
 
 
 def pin(name: str, value) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-    tuning.reload()
+    text = ",".join(map(str, value)) if isinstance(value, tuple) else value if value is None else str(value)
+    tuning.set_switches({name: text})
 
 
 def timed(fn) -> float:
