@@ -506,7 +506,7 @@ class MultiLoraLinear(nn.Module):
         self._rows = rows
         self._is_4bit = _kernels_read_4bit(base_layer)
         self._launches = [None]  # the kernels' launches of the last forward (layer_forward's, kept)
-        self._wide = None  # (w_wide, bias_wide, weight, bias) where the layer is wide (``_widen``)
+        self._wide = None  # (w_wide, bias_wide, weight, bias, lora_A, ...) where the layer is wide (``_widen``)
         if wide:
             self._widen()
 
@@ -526,8 +526,10 @@ class MultiLoraLinear(nn.Module):
             b_wide = torch.zeros(N + S * R, device=b.device, dtype=b.dtype)
             b_wide[:N].copy_(b.detach())
             b_param = base.bias = nn.Parameter(b_wide[:N], requires_grad=b.requires_grad)
-        self._buffers["lora_A"] = w_wide[N:].view(S, R, K)
-        self._wide = (w_wide, b_wide, w_param, b_param)
+        A = self._buffers["lora_A"] = w_wide[N:].view(S, R, K)
+        # what _wide_now checks per forward: the objects, and where their data is
+        self._wide = (w_wide, b_wide, w_param, b_param, A, w_wide.data_ptr(), A.data_ptr(),
+                      None if b_wide is None else b_wide.data_ptr())
 
     def _narrow(self) -> None:
         """The base layer's weight and bias, and ``lora_A``, as tensors of their own (``_widen`` undone)."""
@@ -549,8 +551,8 @@ class MultiLoraLinear(nn.Module):
             return wide
         params, A = self.base_layer._parameters, self._buffers["lora_A"]
         w, b = params["weight"], params.get("bias")
-        if (w is wide[2] and b is wide[3] and w.data_ptr() == wide[0].data_ptr() and A.data_ptr() ==
-                wide[0][w.shape[0]:].data_ptr() and (b is None or b.data_ptr() == wide[1].data_ptr())):
+        if (w is wide[2] and b is wide[3] and A is wide[4] and w.data_ptr() == wide[5] and A.data_ptr() == wide[6]
+                and (b is None or b.data_ptr() == wide[7])):
             return wide
         self._wide = None
         if widens(self.base_layer, *A.shape[:2], A.dtype):
