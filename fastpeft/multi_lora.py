@@ -52,8 +52,7 @@ def multi_lora(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, lora_a: 
 # The layer as one route with its base product (kernels/multi_lora.py multi_lora_linear: the expand
 # writes bias + the LoRA terms, then cuBLAS adds x·Wᵀ in its epilogue) where the base layer allows it
 # (``fusable``), instead of F.linear then the LoRA terms added in place: True / False, or None for the
-# FASTPEFT_MULTI_LORA_FUSED switch (kernels/tuning.py; default off: at par with the in-place route in
-# chained decode layers, 4% faster at a 4096 x 14336 prefill, not yet measured in generate;
+# FASTPEFT_MULTI_LORA_FUSED switch (kernels/tuning.py; default off: at par with the in-place route,
 # docs/performance.md, "Multi-LoRA serving").
 FUSE_BASE: Optional[bool] = None
 
@@ -445,11 +444,9 @@ class _Rows:
 # A layer is wide (``MultiLoraLinear._widen``: the slots' A below the weight in one buffer, so the base
 # product computes every slot's x·Aᵀ and no shrink runs) where the slots' A take at most this many bytes:
 # the product then reads them all, for every batch, where the shrink reads the slots the batch uses, and
-# pays for r_max, where the shrink stops at each slot's rank. Measured on an H100 (docs/performance.md,
-# "Multi-LoRA serving"), wide layers were faster than F.linear + shrink + expand at every decode shape up
-# to 16 MiB of A (T = 256 over 128 slots: 2.10× F.linear against 2.37×) and level at prefill; 8 MiB keeps
-# the larger stacks (128 slots of r = 16, 32 of r = 64 at K = 4096) on the shrink, whose cost follows the
-# slots' real ranks. FASTPEFT_MULTI_LORA_WIDE=1 makes every plain layer wide.
+# pays for r_max, where the shrink stops at each slot's rank. The bound keeps the larger stacks on the
+# shrink, whose cost follows the slots' real ranks, though wide layers measured faster beyond it
+# (docs/performance.md, "Multi-LoRA serving"). FASTPEFT_MULTI_LORA_WIDE=1 makes every plain layer wide.
 WIDE_MAX_BYTES = 8 << 20
 
 
@@ -606,14 +603,10 @@ class MultiLoraLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         key = ("wide", x2.shape, x2.stride(), x.dtype, x.device, fp32_precision())
         kept = self._launches[0]
-        if kept is None or kept[0] != key or kept[1][0] is not seg:
+        if kept is None or kept[0] != key or kept[1] is not seg:  # seg: the kernels' grouping, never None here
             from .kernels.multi_lora import multi_lora_wide_plan
 
-            kept = self._launches[0] = (key, (seg,), multi_lora_wide_plan(x2, *wide[:2], indices, *lora[1:], seg))
-        if seg is None:
-            from .kernels.multi_lora import segments
-
-            seg = segments(indices, lora[3].shape[0])
+            kept = self._launches[0] = (key, seg, multi_lora_wide_plan(x2, *wide[:2], indices, *lora[1:], seg))
         y = kept[2](x2, *wide[:2], *lora[1:], seg)[:, :self.out_features]
         return y.reshape(*x.shape[:-1], self.out_features)
 

@@ -502,8 +502,9 @@ def _t_strides(t: torch.Tensor) -> tuple:
 
 
 def _layer_key(what: str, x, indices, A, B, scales, ranks, seg) -> tuple:
-    """The part of a layer launcher's key (``multi_lora``, ``multi_lora_linear``) that both take: the
-    shapes, strides, dtypes and devices of x, the indices, the stacked adapters and seg."""
+    """The part of a layer launcher's key (``multi_lora``, ``multi_lora_linear``, ``multi_lora_wide``
+    with its w_wide as A) that they all take: the shapes, strides, dtypes and devices of x, the
+    indices, the stacked adapters and seg."""
     return (x.shape, x.stride(), x.dtype, x.device, indices.shape, indices.dtype, indices.device,
             A.shape, A.stride(), A.dtype, A.device, B.shape, B.stride(), B.dtype, B.device,
             scales.shape, scales.dtype, scales.device, ranks.shape, ranks.dtype, ranks.device,
@@ -616,10 +617,14 @@ def multi_lora_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
 def multi_lora_linear_plan(x, w, bias, indices, A, B, scales, ranks, seg=None):
     """``multi_lora_linear``'s checked launches for its arguments' key: run(x, w, bias, A, B, scales,
     ranks, seg) -> y for any arguments of the same shapes, strides, dtypes and devices (seg given)."""
-    key = (multi_lora_linear, w.shape, w.stride(), w.dtype, w.device,
-           None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
+    key = (multi_lora_linear, w.shape, w.stride(), w.dtype, w.device, _bias_key(bias),
            *_layer_key("multi_lora_linear", x, indices, A, B, scales, ranks, seg))
     return cached(key, _linear_layer_plan, x, w, bias, indices, A, B, scales, ranks, seg)
+
+
+def _bias_key(bias) -> tuple | None:
+    """A bias' part of a launcher's key: its shape, strides, dtype and device, or None."""
+    return None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device)
 
 
 def _linear_layer_plan(x, w, bias, indices, A, B, scales, ranks, seg):
@@ -676,12 +681,8 @@ def multi_lora_wide(x: torch.Tensor, w_wide: torch.Tensor, bias_wide: torch.Tens
 def multi_lora_wide_plan(x, w_wide, bias_wide, indices, B, scales, ranks, seg=None):
     """``multi_lora_wide``'s checked launches for its arguments' key: run(x, w_wide, bias_wide, B,
     scales, ranks, seg) -> y_wide for any arguments of the same shapes, strides, dtypes and devices."""
-    key = (multi_lora_wide, w_wide.shape, w_wide.stride(), w_wide.dtype, w_wide.device,
-           None if bias_wide is None else (bias_wide.shape, bias_wide.stride(), bias_wide.dtype, bias_wide.device),
-           x.shape, x.stride(), x.dtype, x.device, indices.shape, indices.dtype, indices.device,
-           B.shape, B.stride(), B.dtype, B.device, scales.shape, scales.dtype, scales.device,
-           ranks.shape, ranks.dtype, ranks.device, None if seg is None else _seg_key("multi_lora_wide", seg),
-           fp32_precision())
+    key = (multi_lora_wide, _bias_key(bias_wide),
+           *_layer_key("multi_lora_wide", x, indices, w_wide, B, scales, ranks, seg))
     return cached(key, _wide_layer_plan, x, w_wide, bias_wide, indices, B, scales, ranks, seg)
 
 
