@@ -81,6 +81,30 @@ def plain(base_layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# MultiLora runs a bf16 batch as the kernels' ``multi_lora_linear_tma`` from this many tokens, where its
+# rows bring at least TMA_MIN_RUN tokens each (so that each output tile's rows hold one or two adapters)
+TMA_MIN_TOKENS, TMA_MIN_RUN = 4096, 64
+
+
+def prefill_tma(base_layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether a MultiLora layer runs its batch x (rows, tokens per row, K) as the kernels'
+    ``multi_lora_linear_tma`` (the TMA matmul with the LoRA terms in its epilogue: no pass over y
+    besides the product's): a prefill batch (TMA_MIN_TOKENS, TMA_MIN_RUN), bf16, a ``plain`` base and
+    the operands that kernel takes. FASTPEFT_MULTI_LORA_TMA=1 takes it for any batch the rest allows, 0
+    never (kernels/tuning.py). Cheap where it says no at a decode step's shape (one token per row)."""
+    pinned = tuning.pinned(tuning.MULTI_LORA_TMA)
+    if pinned is False or (pinned is None and (x.dim() < 3 or x.shape[-2] < TMA_MIN_RUN
+                                               or x.numel() < TMA_MIN_TOKENS * x.shape[-1])):
+        return False
+    if x.dtype != torch.bfloat16 or not plain(base_layer, x, args, kwargs):
+        return False
+    if torch.compiler.is_compiling():  # no data pointers to check: the op falls back where they do not fit
+        return True
+    from .kernels.multi_lora import multi_lora_tma_ok
+
+    return x.stride(-1) == 1 and multi_lora_tma_ok(x.reshape(-1, x.shape[-1]), base_layer._parameters["weight"])
+
+
 def kernel_4bit_base(owner: nn.Module, base: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
     """The kernels' ``qlora.Base4bit`` of a bitsandbytes 4-bit ``base`` (owner: the layer holding it) where
     fastpeft's 4-bit kernels can compute ``base(x)`` (x alone, compute dtype x's, even K), else None."""
@@ -101,6 +125,26 @@ def linear_multi_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     from .kernels.multi_lora import multi_lora_linear
 
     return multi_lora_linear(x, weight, bias, indices, lora_a, lora_b, scales, ranks, seg)
+
+
+@torch.library.custom_op("fastpeft::multi_lora_linear_tma", mutates_args=())
+def _multi_lora_linear_tma_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                              indices: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+                              ranks: torch.Tensor, order: Optional[torch.Tensor] = None,
+                              starts: Optional[torch.Tensor] = None,
+                              counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The kernels' ``multi_lora_linear_tma`` as one opaque op for torch.compile (``prefill_tma``'s
+    batches, whose operands' alignment the trace could not see: ``multi_lora_linear`` where they are
+    not its operands)."""
+    from .kernels.multi_lora import multi_lora_linear, multi_lora_linear_tma, multi_lora_tma_ok
+
+    route = multi_lora_linear_tma if multi_lora_tma_ok(x, weight) else multi_lora_linear
+    return route(x, weight, bias, indices, lora_a, lora_b, scales, ranks, _seg_of(order, starts, counts))
+
+
+@_multi_lora_linear_tma_op.register_fake
+def _(x, weight, bias, indices, lora_a, lora_b, scales, ranks, order=None, starts=None, counts=None):
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def _seg_of(order: Optional[torch.Tensor], starts: Optional[torch.Tensor], counts: Optional[torch.Tensor]):
@@ -573,7 +617,9 @@ class MultiLoraLinear(nn.Module):
         if slots is None:
             return base(x, *args, **kwargs)
         kernels = use_triton(x)
-        wide = self._wide_now() if kernels and self._wide is not None and plain(base, x, args, kwargs) else None
+        tma = kernels and prefill_tma(base, x, args, kwargs)
+        wide = (self._wide_now() if kernels and not tma and self._wide is not None and plain(base, x, args, kwargs)
+                else None)
         buffers = self._buffers  # not through nn.Module.__getattr__: this runs per layer and decode step
         lora = (buffers["lora_A"], buffers["lora_B"], buffers["scales"], buffers["ranks"])
         if torch.compiler.is_compiling():
@@ -582,6 +628,9 @@ class MultiLoraLinear(nn.Module):
             x2 = x.reshape(-1, x.shape[-1])
             indices = token_slots(slots, x)
             seg = tuple(self._rows.token_segments(indices, lora[3].shape[0])) if kernels else ()
+            if tma:
+                y2 = torch.ops.fastpeft.multi_lora_linear_tma(x2, base.weight, base.bias, indices, *lora, *seg)
+                return y2.reshape(*x.shape[:-1], y2.shape[-1])
             if wide is not None:
                 y2 = torch.ops.fastpeft.multi_lora_wide(x2, *wide[:2], indices, *lora[1:], *seg)
                 return y2[:, :self.out_features].reshape(*x.shape[:-1], self.out_features)
@@ -592,6 +641,12 @@ class MultiLoraLinear(nn.Module):
             torch.ops.fastpeft.multi_lora_(x2, y.reshape(-1, y.shape[-1]), indices, *lora, *seg)
             return y
         indices, seg = self._rows.tokens(x, lora[3].shape[0], kernels)
+        if tma:  # a prefill batch: its launches worked out per call (the key lookup is small beside it)
+            from .kernels.multi_lora import multi_lora_linear_tma
+
+            x2 = x.reshape(-1, x.shape[-1])
+            y2 = multi_lora_linear_tma(x2, base.weight, base.bias, indices, *lora, seg)
+            return y2.reshape(*x.shape[:-1], y2.shape[-1])
         if wide is not None:
             return self._wide_forward(x, indices, seg, wide, lora)
         return layer_forward(self, base, x, args, kwargs, indices, seg, lora, kernels, read_4bit=self._is_4bit,
@@ -599,16 +654,23 @@ class MultiLoraLinear(nn.Module):
 
     def _wide_forward(self, x: torch.Tensor, indices: torch.Tensor, seg, wide: tuple, lora: tuple) -> torch.Tensor:
         """The wide layer's forward by the kernels (``multi_lora_wide``), its launches kept across
-        forwards of the same x shape, strides, dtype and grouping (``_kept_forward``'s reason)."""
-        x2 = x.reshape(-1, x.shape[-1])
-        key = ("wide", x2.shape, x2.stride(), x.dtype, x.device, fp32_precision())
+        forwards of the same x shape, strides, dtype and grouping (``_kept_forward``'s reason), and the
+        output returned as one view of the wide product (its first N columns in x's leading shape)."""
+        key = (x.shape, x.stride(), x.dtype, x.device, fp32_precision())
         kept = self._launches[0]
         if kept is None or kept[0] != key or kept[1] is not seg:  # seg: the kernels' grouping, never None here
             from .kernels.multi_lora import multi_lora_wide_plan
 
-            kept = self._launches[0] = (key, seg, multi_lora_wide_plan(x2, *wide[:2], indices, *lora[1:], seg))
-        y = kept[2](x2, *wide[:2], *lora[1:], seg)[:, :self.out_features]
-        return y.reshape(*x.shape[:-1], self.out_features)
+            x2 = x.reshape(-1, x.shape[-1])
+            lead = x.shape[:-1]
+            width = wide[0].shape[0]  # N + S·R: the wide output's row stride
+            strides = [1] * len(lead)
+            for i in range(len(lead) - 2, -1, -1):
+                strides[i] = strides[i + 1] * lead[i + 1]
+            view = ((*lead, self.out_features), (*(s * width for s in strides), 1))
+            kept = self._launches[0] = (key, seg, multi_lora_wide_plan(x2, *wide[:2], indices, *lora[1:], seg), view)
+        y = kept[2](x.reshape(-1, x.shape[-1]), *wide[:2], *lora[1:], seg)
+        return y.as_strided(*kept[3])
 
     def extra_repr(self) -> str:
         S, R, _ = self.lora_A.shape

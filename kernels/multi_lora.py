@@ -45,10 +45,11 @@ import triton.language as tl
 
 from .common import (NATIVE, block_r, dot, dot_mode, expand_mode, fp32_precision, gdc_launch_dependents, gdc_wait,
                      num_sms, pdl_meta, pdl_ok, pdl_on)
-from .configs import multi_lora_config
+from .configs import TMA_CONFIGS, for_device, multi_lora_config, tma_config_name
+from .linear import _grouped_tile, tma_ok
 from .shrink import MAX_PARTIALS
 from . import tuning
-from .launch import INTERPRETING, Plan, cached, cdiv, launch
+from .launch import INTERPRETING, DescriptorPlan, Plan, cached, cdiv, launch
 
 _INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -230,7 +231,7 @@ def _load_t(ptrs, mask, stride_tp, T_SPLIT: tl.constexpr):
 @triton.jit
 def _multi_lora_expand_kernel(
     t_ptr, b_ptr, order_ptr, starts_ptr, counts_ptr, ranks_ptr, scales_ptr, y_ptr, bias_ptr,
-    N, R, S, N_PER,
+    N, R, S, N_PER, t_offset,
     stride_tt, stride_tr, stride_tp, stride_ts, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
     MODE: tl.constexpr, PRECISION: tl.constexpr, T_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -241,7 +242,8 @@ def _multi_lora_expand_kernel(
     (``_slot_block``), columns N_PER·pid_n .. N_PER·(pid_n + 1), BLOCK_N at a time, its tokens' t
     loaded once (R_ONCE: BLOCK_R >= R; else once per column block and R chunk). t may be T_SPLIT
     partial sums stride_tp apart, added in order; stride_ts: slot s's columns start s·stride_ts in
-    (``slot_columns``). Tokens with no adapter, and slots of rank 0, are not touched.
+    (``slot_columns``); t starts t_offset elements past t_ptr. Tokens with no adapter, and slots of
+    rank 0, are not touched.
 
     Not ACCUMULATE: y is written, not read: y[tok] = bias + the LoRA term for every token (bias alone,
     or zeros, for the tokens with no adapter, taken as one more slot), so that a product added into y
@@ -266,7 +268,7 @@ def _multi_lora_expand_kernel(
     row_ok = rows < count
     tok = tl.load(order_ptr + start + rows, mask=row_ok, other=0).to(tl.int64)
     scale = tl.where(has_slot, tl.load(scales_ptr + s_).to(tl.float32), 0.0)
-    t_rows = t_ptr + tok[:, None] * stride_tt + s_.to(tl.int64) * stride_ts
+    t_rows = t_ptr + t_offset + tok[:, None] * stride_tt + s_.to(tl.int64) * stride_ts
     b_slot = b_ptr + s_.to(tl.int64) * stride_bs
     y_rows = y_ptr + tok[:, None] * stride_yt
     n_first = pid_n * N_PER
@@ -456,11 +458,14 @@ def _check_expand(t, B, seg, ranks, scales, y, slot_columns=False) -> tuple:
     return T, N, S, R
 
 
-def _expand_plan(t, B, seg, ranks, scales, y, accumulate=True, bias=None, slot_columns=False, pdl=False):
+def _expand_plan(t, B, seg, ranks, scales, y, accumulate=True, bias=None, slot_columns=False, pdl=False,
+                 t_offset=0):
     """multi_lora_expand's work for one shape key: the checks, the tiles, the grid, once. Not
     ``accumulate`` (``multi_lora_linear``'s): y is written, not read, as bias (when given; zeros
     otherwise) + the LoRA terms, every row. ``slot_columns``: t is (T, S·R), every slot's product for
     every token (a wide base product's extra columns), and each token reads its own slot's R columns.
+    ``t_offset``: the run is handed a tensor whose data t starts this many elements into (the wide
+    route hands the whole wide output, no slice of it).
     ``pdl``: launched with programmatic dependent launch behind a shrink that lets it
     (``launch_dependents``). The columns are split so that there are about ``per_sm`` programs per
     multiprocessor (``_multi_lora_expand_kernel``)."""
@@ -473,7 +478,7 @@ def _expand_plan(t, B, seg, ranks, scales, y, accumulate=True, bias=None, slot_c
     splits = min(max(1, cdiv(per_sm * num_sms(device), max(1, n_blocks))), cdiv(N, BLOCK_N))
     n_per = cdiv(cdiv(N, splits), BLOCK_N) * BLOCK_N
     plan = Plan(_multi_lora_expand_kernel, (n_blocks, cdiv(N, n_per)), (
-        N, R, S, n_per, *t_strides, *B.stride(), *y.stride(),
+        N, R, S, n_per, t_offset, *t_strides, *B.stride(), *y.stride(),
     ), MODE=expand_mode(y.dtype), PRECISION=fp32_precision(), T_SPLIT=1 if slot_columns else _t_split(t),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=block_r(R, R_ONCE_MAX if r_once else r_cap),
         BLOCK_S=triton.next_power_of_2(S + 1), ACCUMULATE=accumulate, HAS_BIAS=bias is not None, R_ONCE=r_once,
@@ -709,12 +714,156 @@ def _wide_layer_plan(x, w_wide, bias_wide, indices, B, scales, ranks, seg):
     if seg is None:  # the grouping's shapes and device, for the checks
         seg = segments(indices, S)
     y = torch.empty((T, N + S * R), dtype=x.dtype, device=x.device)
-    expand = _expand_plan(y[:, N:], B, seg, ranks, scales, y[:, :N], slot_columns=True)
+    expand = _expand_plan(y[:, N:], B, seg, ranks, scales, y[:, :N], slot_columns=True, t_offset=N)
 
     def run(x, w_wide, bias_wide, B, scales, ranks, seg):
         y = F.linear(x, w_wide, bias_wide)
+        if T and N:  # y as t (its columns from N on) and as the output (its first N): no slices per call
+            expand(y, B, seg, ranks, scales, y)
+        return y
+
+    return run
+
+
+@triton.jit
+def _multi_lora_tma_kernel(
+    x_desc, w_desc, out_desc, bias_ptr, t_ptr, b_ptr, idx_ptr, ranks_ptr, scales_ptr,
+    M, N, K, R, S,
+    stride_i, stride_tt, stride_tr, stride_tp, stride_bs, stride_bn, stride_br,
+    HAS_BIAS: tl.constexpr, MODE: tl.constexpr, EXPAND_MODE: tl.constexpr, PRECISION: tl.constexpr,
+    T_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
+    PDL_WAIT: tl.constexpr,
+):
+    """out[M, N] = x·wᵀ + bias + scales[s]·t[m, :r]·B[s, :, :r]ᵀ per row m with slot s = idx[m] (r =
+    ranks[s]; rows with no slot, or one outside 0 .. S - 1, take the base alone): x (M, K) and w (N, K)
+    by TMA descriptors, out stored by TMA. A persistent matmul (tiles pid, pid + NUM_PROGRAMS, ... in
+    grouped order, as ``lora_linear_tma``'s) whose epilogue adds the LoRA terms to the fp32 tile: one
+    product per distinct slot among the tile's rows (the other rows' t masked to zero), up to the
+    number of runs of one slot in the tile's rows, so a prefill batch (long runs) pays one or two.
+    t: the shrink's T_SPLIT partial sums (token order), added in a fixed order. PDL_WAIT: launched
+    with programmatic dependent launch behind the shrink; t is read after the wait."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN):
+        pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            k0 = ki * BLOCK_K
+            acc = dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc, MODE, PRECISION)
+        rm = off_m + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        rn = off_n + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        slot = tl.load(idx_ptr + rm.to(tl.int64) * stride_i, mask=m_ok, other=-1).to(tl.int32)
+        slot = tl.where((slot >= 0) & (slot < S), slot, S)  # S: no adapter
+        before = tl.load(idx_ptr + (rm - 1).to(tl.int64) * stride_i, mask=m_ok & (rm > off_m), other=-2).to(tl.int32)
+        before = tl.where((before >= 0) & (before < S), before, tl.where(before == -2, -1, S))
+        runs = tl.sum((m_ok & (slot != before)).to(tl.int32), 0)  # runs of one slot: >= the distinct slots
+        if PDL_WAIT:  # t is the shrink's: wait for it here, after the main loop
+            gdc_wait()
+        s_cur = tl.min(slot, 0)
+        for _ in range(runs):
+            if s_cur < S:
+                rank = tl.minimum(tl.load(ranks_ptr + s_cur), R)
+                scale = tl.load(scales_ptr + s_cur).to(tl.float32)
+                sel = m_ok & (slot == s_cur)
+                t_rows = t_ptr + rm[:, None].to(tl.int64) * stride_tt
+                b_cols = b_ptr + s_cur.to(tl.int64) * stride_bs + rn[None, :].to(tl.int64) * stride_bn
+                for r0 in tl.range(0, rank, BLOCK_R, num_stages=1):
+                    rr = r0 + tl.arange(0, BLOCK_R)
+                    r_ok = rr < rank
+                    t = _load_t(t_rows + rr[None, :] * stride_tr, sel[:, None] & r_ok[None, :], stride_tp, T_SPLIT)
+                    b = tl.load(b_cols + rr[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                    acc = dot(t * scale, b, acc, EXPAND_MODE, PRECISION)
+                s_cur = tl.min(tl.where(slot > s_cur, slot, S), 0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
+
+
+def multi_lora_tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``multi_lora_linear_tma`` takes x (T, K) and w (N, K): ``tma_ok``'s operands (one half
+    dtype, a GPU with TMA), w stored (N, K) row-major. Its bf16 output takes the TMA matmul's wide
+    tiles, fp16 the narrow ones (which lost to cuBLAS in the training layers: MultiLora routes bf16
+    alone to it)."""
+    return w.stride(1) == 1 and tma_ok(x, w)
+
+
+def multi_lora_linear_tma(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, indices: torch.Tensor,
+                          A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor,
+                          seg: Segments | None = None) -> torch.Tensor:
+    """``multi_lora_linear``'s layer (a new y = x·wᵀ + bias + each token's LoRA terms) in two launches:
+    the shrink (split-K partial sums), then a persistent TMA matmul whose epilogue adds each token's
+    terms to the fp32 tile before its one store (``_multi_lora_tma_kernel``; launched with
+    programmatic dependent launch behind the shrink on Hopper). y is written once, never read: no
+    pass over it besides the product's own, which is what a prefill batch's layer needs. For batches
+    whose tokens come in runs of one adapter (prefill: each row's tokens); any batch is right, but each
+    output tile pays one product per distinct slot among its rows.
+
+    x (T, K) and w (N, K) bf16 or fp16 as ``multi_lora_tma_ok`` says; bias (N,) or None; the rest as
+    ``multi_lora`` (indices (T,) in token order, read by the epilogue; seg for the shrink). No host
+    sync; capturable in a CUDA graph."""
+    run = multi_lora_linear_tma_plan(x, w, bias, indices, A, B, scales, ranks, seg)
+    if seg is None:
+        seg = segments(indices, A.shape[0])
+    return run(x, w, bias, indices, A, B, scales, ranks, seg)
+
+
+def multi_lora_linear_tma_plan(x, w, bias, indices, A, B, scales, ranks, seg=None):
+    """``multi_lora_linear_tma``'s checked launches for its arguments' key: run(x, w, bias, indices, A,
+    B, scales, ranks, seg) -> y for any arguments of the same shapes, strides, dtypes and devices."""
+    key = (multi_lora_linear_tma, w.shape, w.stride(), w.dtype, w.device, _bias_key(bias), indices.stride(),
+           *_layer_key("multi_lora_linear_tma", x, indices, A, B, scales, ranks, seg))
+    return cached(key, _tma_layer_plan, x, w, bias, indices, A, B, scales, ranks, seg)
+
+
+def _tma_layer_plan(x, w, bias, indices, A, B, scales, ranks, seg):
+    """multi_lora_linear_tma's work for one key: the checks, the shrink's plan, the matmul's tiles,
+    grid and descriptors' shapes; returns run(x, w, bias, indices, A, B, scales, ranks, seg) -> y."""
+    what = "multi_lora_linear_tma"
+    if w.dim() != 2 or x.dim() != 2 or w.shape[1] != x.shape[1]:
+        raise ValueError(f"{what}: x must be (T, K) and w (N, K), got x {tuple(x.shape)} and w {tuple(w.shape)}")
+    if not multi_lora_tma_ok(x, w):
+        raise ValueError(f"{what}: x {x.dtype} strides {x.stride()} and w {w.dtype} strides {w.stride()} are not its "
+                         f"operands (one half dtype, w (N, K) row-major, unit inner strides, 16-byte aligned rows, a "
+                         f"GPU with TMA)")
+    T, K = x.shape
+    N = w.shape[0]
+    if bias is not None and (tuple(bias.shape) != (N,) or not bias.dtype.is_floating_point):
+        raise ValueError(f"{what}: bias must be ({N},) floating point, got {tuple(bias.shape)} {bias.dtype}")
+    device = x.device
+    y = torch.empty((T, N), dtype=x.dtype, device=device)
+    _check_layer(x, y, indices, A, B, scales, ranks)
+    if B.dtype not in (torch.float32, x.dtype):
+        raise ValueError(f"{what}: B must be fp32 or x's dtype {x.dtype}, got {B.dtype}")
+    _device_error(what, {"w": w, "indices": indices, "A": A, "B": B, "scales": scales, "ranks": ranks,
+                         **({} if bias is None else {"bias": bias})}, device)
+    if seg is None:  # the grouping's shapes and device, for the shrink's checks
+        seg = segments(indices, A.shape[0])
+    pdl = _pdl(device)
+    shrink = _shrink_plan(x, A, seg, ranks, None, partial=True, launch_dependents=pdl)
+    t = _partials_like(x, A, seg)
+    S, R = A.shape[:2]
+    config = tuning.pinned(tuning.TMA) or for_device(TMA_CONFIGS, device)[tma_config_name(x.dtype, False)]
+    BM, BN, BK, GM, warps, stages, _, flatten, *_ = config
+    programs = max(1, min(cdiv(T, BM) * cdiv(N, BN), num_sms(device)))
+    plan = DescriptorPlan(_multi_lora_tma_kernel, (programs,), (([T, K], [BM, BK], False), ([N, K], [BN, BK], False),
+                                                                ([T, N], [BM, BN], False)), (
+        T, N, K, R, S, indices.stride(0), *_t_strides(t)[:3], *B.stride(),
+    ), device, HAS_BIAS=bias is not None, MODE=dot_mode(x.dtype, w.dtype), EXPAND_MODE=expand_mode(x.dtype),
+        PRECISION=fp32_precision(), T_SPLIT=t.shape[0], BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        BLOCK_R=block_r(R, 64), GROUP_M=GM, NUM_PROGRAMS=programs, FLATTEN=flatten, num_warps=warps,
+        num_stages=stages, **pdl_meta(pdl))
+
+    def run(x, w, bias, indices, A, B, scales, ranks, seg):
+        y = torch.empty((T, N), dtype=x.dtype, device=device)
         if T and N:
-            expand(y[:, N:], B, seg, ranks, scales, y[:, :N])
+            t = shrink(x, A, seg, ranks, None)
+            plan.run((x, w, y), (y if bias is None else bias, t, B, indices, ranks, scales))
         return y
 
     return run

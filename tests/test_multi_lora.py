@@ -257,6 +257,44 @@ def test_multilora_kept_launches_follow_changes(adapter_dirs, route, request, se
     assert bool(calls)
 
 
+def test_multilora_prefill_tma_route(adapter_dirs, request, set_options, monkeypatch):
+    """bf16 layers over the TMA matmul with the LoRA terms in its epilogue (FASTPEFT_MULTI_LORA_TMA=1:
+    any batch the operands allow) give the reference path's rows, eagerly and under torch.compile;
+    unset, only a prefill batch takes it (``prefill_tma``)."""
+    from fastpeft.multi_lora import TMA_MIN_RUN, TMA_MIN_TOKENS, prefill_tma
+
+    device = request.getfixturevalue("kernels_on")
+    pin = request.getfixturevalue("pin_config")
+    pin("FASTPEFT_MULTI_LORA_TMA", "1")
+    calls = _spy(monkeypatch, "multi_lora_linear_tma_plan")
+    model = make_model("llama", dtype=torch.bfloat16).to(device).eval()
+    ml = fastpeft.MultiLora(model, max_adapters=4, max_rank=8, target_modules="all-linear")
+    for name in ADAPTERS:
+        ml.load_adapter(name, adapter_dirs / name)
+    inputs = {k: v.to(device) for k, v in make_inputs("llama", batch=4).items()}
+    with torch.no_grad(), ml.use(["chat", None, "sql", "math"]):
+        got = logits(model, inputs)
+        assert calls
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs).logits
+        torch._dynamo.reset()
+        set_options(backend="reference")
+        want = logits(model, inputs)
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(compiled.float(), got.float(), rtol=0, atol=0)
+    layer = ml.layers["model.layers.0.self_attn.q_proj"].base_layer
+    K = layer.in_features
+    prefill = torch.zeros(TMA_MIN_TOKENS // TMA_MIN_RUN, TMA_MIN_RUN, K, dtype=torch.bfloat16, device=device)
+    assert prefill_tma(layer, prefill[:1], (), {})  # pinned: any batch
+    pin("FASTPEFT_MULTI_LORA_TMA", None)
+    assert prefill_tma(layer, prefill, (), {})
+    assert not prefill_tma(layer, prefill[1:], (), {})  # too few tokens
+    assert not prefill_tma(layer, prefill.reshape(-1, TMA_MIN_RUN // 2, K), (), {})  # rows too short: decode-like
+    assert not prefill_tma(layer, prefill.float(), (), {})
+    pin("FASTPEFT_MULTI_LORA_TMA", "0")
+    assert not prefill_tma(layer, prefill, (), {})
+    ml.close()
+
+
 @pytest.mark.parametrize("backend", ["reference", "kernels"])
 def test_multilora_compiles_whole(adapter_dirs, backend, request):
     """Under torch.compile(fullgraph=True) each layer's adapters are one op (fastpeft::multi_lora_), the

@@ -13,8 +13,8 @@ import torch
 from fastpeft import reference
 import torch.nn.functional as F
 
-from fastpeft.kernels.multi_lora import (Segments, multi_lora, multi_lora_expand, multi_lora_linear, multi_lora_shrink,
-                                         multi_lora_wide, segments)
+from fastpeft.kernels.multi_lora import (Segments, multi_lora, multi_lora_expand, multi_lora_linear,
+                                         multi_lora_linear_tma, multi_lora_shrink, multi_lora_wide, segments)
 from tolerance import DTYPE_PAIRS, dtype_pair_id, assert_close
 
 # (T, K, N, ranks, R): R is the stacked width, ranks one per slot
@@ -324,13 +324,18 @@ def _wide(x, w, bias, indices, A, B, scales, ranks, seg=None):
     return y[:, :N]
 
 
-def _check_linear(x, w, bias, indices, A, B, scales, ranks, dtype, seg=None, wide=False):
-    """multi_lora_linear (``wide``: multi_lora_wide, A in x's dtype) against x·wᵀ + bias then the
-    reference's LoRA terms, slot by slot; rows with no adapter against the base product alone."""
-    if wide:  # A and the bias in x's dtype
+ROUTES = {"addmm": multi_lora_linear, "wide": _wide, "tma": multi_lora_linear_tma}
+
+
+def _check_linear(x, w, bias, indices, A, B, scales, ranks, dtype, seg=None, wide=False, route=None):
+    """multi_lora_linear (``wide``: multi_lora_wide, A in x's dtype; ``route``: ROUTES' name) against
+    x·wᵀ + bias then the reference's LoRA terms, slot by slot; rows with no adapter against the base
+    product alone."""
+    route = route or ("wide" if wide else "addmm")
+    if route == "wide":  # A and the bias in x's dtype
         A = A.to(x.dtype)
         bias = None if bias is None else bias.to(x.dtype)
-    out = (_wide if wide else multi_lora_linear)(x, w, bias, indices, A, B, scales, ranks, seg)
+    out = ROUTES[route](x, w, bias, indices, A, B, scales, ranks, seg)
     assert out.dtype == x.dtype and tuple(out.shape) == (x.shape[0], w.shape[0])
     base64 = F.linear(x.double(), w.double(), None if bias is None else bias.double())
     base = F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
@@ -375,6 +380,58 @@ def test_multi_lora_linear_layouts_and_runs(kernel_device, wide):
     _check_linear(x, w, None, nothing, A, B, scales, ranks, dtype, wide=wide)
 
 
+# (T, K, N, ranks, R, layout): K and N multiples of 8 (TMA's 16-byte rows)
+TMA_CPU_CASES = [
+    (37, 48, 40, (1, 3, 8, 16), 16, "scattered"),   # many slots in a tile: one product each
+    (70, 64, 56, (8, 16, 3, 0), 16, "runs"),         # prefill-like runs, a slot no token uses, rank 0
+    (33, 40, 72, (40, 5), 40, "runs"),               # R past one BLOCK_R chunk
+]
+TMA_GPU_CASES = TMA_CPU_CASES + [
+    (4096, 4096, 4096, (16,) * 8, 16, "runs"),      # prefill: 8 runs of 512
+    (5000, 2048, 1024, (16, 8, 64, 1), 64, "runs"),
+    (1000, 1024, 2048, (16, 8, 4, 1) * 8, 16, "scattered"),
+]
+
+
+def _runs(T, S, device, layout):
+    """Slots in runs of about T / (2S) tokens (prefill rows), -1 among them, or scattered at random."""
+    if layout == "scattered":
+        return torch.randint(-1, S, (T,), device=device)
+    runs = torch.randint(-1, S, (2 * S,), device=device)
+    return runs.repeat_interleave(-(-T // (2 * S)))[:T].contiguous()
+
+
+@pytest.mark.parametrize("adapter_dtype", ["fp32", "same"])
+def test_multi_lora_linear_tma_matches_reference(kernel_device, adapter_dtype):
+    """The TMA matmul with the LoRA terms in its epilogue (fp16 under the interpreter, whose bf16 dots
+    are wrong; bf16 on the GPU): runs of one slot and scattered slots, mixed ranks, -1 rows, a bias or
+    not, x with a padded row stride."""
+    dtype = torch.bfloat16 if kernel_device == "cuda" else torch.float16
+    cases = TMA_GPU_CASES if kernel_device == "cuda" else TMA_CPU_CASES
+    for i, (T, K, N, ranks, R, layout) in enumerate(cases):
+        a_dtype = torch.float32 if adapter_dtype == "fp32" else dtype
+        indices = _runs(T, len(ranks), kernel_device, layout)
+        x, _, _, A, B, scales, ranks_t = _batch(T, K, N, ranks, R, dtype, a_dtype, kernel_device, indices=indices)
+        if i % 2:  # rows 16-byte aligned but padded
+            x = torch.randn(T, K + 8, device=kernel_device, dtype=dtype)[:, :K]
+        w = torch.randn(N, K, device=kernel_device, dtype=dtype) / K**0.5
+        bias = torch.randn(N, device=kernel_device, dtype=dtype) if i % 2 == 0 else None
+        _check_linear(x, w, bias, indices, A, B, scales, ranks_t, dtype, route="tma")
+
+
+def test_multi_lora_linear_tma_errors():
+    x, y, indices, A, B, scales, ranks = _batch(6, 16, 8, (1, 3), 4, torch.float16, torch.float16, "cpu")
+    w = torch.randn(8, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="are not its operands"):
+        multi_lora_linear_tma(x.float(), w.float(), None, indices, A, B, scales, ranks)
+    with pytest.raises(ValueError, match="are not its operands"):
+        multi_lora_linear_tma(x, torch.randn(16, 8, dtype=torch.float16).t(), None, indices, A, B, scales, ranks)
+    with pytest.raises(ValueError, match="bias must be \\(8,\\)"):
+        multi_lora_linear_tma(x, w, torch.zeros(9, dtype=torch.float16), indices, A, B, scales, ranks)
+    with pytest.raises(ValueError, match="B's N is 7"):
+        multi_lora_linear_tma(x, w, None, indices, A, B[:, :7], scales, ranks)
+
+
 def test_multi_lora_wide_errors():
     x, y, indices, A, B, scales, ranks = _batch(6, 8, 10, (1, 3), 4, torch.float32, torch.float32, "cpu")
     w_wide = torch.randn(10 + 2 * 4, 8)
@@ -407,13 +464,13 @@ def test_multi_lora_linear_errors():
         multi_lora_linear(x, w, None, indices, A, B[:, :9], scales, ranks)
 
 
-@pytest.mark.parametrize("wide", [False, True], ids=["addmm", "wide"])
-def test_multi_lora_linear_cuda_graph_replay(gpu, wide):
+@pytest.mark.parametrize("route", ["addmm", "wide", "tma"])
+def test_multi_lora_linear_cuda_graph_replay(gpu, route):
     """Captured once (segments included), replayed on new indices and x."""
     T, K, N, ranks, R = 256, 512, 384, (16, 8, 4, 1) * 4, 16
     x, _, indices, A, B, scales, ranks_t = _batch(T, K, N, ranks, R, torch.bfloat16, torch.bfloat16, gpu)
     w = torch.randn(N, K, device=gpu, dtype=torch.bfloat16) / K**0.5
-    route = _wide if wide else multi_lora_linear
+    route = ROUTES[route]
     route(x, w, None, indices, A, B, scales, ranks_t)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
