@@ -9,12 +9,15 @@ take no adapter. Two kernels, Punica's SGMV / vLLM's lora_shrink and lora_expand
     multi_lora_shrink   t (T, R) fp32 = x · A[slot]ᵀ per token, zeros past the slot's rank
     multi_lora_expand   y += scale[slot] · t · B[slot]ᵀ in place, fp32 sums, one rounding into y
 
-and the whole layer with its base product, two ways: ``multi_lora_linear``, the shrink, the expand
+and the whole layer with its base product, three ways: ``multi_lora_linear``, the shrink, the expand
 writing y = bias + scale[slot] · t · B[slot]ᵀ (y not read), then cuBLAS adds x · Wᵀ into y in its
 epilogue (``addmm_``), where the product's own time hides the read; ``multi_lora_wide``, for a weight
 stored with the slots' A below it ([W; A] as one (N + S·R, K) matrix): one cuBLAS product gives the
-base output and every slot's t side by side, then the expand reads each token's own slot's columns.
-No shrink kernel, at the price of reading every slot's A, used or not.
+base output and every slot's t side by side, then the expand reads each token's own slot's columns
+(no shrink kernel, at the price of reading every slot's A, used or not); ``multi_lora_linear_tma``
+(Hopper, half precision), the shrink, then a persistent TMA matmul that adds each token's terms to
+its fp32 tile before the one store: y is never read back, which is what a prefill batch needs, whose
+tiles' rows hold one adapter or two.
 
 The expand (``_multi_lora_expand_kernel``) gives each program a token block and a run of column
 blocks, so that there are a few programs per multiprocessor, each loading its tokens' t once; on
