@@ -10,12 +10,14 @@ wide), ``fused_ms`` (``multi_lora_linear``: the shrink, the expand writing the L
 adding the base product onto them; the route ``FASTPEFT_MULTI_LORA_FUSED=1`` takes), ``wide_ms``
 (``multi_lora_wide``: one ``F.linear`` over the weight with the slots' A below it, every slot's t in its
 extra columns, then the expand in place: MultiLora's route for a layer whose slots' A fit
-``WIDE_MAX_BYTES``), ``peft_ms`` (PEFT's ``lora.Linear`` with ``adapter_names=``, the adapters as
+``WIDE_MAX_BYTES``), ``tma_ms`` (prefill rows: ``multi_lora_linear_tma``, the shrink, then a TMA
+matmul with every token's LoRA term in its epilogue: MultiLora's route for a prefill batch,
+``prefill_tma``), ``peft_ms`` (PEFT's ``lora.Linear`` with ``adapter_names=``, the adapters as
 separate modules, up to 32 of them). In CUDA graphs (the GPU time without the host): ``*_graph_ms``
 one layer replayed; ``*_chain_us`` CHAIN layers with distinct weights replayed as one graph, per layer
 (what a model's decode step pays: no graph launch per layer, each layer's weights read from memory),
 with the grouping done once per batch outside the layers as ``MultiLora`` shares it. ``rel_diff``,
-``fused_rel_diff``, ``wide_rel_diff``: each route's relative distance from PEFT's output. Ranks: one r
+``fused_rel_diff``, ``wide_rel_diff``, ``tma_rel_diff``: each route's relative distance from PEFT's output. Ranks: one r
 for every adapter, or "mixed" (8 to 64 by slot, r_max 64).
 
     pytest bench/bench_multi_lora.py -s           # the grid below (GPU only)
@@ -88,7 +90,8 @@ def _peft_layer(K, N, ranks, A, B, scales):
 
 @pytest.mark.parametrize("K,N,T,slots,r,layout", list(_grid()), ids=lambda v: str(v))
 def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, benchmark):
-    from fastpeft.kernels.multi_lora import multi_lora, multi_lora_linear, multi_lora_wide, segments
+    from fastpeft.kernels.multi_lora import (multi_lora, multi_lora_linear, multi_lora_linear_tma, multi_lora_wide,
+                                             segments)
 
     ranks = _ranks(slots, r)
     r_max = max(ranks)
@@ -112,6 +115,9 @@ def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, ben
     def wide():  # a wide layer (MultiLora's route where the slots' A fit WIDE_MAX_BYTES)
         return multi_lora_wide(x, w_wide, None, indices, B, scales, rank_t)[:, :N]
 
+    def tma():  # MultiLora's route for a prefill batch (``prefill_tma``)
+        return multi_lora_linear_tma(x, w, None, indices, A, B, scales, rank_t)
+
     seg = segments(indices, slots)
     # CHAIN layers' weights (W, A, B; the first one's are the single layer's), for the chain columns
     ws = [w] + [torch.randn_like(w) / K**0.5 for _ in range(CHAIN - 1)]
@@ -122,6 +128,10 @@ def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, ben
 
     row = {"K": K, "N": N, "T": T, "slots": slots, "r": r, "layout": layout}
     impls = {"base": base, "fastpeft": fast, "fused": fused, "wide": wide}
+    routes = [("rel_diff", fast), ("fused_rel_diff", fused), ("wide_rel_diff", wide)]
+    if layout == "prefill":
+        impls["tma"] = tma
+        routes.append(("tma_rel_diff", tma))
     if slots <= PEFT_MAX_SLOTS:
         try:
             model, layer = _peft_layer(K, N, ranks, A, B, scales)
@@ -135,7 +145,7 @@ def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, ben
             impls["peft"] = peft_call
             with torch.no_grad():
                 ref = peft_call().squeeze(1).float()
-                for name, fn in (("rel_diff", fast), ("fused_rel_diff", fused), ("wide_rel_diff", wide)):
+                for name, fn in routes:
                     row[name] = ((fn().float() - ref).norm() / ref.norm()).item()
         except ImportError:
             pass
@@ -155,6 +165,10 @@ def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, ben
             lambda i: multi_lora_linear(x, ws[i], None, indices, As[i], Bs[i], scales, rank_t, seg), CHAIN)
         row["wide_chain_us"] = chain_us(
             lambda i: multi_lora_wide(x, wides[i], None, indices, Bs[i], scales, rank_t, seg), CHAIN)
+        if "tma" in impls:
+            row["tma_chain_us"] = chain_us(
+                lambda i: multi_lora_linear_tma(x, ws[i], None, indices, As[i], Bs[i], scales, rank_t, seg), CHAIN)
+            row["chain tma/base"] = row["tma_chain_us"] / row["base_chain_us"]
     row["fastpeft/base"] = row["fastpeft_ms"] / row["base_ms"]
     row["graph fastpeft/base"] = row["fastpeft_graph_ms"] / row["base_graph_ms"]
     row["chain fastpeft/base"] = row["fastpeft_chain_us"] / row["base_chain_us"]
@@ -164,7 +178,7 @@ def test_multi_lora_layer(K, N, T, slots, r, layout, gpu_name, bench_record, ben
         row["peft/fastpeft"] = row["peft_ms"] / row["fastpeft_ms"]
     bench_record(TABLE, row)
     register(benchmark, fast, gpu=gpu_name, **row)
-    for name in ("rel_diff", "fused_rel_diff", "wide_rel_diff"):
+    for name, _ in routes:
         if name in row:
             assert row[name] < 2e-2, f"fastpeft's mixed batch ({name}) is {row[name]:.3e} off PEFT's"
 
@@ -173,5 +187,6 @@ RESULTS.derive(TABLE, lambda rows: rows, note=(
     "bf16 layer, adapters bf16 (PEFT's fp32 copies), scaling 2; decode: one token per row, adapters at random; "
     "prefill: 8 sequences of T/8 tokens; fastpeft = F.linear then multi_lora in place (MultiLora's default route; "
     "segments included); fused = multi_lora_linear (FASTPEFT_MULTI_LORA_FUSED=1); wide = multi_lora_wide (W and the "
-    "slots' A one weight); *_graph_ms: one layer's "
-    "CUDA-graph replay; *_chain_us: per layer of a chain of distinct layers in one graph, segments given."))
+    "slots' A one weight); tma = multi_lora_linear_tma (prefill rows: MultiLora's route there); "
+    "*_graph_ms: one layer's CUDA-graph replay; *_chain_us: per layer of a chain of distinct layers in one graph, "
+    "segments given."))

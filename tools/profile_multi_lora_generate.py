@@ -1,14 +1,25 @@
-"""Development: where a compiled (static cache, CUDA graphs) decode step's GPU time goes, base model
-against MultiLora, on bench/bench_multi_lora_generate.py's model (Llama hidden 2048, 8 layers, 64
-sequences, 32 adapters r = 16 all-linear). After compiling and recording, one generate runs under
-torch.profiler; printed per setup: CUDA time per generated token step (the prefill included), and the kernels by total time
-with their count per step.
+"""Development: where a decode step's time goes, base model against MultiLora, on
+bench/bench_multi_lora_generate.py's model (Llama hidden 2048, 8 layers, 64 sequences, 32 adapters
+r = 16 all-linear).
+
+* static (default): a compiled (static cache, CUDA graphs) decode step. After compiling and recording,
+  one generate runs under torch.profiler; printed per setup: CUDA time per generated token step (the
+  prefill included), and the kernels by total time with their count per step.
+* eager (FASTPEFT_PROFILE_MODE=eager): transformers' default dynamic cache, no compile. Printed per setup:
+  wall time per step; the host's ops by self CPU time per step (torch.profiler, CPU and CUDA, so the
+  CUDA runtime's calls and synchronizations show); CUDA kernel time per step; the Python lines that
+  synchronize the device (torch.cuda.set_sync_debug_mode); and one layer's host time per call
+  (nn.Linear, the wide layer, the layer that is not wide) at the decode step's shape.
 
     FASTPEFT_GEN_NEW=16 FASTPEFT_GEN_PROMPT=32 python tools/profile_multi_lora_generate.py
+    FASTPEFT_PROFILE_MODE=eager python tools/profile_multi_lora_generate.py
+    FASTPEFT_PROFILE_MODE=host python tools/profile_multi_lora_generate.py    # the layers' host times alone
 """
 import os
 import sys
-from collections import defaultdict
+import time
+import warnings
+from collections import Counter, defaultdict
 
 import torch
 
@@ -16,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import bench_multi_lora_generate as gen  # noqa: E402
 
 TOP = int(os.environ.get("FASTPEFT_PROFILE_TOP", "14"))
+MODE = os.environ.get("FASTPEFT_PROFILE_MODE", "static")
 
 
 def _profile(label, run):
@@ -37,19 +49,91 @@ def _profile(label, run):
         print(f"  {t / steps:8.1f} µs  {count[name] / steps:6.1f}x  {name}", flush=True)
 
 
+def _profile_eager(label, run):
+    run()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    steps = gen.NEW
+    print(f"## {label} (eager): {(time.perf_counter() - t0) / steps * 1e3:.2f} ms per step (wall, prefill included)",
+          flush=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    where = Counter(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    print(f"  synchronizations: {sum(where.values()) / steps:.1f} per step", flush=True)
+    for line, n in where.most_common(8):
+        print(f"    {n / steps:6.1f}x  {line}", flush=True)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        run()
+        torch.cuda.synchronize()
+    cuda = sum(ev.device_time for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"  {cuda / steps:.0f} µs of kernels per step", flush=True)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:TOP * 2]
+    for e in rows:
+        print(f"  {e.self_cpu_time_total / steps:8.1f} µs self  {e.cpu_time_total / steps:8.1f} µs total  "
+              f"{e.count / steps:6.1f}x  {e.key[:70]}", flush=True)
+
+
+def _host_us(layer, x, reps=2000):
+    """Host time per call (µs): the wall time of reps calls with no synchronization between them; the
+    GPU's time per call is far below it at this shape, so the host's is what is measured."""
+    with torch.no_grad():
+        for _ in range(20):
+            layer(x)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            layer(x)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+    return (t1 - t0) / reps * 1e6
+
+
+def _layers(state):
+    import fastpeft
+    from fastpeft.kernels import tuning
+
+    base = state["base"]
+    q = base.model.layers[0].self_attn.q_proj
+    x = torch.randn(gen.SEQS, 1, q.in_features, device="cuda", dtype=torch.bfloat16)
+    print(f"## one layer's host time per call, x {tuple(x.shape)}: nn.Linear {_host_us(q, x):.1f} µs", flush=True)
+    for label, switches in (("wide", {}), ("not wide", {tuning.MULTI_LORA_WIDE: "0"})):
+        with tuning.switched(switches):
+            ml = fastpeft.MultiLora(base, max_adapters=gen.ADAPTERS, max_rank=gen.RANK, target_modules=gen.TARGETS)
+        for name, adapter in state["adapters"].items():
+            ml.load_adapter(name, adapter)
+        layer = base.model.layers[0].self_attn.q_proj
+        with ml.use(gen._names()):
+            print(f"  MultiLoraLinear {label}: {_host_us(layer, x):.1f} µs", flush=True)
+        ml.close()
+
+
 def main():
     import fastpeft
 
     state = gen._setup()
     ids = state["ids"]
+    cache = "dynamic" if MODE == "eager" else "static"
+    profile = _profile_eager if MODE == "eager" else _profile
+    if MODE in ("eager", "host"):
+        _layers(state)
+    if MODE == "host":
+        return
     ml = fastpeft.MultiLora(state["base"], max_adapters=gen.ADAPTERS, max_rank=gen.RANK, target_modules=gen.TARGETS)
     for name, adapter in state["adapters"].items():
         ml.load_adapter(name, adapter)
     with ml.use(gen._names()):
-        _profile("MultiLora", lambda: gen._generate(state["base"], ids, "static"))
+        profile("MultiLora", lambda: gen._generate(state["base"], ids, cache))
     ml.close()
     torch._dynamo.reset()
-    _profile("base", lambda: gen._generate(state["base"], ids, "static"))
+    profile("base", lambda: gen._generate(state["base"], ids, cache))
 
 
 if __name__ == "__main__":

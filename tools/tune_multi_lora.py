@@ -4,8 +4,13 @@ sweep of configs, per batch shape, against the layer's base ``F.linear``.
 
     python tools/tune_multi_lora.py            # prints one table per part; the best config per shape
     FASTPEFT_TUNE_SHRINK=0 python tools/tune_multi_lora.py   # the expand's configs alone
+    FASTPEFT_TUNE_EXPAND="16,256,16,4,2,8;64,128,16,4,2,8" ...  # these expand configs, each one's time
+    FASTPEFT_TUNE_CASES=prefill ...            # the cases of these layouts or token counts
 
-The expand is timed as the layers run it: on the shrink's split-K partial sums.
+The expand is timed as the layers run it, LAYERS of them (each its own t, B and y, so that they come
+from memory as a model's layers' do) in one CUDA graph, µs per layer: on a wide product's columns
+(``slot_columns``) where the slots' A fit a wide layer (``fastpeft.multi_lora.WIDE_MAX_BYTES``), else
+on the shrink's split-K partial sums.
 
 Pins configs by replacing the "sm90" entry of kernels/configs.py MULTI_LORA_CONFIGS for the run (and
 clearing the launchers' kept plans). What it finds goes into configs.py and docs/performance.md.
@@ -20,19 +25,26 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-from common import graph_time_ms  # noqa: E402
+from common import chain_us, graph_time_ms  # noqa: E402
 
 from fastpeft.kernels import configs, launch  # noqa: E402
+from fastpeft.multi_lora import WIDE_MAX_BYTES  # noqa: E402
 from fastpeft.kernels.multi_lora import _expand_plan, _shrink_plan, multi_lora_shrink, segments  # noqa: E402
 
 # (K, N, T, slots, layout): decode = tokens scattered over the slots, prefill = 8 runs of T/8
 CASES = [(2048, 2048, 64, 32, "decode"), (2048, 5632, 64, 32, "decode"), (4096, 4096, 64, 32, "decode"),
-         (4096, 4096, 256, 32, "decode"), (4096, 4096, 4096, 8, "prefill"), (4096, 14336, 4096, 8, "prefill")]
+         (4096, 4096, 256, 32, "decode"), (4096, 4096, 256, 128, "decode"), (4096, 14336, 256, 32, "decode"),
+         (4096, 4096, 4096, 8, "prefill"), (4096, 14336, 4096, 8, "prefill")]
 R = 16
 SHRINK = [(bm, bk, 16, sk, w, st) for bm, bk, sk, w, st in itertools.product(
     (16, 64), (64, 128, 256), (1, 4, 16), (4,), (3,))] if os.environ.get("FASTPEFT_TUNE_SHRINK", "1") == "1" else []
 EXPAND = [(bm, bn, 16, w, st, per_sm) for bm, bn, w, st, per_sm in itertools.product(
-    (16, 32, 64), (64, 128), (4,), (2,), (1, 2, 4, 8))]
+    (16, 32, 64), (64, 128, 256), (4, 8), (2,), (1, 2, 4, 8))]
+if os.environ.get("FASTPEFT_TUNE_EXPAND"):  # only these configs, each one's time printed: "16,256,16,4,2,8;..."
+    EXPAND = [tuple(int(v) for v in c.split(",")) for c in os.environ["FASTPEFT_TUNE_EXPAND"].split(";")]
+LAYERS = int(os.environ.get("FASTPEFT_TUNE_LAYERS", "16"))
+if os.environ.get("FASTPEFT_TUNE_CASES"):  # only these layouts or token counts: "prefill" or "256,4096"
+    CASES = [c for c in CASES if {c[4], str(c[2])} & set(os.environ["FASTPEFT_TUNE_CASES"].split(","))]
 
 
 def pin(shrink, expand) -> None:
@@ -59,8 +71,8 @@ def main() -> None:
     saved = configs.MULTI_LORA_CONFIGS["sm90"]
     print(f"# {torch.cuda.get_device_name()}; times in µs, each in a CUDA graph")
     print("| K | N | T | slots | layout | base | segments | shrink (default) | best shrink | config | "
-          "expand (default) | best expand | config |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "expand on | expand (default) | best expand | config |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for K, N, T, slots, layout in CASES:
         x, w, A, B, idx, scales, ranks = case(K, N, T, slots, layout)
         configs.MULTI_LORA_CONFIGS["sm90"] = saved
@@ -69,7 +81,13 @@ def main() -> None:
         base = graph_time_ms(lambda: F.linear(x, w)) * 1e3
         seg_t = graph_time_ms(lambda: segments(idx, slots)) * 1e3
         seg = segments(idx, slots)
-        t = _shrink_plan(x, A, seg, ranks, None, partial=True)(x, A, seg, ranks, None)
+        wide = slots * R * K * 2 <= WIDE_MAX_BYTES
+        if wide:  # each layer's wide product's output: y (T, N) then every slot's t (T, S·R)
+            ys = [torch.cat([y, (x @ A.reshape(-1, K).T)], dim=1) for _ in range(LAYERS)]
+            args = [(yw[:, N:], B.clone(), seg, ranks, scales, yw[:, :N]) for yw in ys]
+        else:
+            t = _shrink_plan(x, A, seg, ranks, None, partial=True)(x, A, seg, ranks, None)
+            args = [(t.clone(), B.clone(), seg, ranks, scales, y.clone()) for _ in range(LAYERS)]
         shrink_times, expand_times = {}, {}
         for cfg in [DEFAULT_SHRINK] + [c for c in SHRINK if c != DEFAULT_SHRINK]:
             pin(cfg, DEFAULT_EXPAND)
@@ -80,15 +98,20 @@ def main() -> None:
         for cfg in [DEFAULT_EXPAND] + [c for c in EXPAND if c != DEFAULT_EXPAND]:
             pin(DEFAULT_SHRINK, cfg)
             try:
-                expand = _expand_plan(t, B, seg, ranks, scales, y)
-                expand_times[cfg] = graph_time_ms(lambda: expand(t, B, seg, ranks, scales, y)) * 1e3
+                expand = _expand_plan(*args[0], slot_columns=wide)
+                expand_times[cfg] = chain_us(lambda i: expand(*args[i]), LAYERS)
             except Exception as e:  # noqa: BLE001
                 print(f"<!-- expand {cfg}: {type(e).__name__} -->")
+        args = None  # the layers' tensors, freed before the next case
         bs = min(shrink_times, key=shrink_times.get)
         be = min(expand_times, key=expand_times.get)
-        print(f"| {K} | {N} | {T} | {slots} | {layout} | {base:.1f} | {seg_t:.1f} | {shrink_times[DEFAULT_SHRINK]:.1f} | "
-              f"{shrink_times[bs]:.1f} | {bs} | {expand_times[DEFAULT_EXPAND]:.1f} | {expand_times[be]:.1f} | {be} |",
-              flush=True)
+        on = "wide" if wide else "partials"
+        print(f"| {K} | {N} | {T} | {slots} | {layout} | {base:.1f} | {seg_t:.1f} | "
+              f"{shrink_times[DEFAULT_SHRINK]:.1f} | {shrink_times[bs]:.1f} | {bs} | {on} | "
+              f"{expand_times[DEFAULT_EXPAND]:.1f} | {expand_times[be]:.1f} | "
+              f"{be} |", flush=True)
+        if os.environ.get("FASTPEFT_TUNE_EXPAND"):
+            print("<!-- " + "; ".join(f"{c}: {t:.1f}" for c, t in expand_times.items()) + " -->", flush=True)
     configs.MULTI_LORA_CONFIGS["sm90"] = saved
     launch._plans.clear()
 
