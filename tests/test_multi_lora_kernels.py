@@ -419,15 +419,18 @@ def test_multi_lora_linear_tma_matches_reference(kernel_device, adapter_dtype):
         _check_linear(x, w, bias, indices, A, B, scales, ranks_t, dtype, route="tma")
 
 
-def test_multi_lora_linear_tma_errors():
-    x, y, indices, A, B, scales, ranks = _batch(6, 16, 8, (1, 3), 4, torch.float16, torch.float16, "cpu")
-    w = torch.randn(8, 16, dtype=torch.float16)
+def test_multi_lora_linear_tma_errors(kernel_device):
+    """On the kernels' device: TMA operands there (CPU tensors on a GPU machine are none)."""
+    dev = kernel_device
+    x, y, indices, A, B, scales, ranks = _batch(6, 16, 8, (1, 3), 4, torch.float16, torch.float16, dev)
+    w = torch.randn(8, 16, dtype=torch.float16, device=dev)
     with pytest.raises(ValueError, match="are not its operands"):
         multi_lora_linear_tma(x.float(), w.float(), None, indices, A, B, scales, ranks)
     with pytest.raises(ValueError, match="are not its operands"):
-        multi_lora_linear_tma(x, torch.randn(16, 8, dtype=torch.float16).t(), None, indices, A, B, scales, ranks)
+        multi_lora_linear_tma(x, torch.randn(16, 8, dtype=torch.float16, device=dev).t(), None, indices, A, B, scales,
+                              ranks)
     with pytest.raises(ValueError, match="bias must be \\(8,\\)"):
-        multi_lora_linear_tma(x, w, torch.zeros(9, dtype=torch.float16), indices, A, B, scales, ranks)
+        multi_lora_linear_tma(x, w, torch.zeros(9, dtype=torch.float16, device=dev), indices, A, B, scales, ranks)
     with pytest.raises(ValueError, match="B's N is 7"):
         multi_lora_linear_tma(x, w, None, indices, A, B[:, :7], scales, ranks)
 
@@ -435,15 +438,15 @@ def test_multi_lora_linear_tma_errors():
 def test_multi_lora_wide_errors():
     x, y, indices, A, B, scales, ranks = _batch(6, 8, 10, (1, 3), 4, torch.float32, torch.float32, "cpu")
     w_wide = torch.randn(10 + 2 * 4, 8)
-    with pytest.raises(ValueError, match="w_wide must be \(N \+ S·R = 18, K = 8\) in x's dtype"):
+    with pytest.raises(ValueError, match=r"w_wide must be \(N \+ S·R = 18, K = 8\) in x's dtype"):
         multi_lora_wide(x, w_wide[:10], None, indices, B, scales, ranks)
     with pytest.raises(ValueError, match="w_wide must be .* in x's dtype torch.float32"):
         multi_lora_wide(x, w_wide.half(), None, indices, B, scales, ranks)
-    with pytest.raises(ValueError, match="bias_wide must be \(18,\)"):
+    with pytest.raises(ValueError, match=r"bias_wide must be \(18,\)"):
         multi_lora_wide(x, w_wide, torch.zeros(10), indices, B, scales, ranks)
-    with pytest.raises(ValueError, match="indices must be \(6,\)"):
+    with pytest.raises(ValueError, match=r"indices must be \(6,\)"):
         multi_lora_wide(x, w_wide, None, indices[:5], B, scales, ranks)
-    with pytest.raises(ValueError, match="scales must be \(2,\)"):
+    with pytest.raises(ValueError, match=r"scales must be \(2,\)"):
         multi_lora_wide(x, w_wide, None, indices, B, torch.ones(3), ranks)
 
 
