@@ -590,7 +590,7 @@ class MultiLoraLinear(nn.Module):
         wide = self._wide
         if wide is None or torch.compiler.is_compiling():
             return wide
-        params, A = self.base_layer._parameters, self._buffers["lora_A"]
+        params, A = self._modules["base_layer"]._parameters, self._buffers["lora_A"]
         w, b = params["weight"], params.get("bias")
         if (w is wide[2] and b is wide[3] and A is wide[4] and w.data_ptr() == wide[5] and A.data_ptr() == wide[6]
                 and (b is None or b.data_ptr() == wide[7])):
@@ -669,7 +669,7 @@ class MultiLoraLinear(nn.Module):
                 strides[i] = strides[i + 1] * lead[i + 1]
             view = ((*lead, self.out_features), (*(s * width for s in strides), 1))
             kept = self._launches[0] = (key, seg, multi_lora_wide_plan(x2, *wide[:2], indices, *lora[1:], seg), view)
-        y = kept[2](x.reshape(-1, x.shape[-1]), *wide[:2], *lora[1:], seg)
+        y = kept[2](x, *wide[:2], *lora[1:], seg)  # x as it is: F.linear's output has the 2-D one's memory
         return y.as_strided(*kept[3])
 
     def extra_repr(self) -> str:

@@ -696,7 +696,8 @@ def multi_lora_wide_plan(x, w_wide, bias_wide, indices, B, scales, ranks, seg=No
 
 def _wide_layer_plan(x, w_wide, bias_wide, indices, B, scales, ranks, seg):
     """multi_lora_wide's work for one key: the checks and the expand's plan; returns run(x, w_wide,
-    bias_wide, B, scales, ranks, seg) -> y_wide."""
+    bias_wide, B, scales, ranks, seg) -> y_wide, whose x may also come with x's rows in leading
+    dimensions (MultiLoraLinear's (batch, tokens, K)): F.linear's output then has y_wide's memory."""
     what = "multi_lora_wide"
     if x.dim() != 2 or x.dtype not in _FLOATS:
         raise ValueError(f"{what}: x must be (T, K) fp16, bf16 or fp32, got {tuple(x.shape)} {x.dtype}")
