@@ -554,15 +554,38 @@ def _layer_plan(x, y, indices, A, B, scales, ranks, seg):
     _check_layer(x, y, indices, A, B, scales, ranks)
     if seg is None:  # the grouping's shapes and device, for the launchers' checks
         seg = segments(indices, A.shape[0])
-    pdl = _pdl(x.device)
-    shrink = _shrink_plan(x, A, seg, ranks, None, partial=True, launch_dependents=pdl)
-    t = _partials_like(x, A, seg)
+    shrink, t, pdl = _layer_shrink(x, A, ranks, seg)
     expand = _expand_plan(t, B, seg, ranks, scales, y, pdl=pdl)
 
     def run(x, y, A, B, scales, ranks, seg):
         return expand(shrink(x, A, seg, ranks, None), B, seg, ranks, scales, y)
 
     return run
+
+
+def _layer_shrink(x, A, ranks, seg) -> tuple:
+    """The layer launchers' shrink: (its plan, giving split-K partial sums and letting the consumer
+    start by PDL where ``_pdl`` says so; an empty tensor shaped as those partial sums, for the
+    consumer's plan; whether the consumer is launched with PDL)."""
+    pdl = _pdl(x.device)
+    return _shrink_plan(x, A, seg, ranks, None, partial=True, launch_dependents=pdl), _partials_like(x, A, seg), pdl
+
+
+def _check_linear_layer(what: str, x, w, bias, indices, A, B, scales, ranks) -> torch.Tensor:
+    """The checks of a whole layer's launcher (``multi_lora_linear``, ``multi_lora_linear_tma``): x (T, K)
+    and w (N, K) in one dtype, bias (N,) or None, and ``_check_layer``'s; returns an empty y (T, N)
+    for the plans' checks."""
+    if w.dim() != 2 or x.dim() != 2 or w.shape[1] != x.shape[1]:
+        raise ValueError(f"{what}: x must be (T, K) and w (N, K), got x {tuple(x.shape)} and w {tuple(w.shape)}")
+    if w.dtype != x.dtype:
+        raise ValueError(f"{what}: w must have x's dtype {x.dtype}, got {w.dtype}")
+    N = w.shape[0]
+    if bias is not None and (tuple(bias.shape) != (N,) or not bias.dtype.is_floating_point):
+        raise ValueError(f"{what}: bias must be ({N},) floating point, got {tuple(bias.shape)} {bias.dtype}")
+    y = torch.empty((x.shape[0], N), dtype=x.dtype, device=x.device)
+    _check_layer(x, y, indices, A, B, scales, ranks)
+    _device_error(what, {"w": w, **({} if bias is None else {"bias": bias})}, x.device)
+    return y
 
 
 def _pdl(device: torch.device) -> bool:
@@ -638,24 +661,13 @@ def _bias_key(bias) -> tuple | None:
 def _linear_layer_plan(x, w, bias, indices, A, B, scales, ranks, seg):
     """multi_lora_linear's work for one key: the checks, the shrink's and the expand's plans; returns
     run(x, w, bias, A, B, scales, ranks, seg) -> y."""
-    what = "multi_lora_linear"
-    if w.dim() != 2 or x.dim() != 2 or w.shape[1] != x.shape[1]:
-        raise ValueError(f"{what}: x must be (T, K) and w (N, K), got x {tuple(x.shape)} and w {tuple(w.shape)}")
-    if w.dtype != x.dtype:
-        raise ValueError(f"{what}: w must have x's dtype {x.dtype}, got {w.dtype}")
-    T, K = x.shape
-    N = w.shape[0]
-    if bias is not None and (tuple(bias.shape) != (N,) or not bias.dtype.is_floating_point):
-        raise ValueError(f"{what}: bias must be ({N},) floating point, got {tuple(bias.shape)} {bias.dtype}")
-    y = torch.empty((T, N), dtype=x.dtype, device=x.device)
-    _check_layer(x, y, indices, A, B, scales, ranks)
-    _device_error(what, {"w": w, **({} if bias is None else {"bias": bias})}, x.device)
+    y = _check_linear_layer("multi_lora_linear", x, w, bias, indices, A, B, scales, ranks)
+    T, N = y.shape
+    device = x.device
     if seg is None:  # the grouping's shapes and device, for the checks
         seg = segments(indices, A.shape[0])
-    device = x.device
-    pdl = _pdl(device)
-    shrink = _shrink_plan(x, A, seg, ranks, None, partial=True, launch_dependents=pdl)
-    expand = _expand_plan(_partials_like(x, A, seg), B, seg, ranks, scales, y, accumulate=False, bias=bias, pdl=pdl)
+    shrink, t, pdl = _layer_shrink(x, A, ranks, seg)
+    expand = _expand_plan(t, B, seg, ranks, scales, y, accumulate=False, bias=bias, pdl=pdl)
 
     def run(x, w, bias, A, B, scales, ranks, seg):
         y = torch.empty((T, N), dtype=x.dtype, device=device)
@@ -829,28 +841,19 @@ def _tma_layer_plan(x, w, bias, indices, A, B, scales, ranks, seg):
     """multi_lora_linear_tma's work for one key: the checks, the shrink's plan, the matmul's tiles,
     grid and descriptors' shapes; returns run(x, w, bias, indices, A, B, scales, ranks, seg) -> y."""
     what = "multi_lora_linear_tma"
-    if w.dim() != 2 or x.dim() != 2 or w.shape[1] != x.shape[1]:
-        raise ValueError(f"{what}: x must be (T, K) and w (N, K), got x {tuple(x.shape)} and w {tuple(w.shape)}")
+    _check_linear_layer(what, x, w, bias, indices, A, B, scales, ranks)
     if not multi_lora_tma_ok(x, w):
         raise ValueError(f"{what}: x {x.dtype} strides {x.stride()} and w {w.dtype} strides {w.stride()} are not its "
                          f"operands (one half dtype, w (N, K) row-major, unit inner strides, 16-byte aligned rows, a "
                          f"GPU with TMA)")
-    T, K = x.shape
-    N = w.shape[0]
-    if bias is not None and (tuple(bias.shape) != (N,) or not bias.dtype.is_floating_point):
-        raise ValueError(f"{what}: bias must be ({N},) floating point, got {tuple(bias.shape)} {bias.dtype}")
+    (T, K), N = x.shape, w.shape[0]
     device = x.device
-    y = torch.empty((T, N), dtype=x.dtype, device=device)
-    _check_layer(x, y, indices, A, B, scales, ranks)
     if B.dtype not in (torch.float32, x.dtype):
         raise ValueError(f"{what}: B must be fp32 or x's dtype {x.dtype}, got {B.dtype}")
-    _device_error(what, {"w": w, "indices": indices, "A": A, "B": B, "scales": scales, "ranks": ranks,
-                         **({} if bias is None else {"bias": bias})}, device)
+    _device_error(what, {"indices": indices, "A": A, "B": B, "scales": scales, "ranks": ranks}, device)
     if seg is None:  # the grouping's shapes and device, for the shrink's checks
         seg = segments(indices, A.shape[0])
-    pdl = _pdl(device)
-    shrink = _shrink_plan(x, A, seg, ranks, None, partial=True, launch_dependents=pdl)
-    t = _partials_like(x, A, seg)
+    shrink, t, pdl = _layer_shrink(x, A, ranks, seg)
     S, R = A.shape[:2]
     config = tuning.pinned(tuning.TMA) or for_device(TMA_CONFIGS, device)[tma_config_name(x.dtype, False)]
     BM, BN, BK, GM, warps, stages, _, flatten, *_ = config
