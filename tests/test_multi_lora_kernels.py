@@ -426,6 +426,8 @@ def test_multi_lora_linear_tma_errors(kernel_device):
     w = torch.randn(8, 16, dtype=torch.float16, device=dev)
     with pytest.raises(ValueError, match="are not its operands"):
         multi_lora_linear_tma(x.float(), w.float(), None, indices, A, B, scales, ranks)
+    with pytest.raises(ValueError, match="w must have x's dtype torch.float16"):
+        multi_lora_linear_tma(x, w.bfloat16(), None, indices, A, B, scales, ranks)
     with pytest.raises(ValueError, match="are not its operands"):
         multi_lora_linear_tma(x, torch.randn(16, 8, dtype=torch.float16, device=dev).t(), None, indices, A, B, scales,
                               ranks)
