@@ -77,6 +77,28 @@ def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def tma_tile(a_desc, w_desc, tile, num_m, num_n, K, W_KMAJOR: tl.constexpr, MODE: tl.constexpr,
+             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             GROUP_M: tl.constexpr):
+    """The persistent TMA matmuls' main loop for one output tile (grouped order): (off_m, off_n, the fp32
+    tile of a·wᵀ). a (M, K) and w by TMA descriptors, w as (N, K) when W_KMAJOR, else its (K, N)
+    transpose."""
+    pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ki in range(tl.cdiv(K, BLOCK_K)):
+        k0 = ki * BLOCK_K
+        a = a_desc.load([off_m, k0])
+        if W_KMAJOR:  # w (N, K) row-major: its tile [BLOCK_N, BLOCK_K], transposed in smem
+            w = w_desc.load([off_n, k0]).T
+        else:  # w given as its (K, N) row-major transpose: tile [BLOCK_K, BLOCK_N]
+            w = w_desc.load([k0, off_n])
+        acc = dot(a, w, acc, MODE, PRECISION)
+    return off_m, off_n, acc
+
+
+@triton.jit
 def _lora_linear_kernel(
     a_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr, seed_ptr, lsum_ptr,
     M, N, K, R,
@@ -223,22 +245,11 @@ def _lora_linear_tma_kernel(
     tile in registers, on its two column halves with EPILOGUE_SPLIT."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
     seed = tl.load(seed_ptr) if OUT_DROPOUT else 0
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN,
                          warp_specialize=WARP_SPECIALIZE):
-        pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
-            k0 = ki * BLOCK_K
-            a = a_desc.load([off_m, k0])
-            if W_KMAJOR:  # w (N, K) row-major: its tile [BLOCK_N, BLOCK_K], transposed in smem
-                w = w_desc.load([off_n, k0]).T
-            else:  # w given as its (K, N) row-major transpose: tile [BLOCK_K, BLOCK_N]
-                w = w_desc.load([k0, off_n])
-            acc = dot(a, w, acc, MODE, PRECISION)
+        off_m, off_n, acc = tma_tile(a_desc, w_desc, tile, num_m, num_n, K, W_KMAJOR, MODE, PRECISION,
+                                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
         rm = off_m + tl.arange(0, BLOCK_M)
         m_ok = rm < M
         if PDL_WAIT:  # launched with PDL behind the kernel that writes l: wait for it here, not earlier
@@ -248,12 +259,12 @@ def _lora_linear_tma_kernel(
         if EPILOGUE_SPLIT:  # the epilogue on two column halves: half the mask's and the LoRA term's registers
             HALF: tl.constexpr = BLOCK_N // 2
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-            _tma_epilogue_store(acc0, rm, m_ok, off_m, off_n, pid_n == 0, ep, HAS_BIAS, OUT_DROPOUT, TMA_STORE,
+            _tma_epilogue_store(acc0, rm, m_ok, off_m, off_n, off_n == 0, ep, HAS_BIAS, OUT_DROPOUT, TMA_STORE,
                                 ACCUMULATE, EXPAND_MODE, PRECISION, BLOCK_M, HALF, BLOCK_R, L_SPLIT)
             _tma_epilogue_store(acc1, rm, m_ok, off_m, off_n + HALF, False, ep, HAS_BIAS, OUT_DROPOUT, TMA_STORE,
                                 ACCUMULATE, EXPAND_MODE, PRECISION, BLOCK_M, HALF, BLOCK_R, L_SPLIT)
         else:
-            _tma_epilogue_store(acc, rm, m_ok, off_m, off_n, pid_n == 0, ep, HAS_BIAS, OUT_DROPOUT, TMA_STORE,
+            _tma_epilogue_store(acc, rm, m_ok, off_m, off_n, off_n == 0, ep, HAS_BIAS, OUT_DROPOUT, TMA_STORE,
                                 ACCUMULATE, EXPAND_MODE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, L_SPLIT)
 
 

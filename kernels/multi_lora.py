@@ -49,7 +49,7 @@ import triton.language as tl
 from .common import (NATIVE, block_r, dot, dot_mode, expand_mode, fp32_precision, gdc_launch_dependents, gdc_wait,
                      num_sms, pdl_meta, pdl_ok, pdl_on)
 from .configs import TMA_CONFIGS, for_device, multi_lora_config, tma_config_name
-from .linear import _grouped_tile, tma_ok
+from .linear import tma_ok, tma_tile
 from .shrink import MAX_PARTIALS
 from . import tuning
 from .launch import INTERPRETING, DescriptorPlan, Plan, cached, cdiv, launch
@@ -761,15 +761,9 @@ def _multi_lora_tma_kernel(
     with programmatic dependent launch behind the shrink; t is read after the wait."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN):
-        pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
-            k0 = ki * BLOCK_K
-            acc = dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc, MODE, PRECISION)
+        off_m, off_n, acc = tma_tile(x_desc, w_desc, tile, num_m, num_n, K, True, MODE, PRECISION,
+                                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
         rm = off_m + tl.arange(0, BLOCK_M)
         m_ok = rm < M
         rn = off_n + tl.arange(0, BLOCK_N)
