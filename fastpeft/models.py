@@ -178,6 +178,11 @@ SHARED_INPUT_PROJECTIONS = (("q_proj", "k_proj", "v_proj"),)
 GATED_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 GATED_MLP_FORWARD = ("def forward(self, x):", "down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
                      "return down_proj")
+
+# Projections that a module calls on one input, in the order it calls them: MultiLora runs each such
+# group of wide layers as one product and one expand per decode step (fastpeft/multi_lora.py, _Siblings).
+SIBLING_PROJECTIONS = SHARED_INPUT_PROJECTIONS + (GATED_MLP_PROJECTIONS[:2],)
+
 # transformers' activation modules -> the fused kernels' name for them (kernels/activation.py)
 GATED_MLP_ACTIVATIONS = {
     "SiLU": "silu",

@@ -462,6 +462,7 @@ class _Rows:
         self.slots: Optional[torch.Tensor] = None
         self.seg = None
         self.grouped: Optional[dict] = None
+        self.version = 0  # counts the adapters' loads and unloads (what _Siblings' kept outputs were made with)
 
     def token_segments(self, indices: torch.Tensor, num_slots: int):
         """The kernels' segments of the tokens ``indices`` (``token_slots(slots, x)``) over ``num_slots``:
@@ -548,23 +549,30 @@ class MultiLoraLinear(nn.Module):
         self._is_4bit = _kernels_read_4bit(base_layer)
         self._launches = [None]  # the kernels' launches of the last forward (layer_forward's, kept)
         self._wide = None  # (w_wide, bias_wide, weight, bias, lora_A, ...) where the layer is wide (``_widen``)
+        self._siblings = None  # (its _Siblings, its index there) where MultiLora groups it with its siblings
         if wide:
             self._widen()
 
-    def _widen(self) -> None:
+    def _widen(self, w_wide: Optional[torch.Tensor] = None, b_wide: Optional[torch.Tensor] = None) -> None:
         """Move the base weight (and bias) and the slots' A into one buffer, A's S·R rows below the
         weight's N (``multi_lora_wide``); the base layer's parameters and ``lora_A`` become views of it
-        (no copy kept). ``close`` undoes it (``_narrow``)."""
+        (no copy kept). ``close`` undoes it (``_narrow``). w_wide (N + S·R, K) and b_wide (N + S·R,):
+        the buffers to use (slices of a sibling group's, ``_Siblings``), where not new ones; b_wide is
+        taken where the layer has a bias."""
         base, A = self.base_layer, self._buffers["lora_A"]
         w, b = base.weight, base.bias
         (N, K), (S, R, _) = w.shape, A.shape
-        w_wide = torch.empty(N + S * R, K, device=w.device, dtype=w.dtype)
+        if w_wide is None:
+            w_wide = torch.empty(N + S * R, K, device=w.device, dtype=w.dtype)
         w_wide[:N].copy_(w.detach())
         w_wide[N:].copy_(A.reshape(S * R, K))
         w_param = base.weight = nn.Parameter(w_wide[:N], requires_grad=w.requires_grad)
-        b_wide = b_param = None
-        if b is not None:
-            b_wide = torch.zeros(N + S * R, device=b.device, dtype=b.dtype)
+        b_param = None
+        if b is None:
+            b_wide = None
+        else:
+            if b_wide is None:
+                b_wide = torch.zeros(N + S * R, device=b.device, dtype=b.dtype)
             b_wide[:N].copy_(b.detach())
             b_param = base.bias = nn.Parameter(b_wide[:N], requires_grad=b.requires_grad)
         A = self._buffers["lora_A"] = w_wide[N:].view(S, R, K)
@@ -616,6 +624,12 @@ class MultiLoraLinear(nn.Module):
         base = self._modules["base_layer"]
         if slots is None:
             return base(x, *args, **kwargs)
+        siblings = self._siblings
+        if siblings is not None and not args and not kwargs and not torch.compiler.is_compiling():
+            # computed with a sibling's call of this forward
+            y = siblings[0].take(siblings[1], x)
+            if y is not None:
+                return y
         kernels = use_triton(x)
         tma = kernels and prefill_tma(base, x, args, kwargs)
         wide = (self._wide_now() if kernels and not tma and self._wide is not None and plain(base, x, args, kwargs)
@@ -648,6 +662,10 @@ class MultiLoraLinear(nn.Module):
             y2 = multi_lora_linear_tma(x2, base.weight, base.bias, indices, *lora, seg)
             return y2.reshape(*x.shape[:-1], y2.shape[-1])
         if wide is not None:
+            if siblings is not None:  # the group's product and expand, where it still holds together
+                y = siblings[0].run(siblings[1], x, indices, seg)
+                if y is not None:
+                    return y
             return self._wide_forward(x, indices, seg, wide, lora)
         return layer_forward(self, base, x, args, kwargs, indices, seg, lora, kernels, read_4bit=self._is_4bit,
                              launches=self._launches)
@@ -662,12 +680,7 @@ class MultiLoraLinear(nn.Module):
             from .kernels.multi_lora import multi_lora_wide_plan
 
             x2 = x.reshape(-1, x.shape[-1])
-            lead = x.shape[:-1]
-            width = wide[0].shape[0]  # N + S·R: the wide output's row stride
-            strides = [1] * len(lead)
-            for i in range(len(lead) - 2, -1, -1):
-                strides[i] = strides[i + 1] * lead[i + 1]
-            view = ((*lead, self.out_features), (*(s * width for s in strides), 1))
+            view = _strided_view(x.shape[:-1], wide[0].shape[0], self.out_features, 0)  # rows N + S·R apart
             kept = self._launches[0] = (key, seg, multi_lora_wide_plan(x2, *wide[:2], indices, *lora[1:], seg), view)
         y = kept[2](x, *wide[:2], *lora[1:], seg)  # x as it is: F.linear's output has the 2-D one's memory
         return y.as_strided(*kept[3])
@@ -675,6 +688,139 @@ class MultiLoraLinear(nn.Module):
     def extra_repr(self) -> str:
         S, R, _ = self.lora_A.shape
         return f"in_features={self.in_features}, out_features={self.out_features}, slots={S}, max_rank={R}"
+
+
+def _strided_view(lead: tuple, width: int, columns: int, offset: int) -> tuple:
+    """as_strided's (size, stride, storage offset) of ``columns`` columns from ``offset`` of a
+    contiguous (*lead, width) tensor."""
+    strides = [1] * len(lead)
+    for i in range(len(lead) - 2, -1, -1):
+        strides[i] = strides[i + 1] * lead[i + 1]
+    return (*lead, columns), (*(s * width for s in strides), 1), offset
+
+
+class _Siblings:
+    """Wide ``MultiLoraLinear`` layers that one module calls on one input, in call order
+    (``models.SIBLING_PROJECTIONS``: q, k, v; gate, up), whose wide buffers lie end to end in one
+    (each layer's [W; A] a slice of it; their B side by side in one (S, ΣN, R) buffer, their ranks and
+    scales rows of one (G, S) each), so that ``multi_lora_wide_group`` computes them all in one product
+    and one expand. In an eager forward the first of them called on an input runs the group and
+    returns its own output; each other one takes its output on its call for the very same tensor,
+    unmodified (identity and version counter), with the same rows' slots and loaded adapters. Any
+    other call, and every call under torch.compile, runs the layer alone (its own wide route over its
+    slice). What a layer's weights were replaced by (``.to()``, a new Parameter) is grouped again at
+    the next call, or, where the layers can no longer be, the group stops."""
+
+    def __init__(self, layers: Sequence[MultiLoraLinear], rows: _Rows):
+        self.layers = tuple(layers)
+        self.rows = rows
+        self.pending = None  # (x, its version, rows' slots, adapters' version, {index: output})
+        self.launches = None  # the group's kernel launches, kept: (key, seg, run, views)
+        self.parts = None  # what run() checks per call: each layer's _wide tuple, B, ranks, scales
+        self._form()
+
+    @staticmethod
+    def groupable(layers) -> bool:
+        """Whether ``layers`` can share one group: all wide, one K, dtype, device and slot shape."""
+        first = layers[0]
+        return all(layer._wide is not None and layer.lora_A.shape[0::2] == first.lora_A.shape[0::2]
+                   and layer.lora_A.shape[1] == first.lora_A.shape[1] and layer.lora_A.dtype == first.lora_A.dtype
+                   and layer.lora_B.dtype == first.lora_B.dtype and layer.lora_A.device == first.lora_A.device
+                   for layer in layers)
+
+    def _form(self) -> bool:
+        """Lay the layers' buffers end to end (copies; the layers' tensors become views of the group's);
+        False where they cannot be grouped (the group then stops)."""
+        self.pending = self.launches = self.parts = None
+        layers = self.layers
+        if not self.groupable(layers):
+            return False
+        S, R, K = layers[0].lora_A.shape
+        widths = tuple(layer.out_features for layer in layers)
+        rows = sum(widths) + len(layers) * S * R
+        first = layers[0]
+        w0 = first._wide[0]
+        w_group = torch.empty(rows, K, device=w0.device, dtype=w0.dtype)
+        has_bias = any(layer._wide[1] is not None for layer in layers)
+        b_group = torch.zeros(rows, device=w0.device, dtype=w0.dtype) if has_bias else None
+        B = torch.empty(S, sum(widths), R, device=w0.device, dtype=first.lora_B.dtype)
+        ranks = torch.empty(len(layers), S, device=w0.device, dtype=first.ranks.dtype)
+        scales = torch.empty(len(layers), S, device=w0.device, dtype=first.scales.dtype)
+        row = col = 0
+        for g, (layer, n) in enumerate(zip(layers, widths)):
+            width = n + S * R
+            layer._widen(w_group[row:row + width], None if b_group is None else b_group[row:row + width])
+            buffers = layer._buffers
+            B[:, col:col + n].copy_(buffers["lora_B"])
+            ranks[g].copy_(buffers["ranks"])
+            scales[g].copy_(buffers["scales"])
+            buffers["lora_B"], buffers["ranks"], buffers["scales"] = B[:, col:col + n], ranks[g], scales[g]
+            row, col = row + width, col + n
+        self.group = (w_group, b_group, B, scales, ranks, widths)
+        self.parts = tuple((layer._wide, layer._buffers["lora_B"], layer._buffers["ranks"], layer._buffers["scales"])
+                           for layer in layers)
+        for index, layer in enumerate(layers):
+            layer._siblings = (self, index)
+        return True
+
+    def _intact(self) -> bool:
+        """Whether every layer still runs on the group's buffers (``_wide_now`` also re-widens a layer
+        whose weights were replaced, which leaves the group)."""
+        for layer, (wide, B, ranks, scales) in zip(self.layers, self.parts):
+            buffers = layer._buffers
+            if (layer._wide_now() is not wide or buffers["lora_B"] is not B or buffers["ranks"] is not ranks
+                    or buffers["scales"] is not scales):
+                return False
+        return True
+
+    def stop(self) -> None:
+        """Leave the layers to run alone (their tensors stay views of the group's buffers)."""
+        self.pending = self.launches = self.parts = None
+        for layer in self.layers:
+            layer._siblings = None
+
+    def take(self, index: int, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Layer ``index``'s output for x where the group computed it on a sibling's call of this
+        forward (the same x, unmodified, the same rows' slots and adapters), else None."""
+        pending, self.pending = self.pending, None
+        if (pending is None or pending[0] is not x or pending[1] != x._version or pending[2] is not self.rows.slots
+                or pending[3] != self.rows.version):
+            return None
+        outputs = pending[4]
+        y = outputs.pop(index, None)
+        if outputs:
+            self.pending = pending
+        return y
+
+    def run(self, index: int, x: torch.Tensor, indices: torch.Tensor, seg) -> Optional[torch.Tensor]:
+        """Every layer's output for x (one product, one expand: ``multi_lora_wide_group``): layer
+        ``index``'s returned, the others' kept for their calls (``take``); None where the group does
+        not hold (its layers then run alone)."""
+        if self.parts is None or not self._intact():
+            if self.parts is None or not self._form():
+                self.stop()
+                return None
+        if not all(plain(layer._modules["base_layer"], x, (), {}) for layer in self.layers):
+            return None
+        key = (x.shape, x.stride(), x.dtype, x.device, fp32_precision())
+        kept = self.launches
+        if kept is None or kept[0] != key or kept[1] is not seg:
+            from .kernels.multi_lora import multi_lora_wide_group_plan
+
+            w_group, b_group, B, scales, ranks, widths = self.group
+            run = multi_lora_wide_group_plan(x.reshape(-1, x.shape[-1]), w_group, b_group, indices, B, scales, ranks,
+                                             widths, seg)
+            S, R = B.shape[0], B.shape[2]
+            total, lead, views, offset = w_group.shape[0], x.shape[:-1], [], 0
+            for n in widths:
+                views.append(_strided_view(lead, total, n, offset))
+                offset += n + S * R
+            kept = self.launches = (key, seg, run, views)
+        w_group, b_group, B, scales, ranks, _ = self.group
+        y = kept[2](x, w_group, b_group, B, scales, ranks, seg)
+        outputs = {g: y.as_strided(*view) for g, view in enumerate(kept[3]) if g != index}
+        self.pending = (x, x._version, self.rows.slots, self.rows.version, outputs)
+        return y.as_strided(*kept[3][index])
 
 
 class MultiLora:
@@ -703,6 +849,12 @@ class MultiLora:
     are views of it (no copy; ``close()`` gives them tensors of their own again). One cuBLAS product
     then yields the base output and every slot's x·Aᵀ, and the expand adds each token's own: no shrink
     kernel (``kernels.multi_lora.multi_lora_wide``). Tied weights are left as they are.
+
+    Wide layers that one module calls on one input (q, k and v; gate and up:
+    ``models.SIBLING_PROJECTIONS``) share one such buffer, end to end (``_Siblings``): in an eager
+    forward the first of them runs all of them as one product and one expand
+    (``kernels.multi_lora.multi_lora_wide_group``), the others take their outputs on their calls
+    (for the very same input tensor only). FASTPEFT_MULTI_LORA_GROUP=0 keeps them apart.
     """
 
     def __init__(self, model: nn.Module, max_adapters: int, max_rank: int, target_modules="all-linear",
@@ -734,8 +886,22 @@ class MultiLora:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
             self.layers[name] = layer
+        self._siblings = self._group_siblings() if tuning.pinned(tuning.MULTI_LORA_GROUP) is not False else []
         self._hooks = [model.register_forward_pre_hook(self._enter), model.register_forward_hook(self._exit,
                                                                                                  always_call=True)]
+
+    def _group_siblings(self) -> list:
+        """A ``_Siblings`` for each module's wide layers of one input (``models.SIBLING_PROJECTIONS``)."""
+        from .models import SIBLING_PROJECTIONS
+
+        served = {id(layer) for layer in self.layers.values()}
+        groups = []
+        for module in self.model.modules():
+            for names in SIBLING_PROJECTIONS:
+                layers = [module._modules.get(name) for name in names]
+                if all(id(layer) in served for layer in layers) and _Siblings.groupable(layers):
+                    groups.append(_Siblings(layers, self._rows))
+        return groups
 
     def _enter(self, module, args):
         if torch.compiler.is_compiling():  # a compiled forward is not counted (see use())
@@ -746,6 +912,8 @@ class MultiLora:
     def _exit(self, module, args, output):
         if torch.compiler.is_compiling():
             return
+        for group in self._siblings:  # no output kept past the forward that made it
+            group.pending = None
         with self._lock:
             self._busy -= 1
 
@@ -789,6 +957,7 @@ class MultiLora:
                 layer.scales[slot] = scale
                 layer.ranks[slot] = r
         self._slots[name] = slot
+        self._rows.version += 1
         return slot
 
     def _plan_writes(self, name: str, state: dict, config: dict) -> list:
@@ -850,6 +1019,7 @@ class MultiLora:
                     layer.scales[slot] = 0.0
                     layer.lora_A[slot].zero_()
                     layer.lora_B[slot].zero_()
+            self._rows.version += 1
 
     @contextlib.contextmanager
     def use(self, adapters: Sequence[Optional[str]]):
@@ -877,6 +1047,9 @@ class MultiLora:
         self._refuse_if_running("close")
         for handle in self._hooks:
             handle.remove()
+        for group in self._siblings:
+            group.stop()
+        self._siblings = []
         for name, layer in self.layers.items():
             parent, _, child = name.rpartition(".")
             layer._narrow()

@@ -233,12 +233,13 @@ def _load_t(ptrs, mask, stride_tp, T_SPLIT: tl.constexpr):
 
 @triton.jit
 def _multi_lora_expand_kernel(
-    t_ptr, b_ptr, order_ptr, starts_ptr, counts_ptr, ranks_ptr, scales_ptr, y_ptr, bias_ptr,
+    t_ptr, b_ptr, order_ptr, starts_ptr, counts_ptr, ranks_ptr, scales_ptr, y_ptr, bias_ptr, chunks_ptr,
     N, R, S, N_PER, t_offset,
     stride_tt, stride_tr, stride_tp, stride_ts, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
     MODE: tl.constexpr, PRECISION: tl.constexpr, T_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
     ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, R_ONCE: tl.constexpr, PDL_WAIT: tl.constexpr,
+    CHUNKS: tl.constexpr = False,
 ):
     """y[tok, n] += scales[s] · t[tok, :rank] · B[s, n, :rank]ᵀ for the tokens tok of each slot s, in
     fp32 with one rounding into y; any strides. Program (pid, pid_n): token block pid
@@ -251,9 +252,27 @@ def _multi_lora_expand_kernel(
     Not ACCUMULATE: y is written, not read: y[tok] = bias + the LoRA term for every token (bias alone,
     or zeros, for the tokens with no adapter, taken as one more slot), so that a product added into y
     afterwards (cuBLAS's addmm, which reads y in its epilogue) makes the layer. PDL_WAIT: launched with
-    programmatic dependent launch behind the shrink; the grouping is read first, t after the wait."""
+    programmatic dependent launch behind the shrink; the grouping is read first, t after the wait.
+
+    CHUNKS (sibling layers' outputs side by side, ``multi_lora_wide_group``): program pid_n takes row
+    pid_n of the int32 table chunks (layer g, its columns n_first .. n_end, and the column offsets of
+    its output in y, of its t and of its rows in B); layer g's ranks and scales are row g of ranks and
+    scales (S apart)."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if CHUNKS:
+        chunk = chunks_ptr + pid_n * 6
+        layer = tl.load(chunk)
+        n_first = tl.load(chunk + 1)
+        n_end = tl.load(chunk + 2)
+        y_ptr += tl.load(chunk + 3).to(tl.int64) * stride_yn
+        t_ptr += tl.load(chunk + 4).to(tl.int64) * stride_tr
+        b_ptr += tl.load(chunk + 5).to(tl.int64) * stride_bn
+        ranks_ptr += layer * S
+        scales_ptr += layer * S
+    else:
+        n_first = pid_n * N_PER
+        n_end = tl.minimum(N, n_first + N_PER)
     slot, first, count = _slot_block(counts_ptr, starts_ptr, pid, S, BLOCK_M, BLOCK_S, not ACCUMULATE)
     if ACCUMULATE:
         if slot >= S:
@@ -274,8 +293,6 @@ def _multi_lora_expand_kernel(
     t_rows = t_ptr + t_offset + tok[:, None] * stride_tt + s_.to(tl.int64) * stride_ts
     b_slot = b_ptr + s_.to(tl.int64) * stride_bs
     y_rows = y_ptr + tok[:, None] * stride_yt
-    n_first = pid_n * N_PER
-    n_end = tl.minimum(N, n_first + N_PER)
     rr = tl.arange(0, BLOCK_R)
     if PDL_WAIT:  # t is the shrink's: wait for it here, after the grouping's loads
         gdc_wait()
@@ -473,27 +490,32 @@ def _expand_plan(t, B, seg, ranks, scales, y, accumulate=True, bias=None, slot_c
     (``launch_dependents``). The columns are split so that there are about ``per_sm`` programs per
     multiprocessor (``_multi_lora_expand_kernel``)."""
     T, N, S, R = _check_expand(t, B, seg, ranks, scales, y, slot_columns)
-    device = y.device
-    _, (BLOCK_M, BLOCK_N, r_cap, warps, stages, per_sm) = multi_lora_config(cdiv(max(T, 1), S), device)
-    n_blocks = min(T, cdiv(T, BLOCK_M) + S + (not accumulate))  # not accumulate: the no-adapter tokens too
     t_strides = _t_strides(t) if not slot_columns else (*t.stride(), 0, R * t.stride(1))
-    r_once = block_r(R, R_ONCE_MAX) >= R
-    splits = min(max(1, cdiv(per_sm * num_sms(device), max(1, n_blocks))), cdiv(N, BLOCK_N))
-    n_per = cdiv(cdiv(N, splits), BLOCK_N) * BLOCK_N
-    plan = Plan(_multi_lora_expand_kernel, (n_blocks, cdiv(N, n_per)), (
-        N, R, S, n_per, t_offset, *t_strides, *B.stride(), *y.stride(),
-    ), MODE=expand_mode(y.dtype), PRECISION=fp32_precision(), T_SPLIT=1 if slot_columns else _t_split(t),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=block_r(R, R_ONCE_MAX if r_once else r_cap),
-        BLOCK_S=triton.next_power_of_2(S + 1), ACCUMULATE=accumulate, HAS_BIAS=bias is not None, R_ONCE=r_once,
-        num_warps=warps, num_stages=stages, **pdl_meta(pdl),
-    )
+    grid, n_per, meta = _expand_tiles(T, N, S, R, y.device, y.dtype, accumulate)
+    plan = Plan(_multi_lora_expand_kernel, grid, (N, R, S, n_per, t_offset, *t_strides, *B.stride(), *y.stride()),
+                T_SPLIT=1 if slot_columns else _t_split(t), HAS_BIAS=bias is not None, **meta, **pdl_meta(pdl))
 
     def run(t, B, seg, ranks, scales, y, bias=None):
         if T and N and (R or not accumulate):
-            plan.run((t, B, seg.order, seg.starts, seg.counts, ranks, scales, y, y if bias is None else bias))
+            plan.run((t, B, seg.order, seg.starts, seg.counts, ranks, scales, y, y if bias is None else bias, y))
         return y
 
     return run
+
+
+def _expand_tiles(T: int, N: int, S: int, R: int, device, dtype, accumulate: bool) -> tuple:
+    """The expand's grid (token blocks, column runs), columns per run and launch metadata for T tokens,
+    N output columns (all layers' with CHUNKS), S slots of rank up to R: the config's tiles, the columns
+    split so that there are about ``per_sm`` programs per multiprocessor."""
+    _, (BLOCK_M, BLOCK_N, r_cap, warps, stages, per_sm) = multi_lora_config(cdiv(max(T, 1), S), device)
+    n_blocks = min(T, cdiv(T, BLOCK_M) + S + (not accumulate))  # not accumulate: the no-adapter tokens too
+    r_once = block_r(R, R_ONCE_MAX) >= R
+    splits = min(max(1, cdiv(per_sm * num_sms(device), max(1, n_blocks))), cdiv(N, BLOCK_N))
+    n_per = cdiv(cdiv(N, splits), BLOCK_N) * BLOCK_N
+    meta = dict(MODE=expand_mode(dtype), PRECISION=fp32_precision(), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                BLOCK_R=block_r(R, R_ONCE_MAX if r_once else r_cap), BLOCK_S=triton.next_power_of_2(S + 1),
+                ACCUMULATE=accumulate, R_ONCE=r_once, num_warps=warps, num_stages=stages)
+    return (n_blocks, cdiv(N, n_per)), n_per, meta
 
 
 R_ONCE_MAX = 64  # the expand loads its tokens' t once where R is at most this
@@ -736,6 +758,89 @@ def _wide_layer_plan(x, w_wide, bias_wide, indices, B, scales, ranks, seg):
         y = F.linear(x, w_wide, bias_wide)
         if T and N:  # y as t (its columns from N on) and as the output (its first N): no slices per call
             expand(y, B, seg, ranks, scales, y)
+        return y
+
+    return run
+
+
+def multi_lora_wide_group(x: torch.Tensor, w_group: torch.Tensor, bias_group: torch.Tensor | None,
+                          indices: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor,
+                          widths: tuple, seg: Segments | None = None) -> torch.Tensor:
+    """``multi_lora_wide`` for G layers of one input (q, k and v; gate and up) in one product and one
+    expand: w_group holds each layer's wide weight [W_g (N_g, K); A_g (S·R, K)] one after the other, so
+    that y_group (T, Σ (N_g + S·R)) = x·w_groupᵀ (+ bias_group) holds, for each layer g in turn, its
+    base output then every slot's x·A_g[s]ᵀ; layer g's output is y_group's N_g columns from
+    o_g = Σ_{h<g} (N_h + S·R), to which the expand adds scales[g, s]·t·B[:, b_g : b_g + N_g]ᵀ, with t
+    layer g's columns of slot s = indices[i] and b_g = Σ_{h<g} N_h. Returns y_group.
+
+    widths: (N_0, ..., N_{G-1}); B (S, Σ N_g, R) (the layers' B side by side), scales (G, S) and
+    ranks (G, S) (row g: layer g's); x, indices and seg as ``multi_lora_wide``."""
+    run = multi_lora_wide_group_plan(x, w_group, bias_group, indices, B, scales, ranks, widths, seg)
+    if seg is None:
+        seg = segments(indices, B.shape[0])
+    return run(x, w_group, bias_group, B, scales, ranks, seg)
+
+
+def multi_lora_wide_group_plan(x, w_group, bias_group, indices, B, scales, ranks, widths, seg=None):
+    """``multi_lora_wide_group``'s checked launches for its arguments' key: run(x, w_group, bias_group,
+    B, scales, ranks, seg) -> y_group for any arguments of the same shapes, strides, dtypes and devices."""
+    key = (multi_lora_wide_group, tuple(widths), _bias_key(bias_group),
+           *_layer_key("multi_lora_wide_group", x, indices, w_group, B, scales, ranks, seg))
+    return cached(key, _wide_group_plan, x, w_group, bias_group, indices, B, scales, ranks, tuple(widths), seg)
+
+
+def _wide_group_plan(x, w_group, bias_group, indices, B, scales, ranks, widths, seg):
+    """multi_lora_wide_group's work for one key: the checks, the expand's plan and its chunk table (each
+    layer's columns in runs, none across two layers); returns run(x, w_group, bias_group, B, scales,
+    ranks, seg) -> y_group (x as ``_wide_layer_plan``'s)."""
+    what = "multi_lora_wide_group"
+    if x.dim() != 2 or x.dtype not in _FLOATS:
+        raise ValueError(f"{what}: x must be (T, K) fp16, bf16 or fp32, got {tuple(x.shape)} {x.dtype}")
+    T, K = x.shape
+    G = len(widths)
+    if B.dim() != 3 or G < 1 or min(widths) < 1 or B.shape[1] != sum(widths):
+        raise ValueError(f"{what}: B must be (S, ΣN_g = {sum(widths)}, R) for the layers' widths {tuple(widths)}, "
+                         f"got {tuple(B.shape)}")
+    S, N, R = B.shape
+    width = N + G * S * R
+    if w_group.dim() != 2 or tuple(w_group.shape) != (width, K) or w_group.dtype != x.dtype:
+        raise ValueError(f"{what}: w_group must be (Σ(N_g + S·R) = {width}, K = {K}) in x's dtype {x.dtype}, got "
+                         f"{tuple(w_group.shape)} {w_group.dtype}")
+    if bias_group is not None and (tuple(bias_group.shape) != (width,) or bias_group.dtype != x.dtype):
+        raise ValueError(f"{what}: bias_group must be ({width},) in x's dtype {x.dtype}, got "
+                         f"{tuple(bias_group.shape)} {bias_group.dtype}")
+    if indices.dtype not in _INDEX_DTYPES or tuple(indices.shape) != (T,):
+        raise ValueError(f"{what}: indices must be ({T},) integers, one per row of x, got {tuple(indices.shape)} "
+                         f"{indices.dtype}")
+    if B.dtype not in (torch.float32, x.dtype):
+        raise ValueError(f"{what}: B must be fp32 or x's dtype {x.dtype}, got {B.dtype}")
+    if tuple(ranks.shape) != (G, S) or ranks.dtype not in _INDEX_DTYPES or not ranks.is_contiguous():
+        raise ValueError(f"{what}: ranks must be ({G}, {S}) contiguous integers (a row per layer), got "
+                         f"{tuple(ranks.shape)} {ranks.dtype}")
+    if tuple(scales.shape) != (G, S) or not scales.dtype.is_floating_point or not scales.is_contiguous():
+        raise ValueError(f"{what}: scales must be ({G}, {S}) contiguous floats (a row per layer), got "
+                         f"{tuple(scales.shape)} {scales.dtype}")
+    device = x.device
+    _device_error(what, {"w_group": w_group, "B": B, "ranks": ranks, "scales": scales,
+                         **({} if bias_group is None else {"bias_group": bias_group})}, device)
+    if seg is None:
+        seg = segments(indices, S)
+    _check_segments(what, seg, T, S)
+    y = torch.empty((T, width), dtype=x.dtype, device=device)
+    grid, n_per, meta = _expand_tiles(T, N, S, R, device, x.dtype, True)
+    table, y_off, b_off = [], 0, 0
+    for g, n in enumerate(widths):  # (layer, first column, end, output's, t's and B's column offsets)
+        table += [(g, n0, min(n, n0 + n_per), y_off, y_off + n, b_off) for n0 in range(0, n, n_per)]
+        y_off, b_off = y_off + n + S * R, b_off + n
+    chunks = torch.tensor(table, dtype=torch.int32, device=device)
+    plan = Plan(_multi_lora_expand_kernel, (grid[0], len(table)), (
+        N, R, S, n_per, 0, *y.stride(), 0, R * y.stride(1), *B.stride(), *y.stride(),
+    ), T_SPLIT=1, HAS_BIAS=False, CHUNKS=True, **meta, **pdl_meta(False))
+
+    def run(x, w_group, bias_group, B, scales, ranks, seg):
+        y = F.linear(x, w_group, bias_group)
+        if T and R:
+            plan.run((y, B, seg.order, seg.starts, seg.counts, ranks, scales, y, y, chunks))
         return y
 
     return run

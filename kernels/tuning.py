@@ -25,6 +25,9 @@ measure them against each other (tools/ab.sh) or reproduce a run.
     FASTPEFT_MULTI_LORA_TMA    1 / 0: MultiLora's plain bf16 layers run a batch as multi_lora_linear_tma
                             (the TMA matmul with the LoRA terms in its epilogue) whenever its operands
                             allow, or never; unset, prefill batches alone (``prefill_tma``)
+    FASTPEFT_MULTI_LORA_GROUP  0: MultiLora keeps sibling wide layers of one input (q, k, v; gate, up)
+                            apart, each its own product and expand per call; default 1, one of each
+                            for the group in eager forwards (fastpeft/multi_lora.py ``_Siblings``)
 
 They are read once, at first use, not per call: a script or test that changes them afterwards calls
 ``reload()``, which reads them again and drops the launchers' kept plans (``launch._plans``), since
@@ -49,8 +52,9 @@ NF4_LUT = "FASTPEFT_NF4_LUT"
 MULTI_LORA_FUSED = "FASTPEFT_MULTI_LORA_FUSED"
 MULTI_LORA_WIDE = "FASTPEFT_MULTI_LORA_WIDE"
 MULTI_LORA_TMA = "FASTPEFT_MULTI_LORA_TMA"
+MULTI_LORA_GROUP = "FASTPEFT_MULTI_LORA_GROUP"
 SWITCHES = (SHRINK, LINEAR, TMA, GEMM, TMA_MIN_M, PDL, NF4_GEMV, NF4_TILED, NF4_LUT, MULTI_LORA_FUSED,
-            MULTI_LORA_WIDE, MULTI_LORA_TMA)
+            MULTI_LORA_WIDE, MULTI_LORA_TMA, MULTI_LORA_GROUP)
 GEMM_ROUTES = ("auto", "triton", "cublas", "tma")
 
 
@@ -110,6 +114,7 @@ _PARSERS = {
     MULTI_LORA_FUSED: lambda name, value: value == "1",
     MULTI_LORA_WIDE: lambda name, value: _choice(name, value, ("0", "1")) == "1",
     MULTI_LORA_TMA: lambda name, value: _choice(name, value, ("0", "1")) == "1",
+    MULTI_LORA_GROUP: lambda name, value: _choice(name, value, ("0", "1")) == "1",
 }
 _pins: dict | None = None  # switch -> its parsed config, or None where unset; read at first use
 

@@ -257,6 +257,65 @@ def test_multilora_kept_launches_follow_changes(adapter_dirs, route, request, se
     assert bool(calls)
 
 
+def test_multilora_sibling_groups(adapter_dirs, request, set_options, monkeypatch):
+    """Wide q/k/v and gate/up layers of one module run as one product and one expand per group
+    (``_Siblings``, multi_lora_wide_group) and give the ungrouped layers' logits; a sibling called on
+    another input, or after an adapter was reloaded, computes its own output again; a replaced weight
+    or ``.half()`` groups the layers again; FASTPEFT_MULTI_LORA_GROUP=0 keeps them apart."""
+    device = request.getfixturevalue("kernels_on")
+    pin = request.getfixturevalue("pin_config")
+    pin("FASTPEFT_MULTI_LORA_WIDE", "1")
+    calls = _spy(monkeypatch, "multi_lora_wide_group_plan")
+    rows = ["chat", None, "sql", "math"]
+    inputs = {k: v.to(device) for k, v in make_inputs("llama", batch=len(rows)).items()}
+
+    def served(group: str):
+        pin("FASTPEFT_MULTI_LORA_GROUP", group)
+        model = make_model("llama").to(device).eval()
+        ml = fastpeft.MultiLora(model, max_adapters=4, max_rank=8, target_modules="all-linear")
+        for name in ADAPTERS:
+            ml.load_adapter(name, adapter_dirs / name)
+        return model, ml
+
+    apart, ml_apart = served("0")
+    assert not ml_apart._siblings and all(layer._siblings is None for layer in ml_apart.layers.values())
+    model, ml = served("1")
+    blocks = len(model.model.layers)
+    assert len(ml._siblings) == 2 * blocks and [len(g.layers) for g in ml._siblings[:2]] == [3, 2]
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad(), ml.use(rows), ml_apart.use(rows):
+        want = logits(apart, inputs)
+        torch.testing.assert_close(logits(model, inputs), want, rtol=1e-5, atol=1e-6)
+        assert calls
+        assert all(g.pending is None for g in ml._siblings), "an output was kept past its forward"
+        x = torch.randn(len(rows), 3, attn.q_proj.in_features, device=device)
+        other = torch.randn_like(x)
+        alone = [ml_apart.model.model.layers[0].self_attn.get_submodule(n) for n in ("q_proj", "k_proj", "v_proj")]
+        q, k = attn.q_proj(x), attn.k_proj(other)  # k on another input: its own output
+        torch.testing.assert_close(q, alone[0](x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(k, alone[1](other), rtol=1e-5, atol=1e-6)
+        attn.q_proj(x)
+        x.mul_(2)  # modified in place after q: k and v compute again
+        torch.testing.assert_close(attn.k_proj(x), alone[1](x), rtol=1e-5, atol=1e-6)
+        attn.q_proj(x)
+        for m in (ml, ml_apart):  # "sql" reloaded with math's weights between q's call and v's
+            m.unload_adapter("sql")
+            m.load_adapter("sql", adapter_dirs / "math")
+        torch.testing.assert_close(attn.v_proj(x), alone[2](x), rtol=1e-5, atol=1e-6)
+        attn.q_proj.base_layer.weight = torch.nn.Parameter(attn.q_proj.base_layer.weight * 2)
+        alone[0].base_layer.weight = torch.nn.Parameter(alone[0].base_layer.weight * 2)
+        torch.testing.assert_close(logits(model, inputs), logits(apart, inputs), rtol=1e-5, atol=1e-6)
+        assert attn.q_proj._siblings is not None and attn.q_proj._wide[0].data_ptr() == \
+            ml._siblings[0].group[0].data_ptr(), "the replaced weight was not grouped again"
+        model.half()
+        apart.half()
+        torch.testing.assert_close(logits(model, inputs), logits(apart, inputs), rtol=2e-3, atol=2e-3)
+    layers = list(ml.layers.values())
+    ml.close()
+    assert all(layer._siblings is None for layer in layers)
+    ml_apart.close()
+
+
 def test_multilora_prefill_tma_route(adapter_dirs, request, set_options, monkeypatch):
     """bf16 layers over the TMA matmul with the LoRA terms in its epilogue (FASTPEFT_MULTI_LORA_TMA=1:
     any batch the operands allow) give the reference path's rows, eagerly and under torch.compile;

@@ -14,7 +14,8 @@ from fastpeft import reference
 import torch.nn.functional as F
 
 from fastpeft.kernels.multi_lora import (Segments, multi_lora, multi_lora_expand, multi_lora_linear,
-                                         multi_lora_linear_tma, multi_lora_shrink, multi_lora_wide, segments)
+                                         multi_lora_linear_tma, multi_lora_shrink, multi_lora_wide,
+                                         multi_lora_wide_group, segments)
 from tolerance import DTYPE_PAIRS, dtype_pair_id, assert_close
 
 # (T, K, N, ranks, R): R is the stacked width, ranks one per slot
@@ -435,6 +436,70 @@ def test_multi_lora_linear_tma_errors(kernel_device):
         multi_lora_linear_tma(x, w, torch.zeros(9, dtype=torch.float16, device=dev), indices, A, B, scales, ranks)
     with pytest.raises(ValueError, match="B's N is 7"):
         multi_lora_linear_tma(x, w, None, indices, A, B[:, :7], scales, ranks)
+
+
+# (T, K, widths, ranks per layer, R): sibling layers of one input (q, k, v), one slot count
+GROUP_CPU_CASES = [
+    (37, 45, (29, 13, 13), ((1, 3, 8, 16), (4, 0, 8, 2), (16, 16, 0, 1)), 16),
+    (9, 40, (70, 33), ((40, 3, 0), (1, 40, 7)), 40),   # R past BLOCK_R chunks; a column run per layer
+]
+GROUP_GPU_CASES = GROUP_CPU_CASES + [
+    (256, 4096, (4096, 1024, 1024), ((16, 8, 4, 1) * 8, (16, 0, 4, 1) * 8, (16, 8, 0, 16) * 8), 16),
+    (64, 2048, (5632, 5632), ((16,) * 32, (8,) * 32), 16),
+]
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=dtype_pair_id)
+def test_multi_lora_wide_group_matches_layers(kernel_device, dtypes):
+    """multi_lora_wide_group: each layer's columns as that layer alone (its own ranks and scales; rank 0
+    where an adapter leaves the layer out), a bias on some layers, NaN past each rank."""
+    dtype, adapter_dtype = dtypes
+    cases = GROUP_GPU_CASES if kernel_device == "cuda" else GROUP_CPU_CASES
+    for T, K, widths, layer_ranks, R in cases:
+        S = len(layer_ranks[0])
+        indices = torch.randint(-1, S, (T,), device=kernel_device)
+        layers = [_batch(T, K, n, ranks, R, dtype, adapter_dtype, kernel_device, indices=indices)
+                  for n, ranks in zip(widths, layer_ranks)]
+        x = layers[0][0]
+        ws = [torch.randn(n, K, device=kernel_device, dtype=dtype) / K**0.5 for n in widths]
+        biases = [torch.randn(n, device=kernel_device, dtype=dtype) if g % 2 == 0 else None
+                  for g, n in enumerate(widths)]
+        w_group = torch.cat([torch.cat([w, layer[3].to(dtype).reshape(S * R, K)]) for w, layer in zip(ws, layers)])
+        bias_group = torch.cat([torch.cat([b if b is not None else torch.zeros(n, device=kernel_device, dtype=dtype),
+                                           torch.zeros(S * R, device=kernel_device, dtype=dtype)])
+                                for b, n in zip(biases, widths)])
+        B = torch.cat([layer[4] for layer in layers], dim=1)
+        scales = torch.stack([layer[5] for layer in layers])
+        ranks = torch.stack([layer[6] for layer in layers])
+        y = multi_lora_wide_group(x, w_group, bias_group, indices, B, scales, ranks, widths)
+        assert tuple(y.shape) == (T, sum(widths) + len(widths) * S * R) and y.dtype == dtype
+        col = 0
+        for g, (n, w, bias, layer) in enumerate(zip(widths, ws, biases, layers)):
+            A, B_g = layer[3].to(dtype), layer[4]
+            out = y[:, col:col + n]
+            base64 = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+            base = F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(dtype)
+            exact = reference.multi_lora(x.double(), base64, indices, *_f64(A, B_g, scales[g]), ranks[g])
+            same = reference.multi_lora(x, base, indices, A, B_g, scales[g], ranks[g])
+            for s in range(-1, S):
+                rows = indices == s
+                if rows.any():
+                    assert_close(out[rows], exact[rows], same[rows], dtype, f"layer {g}, slot {s}")
+            col += n + S * R
+
+
+def test_multi_lora_wide_group_errors():
+    x, y, indices, A, B, scales, ranks = _batch(6, 8, 10, (1, 3), 4, torch.float32, torch.float32, "cpu")
+    w_group = torch.randn(2 * (5 + 2 * 4), 8)
+    two = torch.stack([ranks, ranks])
+    with pytest.raises(ValueError, match=r"B must be \(S, ΣN_g = 12, R\)"):
+        multi_lora_wide_group(x, w_group, None, indices, B, scales[None], two, (6, 6))
+    with pytest.raises(ValueError, match=r"w_group must be \(Σ\(N_g \+ S·R\) = 26, K = 8\)"):
+        multi_lora_wide_group(x, w_group[:20], None, indices, B, torch.stack([scales, scales]), two, (5, 5))
+    with pytest.raises(ValueError, match=r"ranks must be \(2, 2\)"):
+        multi_lora_wide_group(x, w_group, None, indices, B, torch.stack([scales, scales]), ranks, (5, 5))
+    with pytest.raises(ValueError, match=r"scales must be \(2, 2\)"):
+        multi_lora_wide_group(x, w_group, None, indices, B, scales, two, (5, 5))
 
 
 def test_multi_lora_wide_errors():
