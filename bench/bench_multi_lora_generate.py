@@ -7,7 +7,10 @@ early stop). Setups, timed in the same run (the median wall time of 3 generates 
 
 - ``base``: the model alone, no adapter (the floor);
 - ``fastpeft``: ``fastpeft.MultiLora`` over the model, the 32 adapters loaded in slots, ``ml.use(names)``
-  (its layers wide by size: the slots' A below the weight, one cuBLAS product, then the expand);
+  (its layers wide by size: the slots' A below the weight, one cuBLAS product, then the expand; in
+  eager forwards q/k/v and gate/up as one product and one expand per group);
+- ``fastpeft-apart``: the same with every layer on its own (FASTPEFT_MULTI_LORA_GROUP=0; eager only:
+  compiled forwards run each layer on its own anyway);
 - ``fastpeft-narrow``: the same with no wide layer (FASTPEFT_MULTI_LORA_WIDE=0: ``F.linear``, then the
   shrink and the expand in place);
 - ``fastpeft-fused``: no wide layer, ``fastpeft.multi_lora.FUSE_BASE`` (each layer as
@@ -110,9 +113,11 @@ def _timed(fn, warmup: int, reps: int = 3):
     return statistics.median(times), out
 
 
-SETUPS = ("base", "peft", "fastpeft", "fastpeft-narrow", "fastpeft-fused")
+SETUPS = ("base", "peft", "fastpeft", "fastpeft-apart", "fastpeft-narrow", "fastpeft-fused")
 CASES = [(setup, cache) for cache in CACHES for setup in SETUPS
-         if not (setup == "peft" and cache == "static")]
+         if not (setup in ("peft", "fastpeft-apart") and cache == "static")]
+SWITCHES = {"fastpeft": {}, "fastpeft-apart": {"FASTPEFT_MULTI_LORA_GROUP": "0"},
+            "fastpeft-narrow": {"FASTPEFT_MULTI_LORA_WIDE": "0"}, "fastpeft-fused": {"FASTPEFT_MULTI_LORA_WIDE": "0"}}
 
 
 @pytest.mark.parametrize("setup,cache", CASES, ids=[f"{s}-{c}" for s, c in CASES])
@@ -132,7 +137,7 @@ def test_generate(setup, cache, gpu_name, bench_record):
         from fastpeft import multi_lora
         from fastpeft.kernels import tuning
 
-        with tuning.switched({} if setup == "fastpeft" else {tuning.MULTI_LORA_WIDE: "0"}):  # no wide layer
+        with tuning.switched(SWITCHES[setup]):  # read when the MultiLora is made
             ml = fastpeft.MultiLora(state["base"], max_adapters=ADAPTERS, max_rank=RANK, target_modules=TARGETS)
         saved, multi_lora.FUSE_BASE = multi_lora.FUSE_BASE, setup == "fastpeft-fused"
         try:

@@ -8,8 +8,9 @@ r = 16 all-linear).
 * eager (FASTPEFT_PROFILE_MODE=eager): transformers' default dynamic cache, no compile. Printed per setup:
   wall time per step; the host's ops by self CPU time per step (torch.profiler, CPU and CUDA, so the
   CUDA runtime's calls and synchronizations show); CUDA kernel time per step; the Python lines that
-  synchronize the device (torch.cuda.set_sync_debug_mode); and one layer's host time per call
-  (nn.Linear, the wide layer, the layer that is not wide) at the decode step's shape.
+  synchronize the device (torch.cuda.set_sync_debug_mode); and the host time of one decoder layer's
+  q, k and v calls at the decode step's shape (nn.Linear; wide layers grouped, wide layers apart,
+  layers that are not wide).
 
     FASTPEFT_GEN_NEW=16 FASTPEFT_GEN_PROMPT=32 python tools/profile_multi_lora_generate.py
     FASTPEFT_PROFILE_MODE=eager python tools/profile_multi_lora_generate.py
@@ -81,37 +82,43 @@ def _profile_eager(label, run):
               f"{e.count / steps:6.1f}x  {e.key[:70]}", flush=True)
 
 
-def _host_us(layer, x, reps=2000):
-    """Host time per call (µs): the wall time of reps calls with no synchronization between them; the
-    GPU's time per call is far below it at this shape, so the host's is what is measured."""
+def _host_us(call, reps=2000):
+    """Host time per ``call()`` (µs): the wall time of reps calls with no synchronization between them;
+    the GPU's time per call is far below it at this shape, so the host's is what is measured."""
     with torch.no_grad():
         for _ in range(20):
-            layer(x)
+            call()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(reps):
-            layer(x)
+            call()
         t1 = time.perf_counter()
         torch.cuda.synchronize()
     return (t1 - t0) / reps * 1e6
 
 
 def _layers(state):
+    """One decoder layer's q, k and v calls at the decode step's shape: host time per three calls."""
     import fastpeft
     from fastpeft.kernels import tuning
 
     base = state["base"]
-    q = base.model.layers[0].self_attn.q_proj
-    x = torch.randn(gen.SEQS, 1, q.in_features, device="cuda", dtype=torch.bfloat16)
-    print(f"## one layer's host time per call, x {tuple(x.shape)}: nn.Linear {_host_us(q, x):.1f} µs", flush=True)
-    for label, switches in (("wide", {}), ("not wide", {tuning.MULTI_LORA_WIDE: "0"})):
+    attn = base.model.layers[0].self_attn
+    x = torch.randn(gen.SEQS, 1, attn.q_proj.in_features, device="cuda", dtype=torch.bfloat16)
+
+    def qkv():
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+
+    print(f"## q, k and v's host time per three calls, x {tuple(x.shape)}: nn.Linear {_host_us(qkv):.1f} µs",
+          flush=True)
+    for label, switches in (("wide, grouped", {}), ("wide, apart", {tuning.MULTI_LORA_GROUP: "0"}),
+                            ("not wide", {tuning.MULTI_LORA_WIDE: "0"})):
         with tuning.switched(switches):
             ml = fastpeft.MultiLora(base, max_adapters=gen.ADAPTERS, max_rank=gen.RANK, target_modules=gen.TARGETS)
         for name, adapter in state["adapters"].items():
             ml.load_adapter(name, adapter)
-        layer = base.model.layers[0].self_attn.q_proj
         with ml.use(gen._names()):
-            print(f"  MultiLoraLinear {label}: {_host_us(layer, x):.1f} µs", flush=True)
+            print(f"  MultiLoraLinear {label}: {_host_us(qkv):.1f} µs", flush=True)
         ml.close()
 
 
