@@ -685,6 +685,17 @@ class MultiLoraLinear(nn.Module):
         y = kept[2](x, *wide[:2], *lora[1:], seg)  # x as it is: F.linear's output has the 2-D one's memory
         return y.as_strided(*kept[3])
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, as PEFT's LoRA layers give it (models read a projection's weight,
+        e.g. T5's feed-forward its dtype)."""
+        return self._modules["base_layer"].weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The base layer's bias (see ``weight``)."""
+        return self._modules["base_layer"].bias
+
     def extra_repr(self) -> str:
         S, R, _ = self.lora_A.shape
         return f"in_features={self.in_features}, out_features={self.out_features}, slots={S}, max_rank={R}"
@@ -709,15 +720,21 @@ class _Siblings:
     unmodified (identity and version counter), with the same rows' slots and loaded adapters. Any
     other call, and every call under torch.compile, runs the layer alone (its own wide route over its
     slice). What a layer's weights were replaced by (``.to()``, a new Parameter) is grouped again at
-    the next call, or, where the layers can no longer be, the group stops."""
+    the next call, or, where the layers can no longer be, the group stops. It also stops once
+    MISSES_MAX of its computed outputs went unused (a module that calls the layers on different inputs,
+    as cross-attention does: the group would compute them twice)."""
+
+    MISSES_MAX = 2
 
     def __init__(self, layers: Sequence[MultiLoraLinear], rows: _Rows):
         self.layers = tuple(layers)
         self.rows = rows
+        self.misses = 0  # outputs computed and dropped unused
         self.pending = None  # (x, its version, rows' slots, adapters' version, {index: output})
         self.launches = None  # the group's kernel launches, kept: (key, seg, run, views)
         self.parts = None  # what run() checks per call: each layer's _wide tuple, B, ranks, scales
-        self._form()
+        if not self._form():
+            self.stop()
 
     @staticmethod
     def groupable(layers) -> bool:
@@ -730,8 +747,8 @@ class _Siblings:
 
     def _form(self) -> bool:
         """Lay the layers' buffers end to end (copies; the layers' tensors become views of the group's);
-        False where they cannot be grouped (the group then stops)."""
-        self.pending = self.launches = self.parts = None
+        False where they cannot be grouped (the caller then stops the group)."""
+        self.pending = self.launches = None
         layers = self.layers
         if not self.groupable(layers):
             return False
@@ -783,23 +800,34 @@ class _Siblings:
         """Layer ``index``'s output for x where the group computed it on a sibling's call of this
         forward (the same x, unmodified, the same rows' slots and adapters), else None."""
         pending, self.pending = self.pending, None
-        if (pending is None or pending[0] is not x or pending[1] != x._version or pending[2] is not self.rows.slots
-                or pending[3] != self.rows.version):
+        if pending is None:
+            return None
+        if (pending[0] is not x or pending[1] != x._version or pending[2] is not self.rows.slots
+                or pending[3] != self.rows.version or index not in pending[4]):
+            self.drop(pending)
             return None
         outputs = pending[4]
-        y = outputs.pop(index, None)
+        y = outputs.pop(index)
         if outputs:
             self.pending = pending
         return y
+
+    def drop(self, pending) -> None:
+        """Count kept outputs that went unused (``pending``, a group's); stop the group at MISSES_MAX."""
+        if pending is not None and pending[4]:
+            self.misses += 1
+            if self.misses >= self.MISSES_MAX:
+                self.stop()
 
     def run(self, index: int, x: torch.Tensor, indices: torch.Tensor, seg) -> Optional[torch.Tensor]:
         """Every layer's output for x (one product, one expand: ``multi_lora_wide_group``): layer
         ``index``'s returned, the others' kept for their calls (``take``); None where the group does
         not hold (its layers then run alone)."""
-        if self.parts is None or not self._intact():
-            if self.parts is None or not self._form():
-                self.stop()
-                return None
+        if self.parts is None:  # stopped
+            return None
+        if not self._intact() and not self._form():
+            self.stop()
+            return None
         if not all(plain(layer._modules["base_layer"], x, (), {}) for layer in self.layers):
             return None
         key = (x.shape, x.stride(), x.dtype, x.device, fp32_precision())
@@ -913,7 +941,8 @@ class MultiLora:
         if torch.compiler.is_compiling():
             return
         for group in self._siblings:  # no output kept past the forward that made it
-            group.pending = None
+            pending, group.pending = group.pending, None
+            group.drop(pending)
         with self._lock:
             self._busy -= 1
 

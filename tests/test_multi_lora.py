@@ -120,6 +120,28 @@ def test_adapter_names_encoder_decoder(tmp_path, set_options):
                                    logits(pm, dict(inputs, adapter_names=rows)), rtol=1e-4, atol=1e-5)
 
 
+def test_multilora_encoder_decoder_all_linear(tmp_path, set_options):
+    """T5 under MultiLora with every linear layer served (its feed-forward reads ``wo.weight``'s dtype,
+    which MultiLoraLinear gives as PEFT's layers do): the rows equal PEFT's mixed batch."""
+    set_options(backend="reference")
+    base = make_model("t5")
+    config = peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), config, adapter_name="first")
+    pm.save_pretrained(tmp_path)
+    model = copy.deepcopy(base).eval()
+    ml = fastpeft.MultiLora(model, max_adapters=2, max_rank=4, target_modules="all-linear")
+    ml.load_adapter("first", tmp_path / "first")  # PEFT saves an adapter not named "default" in its folder
+    assert model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    inputs = make_inputs("t5", batch=2)
+    rows = ["first", "__base__"]
+    with torch.no_grad(), ml.use(rows):
+        got = logits(model, inputs)
+    with torch.no_grad():
+        want = logits(pm.eval(), dict(inputs, adapter_names=rows))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    ml.close()
+
+
 def test_adapter_names_errors_as_peft(adapter_dirs, set_options):
     set_options(backend="reference")
     fm = _fast_all(adapter_dirs, "cpu")
@@ -259,9 +281,10 @@ def test_multilora_kept_launches_follow_changes(adapter_dirs, route, request, se
 
 def test_multilora_sibling_groups(adapter_dirs, request, set_options, monkeypatch):
     """Wide q/k/v and gate/up layers of one module run as one product and one expand per group
-    (``_Siblings``, multi_lora_wide_group) and give the ungrouped layers' logits; a sibling called on
-    another input, or after an adapter was reloaded, computes its own output again; a replaced weight
-    or ``.half()`` groups the layers again; FASTPEFT_MULTI_LORA_GROUP=0 keeps them apart."""
+    (``_Siblings``, multi_lora_wide_group) and give the ungrouped layers' logits; a replaced weight or
+    ``.half()`` groups the layers again; a sibling called after an adapter was reloaded, or on an input
+    modified in place, computes its own output again, and a group whose outputs went unused twice
+    stops; FASTPEFT_MULTI_LORA_GROUP=0 keeps them apart."""
     device = request.getfixturevalue("kernels_on")
     pin = request.getfixturevalue("pin_config")
     pin("FASTPEFT_MULTI_LORA_WIDE", "1")
@@ -283,33 +306,37 @@ def test_multilora_sibling_groups(adapter_dirs, request, set_options, monkeypatc
     blocks = len(model.model.layers)
     assert len(ml._siblings) == 2 * blocks and [len(g.layers) for g in ml._siblings[:2]] == [3, 2]
     attn = model.model.layers[0].self_attn
+    alone = [ml_apart.model.model.layers[0].self_attn.get_submodule(n) for n in ("q_proj", "k_proj", "v_proj")]
     with torch.no_grad(), ml.use(rows), ml_apart.use(rows):
-        want = logits(apart, inputs)
-        torch.testing.assert_close(logits(model, inputs), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(logits(model, inputs), logits(apart, inputs), rtol=1e-5, atol=1e-6)
         assert calls
         assert all(g.pending is None for g in ml._siblings), "an output was kept past its forward"
-        x = torch.randn(len(rows), 3, attn.q_proj.in_features, device=device)
-        other = torch.randn_like(x)
-        alone = [ml_apart.model.model.layers[0].self_attn.get_submodule(n) for n in ("q_proj", "k_proj", "v_proj")]
-        q, k = attn.q_proj(x), attn.k_proj(other)  # k on another input: its own output
-        torch.testing.assert_close(q, alone[0](x), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(k, alone[1](other), rtol=1e-5, atol=1e-6)
-        attn.q_proj(x)
-        x.mul_(2)  # modified in place after q: k and v compute again
-        torch.testing.assert_close(attn.k_proj(x), alone[1](x), rtol=1e-5, atol=1e-6)
-        attn.q_proj(x)
-        for m in (ml, ml_apart):  # "sql" reloaded with math's weights between q's call and v's
-            m.unload_adapter("sql")
-            m.load_adapter("sql", adapter_dirs / "math")
-        torch.testing.assert_close(attn.v_proj(x), alone[2](x), rtol=1e-5, atol=1e-6)
         attn.q_proj.base_layer.weight = torch.nn.Parameter(attn.q_proj.base_layer.weight * 2)
         alone[0].base_layer.weight = torch.nn.Parameter(alone[0].base_layer.weight * 2)
         torch.testing.assert_close(logits(model, inputs), logits(apart, inputs), rtol=1e-5, atol=1e-6)
         assert attn.q_proj._siblings is not None and attn.q_proj._wide[0].data_ptr() == \
             ml._siblings[0].group[0].data_ptr(), "the replaced weight was not grouped again"
+        x = torch.randn(len(rows), 3, attn.q_proj.in_features, device=device)
+        attn.q_proj(x)
+        for m in (ml, ml_apart):  # "sql" reloaded with math's weights between q's call and k's
+            m.unload_adapter("sql")
+            m.load_adapter("sql", adapter_dirs / "math")
+        torch.testing.assert_close(attn.k_proj(x), alone[1](x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(attn.v_proj(x), alone[2](x), rtol=1e-5, atol=1e-6)
+        assert ml._siblings[0].misses == 1  # q's k and v, dropped
+        torch.testing.assert_close(attn.q_proj(x), alone[0](x), rtol=1e-5, atol=1e-6)  # computed at k's call
+        assert ml._siblings[0].pending is None
+        attn.q_proj(x)
+        x.mul_(2)  # modified in place after q: k computes again, and the group, twice missed, stops
+        torch.testing.assert_close(attn.k_proj(x), alone[1](x), rtol=1e-5, atol=1e-6)
+        assert attn.q_proj._siblings is None and attn.k_proj._siblings is None
+        other = torch.randn_like(x)
+        torch.testing.assert_close(attn.q_proj(x), alone[0](x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(attn.k_proj(other), alone[1](other), rtol=1e-5, atol=1e-6)
         model.half()
         apart.half()
         torch.testing.assert_close(logits(model, inputs), logits(apart, inputs), rtol=2e-3, atol=2e-3)
+        assert model.model.layers[1].mlp.up_proj._siblings is not None
     layers = list(ml.layers.values())
     ml.close()
     assert all(layer._siblings is None for layer in layers)
