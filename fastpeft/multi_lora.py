@@ -23,6 +23,7 @@ import operator
 import os
 import re
 import threading
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -530,15 +531,19 @@ def _kernels_read_4bit(base_layer: nn.Module) -> bool:
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen linear (``nn.Linear`` or bitsandbytes ``Linear4bit``) plus ``slots`` adapter slots:
-    A (slots, max_rank, in), B (slots, out, max_rank), scaling and rank per slot (rank 0: empty, or an
-    adapter that does not target this layer). The rows' slots come from the owning ``MultiLora``."""
+    """A frozen linear (``nn.Linear``, bitsandbytes ``Linear4bit`` or transformers' ``Conv1D``) plus
+    ``slots`` adapter slots: A (slots, max_rank, in), B (slots, out, max_rank), scaling and rank per
+    slot (rank 0: empty, or an adapter that does not target this layer). The rows' slots come from the
+    owning ``MultiLora``."""
 
     def __init__(self, base_layer: nn.Module, slots: int, max_rank: int, rows: _Rows, dtype: torch.dtype,
                  wide: bool = False):
         super().__init__()
         self.base_layer = base_layer
-        K, N = base_layer.in_features, base_layer.out_features
+        from .layer import is_conv1d
+
+        # transformers' Conv1D (GPT-2) stores its weight (in, out) and has no in_features: its own forward runs
+        K, N = base_layer.weight.shape if is_conv1d(base_layer) else (base_layer.in_features, base_layer.out_features)
         self.in_features, self.out_features = K, N
         device = next(base_layer.parameters()).device
         self.register_buffer("lora_A", torch.zeros(slots, max_rank, K, device=device, dtype=dtype))
@@ -896,11 +901,9 @@ class MultiLora:
         self._rows = _Rows()
         self._slots: dict[str, int] = {}
         self._busy, self._lock = 0, threading.Lock()  # forwards running, in any thread
-        plan = plan_patch(model, LoraConfig(target_modules=target_modules), adapter_name="multi_lora")
-        for t in plan.targets:
-            if t.fan_in_fan_out:
-                raise NotImplementedError(f"MultiLora: {t.name!r} is a Conv1D (weight stored transposed); MultiLora "
-                                          f"serves nn.Linear and 4-bit Linear4bit layers")
+        with warnings.catch_warnings():  # PEFT's fan_in_fan_out warnings: the layers' own product runs Conv1D
+            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")
+            plan = plan_patch(model, LoraConfig(target_modules=target_modules), adapter_name="multi_lora")
         names = [t.name for t in plan.targets]
         self.layers: dict[str, MultiLoraLinear] = {}
         shared = _shared_tensors(model)

@@ -120,24 +120,28 @@ def test_adapter_names_encoder_decoder(tmp_path, set_options):
                                    logits(pm, dict(inputs, adapter_names=rows)), rtol=1e-4, atol=1e-5)
 
 
-def test_multilora_encoder_decoder_all_linear(tmp_path, set_options):
-    """T5 under MultiLora with every linear layer served (its feed-forward reads ``wo.weight``'s dtype,
-    which MultiLoraLinear gives as PEFT's layers do): the rows equal PEFT's mixed batch."""
-    set_options(backend="reference")
-    base = make_model("t5")
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_multilora_all_linear_families(family, tmp_path, request):
+    """MultiLora with every linear layer served against PEFT's mixed batch: T5 (its feed-forward reads
+    ``wo.weight``'s dtype, which MultiLoraLinear gives as PEFT's layers do) and GPT-2 (Conv1D layers,
+    weight stored (in, out): their own product, then the LoRA terms)."""
+    device = _backend(request, "kernels")
+    base = make_model(family)
     config = peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     pm = peft.get_peft_model(copy.deepcopy(base), config, adapter_name="first")
-    pm.save_pretrained(tmp_path)
-    model = copy.deepcopy(base).eval()
+    pm.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=5, target_modules="all-linear", init_lora_weights=False))
+    pm.save_pretrained(tmp_path)  # PEFT saves each adapter not named "default" in its own folder
+    model = copy.deepcopy(base).to(device).eval()
     ml = fastpeft.MultiLora(model, max_adapters=2, max_rank=4, target_modules="all-linear")
-    ml.load_adapter("first", tmp_path / "first")  # PEFT saves an adapter not named "default" in its folder
-    assert model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
-    inputs = make_inputs("t5", batch=2)
-    rows = ["first", "__base__"]
+    for name in ("first", "second"):
+        ml.load_adapter(name, tmp_path / name)
+    assert len(ml.layers) == sum(1 for n, _ in pm.named_modules() if n.endswith(".lora_A"))
+    inputs = {k: v.to(device) for k, v in make_inputs(family, batch=3).items()}
+    rows = ["second", "__base__", "first"]
     with torch.no_grad(), ml.use(rows):
         got = logits(model, inputs)
     with torch.no_grad():
-        want = logits(pm.eval(), dict(inputs, adapter_names=rows))
+        want = logits(pm.eval().to(device), dict(inputs, adapter_names=rows))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     ml.close()
 
