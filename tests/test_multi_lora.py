@@ -120,29 +120,52 @@ def test_adapter_names_encoder_decoder(tmp_path, set_options):
                                    logits(pm, dict(inputs, adapter_names=rows)), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["t5", "gpt2"])
-def test_multilora_all_linear_families(family, tmp_path, request):
-    """MultiLora with every linear layer served against PEFT's mixed batch: T5 (its feed-forward reads
-    ``wo.weight``'s dtype, which MultiLoraLinear gives as PEFT's layers do) and GPT-2 (Conv1D layers,
-    weight stored (in, out): their own product, then the LoRA terms)."""
+@pytest.mark.parametrize("family", ["t5", "gpt2", "falcon", "opt", "phi3", "gpt_neox"])
+def test_mixed_batches_across_families(family, tmp_path, request):
+    """Both ways in, every linear layer served, against PEFT's mixed batch: ``adapter_names=`` on a
+    model with the adapters loaded by fastpeft, and MultiLora. T5's feed-forward reads
+    ``wo.weight``'s dtype (MultiLoraLinear gives it, as PEFT's layers do); GPT-2's layers are Conv1D
+    (weight stored (in, out): their own product, then the LoRA terms); Falcon and GPT-NeoX fuse q, k
+    and v in one layer; Phi-3 fuses gate and up. OPT's decoder flattens its tokens to (rows × tokens,
+    hidden) before the feed-forward, where PEFT's mixed batch raises (and so does fastpeft's, as
+    PEFT's); MultiLora runs it, each row as that row alone with its adapter."""
     device = _backend(request, "kernels")
     base = make_model(family)
-    config = peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
-    pm = peft.get_peft_model(copy.deepcopy(base), config, adapter_name="first")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules="all-linear",
+                                                                  init_lora_weights=False), adapter_name="first")
     pm.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=5, target_modules="all-linear", init_lora_weights=False))
     pm.save_pretrained(tmp_path)  # PEFT saves each adapter not named "default" in its own folder
+    fm = copy.deepcopy(base).to(device).eval()
     model = copy.deepcopy(base).to(device).eval()
     ml = fastpeft.MultiLora(model, max_adapters=2, max_rank=4, target_modules="all-linear")
     for name in ("first", "second"):
+        fastpeft.load_adapter(fm, tmp_path / name, adapter_name=name)
         ml.load_adapter(name, tmp_path / name)
     assert len(ml.layers) == sum(1 for n, _ in pm.named_modules() if n.endswith(".lora_A"))
     inputs = {k: v.to(device) for k, v in make_inputs(family, batch=3).items()}
     rows = ["second", "__base__", "first"]
-    with torch.no_grad(), ml.use(rows):
-        got = logits(model, inputs)
+    pm = pm.eval().to(device)
     with torch.no_grad():
-        want = logits(pm.eval().to(device), dict(inputs, adapter_names=rows))
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        alone = []
+        for i, name in enumerate(rows):
+            row = {k: v[i:i + 1] for k, v in inputs.items()}
+            if name == "__base__":
+                with pm.disable_adapter():
+                    alone.append(logits(pm, row))
+            else:
+                pm.set_adapter(name)
+                alone.append(logits(pm, row))
+        alone = torch.cat(alone)
+        if family == "opt":
+            for mixed in (pm, fm):
+                with pytest.raises(ValueError, match="Length of `adapter_names` should be the same"):
+                    mixed(**inputs, adapter_names=rows)
+        else:
+            want = logits(pm, dict(inputs, adapter_names=rows))
+            torch.testing.assert_close(want, alone, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(logits(fm, dict(inputs, adapter_names=rows)), want, rtol=1e-4, atol=1e-5)
+        with ml.use(rows):
+            torch.testing.assert_close(logits(model, inputs), alone, rtol=1e-4, atol=1e-5)
     ml.close()
 
 
