@@ -922,15 +922,16 @@ class MultiLora:
                                                                                                  always_call=True)]
 
     def _group_siblings(self) -> list:
-        """A ``_Siblings`` for each module's wide layers of one input (``models.SIBLING_PROJECTIONS``)."""
+        """A ``_Siblings`` for each module's wide layers of one input (``models.SIBLING_PROJECTIONS``; two
+        or more of a group served: q and v where k is not)."""
         from .models import SIBLING_PROJECTIONS
 
         served = {id(layer) for layer in self.layers.values()}
         groups = []
         for module in self.model.modules():
             for names in SIBLING_PROJECTIONS:
-                layers = [module._modules.get(name) for name in names]
-                if all(id(layer) in served for layer in layers) and _Siblings.groupable(layers):
+                layers = [layer for layer in map(module._modules.get, names) if id(layer) in served]
+                if len(layers) > 1 and _Siblings.groupable(layers):
                     groups.append(_Siblings(layers, self._rows))
         return groups
 

@@ -311,7 +311,7 @@ def test_multilora_sibling_groups(adapter_dirs, request, set_options, monkeypatc
     (``_Siblings``, multi_lora_wide_group) and give the ungrouped layers' logits; a replaced weight or
     ``.half()`` groups the layers again; a sibling called after an adapter was reloaded, or on an input
     modified in place, computes its own output again, and a group whose outputs went unused twice
-    stops; FASTPEFT_MULTI_LORA_GROUP=0 keeps them apart."""
+    stops; FASTPEFT_MULTI_LORA_GROUP=0 keeps them apart; q and v served without k make a group."""
     device = request.getfixturevalue("kernels_on")
     pin = request.getfixturevalue("pin_config")
     pin("FASTPEFT_MULTI_LORA_WIDE", "1")
@@ -368,6 +368,18 @@ def test_multilora_sibling_groups(adapter_dirs, request, set_options, monkeypatc
     ml.close()
     assert all(layer._siblings is None for layer in layers)
     ml_apart.close()
+    pin("FASTPEFT_MULTI_LORA_GROUP", None)
+    model = make_model("llama").to(device).eval()
+    ml = fastpeft.MultiLora(model, max_adapters=4, max_rank=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    ml.load_adapter("chat", adapter_dirs / "chat")  # q and v: grouped, k (not served) between their calls
+    assert [len(g.layers) for g in ml._siblings] == [2] * blocks
+    rows = ["chat", None, "chat", None]
+    with torch.no_grad(), ml.use(rows):
+        got = logits(model, inputs)
+    for i, name in enumerate(rows):
+        one = {k: v[i:i + 1] for k, v in inputs.items()}
+        torch.testing.assert_close(got[i:i + 1], _alone(adapter_dirs, name, one, device), rtol=1e-4, atol=1e-5)
+    ml.close()
 
 
 def test_multilora_prefill_tma_route(adapter_dirs, request, set_options, monkeypatch):
