@@ -180,7 +180,7 @@ GATED_MLP_FORWARD = ("def forward(self, x):", "down_proj = self.down_proj(self.a
                      "return down_proj")
 
 # Projections that a module calls on one input, in the order it calls them: MultiLora runs each such
-# group of wide layers as one product and one expand per decode step (fastpeft/multi_lora.py, _Siblings).
+# group of wide layers as one product and one expand in eager forwards (fastpeft/multi_lora.py, _Siblings).
 SIBLING_PROJECTIONS = SHARED_INPUT_PROJECTIONS + (GATED_MLP_PROJECTIONS[:2],)
 
 # transformers' activation modules -> the fused kernels' name for them (kernels/activation.py)
