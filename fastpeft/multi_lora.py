@@ -745,8 +745,8 @@ class _Siblings:
     def groupable(layers) -> bool:
         """Whether ``layers`` can share one group: all wide, one K, dtype, device and slot shape."""
         first = layers[0]
-        return all(layer._wide is not None and layer.lora_A.shape[0::2] == first.lora_A.shape[0::2]
-                   and layer.lora_A.shape[1] == first.lora_A.shape[1] and layer.lora_A.dtype == first.lora_A.dtype
+        return all(layer._wide is not None and layer.lora_A.shape == first.lora_A.shape
+                   and layer.lora_A.dtype == first.lora_A.dtype
                    and layer.lora_B.dtype == first.lora_B.dtype and layer.lora_A.device == first.lora_A.device
                    for layer in layers)
 

@@ -739,16 +739,7 @@ def _wide_layer_plan(x, w_wide, bias_wide, indices, B, scales, ranks, seg):
         raise ValueError(f"{what}: B must be (S, N, R), got {tuple(B.shape)}")
     T, K = x.shape
     S, N, R = B.shape
-    if w_wide.dim() != 2 or tuple(w_wide.shape) != (N + S * R, K) or w_wide.dtype != x.dtype:
-        raise ValueError(f"{what}: w_wide must be (N + S·R = {N + S * R}, K = {K}) in x's dtype {x.dtype} (W above "
-                         f"A), got {tuple(w_wide.shape)} {w_wide.dtype}")
-    if bias_wide is not None and (tuple(bias_wide.shape) != (N + S * R,) or bias_wide.dtype != x.dtype):
-        raise ValueError(f"{what}: bias_wide must be ({N + S * R},) in x's dtype {x.dtype}, got "
-                         f"{tuple(bias_wide.shape)} {bias_wide.dtype}")
-    if indices.dtype not in _INDEX_DTYPES or tuple(indices.shape) != (T,):
-        raise ValueError(f"{what}: indices must be ({T},) integers, one per row of x, got {tuple(indices.shape)} "
-                         f"{indices.dtype}")
-    _device_error(what, {"w_wide": w_wide, **({} if bias_wide is None else {"bias_wide": bias_wide})}, x.device)
+    _check_wide_weight(what, x, w_wide, bias_wide, indices, "wide", "N + S·R", N + S * R, " (W above A)")
     if seg is None:  # the grouping's shapes and device, for the checks
         seg = segments(indices, S)
     y = torch.empty((T, N + S * R), dtype=x.dtype, device=x.device)
@@ -761,6 +752,23 @@ def _wide_layer_plan(x, w_wide, bias_wide, indices, B, scales, ranks, seg):
         return y
 
     return run
+
+
+def _check_wide_weight(what: str, x, w, bias, indices, name: str, rows_are: str, rows: int, layout: str) -> None:
+    """The wide launchers' checks (``multi_lora_wide``: name "wide", ``multi_lora_wide_group``: "group")
+    of their weight w_<name> (rows, K) and bias_<name> (rows,) or None, in x's dtype and on its device
+    (rows_are: what the rows are, layout: how they lie, for the message), and of the indices (T,)."""
+    T, K = x.shape
+    if w.dim() != 2 or tuple(w.shape) != (rows, K) or w.dtype != x.dtype:
+        raise ValueError(f"{what}: w_{name} must be ({rows_are} = {rows}, K = {K}) in x's dtype {x.dtype}{layout}, "
+                         f"got {tuple(w.shape)} {w.dtype}")
+    if bias is not None and (tuple(bias.shape) != (rows,) or bias.dtype != x.dtype):
+        raise ValueError(f"{what}: bias_{name} must be ({rows},) in x's dtype {x.dtype}, got {tuple(bias.shape)} "
+                         f"{bias.dtype}")
+    if indices.dtype not in _INDEX_DTYPES or tuple(indices.shape) != (T,):
+        raise ValueError(f"{what}: indices must be ({T},) integers, one per row of x, got {tuple(indices.shape)} "
+                         f"{indices.dtype}")
+    _device_error(what, {f"w_{name}": w, **({} if bias is None else {f"bias_{name}": bias})}, x.device)
 
 
 def multi_lora_wide_group(x: torch.Tensor, w_group: torch.Tensor, bias_group: torch.Tensor | None,
@@ -803,15 +811,7 @@ def _wide_group_plan(x, w_group, bias_group, indices, B, scales, ranks, widths, 
                          f"got {tuple(B.shape)}")
     S, N, R = B.shape
     width = N + G * S * R
-    if w_group.dim() != 2 or tuple(w_group.shape) != (width, K) or w_group.dtype != x.dtype:
-        raise ValueError(f"{what}: w_group must be (Σ(N_g + S·R) = {width}, K = {K}) in x's dtype {x.dtype}, got "
-                         f"{tuple(w_group.shape)} {w_group.dtype}")
-    if bias_group is not None and (tuple(bias_group.shape) != (width,) or bias_group.dtype != x.dtype):
-        raise ValueError(f"{what}: bias_group must be ({width},) in x's dtype {x.dtype}, got "
-                         f"{tuple(bias_group.shape)} {bias_group.dtype}")
-    if indices.dtype not in _INDEX_DTYPES or tuple(indices.shape) != (T,):
-        raise ValueError(f"{what}: indices must be ({T},) integers, one per row of x, got {tuple(indices.shape)} "
-                         f"{indices.dtype}")
+    _check_wide_weight(what, x, w_group, bias_group, indices, "group", "Σ(N_g + S·R)", width, "")
     if B.dtype not in (torch.float32, x.dtype):
         raise ValueError(f"{what}: B must be fp32 or x's dtype {x.dtype}, got {B.dtype}")
     if tuple(ranks.shape) != (G, S) or ranks.dtype not in _INDEX_DTYPES or not ranks.is_contiguous():
@@ -821,8 +821,7 @@ def _wide_group_plan(x, w_group, bias_group, indices, B, scales, ranks, widths, 
         raise ValueError(f"{what}: scales must be ({G}, {S}) contiguous floats (a row per layer), got "
                          f"{tuple(scales.shape)} {scales.dtype}")
     device = x.device
-    _device_error(what, {"w_group": w_group, "B": B, "ranks": ranks, "scales": scales,
-                         **({} if bias_group is None else {"bias_group": bias_group})}, device)
+    _device_error(what, {"B": B, "ranks": ranks, "scales": scales}, device)
     if seg is None:
         seg = segments(indices, S)
     _check_segments(what, seg, T, S)
