@@ -362,7 +362,7 @@ def test_tuning_switches_are_read_once(pin_config):
     assert tuning.pinned(tuning.TMA) == (128, 256, 64, 16, 8, 3, True, True, False, True)
     assert tuning.pinned(tuning.LINEAR) == (32, 32, 32, 4, 4, 1)
     for name, bad in ((tuning.SHRINK, "64,128"), (tuning.LINEAR, "16,32,x,4,4,1"), (tuning.TMA, "128,256,64,16,8,3"),
-                      (tuning.MULTI_LORA_WIDE, "yes"), (tuning.MULTI_LORA_TMA, "on")):
+                      (tuning.MULTI_LORA_WIDE, "yes"), (tuning.MULTI_LORA_TMA, "on"), (tuning.MULTI_LORA_GROUP, "off")):
         with pytest.raises(ValueError, match=name):
             pin_config(name, bad)
         pin_config(name, None)
